@@ -1,0 +1,1 @@
+"""mio: any-to-any models over discrete multimodal tokens."""
