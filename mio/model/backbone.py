@@ -1,0 +1,126 @@
+"""Loading, extending and saving the backbone: any Hugging Face causal LM from a local folder.
+
+Also builds the tiny flavor used by tests and the demo: a byte-level BPE text tokenizer
+trained on the given texts and a small Llama built from a config (random weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+from mio.vocab import VOCAB_FILE, VocabTable, extend_backbone
+
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
+
+
+@dataclass
+class TinyLlamaConfig:
+    """The tiny flavor of the backbone: small enough to train in seconds on a CPU."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    text_vocab_size: int = 1024
+    tie_word_embeddings: bool = False
+    seed: int = 0
+
+
+def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``: it round-trips any string exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", *CHAT_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", extra_special_tokens=list(CHAT_TOKENS))
+
+
+def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: str | os.PathLike) -> Path:
+    """Train the tiny text tokenizer, build a random tiny Llama whose embedding matches it,
+    and save both as a plain ``save_pretrained`` folder (a text-only base model)."""
+    tokenizer = train_text_tokenizer(texts, config.text_vocab_size)
+    torch.manual_seed(config.seed)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(llama)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "mio_tiny_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return out
+
+
+def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", extend: bool = False,
+                  dtype: torch.dtype = torch.float32) -> tuple[Any, Any, VocabTable]:
+    """Load a causal LM and its tokenizer from a local folder (never a hub).
+
+    ``extend=True`` takes a text-only backbone and adds mio's tokens; otherwise the folder
+    must already be extended (its table file, or MIO's added tokens, says how).
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json); mio loads local folders only")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    if extend:
+        table = extend_backbone(model, tokenizer)
+    elif (folder / VOCAB_FILE).is_file():
+        table = VocabTable.load(folder)
+    else:
+        table = VocabTable.from_tokenizer(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < table.total_size:
+        raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
+    return model, tokenizer, table
+
+
+def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: str | os.PathLike,
+                      tokenizer_specs: dict[str, Any] | None = None) -> Path:
+    """A plain ``save_pretrained`` folder that vanilla transformers loads, plus mio's table
+    and the modality tokenizer specs the model was trained with (for `mio generate`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
+    table.save(out)
+    if tokenizer_specs is not None:
+        (out / TOKENIZER_SPECS_FILE).write_text(json.dumps(tokenizer_specs, indent=2) + "\n")
+    return out
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    return [i for i in ids if i is not None]
+
+
+def load_tokenizer_specs(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(model_dir) / TOKENIZER_SPECS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,189 @@
+"""Pretraining prompt templates (MIO paper, Appendix C) and ChatML SFT rendering.
+
+Templates turn a sample's segments into the segments the model trains on. Directions are
+drawn with the caller's random generator, so the data pipeline re-draws them every epoch.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from mio.segments import Image, Segment, Speech, Text, Video
+
+# --- pretraining -------------------------------------------------------------------------
+PRETRAIN_TEMPLATES: dict[str, str] = {
+    "image_caption": "{image} The caption of this image is: {text}",
+    "image_generation": 'Please generate an image of "{text}": {image}',
+    "video_caption": "Please describe the following video: {video} {text}",
+    "video_generation": 'Please generate a video for "{text}": {video}',
+    "asr": "{speech} Transcribe this speech: {text}",
+    "asr_stage3": "{speech} The transcription of this speech is: {text}",
+    "tts": 'Please generate a speech of "{text}": {speech}',
+}
+
+DATA_TYPES = ("image_text", "text", "interleaved", "video_text", "video_interleaved", "speech_text", "sft")
+
+# Probability of the generation direction (text -> media) per pair type (paper, Sec. 3).
+GENERATION_PROB = {"image_text": 0.5, "video_text": 0.6, "speech_text": 0.5}
+
+_PLACEHOLDER = re.compile(r"\{(image|video|speech|text)\}")
+
+
+def fill_template(template: str, text: str, media: Segment) -> list[Segment]:
+    """Split a template at its placeholders and put the text and the media segment in."""
+    out: list[Segment] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(template):
+        if m.start() > pos:
+            out.append(Text(template[pos:m.start()]))
+        out.append(Text(text) if m.group(1) == "text" else media)
+        pos = m.end()
+    if pos < len(template):
+        out.append(Text(template[pos:]))
+    return out
+
+
+def content_only(seg: Segment) -> Segment:
+    """Speech as input keeps only its content layer (layer 0)."""
+    if isinstance(seg, Speech):
+        return Speech(np.asarray(seg.codes)[:1], loss=seg.loss)
+    return seg
+
+
+def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.Random,
+                      asr_template: str = "asr") -> list[Segment]:
+    """A stored sample's segments -> the segments one pretraining step sees.
+
+    Pairs (media, text) get a template and a random direction; documents pass as they are,
+    with any speech in them as content codes.
+    """
+    if data_type in ("image_text", "video_text", "speech_text"):
+        media, text = _pair(data_type, segments)
+        generate = rng.random() < GENERATION_PROB[data_type]
+        if data_type == "image_text":
+            name = "image_generation" if generate else "image_caption"
+        elif data_type == "video_text":
+            name = "video_generation" if generate else "video_caption"
+        else:
+            name = "tts" if generate else asr_template
+            media = media if generate else content_only(media)
+        return fill_template(PRETRAIN_TEMPLATES[name], text, media)
+    if data_type in ("text", "interleaved", "video_interleaved"):
+        return [content_only(s) for s in segments]
+    raise ValueError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
+
+
+def _pair(data_type: str, segments: Sequence[Segment]) -> tuple[Segment, str]:
+    want = {"image_text": (Image,), "video_text": (Video, Image), "speech_text": (Speech,)}[data_type]
+    media = [s for s in segments if isinstance(s, want)]
+    texts = [s.text for s in segments if isinstance(s, Text)]
+    if len(media) != 1 or len(texts) != 1:
+        raise ValueError(f"a {data_type} sample needs one media segment and one text, got "
+                         f"{[type(s).__name__ for s in segments]}")
+    return media[0], texts[0]
+
+
+# --- SFT (ChatML) --------------------------------------------------------------------------
+SYSTEM_STANDARD = ("You are MIO, an AI assistant capable of understanding and generating images, text, "
+                   "videos, and speech, selecting the appropriate modality according to the context.")
+SYSTEM_SPEECH = ("You are MIO, an AI assistant capable of understanding images, text, videos, and speech, "
+                 "and generating speech. Please respond to the user with speech only, starting with <spch> "
+                 "and ending with </spch>.")
+SPEECH_ONLY_TASKS = frozenset({"tts", "speech_generation"})
+ROLES = ("system", "user", "assistant")
+
+
+def system_prompt(task: str | None) -> str:
+    """MIO's speech-only prompt for speech generation and TTS, the standard one otherwise."""
+    return SYSTEM_SPEECH if task in SPEECH_ONLY_TASKS else SYSTEM_STANDARD
+
+
+@dataclass
+class Turn:
+    role: str
+    content: list[Segment]
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be rendered (unknown role, order, empty content...)."""
+
+
+def check_conversation(turns: Sequence[Turn], for_training: bool = True) -> None:
+    if not turns:
+        raise ConversationError("conversation has no turns")
+    for t in turns:
+        if t.role not in ROLES:
+            raise ConversationError(f"unknown role {t.role!r}; expected one of {ROLES}")
+    body = [t for t in turns if t.role != "system"]
+    if any(t.role == "system" for t in turns[1:]):
+        raise ConversationError("a system turn may only come first")
+    for i, t in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if t.role != want:
+            raise ConversationError(f"turn {i} is {t.role!r}, expected {want!r} (user and assistant alternate, user first)")
+        if not t.content or all(isinstance(s, Text) and not s.text.strip() for s in t.content):
+            raise ConversationError(f"turn {i} ({t.role}) has empty content")
+    if for_training and not any(t.role == "assistant" for t in body):
+        raise ConversationError("conversation has no assistant turn to supervise")
+
+
+def render_chat(turns: Sequence[Turn], task: str | None = None, add_generation_prompt: bool = False) -> list[Segment]:
+    """ChatML with MIO's system prompts; only assistant content and its <|im_end|> are supervised.
+
+    User speech is input (content codes only); assistant speech is output (all layers).
+    """
+    check_conversation(turns, for_training=not add_generation_prompt)
+    system = turns[0].content if turns[0].role == "system" else [Text(system_prompt(task))]
+    out: list[Segment] = [Text("<|im_start|>system\n", loss=False)]
+    out += [_with_loss(s, False) for s in system]
+    out.append(Text("<|im_end|>", loss=False))
+    for t in turns:
+        if t.role == "system":
+            continue
+        out.append(Text(f"\n<|im_start|>{t.role}\n", loss=False))
+        if t.role == "user":
+            out += [_with_loss(content_only(s), False) for s in t.content]
+            out.append(Text("<|im_end|>", loss=False))
+        else:
+            out += [_with_loss(s, True) for s in t.content]
+            out.append(Text("<|im_end|>", loss=True))
+    if add_generation_prompt:
+        out.append(Text("\n<|im_start|>assistant\n", loss=False))
+    return out
+
+
+def _with_loss(seg: Segment, loss: bool) -> Segment:
+    if isinstance(seg, Text):
+        return Text(seg.text, loss=loss)
+    if isinstance(seg, Image):
+        return Image(seg.codes, loss=loss)
+    if isinstance(seg, Video):
+        return Video(seg.frames, loss=loss)
+    return Speech(seg.codes, loss=loss)
+
+
+# Instructions that turn a (media, text) pair into a conversation of an SFT task family;
+# the captioning and ASR wording is MIO's own (its infer.py).
+PAIR_TASKS: dict[str, tuple[str, str]] = {
+    "image_captioning": ("Please provide an accurate and detailed description of this image.\n", "media_in"),
+    "descriptive_image_generation": ("Please generate an image of the following description.\n", "media_out"),
+    "asr": ("Please transcribe this speech.\n", "media_in"),
+    "tts": ("Please read the following text aloud.\n", "media_out"),
+    "video_understanding": ("Please describe the following video.\n", "media_in"),
+    "video_generation": ("Please generate a video for the following description.\n", "media_out"),
+}
+
+
+def pair_conversation(task: str, media: Segment, text: str) -> list[Turn]:
+    """A (media, text) pair -> a two-turn conversation of the given SFT task family."""
+    if task not in PAIR_TASKS:
+        raise ValueError(f"unknown pair task {task!r}; expected one of {sorted(PAIR_TASKS)}")
+    instruction, direction = PAIR_TASKS[task]
+    if direction == "media_in":
+        return [Turn("user", [Text(instruction), media]), Turn("assistant", [Text(text)])]
+    return [Turn("user", [Text(instruction + text)]), Turn("assistant", [media])]

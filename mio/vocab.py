@@ -1,0 +1,263 @@
+"""Token layout of the extended vocabulary, and the step that extends a backbone with it.
+
+A backbone with text vocabulary V gets 6 special tokens and 8192 image + 4096 speech code
+tokens. The layout is data, not code: one :class:`VocabTable`, saved as ``mio_vocab.json``
+beside every model folder, maps ids <-> (modality, layer, code) both ways. The default is
+MIO's released layout (DESIGN.md, Vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOCAB_FILE = "mio_vocab.json"
+FORMAT = "mio-vocab/1"
+
+IMAGE_BEGIN, IMAGE_END = "<image>", "</image>"
+SPEECH_BEGIN, SPEECH_END = "<spch>", "</spch>"
+IMAGE_PLACEHOLDER, SPEECH_PLACEHOLDER = "<image_placeholder>", "<speech_placeholder>"
+
+# MIO's released checkpoints fix these at V+0 .. V+5 in this order (DESIGN.md).
+MIO_SPECIAL_ORDER = (SPEECH_PLACEHOLDER, SPEECH_END, IMAGE_PLACEHOLDER, SPEECH_BEGIN, IMAGE_END, IMAGE_BEGIN)
+
+# Per-token modality ids, used for per-modality loss and token shares.
+TEXT, IMAGE, SPEECH = 0, 1, 2
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
+
+
+class VocabError(ValueError):
+    """A token id, code or layout that does not fit the vocabulary table."""
+
+
+@dataclass(frozen=True)
+class VocabTable:
+    """Where the added tokens live in the extended vocabulary.
+
+    Image code ``c`` is token ``image_start + c``; speech layer ``k`` code ``c`` is token
+    ``speech_start + k * speech_codebook_size + c`` (MIO's ``<spch{k*1024+c}>``).
+    """
+
+    text_size: int
+    specials: dict[str, int]
+    image_start: int
+    speech_start: int
+    image_codebook_size: int = 8192
+    speech_codebook_size: int = 1024
+    speech_layers: int = 4
+    image_token: str = "<img{}>"
+    speech_token: str = "<spch{}>"
+    format: str = field(default=FORMAT)
+
+    def __post_init__(self) -> None:
+        missing = [t for t in MIO_SPECIAL_ORDER if t not in self.specials]
+        if missing:
+            raise VocabError(f"vocabulary table lacks special tokens {missing}")
+        ranges = [(i, i + 1, t) for t, i in self.specials.items()]
+        ranges += [(self.image_start, self.image_end_id, "image codes"),
+                   (self.speech_start, self.speech_end_id, "speech codes")]
+        ranges.sort()
+        if ranges[0][0] < self.text_size:
+            raise VocabError(f"added token {ranges[0][2]!r} at id {ranges[0][0]} overlaps the text vocabulary (size {self.text_size})")
+        for (a0, a1, an), (b0, _, bn) in zip(ranges, ranges[1:]):
+            if b0 < a1:
+                raise VocabError(f"{an!r} and {bn!r} overlap in the vocabulary table")
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def mio_default(cls, text_size: int, image_codebook_size: int = 8192,
+                    speech_codebook_size: int = 1024, speech_layers: int = 4) -> "VocabTable":
+        """MIO's layout: specials at V..V+5, then image codes, then speech codes."""
+        specials = {tok: text_size + i for i, tok in enumerate(MIO_SPECIAL_ORDER)}
+        image_start = text_size + len(MIO_SPECIAL_ORDER)
+        return cls(text_size=text_size, specials=specials, image_start=image_start,
+                   speech_start=image_start + image_codebook_size,
+                   image_codebook_size=image_codebook_size,
+                   speech_codebook_size=speech_codebook_size, speech_layers=speech_layers)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "VocabTable":
+        """Derive the table from a tokenizer's added tokens (MIO's release ships no table file)."""
+        vocab: dict[str, int] = tokenizer.get_vocab()
+        missing = [t for t in MIO_SPECIAL_ORDER if t not in vocab]
+        if missing:
+            raise VocabError(f"tokenizer has no {missing} tokens: it was not extended for mio/MIO")
+        specials = {t: vocab[t] for t in MIO_SPECIAL_ORDER}
+        img = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(r"<img(\d+)>", t)))
+        spc = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(r"<spch(\d+)>", t)))
+        for name, toks in (("image", img), ("speech", spc)):
+            if not toks:
+                raise VocabError(f"tokenizer has no {name} code tokens")
+            codes, ids = zip(*toks)
+            if codes != tuple(range(len(codes))) or ids != tuple(range(ids[0], ids[0] + len(ids))):
+                raise VocabError(f"{name} code tokens are not one contiguous run of ids in code order")
+        speech_layers = 4 if len(spc) % 4 == 0 else 1
+        return cls(text_size=min(specials.values()), specials=specials, image_start=img[0][1],
+                   speech_start=spc[0][1], image_codebook_size=len(img),
+                   speech_codebook_size=len(spc) // speech_layers, speech_layers=speech_layers)
+
+    # --- persistence --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / VOCAB_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "VocabTable":
+        path = Path(directory) / VOCAB_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no vocabulary table (a folder made by `mio fit` has one)")
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise VocabError(f"{path}: unknown vocabulary table format {data.get('format')!r}, expected {FORMAT!r}")
+        return cls(**data)
+
+    # --- sizes and named ids ------------------------------------------------------------
+    @property
+    def image_end_id(self) -> int:
+        return self.image_start + self.image_codebook_size
+
+    @property
+    def speech_end_id(self) -> int:
+        return self.speech_start + self.speech_codebook_size * self.speech_layers
+
+    @property
+    def total_size(self) -> int:
+        return max(self.image_end_id, self.speech_end_id, max(self.specials.values()) + 1)
+
+    @property
+    def num_added(self) -> int:
+        return self.total_size - self.text_size
+
+    @property
+    def image_begin(self) -> int:
+        return self.specials[IMAGE_BEGIN]
+
+    @property
+    def image_end(self) -> int:
+        return self.specials[IMAGE_END]
+
+    @property
+    def speech_begin(self) -> int:
+        return self.specials[SPEECH_BEGIN]
+
+    @property
+    def speech_end(self) -> int:
+        return self.specials[SPEECH_END]
+
+    def added_tokens(self) -> list[str]:
+        """Every added token's string, in id order (ids text_size .. total_size-1)."""
+        tokens: list[str | None] = [None] * self.num_added
+        for tok, i in self.specials.items():
+            tokens[i - self.text_size] = tok
+        for c in range(self.image_codebook_size):
+            tokens[self.image_start + c - self.text_size] = self.image_token.format(c)
+        for c in range(self.speech_codebook_size * self.speech_layers):
+            tokens[self.speech_start + c - self.text_size] = self.speech_token.format(c)
+        holes = [i + self.text_size for i, t in enumerate(tokens) if t is None]
+        if holes:
+            raise VocabError(f"vocabulary table leaves ids {holes[:5]} unassigned")
+        return tokens  # type: ignore[return-value]
+
+    # --- codes <-> ids (vectorised) ------------------------------------------------------
+    def image_ids(self, codes: np.ndarray, where: str = "image") -> np.ndarray:
+        codes = np.asarray(codes, dtype=np.int64)
+        _check_range(codes, self.image_codebook_size, f"{where}: image code")
+        return codes + self.image_start
+
+    def image_codes(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and not np.all(self.is_image(ids)):
+            raise VocabError(f"ids {ids[~self.is_image(ids)][:5].tolist()} are not image code tokens")
+        return ids - self.image_start
+
+    def speech_ids(self, codes: np.ndarray, where: str = "speech") -> np.ndarray:
+        """(L, T) codes of layers 0..L-1 -> (L, T) token ids."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or not 1 <= codes.shape[0] <= self.speech_layers:
+            raise VocabError(f"{where}: speech codes must be (layers<= {self.speech_layers}, frames), got shape {codes.shape}")
+        _check_range(codes, self.speech_codebook_size, f"{where}: speech code")
+        layer_offset = np.arange(codes.shape[0], dtype=np.int64)[:, None] * self.speech_codebook_size
+        return codes + layer_offset + self.speech_start
+
+    def speech_codes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids -> (layer, code) arrays."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and not np.all(self.is_speech(ids)):
+            raise VocabError(f"ids {ids[~self.is_speech(ids)][:5].tolist()} are not speech code tokens")
+        rel = ids - self.speech_start
+        return rel // self.speech_codebook_size, rel % self.speech_codebook_size
+
+    def is_image(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return (ids >= self.image_start) & (ids < self.image_end_id)
+
+    def is_speech(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return (ids >= self.speech_start) & (ids < self.speech_end_id)
+
+    def modality(self, ids: np.ndarray) -> np.ndarray:
+        """Per-token modality (TEXT, IMAGE or SPEECH) as int8; specials count as text."""
+        ids = np.asarray(ids)
+        out = np.full(ids.shape, TEXT, dtype=np.int8)
+        out[self.is_image(ids)] = IMAGE
+        out[self.is_speech(ids)] = SPEECH
+        return out
+
+    def describe(self, token_id: int) -> tuple[str, int, int]:
+        """One id -> (modality, layer, code); text and special ids give layer 0, code = id."""
+        if not 0 <= token_id < self.total_size:
+            raise VocabError(f"token id {token_id} is outside the vocabulary (size {self.total_size})")
+        if self.is_image(token_id):
+            return "image", 0, token_id - self.image_start
+        if self.is_speech(token_id):
+            layer, code = self.speech_codes(np.array([token_id]))
+            return "speech", int(layer[0]), int(code[0])
+        if token_id in self.specials.values():
+            return "special", 0, token_id
+        return "text", 0, token_id
+
+
+def _check_range(codes: np.ndarray, size: int, what: str) -> None:
+    if codes.size and (codes.min() < 0 or codes.max() >= size):
+        bad = codes[(codes < 0) | (codes >= size)]
+        raise VocabError(f"{what} {int(bad.flat[0])} is outside its codebook [0, {size})")
+
+
+def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+    """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
+
+    New embedding rows (and output rows, when untied) start at the mean of the existing
+    rows, through transformers' own ``mean_resizing``.
+    """
+    vocab = tokenizer.get_vocab()
+    already = [t for t in MIO_SPECIAL_ORDER if t in vocab]
+    if already:
+        raise VocabError(f"tokenizer already has {already}: this backbone was extended before")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        raise VocabError(
+            f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
+            "mio extends both in step, so they must agree (resize the model to the tokenizer first)")
+    table = table or VocabTable.mio_default(len(tokenizer))
+    if table.text_size != len(tokenizer):
+        raise VocabError(f"vocabulary table starts at {table.text_size}, tokenizer has {len(tokenizer)} tokens")
+    added = tokenizer.add_tokens(table.added_tokens())
+    if added != table.num_added:
+        raise VocabError(f"tokenizer added {added} of {table.num_added} tokens (some already existed)")
+    probe = [IMAGE_BEGIN, table.image_token.format(0), table.speech_token.format(0)]
+    got = tokenizer.convert_tokens_to_ids(probe)
+    want = [table.image_begin, table.image_start, table.speech_start]
+    if got != want:
+        raise VocabError(f"tokenizer placed {probe} at {got}, the table says {want}")
+    model.resize_token_embeddings(table.total_size, mean_resizing=True)
+    return table
