@@ -1,0 +1,116 @@
+"""`mio`: demo | prepare | inspect | tokenize | fit | bench.
+
+`mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
+`--print_config`, command-line overrides); the other commands are plain argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+BENCHES = ("tokenizers", "packing", "data", "train", "generate")
+
+
+def _log(msg: str) -> None:
+    print(f"[mio] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mio.demo import run_demo
+
+    report = run_demo(args.out)
+    summary = json.loads((report.parent / "summary.json").read_text())
+    keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "seconds")
+    _log(json.dumps({k: summary[k] for k in keys}))
+    print(report)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mio.data.prepare import prepare
+
+    m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log)
+    _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
+    print(Path(args.out) / "manifest.json")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mio.data.inspect import inspect_dataset
+
+    print(inspect_dataset(args.dir, args.samples, args.backbone))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from mio.tokenizers import tokenize_cli
+
+    for row in tokenize_cli(args.spec, args.files):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"mio.bench.{args.part}")
+    result = getattr(module, f"bench_{args.part}")()
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from mio.train.cli import fit
+
+    out = fit(argv)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="the whole path on the embedded tiny default")
+    d.add_argument("--out", type=Path, default=None, help="run folder (default: a fresh temporary folder)")
+    d.set_defaults(func=cmd_demo)
+    pr = sub.add_parser("prepare", help="raw data -> shards of segments + manifest")
+    pr.add_argument("recipe", type=Path)
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--tokenizers", type=Path, default=None,
+                    help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
+    pr.set_defaults(func=cmd_prepare)
+    ins = sub.add_parser("inspect", help="a prepared dataset's figures and a few rendered samples")
+    ins.add_argument("dir", type=Path)
+    ins.add_argument("--samples", type=int, default=3)
+    ins.add_argument("--backbone", type=Path, default=None, help="render samples with this model's text tokenizer")
+    ins.set_defaults(func=cmd_inspect)
+    tk = sub.add_parser("tokenize", help="media -> codes, one JSON line per file")
+    tk.add_argument("--spec", required=True)
+    tk.add_argument("files", nargs="+")
+    tk.set_defaults(func=cmd_tokenize)
+    b = sub.add_parser("bench", help="a benchmark against its baseline; JSON on the last line")
+    b.add_argument("part", choices=BENCHES)
+    b.set_defaults(func=cmd_bench)
+    sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        return cmd_fit(argv[1:])
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (FileNotFoundError, ValueError) as e:
+        _log(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

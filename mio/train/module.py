@@ -1,0 +1,139 @@
+"""The one LightningModule of every stage: what trains is a setting, not a script."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
+from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
+from mio.train.loss import packed_loss
+from mio.vocab import MODALITY_NAMES
+
+
+class MioModule(L.LightningModule):
+    """Causal-LM training over packed multimodal batches.
+
+    Args:
+        backbone: local model folder: a text-only LM (with ``extend_vocab``) or the previous
+            stage's output.
+        extend_vocab: add mio's 12,292 tokens to a text-only backbone first.
+        attn_backend: per-sample attention isolation: ``sdpa`` (4D mask), ``flex`` or ``flash``.
+        lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW with cosine decay.
+        output_dir: where the stage's ``save_pretrained`` folder goes
+            (default ``<trainer.default_root_dir>/model``).
+        gradient_checkpointing: recompute activations in the backward pass.
+    """
+
+    def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
+                 min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.attn_backend = attn_backend
+        self.model, self.tokenizer, self.table = load_backbone(
+            backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.config.use_cache = False
+        self.inherited_specs = load_tokenizer_specs(backbone) or {}
+        self.output_path: Path | None = None
+        self._t0 = 0.0
+
+    # --- training -----------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = packed_attention_kwargs(self.attn_backend, batch)
+        kwargs.setdefault("position_ids", batch["position_ids"])
+        return self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits  # (B, L, V)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        labels = batch["labels"]
+        targets = labels[:, 1:]  # (B, L-1): the token each position predicts
+        supervised = targets != -100
+        n_global = self._all_reduce(supervised.sum().float())
+        # DDP averages gradients over ranks, so scale the rank's share back to a global mean.
+        loss = packed_loss(logits, labels, n_global) * self.trainer.world_size
+        self._log_step(logits.detach(), batch, targets, supervised, n_global)
+        return loss
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:
+            x = self.trainer.strategy.reduce(x, reduce_op="sum")
+        return x
+
+    @torch.no_grad()
+    def _log_step(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], targets: torch.Tensor,
+                  supervised: torch.Tensor, n_global: torch.Tensor) -> None:
+        flat = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten().clamp(min=0), reduction="none").view_as(targets)
+        flat = flat * supervised
+        modality = batch["modality"][:, 1:]
+        metrics = {"train/loss": self._all_reduce(flat.sum()) / n_global.clamp(min=1)}
+        for mid, name in MODALITY_NAMES.items():
+            sel = supervised & (modality == mid)
+            count = self._all_reduce(sel.sum().float())
+            if count > 0:
+                metrics[f"train/loss_{name}"] = self._all_reduce(flat[sel].sum()) / count
+        real = (batch["document_ids"] >= 0).sum().float()
+        metrics["train/packing_efficiency"] = real / batch["input_ids"].numel()
+        total = max(real.item(), 1.0)
+        for mid, name in MODALITY_NAMES.items():
+            metrics[f"train/share_{name}"] = ((batch["modality"] == mid) & (batch["document_ids"] >= 0)).sum() / total
+        now = time.perf_counter()
+        if self._t0:
+            metrics["train/tokens_per_sec"] = torch.tensor(real.item() * self.trainer.world_size / (now - self._t0))
+        self._t0 = now
+        self.log_dict(metrics, prog_bar=False, batch_size=batch["input_ids"].shape[0])
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
+        if "train/tokens_per_sec" in metrics:
+            self.log("tok/s", metrics["train/tokens_per_sec"], prog_bar=True, logger=False, batch_size=1)
+
+    # --- optimizer ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
+        steps = self.trainer.max_steps
+        if steps is None or steps <= 0:
+            raise ValueError("trainer.max_steps must be set: a stage is a fixed number of optimizer steps")
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=math.ceil(hp.warmup_ratio * steps), num_training_steps=steps,
+            min_lr_rate=hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- output -------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / "model")
+        self.output_path = out
+        if not self.trainer.is_global_zero:
+            return
+        specs = dict(self.inherited_specs)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            for kind, spec in datamodule.tokenizer_specs().items():
+                if kind in specs and specs[kind].get("sha256") != spec.get("sha256"):
+                    raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
+                                     f"one the backbone was trained with ({specs[kind]['path']})")
+                specs[kind] = _embed_spec(spec)
+        save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs)
+        config = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
+        if config.is_file():
+            (out / "mio_stage_config.yaml").write_text(config.read_text())
+
+
+def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Keep the spec's content beside its path, so a model folder decodes on another machine."""
+    if "content" in spec:
+        return spec
+    import yaml
+
+    return {**spec, "content": yaml.safe_load(Path(spec["path"]).read_text())}
