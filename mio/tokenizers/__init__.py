@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mio.tokenizers.image import ImageTokenizer
 from mio.tokenizers.speech import SpeechCodec
 from mio.tokenizers.spec import MissingCheckpointError, check_kind, load_spec
+from mio.tokenizers.tokenize import tokenize_cli
 
 if TYPE_CHECKING:
     from mio.tokenizers.video import VideoTokenizer
@@ -24,6 +25,7 @@ __all__ = [
     "VideoTokenizer",
     "build_tokenizer",
     "load_spec",
+    "tokenize_cli",
 ]
 
 
