@@ -1,0 +1,1 @@
+"""Benchmarks: `mio bench <part>`."""

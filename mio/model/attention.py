@@ -1,0 +1,129 @@
+"""Per-sample attention isolation for packed batches, on every attention backend.
+
+A packed row holds several samples; each token may attend only to earlier tokens of its own
+sample. Position ids alone do not give that in transformers (they only restart the rotary
+positions: under sdpa, eager and flex the samples still see each other), so every backend gets
+an explicit description of the sample boundaries:
+
+- ``sdpa``: a 4D boolean block-diagonal causal mask (B, 1, L, L). The reference; O(L^2) memory.
+- ``flex``: a FlexAttention ``BlockMask`` built from per-block document ranges: O(L) token data
+  plus O((L/128)^2) block tables, never an (L, L) tensor. Pad packs to a multiple of 128.
+  In torch 2.11 FlexAttention has no backward on CPU, so train on CPU with ``sdpa``.
+- ``flash``: flash-attn's varlen kernel with ``cu_seqlens`` over the flattened batch (GPU, needs
+  the ``flash-attn`` package): O(number of samples) metadata.
+
+Padding forms its own segment at the end of each row (it attends causally within the padding),
+so no query row is fully masked and no NaN can appear, on any backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+BACKENDS = ("sdpa", "flex", "flash")
+FLEX_BLOCK_SIZE = 128
+
+_HF_IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
+_PAD_MULTIPLE = {"sdpa": 1, "flex": FLEX_BLOCK_SIZE, "flash": 1}
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def hf_attn_implementation(backend: str) -> str:
+    """The ``attn_implementation`` to give ``from_pretrained`` / ``from_config`` for a backend."""
+    _check_backend(backend)
+    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'mio[gpu]') and a GPU")
+    return _HF_IMPLEMENTATIONS[backend]
+
+
+def pad_multiple(backend: str) -> int:
+    """The ``pad_to_multiple_of`` a packer should use for a backend."""
+    _check_backend(backend)
+    return _PAD_MULTIPLE[backend]
+
+
+def segment_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids that are equal exactly within one sample or within a row's padding.
+
+    Padding (-1, only at the end of a row) becomes a segment after every sample, so the ids are
+    non-decreasing along each row.
+    """
+    last = document_ids.shape[-1]  # larger than any document id of the row
+    return torch.where(document_ids < 0, torch.full_like(document_ids, last), document_ids).long()
+
+
+def dense_document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool, True where query q may attend key k: same segment and k <= q."""
+    seg = segment_ids(document_ids)  # (B, L)
+    length = seg.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()  # (L, L)
+    same = seg[:, :, None] == seg[:, None, :]  # (B, L, L)
+    return (same & causal)[:, None]
+
+
+def document_causal_block_mask(document_ids: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """A FlexAttention BlockMask equal to ``dense_document_causal_mask``, built without any (L, L) tensor.
+
+    Segment ids are non-decreasing along a row, so a key block j can hold a key visible to
+    query block i (j <= i) exactly when j's last segment is >= i's first segment; the block is
+    full (no mask_mod needed) when j < i and both blocks lie inside one single segment.
+    """
+    seg = segment_ids(document_ids)  # (B, L)
+    batch, length = seg.shape
+    blocks = -(-length // block_size)
+    # Past the end, repeat the last id: the kernel may read mask_mod there, and the extra
+    # columns never change which blocks are needed.
+    padded = torch.cat([seg, seg[:, -1:].expand(batch, blocks * block_size - length)], dim=1)  # (B, nb*bs)
+    per_block = padded.view(batch, blocks, block_size)
+    first, last = per_block[..., 0], per_block[..., -1]  # (B, nb): segments are sorted within a block
+    q_first, q_last = first[:, :, None], last[:, :, None]  # (B, nb, 1) query blocks
+    k_first, k_last = first[:, None, :], last[:, None, :]  # (B, 1, nb) key blocks
+    lower = torch.ones(blocks, blocks, dtype=torch.bool, device=seg.device).tril()  # (nb, nb): j <= i
+    strictly_lower = lower.tril(-1)
+    visible = lower & (k_last >= q_first)  # (B, nb, nb)
+    full = strictly_lower & (q_first == q_last) & (k_first == k_last) & (k_first == q_first)
+    partial = visible & ~full
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (padded[b, q] == padded[b, k]) & (q >= k)
+
+    num_partial, partial_idx = _block_table(partial)
+    num_full, full_idx = _block_table(full)
+    return BlockMask.from_kv_blocks(
+        num_partial, partial_idx, num_full, full_idx,
+        BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(length, length),
+    )
+
+
+def _block_table(needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, nb, nb) bool -> counts (B, 1, nb) int32 and key-block indices (B, 1, nb, nb) int32, needed first."""
+    counts = needed.sum(-1, dtype=torch.int32)
+    # A stable sort of "not needed" puts the needed key blocks first, in increasing order.
+    indices = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None], indices[:, None]
+
+
+def packed_attention_kwargs(backend: str, batch: dict[str, torch.Tensor | int]) -> dict:
+    """Keyword arguments for ``model(input_ids=batch["input_ids"], **kwargs)`` that isolate samples.
+
+    ``batch`` is what ``mio.data.packing.collate_packs`` returns (tensors on the model's device).
+    """
+    _check_backend(backend)
+    kwargs: dict = {"position_ids": batch["position_ids"]}
+    if backend == "sdpa":
+        kwargs["attention_mask"] = dense_document_causal_mask(batch["document_ids"])
+    elif backend == "flex":
+        kwargs["attention_mask"] = document_causal_block_mask(batch["document_ids"])
+    else:
+        cu_seqlens = batch["cu_seqlens"].to(device=batch["input_ids"].device, dtype=torch.int32)
+        max_seqlen = int(batch["max_seqlen"])
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                      max_length_k=max_seqlen)
+    return kwargs
