@@ -1,8 +1,17 @@
 """`mio prepare RECIPE --out DIR`: raw data -> shards of segments + a manifest.
 
-A recipe (one YAML file under ``data_recipes/``) names its data type, its input, the field
-mapping, the filters, the modality tokenizer specs and the shard size. Every row read is
-either written or skipped with a counted reason: read + skipped = seen.
+Work is cut into *units*: unit (p, c) is rows ``[c*shard_size, (c+1)*shard_size)`` of input
+part p, and it becomes exactly one shard ``{source}-{p:05d}-{c:05d}.tar`` plus a small record
+``.units/{same}.json`` (its counts), written after the shard; the record is the commit mark.
+Units do not depend on how many ranks run or on what ran before, so:
+
+- ranks split units between them (whole parts when there are at least as many parts as
+  ranks, else the units of each part in turn), each writing disjoint shards;
+- a rerun skips units whose record exists, and redoes an interrupted one from its start
+  (shards are reproducible to the byte), so a killed run loses nothing and duplicates nothing;
+- whichever rank finds every unit recorded merges the records into ``manifest.json``.
+
+Every row read is either written or skipped with a counted reason: samples + skipped = seen.
 """
 
 from __future__ import annotations
@@ -11,277 +20,446 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import yaml
-from PIL import Image as PILImage, UnidentifiedImageError
 
-from mio.data.shards import MANIFEST, AtomicShardWriter, StoredSample, token_counts
+from mio.data.media import VideoFile, load_image, load_speech
+from mio.data.recipe import Recipe
+from mio.data.shards import (MANIFEST, SHARD_FORMAT, AtomicShardWriter, StoredSample, token_counts,
+                             write_json_atomic)
+from mio.data.sources import (Draft, Item, MediaRef, Part, Row, SkipSample, draft_row, iter_rows, list_parts,
+                              media_refs)
 from mio.segments import Image, Segment, Speech, Text, Video
-from mio.templates import DATA_TYPES, Turn
+from mio.templates import ConversationError, Turn, check_conversation
 
-MEDIA_KINDS = ("image", "speech", "video")
+UNITS = ".units"
+EXAMPLES_PER_UNIT = 20
+EXAMPLES_IN_MANIFEST = 100
 
-
-@dataclass
-class Filters:
-    """The paper's filters (image-text pairs: aspect ratio <= 2:1, at least 224x224; speech at
-    most 15 s) and a minimum text length."""
-
-    min_image_side: int = 224
-    max_aspect_ratio: float = 2.0
-    max_speech_seconds: float = 15.0
-    min_text_chars: int = 1
+Progress = Callable[[str], None]
 
 
-@dataclass
-class Recipe:
-    data_type: str
-    input: str
-    fields: dict[str, str] = field(default_factory=dict)
-    tokenizers: dict[str, str] = field(default_factory=dict)
-    filters: Filters = field(default_factory=Filters)
-    shard_size: int = 1000
-    batch_size: int = 16
-    source: str = ""
-    path: Path = Path(".")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
-        known = {f for f in cls.__dataclass_fields__ if f != "path"}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"recipe {p}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        if raw.get("data_type") not in DATA_TYPES:
-            raise ValueError(f"recipe {p}: data_type must be one of {DATA_TYPES}, got {raw.get('data_type')!r}")
-        filters = Filters(**(raw.pop("filters", None) or {}))
-        return cls(**raw, filters=filters, source=raw.get("source") or p.stem, path=p.resolve())
-
-    def resolve(self, relative: str) -> Path:
-        return (self.path.parent / relative).resolve()
+# --- ranks ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
 
 
-class SkipSample(Exception):
-    """A row that is dropped with a counted reason (``reason`` is the manifest's key)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-# --- rows -> segments with media references ------------------------------------------------
-@dataclass
-class MediaRef:
-    kind: str  # image | speech | video
-    path: Path
-    text: str | None = None  # the paired text (chooses the number of video key frames)
-
-
-Draft = list  # a list of Text | MediaRef, or of (role, [Text | MediaRef]) for SFT
-
-
-def _field(row: dict[str, Any], name: str, where: str) -> Any:
-    if name not in row:
-        raise SkipSample("missing_field", f"{where}: row has no field {name!r}")
-    return row[name]
+def resolve_ranks(rank: int | None = None, world_size: int | None = None) -> Ranks:
+    """This process's rank: arguments first, then torchrun (RANK/WORLD_SIZE/LOCAL_RANK), then
+    SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), else a single rank."""
+    env = os.environ
+    for r_key, w_key, l_key in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                                ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank is None and world_size is None and r_key in env and w_key in env:
+            try:
+                rank, world_size = int(env[r_key]), int(env[w_key])
+                local = int(env.get(l_key, "0"))
+            except ValueError:
+                raise ValueError(f"{r_key}={env[r_key]!r} / {w_key}={env[w_key]!r} are not integers") from None
+            break
+    else:
+        local = 0
+    rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    return Ranks(rank, world_size, local)
 
 
-def _item(d: dict[str, Any], base: Path, where: str, text: str | None = None) -> Text | MediaRef:
-    for kind in MEDIA_KINDS:
-        if kind in d:
-            return MediaRef(kind, base / str(d[kind]), text)
-    if "text" in d:
-        return Text(str(d["text"]))
-    raise SkipSample("unknown_segment", f"{where}: segment {d} has none of text/image/speech/video")
+def unit_owner(part: int, chunk: int, n_parts: int, world: int) -> int:
+    """Whole parts per rank when there are enough parts, else a part's units in turn."""
+    return part % world if n_parts >= world else (part + chunk) % world
 
 
-def draft_row(recipe: Recipe, row: dict[str, Any], where: str) -> tuple[Draft, str | None]:
-    """One input row -> its segments with media still as file references."""
-    base = recipe.resolve(recipe.input).parent  # media paths are relative to the input file
-    f = {"image": "image", "speech": "audio", "video": "video", "text": "text", **recipe.fields}
-    dt = recipe.data_type
-    if dt == "text":
-        return [Text(str(_field(row, f["text"], where)))], None
-    if dt in ("image_text", "speech_text", "video_text"):
-        kind = {"image_text": "image", "speech_text": "speech", "video_text": "video"}[dt]
-        text = str(_field(row, f["text"], where))
-        return [MediaRef(kind, base / str(_field(row, f[kind], where)), text), Text(text)], None
-    if dt in ("interleaved", "video_interleaved"):
-        items = _field(row, f.get("segments", "segments"), where)
-        texts = " ".join(str(d.get("text", "")) for d in items)
-        return [_item(d, base, where, texts) for d in items], None
-    messages = _field(row, f.get("messages", "messages"), where)
-    turns = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            content = [{"text": content}]
-        turns.append((str(m.get("role")), [_item(d, base, where) for d in content or []]))
-    return turns, row.get(f.get("task", "task"))
+# --- tokenizers -----------------------------------------------------------------------------
+_BUILT: dict[tuple[str, str], Any] = {}  # (spec path, sha256) -> tokenizer, shared by prepare calls
 
 
-# --- media tokenization (batched) -----------------------------------------------------------
 class MediaTokenizers:
-    """The modality tokenizers a recipe names, built once from their specs."""
+    """The modality tokenizers a recipe names, built on first use (a recipe may name more than
+    its rows need) and cached per process by spec content."""
 
     def __init__(self, recipe: Recipe, tokenizer_dir: str | os.PathLike | None) -> None:
-        self.paths = {kind: Path(tokenizer_dir) / spec if tokenizer_dir else recipe.resolve(spec)
+        self.paths = {kind: (Path(tokenizer_dir) / spec if tokenizer_dir else recipe.resolve(spec)).resolve()
                       for kind, spec in recipe.tokenizers.items()}
-        self.specs: dict[str, dict[str, Any]] = {}
-        self.built: dict[str, Any] = {}
+
+    def sha256(self, kind: str) -> str | None:
+        p = self.paths[kind]
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+    def fingerprint(self) -> dict[str, str | None]:
+        return {kind: self.sha256(kind) for kind in sorted(self.paths)}
+
+    def spec(self, kind: str) -> dict[str, Any]:
+        return {"path": str(self.paths[kind]), "sha256": self.sha256(kind)}
 
     def get(self, kind: str, where: str) -> Any:
-        """The tokenizer of a kind, built on first use (a recipe may name more than it uses)."""
-        if kind not in self.built:
+        if kind not in self.paths:
+            raise ValueError(f"{where}: a {kind} segment, but the recipe names no {kind} tokenizer "
+                             f"(add `tokenizers: {{{kind}: SPEC.yaml}}`)")
+        path, sha = self.paths[kind], self.sha256(kind)
+        if sha is None:
+            raise FileNotFoundError(f"{where}: {kind} tokenizer spec {path} does not exist")
+        if (str(path), sha) not in _BUILT:
             from mio.tokenizers import build_tokenizer
 
-            if kind not in self.paths:
-                raise ValueError(f"{where}: a {kind} segment, but the recipe names no {kind} tokenizer")
-            path = self.paths[kind]
-            if not path.is_file():
-                raise FileNotFoundError(f"{where}: {kind} tokenizer spec {path} does not exist")
-            self.specs[kind] = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-            self.built[kind] = build_tokenizer(path)
-        return self.built[kind]
+            _BUILT[(str(path), sha)] = build_tokenizer(path)
+        return _BUILT[(str(path), sha)]
 
 
-def check_image(path: Path, filters: Filters, paired: bool) -> None:
-    if not path.is_file():
-        raise SkipSample("missing_file", f"{path}: file not found")
-    try:
-        with PILImage.open(path) as im:
-            im.verify()
-        with PILImage.open(path) as im:
-            w, h = im.size
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise SkipSample("unreadable_image", f"{path}: {e}") from None
-    if paired and min(w, h) < filters.min_image_side:
-        raise SkipSample("image_too_small", f"{path}: {w}x{h} is below {filters.min_image_side}px")
-    if paired and max(w, h) / max(min(w, h), 1) > filters.max_aspect_ratio:
-        raise SkipSample("aspect_ratio", f"{path}: aspect ratio {w}x{h} over {filters.max_aspect_ratio}:1")
+# --- one batch of rows -> samples -----------------------------------------------------------
+@dataclass
+class Context:
+    recipe: Recipe
+    tok: MediaTokenizers
+    pool: ThreadPoolExecutor
+    fingerprint: dict[str, Any]
+    out: Path
+    progress: Progress | None = None
 
 
-def tokenize_media(ref: MediaRef, tok: MediaTokenizers, recipe: Recipe, where: str) -> Segment:
-    """One media reference -> its code segment, or a counted skip."""
-    paired = recipe.data_type == "image_text"
-    if not ref.path.is_file():
-        raise SkipSample("missing_file", f"{where}: {ref.path} not found")
+def _text_chars(draft: Draft) -> int:
+    return sum(len(x.text.strip()) for x in draft.all_items() if isinstance(x, Text))
+
+
+def _draft(ctx: Context, row: Row) -> Draft:
+    draft = draft_row(ctx.recipe, row)
+    if ctx.recipe.data_type != "sft" and _text_chars(draft) < ctx.recipe.filters.min_text_chars:
+        raise SkipSample("text_too_short", f"{row.where}: {_text_chars(draft)} characters of text, "
+                                           f"fewer than {ctx.recipe.filters.min_text_chars}")
+    return draft
+
+
+def _load(ctx: Context, ref: MediaRef, where: str) -> Any:
+    """Decode one media item (runs in the thread pool): PIL image, waveform or video path."""
+    recipe = ctx.recipe
     if ref.kind == "image":
-        check_image(ref.path, recipe.filters, paired)
-        return Image(tok.get("image", where).encode([ref.path])[0])
+        return load_image(ref, recipe.filters, paired=recipe.data_type == "image_text")
     if ref.kind == "speech":
-        codec = tok.get("speech", where)
+        codec = ctx.tok.get("speech", where)
+        wave = load_speech(ref, codec.sample_rate, recipe.filters.max_speech_seconds)
+        refusal = codec.refusal(wave)
+        if refusal:
+            raise SkipSample("speech_too_long" if "over" in refusal else "empty_audio", f"{ref.name}: {refusal}")
+        return wave
+    return ref  # videos are read by the video tokenizer itself
+
+
+def _load_all(ctx: Context, draft: Draft) -> list[Any]:
+    return [_load(ctx, ref, draft.where) for ref in media_refs(draft)]
+
+
+def process_batch(ctx: Context, rows: list[Row]) -> list[StoredSample | SkipSample]:
+    """Rows -> samples (keys unset) or skips, in row order. Media are decoded in threads and
+    tokenized in one batch per modality."""
+    results: list[Any] = []
+    for row in rows:
         try:
-            wave = codec.load_audio(ref.path)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise SkipSample("unreadable_audio", f"{where}: {e}") from None
-        seconds = len(wave) / codec.sample_rate
-        if seconds > recipe.filters.max_speech_seconds:
-            raise SkipSample("speech_too_long", f"{where}: {ref.path} is {seconds:.1f}s > {recipe.filters.max_speech_seconds}s")
-        if len(wave) == 0:
-            raise SkipSample("empty_audio", f"{where}: {ref.path} has no samples")
-        return Speech(codec.encode([wave])[0])
-    video = tok.get("video", where)
+            results.append(_draft(ctx, row))
+        except SkipSample as s:
+            results.append(s)
+    drafts = [(i, d) for i, d in enumerate(results) if isinstance(d, Draft)]
+    futures = [(i, d, ctx.pool.submit(_load_all, ctx, d)) for i, d in drafts]
+    loaded: dict[int, list[Any]] = {}
+    for i, d, fut in futures:
+        try:
+            loaded[i] = fut.result()
+        except SkipSample as s:
+            results[i] = s
+    codes = _encode(ctx, results, loaded)
+    for i in loaded:
+        try:
+            results[i] = _assemble(ctx, results[i], iter(codes[i]))
+        except SkipSample as s:
+            results[i] = s
+    return results
+
+
+def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> dict[int, list[Any]]:
+    """Per row, its media's codes (or a SkipSample for a video the tokenizer refuses)."""
+    out: dict[int, list[Any]] = {i: [None] * len(m) for i, m in loaded.items()}
+    for kind in ("image", "speech"):
+        slots = [(i, j) for i, m in loaded.items() for j, ref in enumerate(media_refs(results[i]))
+                 if ref.kind == kind]
+        if not slots:
+            continue
+        tok = ctx.tok.get(kind, results[slots[0][0]].where)
+        batch = [loaded[i][j] for i, j in slots]
+        coded = tok.encode(batch) if kind == "image" else tok.encode(batch, names=[results[i].where for i, _ in slots])
+        for (i, j), c in zip(slots, coded):
+            out[i][j] = np.asarray(c)
+    for i, m in loaded.items():
+        for j, ref in enumerate(media_refs(results[i])):
+            if ref.kind == "video":
+                out[i][j] = _encode_video(ctx, ref, results[i].where)
+    return out
+
+
+def _encode_video(ctx: Context, ref: MediaRef, where: str) -> Any:
+    tok = ctx.tok.get("video", where)
     try:
-        frames = video.encode(ref.path, ref.text)
+        with VideoFile(ref) as path:
+            frames = np.asarray(tok.encode(path, ref.text))
+    except SkipSample as s:
+        return s
     except (ValueError, RuntimeError, OSError) as e:
-        raise SkipSample("unreadable_video", f"{where}: {e}") from None
-    return Video(np.asarray(frames))
+        return SkipSample("unreadable_video", f"{ref.name}: video cannot be tokenized ({e})")
+    if frames.ndim != 2 or frames.shape[0] == 0:
+        return SkipSample("unreadable_video", f"{ref.name}: the video tokenizer gave no key frames")
+    return frames
 
 
-def materialize(draft: Draft, task: str | None, recipe: Recipe, tok: MediaTokenizers, key: str) -> StoredSample:
-    def seg(x: Text | MediaRef) -> Segment:
-        return x if isinstance(x, Text) else tokenize_media(x, tok, recipe, key)
+def _segment(item: Item, codes: Iterator[Any]) -> Segment:
+    if isinstance(item, Text):
+        return item
+    c = next(codes)
+    if isinstance(c, SkipSample):
+        raise c
+    return {"image": Image, "speech": Speech, "video": Video}[item.kind](c)
 
-    if recipe.data_type == "sft":
-        turns = [Turn(role, [seg(x) for x in content]) for role, content in draft]
-        from mio.templates import check_conversation, ConversationError
+
+def _assemble(ctx: Context, draft: Draft, codes: Iterator[Any]) -> StoredSample:
+    if draft.turns is not None:
+        turns = [Turn(role, [_segment(x, codes) for x in content]) for role, content in draft.turns]
         try:
             check_conversation(turns)
         except ConversationError as e:
-            raise SkipSample("bad_conversation", f"{key}: {e}") from None
-        return StoredSample(key, "sft", turns=turns, task=task, source=recipe.source)
-    segments = [seg(x) for x in draft]
-    texts = [s for s in segments if isinstance(s, Text)]
-    if sum(len(t.text.strip()) for t in texts) < recipe.filters.min_text_chars:
-        raise SkipSample("text_too_short", f"{key}: text shorter than {recipe.filters.min_text_chars} characters")
-    return StoredSample(key, recipe.data_type, segments, source=recipe.source)
+            raise SkipSample("bad_conversation", f"{draft.where}: {e}") from None
+        return StoredSample("", "sft", turns=turns, task=draft.task, source=ctx.recipe.source)
+    return StoredSample("", ctx.recipe.data_type, [_segment(x, codes) for x in draft.items], source=ctx.recipe.source)
 
 
-# --- input reading --------------------------------------------------------------------------
-def read_jsonl(path: Path, skipped: Counter, examples: list[dict[str, str]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) for every parseable line; unparseable lines are counted skips."""
+# --- units ----------------------------------------------------------------------------------
+def unit_name(source: str, part: int, chunk: int) -> str:
+    return f"{source}-{part:05d}-{chunk:05d}"
+
+
+def record_path(out: Path, name: str) -> Path:
+    return out / UNITS / f"{name}.json"
+
+
+def read_record(ctx: Context, part: Part, chunk: int) -> dict[str, Any] | None:
+    """A unit's record if the unit is finished (same recipe, tokenizers and input), else None."""
+    name = unit_name(ctx.recipe.source, part.index, chunk)
+    path = record_path(ctx.out, name)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe input {path} does not exist")
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{path.name}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-            except (UnicodeDecodeError, ValueError) as e:
-                _skip(skipped, examples, "bad_json_line", f"{where}: {e}")
-                continue
-            yield where, row
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("fingerprint") != ctx.fingerprint:
+        raise ValueError(f"{ctx.out}: unit {name} was prepared from a different recipe or tokenizer spec "
+                         f"({rec.get('fingerprint')} vs now {ctx.fingerprint}); use a fresh --out folder")
+    if rec.get("input_stat") != part.stat():
+        raise ValueError(f"{ctx.out}: input {part.name} changed since unit {name} was prepared; "
+                         f"use a fresh --out folder")
+    if rec["shard"] is not None and not (ctx.out / rec["shard"]["shard"]).is_file():
+        return None
+    return rec
 
 
-def _skip(skipped: Counter, examples: list[dict[str, str]], reason: str, detail: str) -> None:
-    skipped[reason] += 1
-    if len(examples) < 100:
-        examples.append({"reason": reason, "detail": detail})
+@dataclass
+class UnitJob:
+    """One unit being prepared: batches of rows in, one shard and one record out."""
+
+    ctx: Context
+    part: Part
+    chunk: int
+    pending: list[tuple[int, Row]] = field(default_factory=list)
+    writer: AtomicShardWriter | None = None
+    seen: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[dict[str, str]] = field(default_factory=list)
+    tokens: Counter = field(default_factory=Counter)
+    kinds: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.ctx.recipe.source, self.part.index, self.chunk)
+
+    def add(self, index: int, row: Row) -> None:
+        self.pending.append((index, row))
+        if len(self.pending) >= self.ctx.recipe.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        results = process_batch(self.ctx, [r for _, r in self.pending])
+        for (index, row), res in zip(self.pending, results):
+            self.seen += 1
+            if isinstance(res, SkipSample):
+                self.skipped[res.reason] += 1
+                if len(self.examples) < EXAMPLES_PER_UNIT:
+                    self.examples.append({"reason": res.reason, "detail": str(res)})
+                continue
+            res.key = f"{self.ctx.recipe.source}-{self.part.index:05d}-{index:09d}"
+            if self.writer is None:
+                self.writer = AtomicShardWriter(self.ctx.out / f"{self.name}.tar").__enter__()
+            self.writer.write(res)
+            segs = res.all_segments()
+            self.tokens.update(token_counts(segs))
+            self.kinds.update(k for k, t in (("image", Image), ("speech", Speech), ("video", Video))
+                              if any(isinstance(s, t) for s in segs))
+        self.pending = []
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(RuntimeError, None, None)
+
+    def finish(self, rows: int, last: bool) -> dict[str, Any]:
+        self.flush()
+        shard = None
+        if self.writer is not None:
+            self.writer.__exit__(None, None, None)
+            shard = self.writer.info()
+        samples = shard["samples"] if shard else 0
+        rec = {"unit": self.name, "part": self.part.index, "input": self.part.name, "chunk": self.chunk,
+               "rows": rows, "last": last, "seen": self.seen, "samples": samples, "skipped": dict(self.skipped),
+               "examples": self.examples, "tokens": dict(self.tokens),
+               "tokenizers": {k: self.ctx.tok.spec(k) for k in sorted(self.kinds & set(self.ctx.tok.paths))},
+               "shard": shard, "fingerprint": self.ctx.fingerprint, "input_stat": self.part.stat()}
+        if samples + sum(self.skipped.values()) != self.seen:
+            raise AssertionError(f"unit {self.name}: {samples} + {sum(self.skipped.values())} != {self.seen}")
+        (self.ctx.out / UNITS).mkdir(exist_ok=True)
+        write_json_atomic(record_path(self.ctx.out, self.name), rec)
+        if self.ctx.progress:
+            self.ctx.progress(f"{self.name}: {samples} samples, {self.seen - samples} skipped")
+        return rec
+
+
+def part_records(ctx: Context, part: Part) -> list[dict[str, Any]] | None:
+    """All unit records of a part if every one of its units is finished, else None."""
+    recs: list[dict[str, Any]] = []
+    while True:
+        rec = read_record(ctx, part, len(recs))
+        if rec is None:
+            return None
+        recs.append(rec)
+        if rec["last"]:
+            return recs
+
+
+def run_part(ctx: Context, part: Part, n_parts: int, ranks: Ranks) -> list[dict[str, Any]]:
+    """Prepare this rank's unfinished units of one part; returns the records written."""
+    size = ctx.recipe.shard_size
+    written: list[dict[str, Any]] = []
+    job: UnitJob | None = None
+    chunk, rows_in_chunk = -1, 0
+
+    def close(last: bool) -> None:
+        nonlocal job
+        if job is not None:
+            written.append(job.finish(rows_in_chunk, last))
+            job = None
+
+    try:
+        for index, row in enumerate(iter_rows(part)):
+            if index // size != chunk:
+                close(last=False)
+                chunk, rows_in_chunk = index // size, 0
+                mine = unit_owner(part.index, chunk, n_parts, ranks.world) == ranks.rank
+                job = UnitJob(ctx, part, chunk) if mine and read_record(ctx, part, chunk) is None else None
+            rows_in_chunk += 1
+            if job is not None:
+                job.add(index, row)
+        if chunk == -1:  # an empty part: its one unit records 0 rows
+            chunk = 0
+            mine = unit_owner(part.index, 0, n_parts, ranks.world) == ranks.rank
+            job = UnitJob(ctx, part, 0) if mine and read_record(ctx, part, 0) is None else None
+        close(last=True)
+    except BaseException:
+        if job is not None:
+            job.abort()
+        raise
+    return written
+
+
+# --- manifest -------------------------------------------------------------------------------
+def merge_records(ctx: Context, parts: list[Part]) -> dict[str, Any] | None:
+    """The manifest, if every unit of every part is recorded (else None: another rank is still
+    working, and the last one to finish merges)."""
+    per_part = []
+    for part in parts:
+        recs = part_records(ctx, part)
+        if recs is None:
+            return None
+        per_part.append(recs)
+    recs = [r for rs in per_part for r in rs]
+    skipped: Counter = Counter()
+    tokens: Counter = Counter()
+    tokenizers: dict[str, Any] = {}
+    examples: list[dict[str, str]] = []
+    for r in recs:
+        skipped.update(r["skipped"])
+        tokens.update(r["tokens"])
+        tokenizers.update(r["tokenizers"])
+        examples += r["examples"]
+    seen, samples = sum(r["seen"] for r in recs), sum(r["samples"] for r in recs)
+    recipe = ctx.recipe
+    if seen == 0:
+        raise ValueError(f"recipe {recipe.path}: the input holds no rows: "
+                         f"{', '.join(p.name for p in parts[:5])}{' ...' if len(parts) > 5 else ''}")
+    if samples + sum(skipped.values()) != seen:
+        raise AssertionError(f"manifest counts do not add up: {samples} + {sum(skipped.values())} != {seen}")
+    return {
+        "format": SHARD_FORMAT,
+        "data_type": recipe.data_type,
+        "source": recipe.source,
+        "recipe": {"path": str(recipe.path), "sha256": recipe.sha256(), **recipe.describe()},
+        "tokenizers": dict(sorted(tokenizers.items())),
+        "shards": [r["shard"] for r in recs if r["shard"] is not None],
+        "inputs": [{"input": rs[0]["input"], "rows": sum(r["rows"] for r in rs)} for rs in per_part],
+        "seen": seen,
+        "samples": samples,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples[:EXAMPLES_IN_MANIFEST],
+        "tokens": dict(sorted(tokens.items())),
+    }
 
 
 def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
-            tokenizer_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run a recipe into ``out_dir``: shards of segments and ``manifest.json``."""
+            tokenizer_dir: str | os.PathLike | None = None, progress: Progress | None = None,
+            rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
+    """Run a recipe into ``out_dir``: this rank's shards, and ``manifest.json`` once every rank's
+    units are done. Returns the manifest, or (on a rank that finished before the others) this
+    rank's own figures with ``"merged": False``."""
     recipe = Recipe.load(recipe_path)
+    ranks = resolve_ranks(rank, world_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = MediaTokenizers(recipe, tokenizer_dir)
-    skipped: Counter = Counter()
-    examples: list[dict[str, str]] = []
-    tokens: Counter = Counter()
-    seen = written = 0
-    with AtomicShardWriter(out, prefix=recipe.source, max_count=recipe.shard_size) as writer:
-        for where, row in read_jsonl(recipe.resolve(recipe.input), skipped, examples):
-            seen += 1
-            key = f"{recipe.source}-{seen - 1:08d}"
-            try:
-                draft, task = draft_row(recipe, row, where)
-                sample = materialize(draft, task, recipe, tok, where)
-            except SkipSample as s:
-                _skip(skipped, examples, s.reason, str(s))
+    _select_device(ranks)
+    fingerprint = {"shard_format": SHARD_FORMAT, "recipe": recipe.sha256(), "tokenizers": tok.fingerprint()}
+    parts = list_parts(recipe)
+    with ThreadPoolExecutor(max_workers=recipe.workers, thread_name_prefix="mio-media") as pool:
+        ctx = Context(recipe, tok, pool, fingerprint, out, progress)
+        written: list[dict[str, Any]] = []
+        for part in parts:
+            owners = {unit_owner(part.index, c, len(parts), ranks.world) for c in range(ranks.world)}
+            if ranks.rank not in owners or part_records(ctx, part) is not None:
                 continue
-            sample.key = key
-            writer.write(sample)
-            segs = [x for t in sample.turns for x in t.content] if sample.turns is not None else sample.segments
-            tokens.update(token_counts(segs))
-            written += 1
-            if progress and written % 100 == 0:
-                progress(f"{recipe.source}: {written} samples written")
-        shards = writer.finished
-    seen += skipped["bad_json_line"]
-    manifest = {
-        "recipe": {"path": str(recipe.path), "sha256": hashlib.sha256(recipe.path.read_bytes()).hexdigest(),
-                   **{k: v for k, v in asdict(recipe).items() if k != "path"}},
-        "tokenizers": tok.specs,
-        "data_type": recipe.data_type,
-        "shards": shards if shards else [],
-        "seen": seen, "samples": written, "skipped": dict(skipped), "skipped_examples": examples,
-        "tokens": dict(tokens),
-    }
-    if written + sum(skipped.values()) != seen:
-        raise AssertionError(f"manifest counts do not add up: {written} + {sum(skipped.values())} != {seen}")
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            written += run_part(ctx, part, len(parts), ranks)
+    manifest = merge_records(ctx, parts)
+    if manifest is None:
+        return {"merged": False, "rank": ranks.rank, "world_size": ranks.world,
+                "seen": sum(r["seen"] for r in written), "samples": sum(r["samples"] for r in written),
+                "shards": [r["shard"] for r in written if r["shard"] is not None],
+                "skipped": dict(sum((Counter(r["skipped"]) for r in written), Counter()))}
+    write_json_atomic(out / MANIFEST, manifest)
+    if manifest["samples"] == 0:
+        raise ValueError(f"recipe {recipe.path}: no sample survived ({manifest['seen']} rows seen, skipped "
+                         f"{manifest['skipped']}); first reasons: {manifest['skipped_examples'][:3]}")
     return manifest
+
+
+def _select_device(ranks: Ranks) -> None:
+    """Media tokenizers with `device: auto` use the current CUDA device: one GPU per local rank."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())

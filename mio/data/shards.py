@@ -2,16 +2,23 @@
 
 A sample is a ``json`` (data type, source, the segment list with media references, token
 counts) plus one ``m{i}.npy`` per media array. Text stays a string, so one prepared dataset
-serves any backbone and template. Reading never unpickles: only json and npy (with
-``allow_pickle=False``) are decoded; anything else in a shard is an error naming it.
+serves any backbone and template. Shards are plain tar files (readable by ``tar`` and by any
+WebDataset reader) written byte-for-byte reproducibly: fixed member times and owners, so the
+same samples give the same file and the same checksum on any machine and any rerun.
+
+Reading never unpickles: only json and npy (integer arrays, ``allow_pickle=False``) are
+decoded; anything else in a shard is an error naming shard, key and member.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
+import re
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +30,11 @@ from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
 
 MANIFEST = "manifest.json"
+SHARD_FORMAT = "mio-segments/1"
+# Fixed tar member metadata: shards are reproducible to the byte (checksums in the manifest).
+MEMBER_MTIME = 0
+MEMBER_MODE = 0o444
+MEMBER_OWNER = "mio"
 
 
 class ShardError(ValueError):
@@ -40,9 +52,11 @@ class StoredSample:
     task: str | None = None
     source: str = ""
 
+    def all_segments(self) -> list[Segment]:
+        return [s for t in self.turns for s in t.content] if self.turns is not None else list(self.segments)
+
     def media_segments(self) -> list[Segment]:
-        segs = [s for t in self.turns for s in t.content] if self.turns is not None else self.segments
-        return [s for s in segs if not isinstance(s, Text)]
+        return [s for s in self.all_segments() if not isinstance(s, Text)]
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -60,13 +74,16 @@ def _compact(arr: np.ndarray) -> np.ndarray:
 
 
 def token_counts(segments: list[Segment]) -> dict[str, int]:
-    """Code tokens per modality (block markers excluded) and characters of text."""
-    counts = {"text_chars": 0, "image": 0, "speech": 0}
+    """Code tokens per modality (block markers excluded; speech counts every stored layer)
+    and characters of text (text tokens depend on the backbone, chosen at training time)."""
+    counts = {"text_chars": 0, "image": 0, "video": 0, "speech": 0}
     for s in segments:
         if isinstance(s, Text):
             counts["text_chars"] += len(s.text)
-        elif isinstance(s, (Image, Video)):
-            counts["image"] += int(np.asarray(s.codes if isinstance(s, Image) else s.frames).size)
+        elif isinstance(s, Image):
+            counts["image"] += int(np.asarray(s.codes).size)
+        elif isinstance(s, Video):
+            counts["video"] += int(np.asarray(s.frames).size)
         else:
             counts["speech"] += int(np.asarray(s.codes).size)
     return counts
@@ -76,6 +93,8 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
     """A :class:`StoredSample` -> a WebDataset sample dict (``__key__``, ``json``, ``m{i}.npy``)."""
     if sample.data_type not in DATA_TYPES:
         raise ShardError(f"{sample.key}: unknown data type {sample.data_type!r}")
+    if "." in sample.key or "/" in sample.key:
+        raise ShardError(f"{sample.key}: a sample key may not contain '.' or '/' (WebDataset splits names there)")
     out: dict[str, Any] = {"__key__": sample.key}
     media_index = 0
 
@@ -95,17 +114,43 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
     if sample.turns is not None:
         meta["task"] = sample.task
         meta["turns"] = [{"role": t.role, "segments": [seg_json(s) for s in t.content]} for t in sample.turns]
-        all_segs = [s for t in sample.turns for s in t.content]
     else:
         meta["segments"] = [seg_json(s) for s in sample.segments]
-        all_segs = sample.segments
-    meta["tokens"] = token_counts(all_segs)
+    meta["tokens"] = token_counts(sample.all_segments())
     out["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return out
 
 
 # --- decoding ---------------------------------------------------------------------------
 SAFE_EXTENSIONS = ("json", "npy")
+# The header np.save writes: {'descr': '<i2', 'fortran_order': False, 'shape': (4, 126), }
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|])([iu])([1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\Z")
+
+
+def load_npy(data: bytes, where: str) -> np.ndarray:
+    """npy bytes -> int64 array, never unpickling. The common header is parsed directly (fast
+    path, a few microseconds); anything else goes through ``np.load(allow_pickle=False)``.
+    Only integer arrays are accepted: codes are integers."""
+    if data[:6] == b"\x93NUMPY" and data[6:7] == b"\x01" and len(data) >= 10:
+        hlen = int.from_bytes(data[8:10], "little")
+        m = _NPY_HEADER.match(data[10:10 + hlen])
+        if m is not None:
+            order, kind, size = m.group(1).decode(), m.group(2).decode(), m.group(3).decode()
+            shape = tuple(int(x) for x in m.group(4).decode().replace(" ", "").split(",") if x)
+            dtype = np.dtype(f"{'<' if order == '|' else order}{kind}{size}")
+            count = int(np.prod(shape)) if shape else 1
+            body = data[10 + hlen:]
+            if len(body) != count * dtype.itemsize:
+                raise ShardError(f"{where}: npy body holds {len(body)} bytes, its header announces "
+                                 f"{count * dtype.itemsize}")
+            return np.frombuffer(body, dtype=dtype).reshape(shape).astype(np.int64)
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise ShardError(f"{where}: not a plain npy array: {e}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise ShardError(f"{where}: media codes must be an integer array, got {getattr(arr, 'dtype', type(arr))}")
+    return arr.astype(np.int64)
 
 
 def decode_sample(raw: dict[str, Any]) -> StoredSample:
@@ -122,81 +167,111 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
         meta = json.loads(raw["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardError(f"{where}: json member does not parse: {e}") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: json member is not an object")
 
-    def media(name: str) -> np.ndarray:
-        if name not in raw:
+    def media(name: Any, kind: str, ndim: int) -> np.ndarray:
+        if not isinstance(name, str) or name not in raw:
             raise ShardError(f"{where}: json references {name!r}, which the sample lacks")
-        try:
-            return np.load(io.BytesIO(raw[name]), allow_pickle=False).astype(np.int64)
-        except ValueError as e:
-            raise ShardError(f"{where}: {name} is not a plain npy array: {e}") from None
+        arr = load_npy(raw[name], f"{where}.{name}")
+        if arr.ndim != ndim:
+            raise ShardError(f"{where}.{name}: {kind} codes must have {ndim} dimensions, got shape {arr.shape}")
+        return arr
 
-    def seg_from(d: dict[str, Any]) -> Segment:
+    def seg_from(d: Any) -> Segment:
+        if not isinstance(d, dict):
+            raise ShardError(f"{where}: segment {d!r} is not an object")
         if "text" in d:
+            if not isinstance(d["text"], str):
+                raise ShardError(f"{where}: text segment holds {type(d['text']).__name__}, not a string")
             return Text(d["text"])
         if "image" in d:
-            return Image(media(d["image"]))
+            return Image(media(d["image"], "image", 1))
         if "video" in d:
-            return Video(media(d["video"]))
+            return Video(media(d["video"], "video", 2))
         if "speech" in d:
-            return Speech(media(d["speech"]))
+            return Speech(media(d["speech"], "speech", 2))
         raise ShardError(f"{where}: unknown segment {d}")
 
     data_type = meta.get("data_type")
     if data_type not in DATA_TYPES:
         raise ShardError(f"{where}: unknown data type {data_type!r}")
-    if "turns" in meta:
-        turns = [Turn(t["role"], [seg_from(s) for s in t["segments"]]) for t in meta["turns"]]
-        return StoredSample(key, data_type, turns=turns, task=meta.get("task"), source=meta.get("source", ""))
-    return StoredSample(key, data_type, [seg_from(s) for s in meta["segments"]], source=meta.get("source", ""))
+    try:
+        if "turns" in meta:
+            turns = [Turn(str(t["role"]), [seg_from(s) for s in t["segments"]]) for t in meta["turns"]]
+            return StoredSample(key, data_type, turns=turns, task=meta.get("task"), source=meta.get("source", ""))
+        return StoredSample(key, data_type, [seg_from(s) for s in meta["segments"]], source=meta.get("source", ""))
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{where}: malformed sample json ({type(e).__name__}: {e})") from None
 
 
+# --- writing ----------------------------------------------------------------------------
 class AtomicShardWriter:
-    """Writes ``{prefix}-{index:06d}.tar`` shards of at most ``max_count`` samples; each shard
-    is written to a temporary name and renamed when complete, so a reader (or a restarted
-    run) never sees a half-written shard."""
+    """Writes one shard: members go to ``.NAME.tmp`` beside it, which is flushed, fsynced and
+    renamed onto ``NAME`` only when the block exits cleanly. A reader or a restarted run never
+    sees a half-written shard; an interrupted one leaves at most a temporary file, which the
+    next writer of the same shard overwrites."""
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", max_count: int = 1000, start_index: int = 0):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.max_count, self.index = prefix, max_count, start_index
-        self.writer: wds.TarWriter | None = None
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.count = 0
-        self.tmp: Path | None = None
-        self.finished: list[dict[str, Any]] = []
-
-    def write(self, sample: StoredSample) -> None:
-        if self.writer is None:
-            self._open()
-        assert self.writer is not None
-        self.writer.write(encode_sample(sample))
-        self.count += 1
-        if self.count >= self.max_count:
-            self.close()
-
-    def _open(self) -> None:
-        self.tmp = self.out_dir / f".{self.prefix}-{self.index:06d}.tar.tmp"
-        self.writer = wds.TarWriter(str(self.tmp))
-        self.count = 0
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        assert self.tmp is not None
-        final = self.out_dir / f"{self.prefix}-{self.index:06d}.tar"
-        os.replace(self.tmp, final)
-        self.finished.append({"shard": final.name, "samples": self.count})
-        self.writer, self.tmp = None, None
-        self.index += 1
+        self._file: Any = None
+        self._tar: tarfile.TarFile | None = None
 
     def __enter__(self) -> "AtomicShardWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def write(self, sample: StoredSample) -> None:
+        assert self._tar is not None, "use AtomicShardWriter as a context manager"
+        raw = encode_sample(sample)
+        for name in sorted(k for k in raw if k != "__key__"):
+            data = raw[name]
+            info = tarfile.TarInfo(f"{sample.key}.{name}")
+            info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, MEMBER_MODE
+            info.uname = info.gname = MEMBER_OWNER
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)
+
+    def info(self) -> dict[str, Any]:
+        """What the manifest records of a finished shard."""
+        return {"shard": self.path.name, "samples": self.count, "bytes": self.path.stat().st_size,
+                "sha256": file_sha256(self.path)}
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON written to a temporary file, fsynced, then renamed: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --- reading ----------------------------------------------------------------------------
 def list_shards(path: str | os.PathLike) -> list[str]:
     """The shards of a prepared dataset folder (sorted), or of a glob / brace pattern."""
     p = Path(path)
@@ -209,11 +284,15 @@ def list_shards(path: str | os.PathLike) -> list[str]:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     m = Path(path) / MANIFEST
     if not m.is_file():
-        raise FileNotFoundError(f"{m}: prepared dataset has no manifest")
-    return json.loads(m.read_text())
+        raise FileNotFoundError(f"{m}: prepared dataset has no manifest (is `mio prepare` still running on it?)")
+    try:
+        return json.loads(m.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{m}: manifest is not valid JSON: {e}") from None
 
 
 def iter_shard(url: str) -> Iterator[StoredSample]:
     """Every sample of one shard, in order (for inspection and tests)."""
     for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
         yield decode_sample(raw)
+

@@ -1,0 +1,182 @@
+"""Data recipes: one YAML file says what to read, how its fields map, what to drop and how to
+tokenize it (``data_recipes/*.yaml``). A user edits paths in a recipe, not code.
+
+    data_type: image_text
+    input: {format: tar, paths: "/data/cc3m/{00000..00331}.tar"}
+    fields: {image: jpg, text: txt}
+    tokenizers: {image: seed.yaml}
+    filters: {min_image_side: 224, max_aspect_ratio: 2.0}
+    shard_size: 1000
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mio.templates import DATA_TYPES
+
+INPUT_FORMATS = ("jsonl", "csv", "tsv", "parquet", "folder", "tar", "urls")
+LAYOUTS = ("segments", "obelics", "mmc4", "llava")
+MEDIA_KINDS = ("image", "speech", "video")
+
+# Default field names per data type; a recipe's `fields` overrides any of them.
+DEFAULT_FIELDS: dict[str, dict[str, str]] = {
+    "text": {"text": "text"},
+    "image_text": {"image": "image", "text": "text"},
+    "video_text": {"video": "video", "text": "text"},
+    "speech_text": {"speech": "audio", "text": "text"},
+    "interleaved": {"segments": "segments", "texts": "texts", "images": "images", "text_list": "text_list",
+                    "image_info": "image_info"},
+    "video_interleaved": {"segments": "segments"},
+    "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
+}
+# Optional fields (may be absent from a row without dropping it).
+OPTIONAL_FIELDS = ("start", "duration", "task", "language")
+
+
+@dataclass
+class Filters:
+    """The paper's filters and the configurable rest.
+
+    Image-text pairs: aspect ratio over ``max_aspect_ratio``:1 or shorter side below
+    ``min_image_side`` px are dropped. Speech over ``max_speech_seconds`` is dropped (null:
+    keep all). Samples with fewer than ``min_text_chars`` characters of text are dropped.
+    ``languages``: keep only rows whose ``fields.language`` value is listed (empty: keep all).
+    """
+
+    min_image_side: int = 224
+    max_aspect_ratio: float = 2.0
+    max_speech_seconds: float | None = 15.0
+    min_text_chars: int = 1
+    languages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InputSpec:
+    """Where rows come from.
+
+    ``paths``: files, glob or brace patterns, folders or URLs (relative ones resolve against
+    the recipe's folder). ``format``: jsonl (also .jsonl.gz), csv, tsv, parquet, folder (files
+    grouped by name stem, like WebDataset), tar (local tar shards or URLs WebDataset can open:
+    http(s), pipe:, ...), urls (text files listing tar shard URLs, one a line). ``media_root``:
+    the folder relative media paths in rows resolve against (default: each input file's folder).
+    """
+
+    paths: list[str]
+    format: str = "auto"
+    media_root: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> "InputSpec":
+        if isinstance(raw, (str, list)):
+            raw = {"paths": raw}
+        if not isinstance(raw, dict) or "paths" not in raw:
+            raise ValueError(f"recipe {where}: `input` must be a path, a list of paths or a mapping with `paths`")
+        unknown = set(raw) - {"paths", "format", "media_root"}
+        if unknown:
+            raise ValueError(f"recipe {where}: unknown input keys {sorted(unknown)}; known: paths, format, media_root")
+        paths = raw["paths"] if isinstance(raw["paths"], list) else [raw["paths"]]
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"recipe {where}: input paths must be non-empty strings, got {raw['paths']!r}")
+        spec = cls([str(p) for p in paths], str(raw.get("format", "auto")), raw.get("media_root"))
+        if spec.format == "auto":
+            spec.format = guess_format(paths[0], where)
+        if spec.format not in INPUT_FORMATS:
+            raise ValueError(f"recipe {where}: input format must be one of {INPUT_FORMATS}, got {spec.format!r}")
+        return spec
+
+
+def guess_format(path: str, where: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
+                        (".parquet", "parquet"), (".tar", "tar"), (".txt", "urls")):
+        if name.endswith(suffix):
+            return fmt
+    if name.endswith("/") or Path(os.path.expanduser(path)).is_dir():
+        return "folder"
+    raise ValueError(f"recipe {where}: cannot tell the input format of {path!r}; set input.format "
+                     f"to one of {INPUT_FORMATS}")
+
+
+_SOURCE_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class Recipe:
+    data_type: str
+    input: InputSpec
+    fields: dict[str, str] = field(default_factory=dict)
+    layout: str = "segments"
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    filters: Filters = field(default_factory=Filters)
+    shard_size: int = 1000
+    batch_size: int = 32
+    workers: int = 4
+    source: str = ""
+    path: Path = Path(".")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"recipe {p} must be a mapping of keys, got {type(raw).__name__}")
+        known = {f for f in cls.__dataclass_fields__ if f != "path"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"recipe {p}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        if raw.get("data_type") not in DATA_TYPES:
+            raise ValueError(f"recipe {p}: data_type must be one of {DATA_TYPES}, got {raw.get('data_type')!r}")
+        if "input" not in raw:
+            raise ValueError(f"recipe {p}: `input` is required (the files or URLs to read)")
+        try:
+            filters = Filters(**(raw.pop("filters", None) or {}))
+        except TypeError as e:
+            raise ValueError(f"recipe {p}: filters: {e} (known: {sorted(Filters.__dataclass_fields__)})") from None
+        spec = InputSpec.parse(raw.pop("input"), str(p))
+        source = _SOURCE_CHARS.sub("_", str(raw.pop("source", None) or p.stem))
+        recipe = cls(**raw, input=spec, filters=filters, source=source, path=p.resolve())
+        recipe.check(str(p))
+        return recipe
+
+    def check(self, where: str) -> None:
+        for name, value, low in (("shard_size", self.shard_size, 1), ("batch_size", self.batch_size, 1),
+                                 ("workers", self.workers, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"recipe {where}: {name} must be an integer >= {low}, got {value!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"recipe {where}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        bad = [k for k in self.tokenizers if k not in MEDIA_KINDS]
+        if bad:
+            raise ValueError(f"recipe {where}: tokenizers has unknown kinds {bad}; known: {MEDIA_KINDS}")
+        if not isinstance(self.fields, dict) or not all(isinstance(v, str) for v in self.fields.values()):
+            raise ValueError(f"recipe {where}: fields must map names to strings, got {self.fields!r}")
+        if self.filters.languages and "language" not in self.fields:
+            raise ValueError(f"recipe {where}: filters.languages needs fields.language (the row's language field)")
+
+    def field_map(self) -> dict[str, str]:
+        return {**DEFAULT_FIELDS[self.data_type], **self.fields}
+
+    def resolve(self, relative: str) -> Path:
+        return (self.path.parent / os.path.expanduser(relative)).resolve()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """The recipe as the manifest records it."""
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d

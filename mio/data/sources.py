@@ -1,0 +1,499 @@
+"""Recipe inputs -> rows -> drafts (segments with media still as references).
+
+An input is a sorted list of *parts* (files, folders or tar URLs); each part yields rows in a
+fixed order, so "row r of part p" names the same row on every run and every rank. Parsing a
+row is deferred (``Row.fields()``): a rank skips rows it does not own without parsing them.
+Every failure of a row is a :class:`SkipSample` with a stable reason name.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import braceexpand
+
+from mio.data.recipe import Recipe
+from mio.segments import Text
+
+
+class SkipSample(Exception):
+    """A row dropped with a counted reason (``reason`` is the manifest's key)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    name: str  # as the manifest and error messages show it
+    locator: str  # local path or URL
+    format: str
+    media_base: Path | None  # relative media paths in rows resolve here
+
+    def stat(self) -> list[int] | None:
+        """(size, mtime_ns) of a local file part: a rerun refuses to mix shards of a changed input."""
+        p = Path(self.locator)
+        if self.format == "folder" or not p.is_file():
+            return None
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass
+class Row:
+    where: str  # "file.jsonl:12", "shard.tar:key", ...
+    parse: Callable[[], dict[str, Any]]  # raises SkipSample
+    base: Path | None
+
+    def fields(self) -> dict[str, Any]:
+        return self.parse()
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s or s.startswith("pipe:")
+
+
+def list_parts(recipe: Recipe) -> list[Part]:
+    """The input's parts in a fixed order (each pattern expanded and sorted, in recipe order)."""
+    spec = recipe.input
+    where = f"recipe {recipe.path}"
+    locators: list[str] = []
+    for pattern in spec.paths:
+        if _is_url(pattern):
+            locators += list(braceexpand.braceexpand(pattern))
+            continue
+        found: list[str] = []
+        for expanded in braceexpand.braceexpand(os.path.expanduser(pattern)):
+            full = str(recipe.resolve(expanded))
+            found += sorted(glob.glob(full)) if glob.has_magic(full) else ([full] if os.path.exists(full) else [])
+        if not found:
+            raise FileNotFoundError(f"{where}: input {pattern!r} matches no file (resolved against {recipe.path.parent})")
+        locators += found
+    fmt = spec.format
+    if fmt == "urls":
+        locators, fmt = _read_url_lists(locators, where), "tar"
+    media_root = recipe.resolve(spec.media_root) if spec.media_root else None
+    parts = []
+    for i, loc in enumerate(locators):
+        if fmt == "folder" and not os.path.isdir(loc):
+            raise ValueError(f"{where}: input format is folder, but {loc} is not a folder")
+        base = media_root or (None if _is_url(loc) else (Path(loc) if fmt == "folder" else Path(loc).parent))
+        name = loc if _is_url(loc) else os.path.relpath(loc, recipe.path.parent)
+        parts.append(Part(i, name, loc, fmt, base))
+    return parts
+
+
+def _read_url_lists(files: list[str], where: str) -> list[str]:
+    urls = []
+    for f in files:
+        for lineno, line in enumerate(Path(f).read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if _is_url(line):
+                urls += list(braceexpand.braceexpand(line))
+            else:
+                urls += [str((Path(f).parent / p).resolve()) for p in braceexpand.braceexpand(line)]
+    if not urls:
+        raise ValueError(f"{where}: the URL list(s) {files} name no shard")
+    return urls
+
+
+# --- rows per format ----------------------------------------------------------------------
+def iter_rows(part: Part) -> Iterator[Row]:
+    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows,
+               "folder": _folder_rows, "tar": _tar_rows}
+    return readers[part.format](part)
+
+
+def _parse_json_line(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("not_utf8", f"{where}: line is not UTF-8 ({e})") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SkipSample("bad_json", f"{where}: line is not JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise SkipSample("bad_json", f"{where}: line is JSON but not an object ({type(row).__name__})")
+    return row
+
+
+def _jsonl_rows(part: Part) -> Iterator[Row]:
+    opener = gzip.open if part.locator.endswith(".gz") else open
+    try:
+        with opener(part.locator, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                where = f"{part.name}:{lineno}"
+                yield Row(where, lambda raw=raw, where=where: _parse_json_line(raw, where), part.media_base)
+    except (OSError, EOFError) as e:  # a truncated .gz: what was read stays, the tail is one counted row
+        where = f"{part.name}:end"
+        yield Row(where, lambda: _raise("truncated_input", f"{where}: input ends early ({e})"), part.media_base)
+
+
+def _raise(reason: str, detail: str) -> dict[str, Any]:
+    raise SkipSample(reason, detail)
+
+
+def _csv_rows(part: Part) -> Iterator[Row]:
+    delimiter = "\t" if part.format == "tsv" else ","
+    opener = gzip.open if part.locator.endswith(".gz") else open
+    with opener(part.locator, "rt", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        for row in reader:
+            where = f"{part.name}:{reader.line_num}"
+            yield Row(where, lambda row=row, where=where: _checked_csv_row(row, where), part.media_base)
+
+
+def _checked_csv_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    for k, v in row.items():
+        if k is None:
+            raise SkipSample("bad_row", f"{where}: more values than header columns")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SkipSample("not_utf8", f"{where}: column {k!r} is not UTF-8") from None
+    return dict(row)
+
+
+def _parquet_rows(part: Part) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(part.locator)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
+        raise ValueError(f"{part.name}: not a readable parquet file: {e}") from None
+    index = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            where = f"{part.name}:row {index}"
+            yield Row(where, lambda row=row: row, part.media_base)
+            index += 1
+
+
+def _key_and_ext(name: str) -> tuple[str, str] | None:
+    """WebDataset's convention: key = path up to the first dot of the basename."""
+    folder, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _folder_rows(part: Part) -> Iterator[Row]:
+    root = Path(part.locator)
+    groups: dict[str, dict[str, Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            ke = _key_and_ext(rel)
+            if ke is not None:
+                groups.setdefault(ke[0], {})[ke[1]] = root / rel
+    for key in sorted(groups):
+        members = groups[key]
+        where = f"{part.name}/{key}"
+        yield Row(where, lambda members=members: dict(members), part.media_base)
+
+
+def _tar_rows(part: Part) -> Iterator[Row]:
+    """Samples of a tar shard, grouped by key like WebDataset; a truncated or corrupt shard
+    keeps the samples before the damage and ends with one counted ``truncated_input`` row."""
+    import webdataset as wds
+
+    try:
+        stream = wds.gopen(part.locator, "rb")
+    except Exception as e:  # gopen raises plain Exception / OSError for unreachable URLs
+        raise FileNotFoundError(f"{part.name}: cannot open input shard: {e}") from None
+    current: dict[str, Any] = {}
+    key = None
+
+    def flush() -> Row:
+        members, where = dict(current), f"{part.name}:{key}"
+        return Row(where, lambda: members, part.media_base)
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                ke = _key_and_ext(info.name)
+                if ke is None:
+                    continue
+                if ke[0] != key and key is not None:
+                    yield flush()
+                    current = {}
+                key = ke[0]
+                fh = tar.extractfile(info)
+                current[ke[1]] = fh.read() if fh is not None else b""
+                if len(current[ke[1]]) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short")
+        if key is not None:
+            yield flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        where = f"{part.name}:{key or 'start'}"
+        yield Row(where, lambda: _raise("truncated_input", f"{where}: shard is truncated or corrupt after "
+                                         f"this key ({e}); the samples before it are kept"), part.media_base)
+    finally:
+        stream.close()
+
+
+# --- field lookup ---------------------------------------------------------------------------
+def _parse_member_json(value: Any, where: str) -> Any:
+    data = value.read_bytes() if isinstance(value, Path) else value
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SkipSample("bad_json", f"{where}: json member does not parse ({e})") from None
+
+
+def _walk(value: Any, parts: list[str], where: str) -> Any:
+    for i, name in enumerate(parts):
+        if isinstance(value, (bytes, Path)):
+            value = _parse_member_json(value, where)
+        if isinstance(value, dict) and name in value:
+            value = value[name]
+        elif isinstance(value, list) and name.isdigit() and int(name) < len(value):
+            value = value[int(name)]
+        else:
+            return None
+    return value
+
+
+class _Missing(dict):
+    def __missing__(self, key: str) -> str:
+        raise KeyError(key)
+
+
+def lookup(values: dict[str, Any], spec: str, where: str, required: bool = True) -> Any:
+    """A field of a row: ``a.b.0`` walks nested JSON (and json members of tar/folder rows);
+    ``{a}/{b}.mp4`` formats from top-level fields; ``x;y`` takes the first present."""
+    for alt in spec.split(";"):
+        if "{" in alt:
+            try:
+                return alt.format_map(_Missing(values))
+            except (KeyError, IndexError, ValueError):
+                continue
+        value = values.get(alt) if alt in values else _walk(values, alt.split("."), where)
+        if value is not None:
+            return value
+    if required:
+        raise SkipSample("missing_field", f"{where}: row has no field {spec!r}")
+    return None
+
+
+def as_text(value: Any, where: str, name: str) -> str:
+    if isinstance(value, Path):
+        value = value.read_bytes()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SkipSample("not_utf8", f"{where}: {name} is not UTF-8 ({e})") from None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SkipSample("not_utf8", f"{where}: {name} is not UTF-8") from None
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise SkipSample("bad_field", f"{where}: {name} must be text, got {type(value).__name__}")
+
+
+@dataclass
+class MediaRef:
+    """A media item of a row, not yet loaded: a file, or the bytes of a tar member."""
+
+    kind: str  # image | speech | video
+    name: str  # for messages: the file path or "shard.tar:key.ext"
+    path: Path | None = None
+    data: bytes | None = None
+    text: str | None = None  # the paired text (a video tokenizer may choose its key frames by it)
+    start: float | None = None  # seconds into the recording (long-form speech, e.g. Libriheavy)
+    duration: float | None = None
+
+
+def as_media(value: Any, kind: str, base: Path | None, where: str, name: str) -> MediaRef:
+    if isinstance(value, Path):
+        return MediaRef(kind, str(value), path=value)
+    if isinstance(value, bytes):
+        return MediaRef(kind, f"{where}.{name}", data=value)
+    if isinstance(value, str) and value:
+        if _is_url(value):
+            raise SkipSample("remote_media", f"{where}: {kind} {value!r} is a URL; mio never downloads media, "
+                                              f"fetch it first and point the recipe at the files")
+        p = Path(os.path.expanduser(value))
+        p = p if p.is_absolute() or base is None else base / p
+        return MediaRef(kind, str(p), path=p)
+    raise SkipSample("bad_field", f"{where}: {name} must name a {kind} file, got {type(value).__name__}")
+
+
+def _seconds(values: dict[str, Any], spec: str | None, where: str, name: str) -> float | None:
+    if spec is None:
+        return None
+    v = lookup(values, spec, where, required=False)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise SkipSample("bad_field", f"{where}: {name} must be seconds, got {v!r}") from None
+
+
+# --- drafts ---------------------------------------------------------------------------------
+Item = Text | MediaRef
+
+
+@dataclass
+class Draft:
+    """A row turned into segments, media still as references. SFT drafts carry turns."""
+
+    where: str
+    items: list[Item]
+    turns: list[tuple[str, list[Item]]] | None = None
+    task: str | None = None
+
+    def all_items(self) -> list[Item]:
+        return [x for _, c in self.turns for x in c] if self.turns is not None else self.items
+
+
+def draft_row(recipe: Recipe, row: Row) -> Draft:
+    """One row -> its draft, or a SkipSample (bad row, missing field, language filter)."""
+    values = row.fields()
+    f = recipe.field_map()
+    where = row.where
+    if recipe.filters.languages:
+        lang = lookup(values, f["language"], where, required=False)
+        if lang not in recipe.filters.languages:
+            raise SkipSample("language", f"{where}: language {lang!r} not in {recipe.filters.languages}")
+    dt = recipe.data_type
+    if dt == "text":
+        return Draft(where, [Text(as_text(lookup(values, f["text"], where), where, "text"))])
+    if dt in ("image_text", "speech_text", "video_text"):
+        kind = {"image_text": "image", "speech_text": "speech", "video_text": "video"}[dt]
+        text = as_text(lookup(values, f["text"], where), where, "text")
+        ref = as_media(lookup(values, f[kind], where), kind, row.base, where, f[kind])
+        ref.text = text
+        if kind == "speech":
+            ref.start = _seconds(values, f.get("start"), where, "start")
+            ref.duration = _seconds(values, f.get("duration"), where, "duration")
+        return Draft(where, [ref, Text(text)])
+    if dt in ("interleaved", "video_interleaved"):
+        items = _document_items(recipe, values, row, f)
+        texts = " ".join(x.text for x in items if isinstance(x, Text))
+        for x in items:
+            if isinstance(x, MediaRef):
+                x.text = texts
+        return Draft(where, items)
+    turns, task = _conversation(recipe, values, row, f)
+    return Draft(where, [], turns=turns, task=task)
+
+
+def _item(d: Any, base: Path | None, where: str) -> Item:
+    if not isinstance(d, dict):
+        raise SkipSample("bad_field", f"{where}: segment {d!r} is not an object")
+    aliases = {"image": "image", "speech": "speech", "audio": "speech", "video": "video"}
+    for key, kind in aliases.items():
+        if d.get(key) is not None:
+            return as_media(d[key], kind, base, where, key)
+    if d.get("text") is not None:
+        return Text(as_text(d["text"], where, "text"))
+    raise SkipSample("unknown_segment", f"{where}: segment {d} has none of text/image/speech/audio/video")
+
+
+def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[str, str]) -> list[Item]:
+    where = row.where
+    if recipe.layout == "obelics":  # aligned lists: texts[i] or images[i] is set, the other null
+        texts = lookup(values, f["texts"], where)
+        images = lookup(values, f["images"], where)
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+            raise SkipSample("bad_field", f"{where}: obelics rows need equal-length lists `texts` and `images`")
+        items: list[Item] = []
+        for t, im in zip(texts, images):
+            if im is not None:
+                items.append(as_media(im, "image", row.base, where, "images"))
+            elif t is not None:
+                items.append(Text(as_text(t, where, "texts")))
+        return items
+    if recipe.layout == "mmc4":  # sentences + images matched to a sentence, placed before it
+        sentences = lookup(values, f["text_list"], where)
+        infos = lookup(values, f["image_info"], where)
+        if not isinstance(sentences, list) or not isinstance(infos, list):
+            raise SkipSample("bad_field", f"{where}: mmc4 rows need lists `text_list` and `image_info`")
+        before: dict[int, list[Item]] = {}
+        for info in infos:
+            if not isinstance(info, dict) or "image_name" not in info or "matched_text_index" not in info:
+                raise SkipSample("bad_field", f"{where}: mmc4 image_info entries need image_name and matched_text_index")
+            before.setdefault(int(info["matched_text_index"]), []).append(
+                as_media(info["image_name"], "image", row.base, where, "image_name"))
+        items = []
+        for i, s in enumerate(sentences):
+            items += before.get(i, [])
+            items.append(Text((" " if items else "") + as_text(s, where, "text_list")))
+        return items
+    segs = lookup(values, f["segments"], where)
+    if not isinstance(segs, list) or not segs:
+        raise SkipSample("bad_field", f"{where}: {f['segments']} must be a non-empty list of segments")
+    return [_item(d, row.base, where) for d in segs]
+
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _conversation(recipe: Recipe, values: dict[str, Any], row: Row,
+                  f: dict[str, str]) -> tuple[list[tuple[str, list[Item]]], str | None]:
+    where = row.where
+    task = lookup(values, f["task"], where, required=False)
+    if recipe.layout == "llava":  # {"image": ..., "conversations": [{"from": "human", "value": "<image>\n..."}]}
+        convs = lookup(values, f["conversations"], where)
+        image = lookup(values, f["image"], where, required=False)
+        if not isinstance(convs, list):
+            raise SkipSample("bad_field", f"{where}: conversations must be a list")
+        turns = []
+        for m in convs:
+            if not isinstance(m, dict) or m.get("from") not in LLAVA_ROLES:
+                raise SkipSample("bad_conversation", f"{where}: turn {m!r} has no known `from`")
+            text = as_text(m.get("value", ""), where, "value")
+            items: list[Item] = []
+            if "<image>" in text and image is not None:
+                before, _, after = text.partition("<image>")
+                items += ([Text(before)] if before.strip() else []) + [as_media(image, "image", row.base, where, "image")]
+                text = after.lstrip("\n")
+            if text:
+                items.append(Text(text))
+            turns.append((LLAVA_ROLES[m["from"]], items))
+        return turns, None if task is None else str(task)
+    messages = lookup(values, f["messages"], where)
+    if not isinstance(messages, list):
+        raise SkipSample("bad_field", f"{where}: messages must be a list of turns")
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise SkipSample("bad_conversation", f"{where}: turn {m!r} is not an object")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"text": content}]
+        if not isinstance(content, list):
+            raise SkipSample("bad_conversation", f"{where}: turn content must be a string or a list of segments")
+        turns.append((str(m.get("role")), [_item(d, row.base, where) for d in content]))
+    return turns, None if task is None else str(task)
+
+
+def media_refs(draft: Draft) -> list[MediaRef]:
+    return [x for x in draft.all_items() if isinstance(x, MediaRef)]
+
