@@ -148,7 +148,20 @@ def _load(ctx: Context, ref: MediaRef, where: str) -> Any:
         if refusal:
             raise SkipSample("speech_too_long" if "over" in refusal else "empty_audio", f"{ref.name}: {refusal}")
         return wave
-    return ref  # videos are read by the video tokenizer itself
+    return _key_frames(ctx, ref, where)
+
+
+def _key_frames(ctx: Context, ref: MediaRef, where: str) -> list[Any]:
+    """A video's key frames as images (decoded here in the pool; encoded with the batch)."""
+    tok = ctx.tok.get("video", where)
+    try:
+        with VideoFile(ref) as path:
+            frames = tok.key_frames(path, ref.text)[1]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SkipSample("unreadable_video", f"{ref.name}: video cannot be read ({e})") from None
+    if not frames:
+        raise SkipSample("unreadable_video", f"{ref.name}: the video tokenizer found no key frames")
+    return frames
 
 
 def _load_all(ctx: Context, draft: Draft) -> list[Any]:
@@ -182,45 +195,32 @@ def process_batch(ctx: Context, rows: list[Row]) -> list[StoredSample | SkipSamp
 
 
 def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> dict[int, list[Any]]:
-    """Per row, its media's codes (or a SkipSample for a video the tokenizer refuses)."""
+    """Per row, its media's codes: one tokenizer call per modality for the whole batch (a
+    video's key frames go through the video tokenizer's image tokenizer, all videos at once)."""
     out: dict[int, list[Any]] = {i: [None] * len(m) for i, m in loaded.items()}
-    for kind in ("image", "speech"):
+    for kind in ("image", "speech", "video"):
         slots = [(i, j) for i, m in loaded.items() for j, ref in enumerate(media_refs(results[i]))
                  if ref.kind == kind]
         if not slots:
             continue
         tok = ctx.tok.get(kind, results[slots[0][0]].where)
         batch = [loaded[i][j] for i, j in slots]
-        coded = tok.encode(batch) if kind == "image" else tok.encode(batch, names=[results[i].where for i, _ in slots])
+        if kind == "image":
+            coded = list(tok.encode(batch))
+        elif kind == "speech":
+            coded = tok.encode(batch, names=[results[i].where for i, _ in slots])
+        else:
+            codes = tok.image.encode([f for frames in batch for f in frames])  # (sum F, 32)
+            coded = np.split(codes, np.cumsum([len(frames) for frames in batch])[:-1])
         for (i, j), c in zip(slots, coded):
             out[i][j] = np.asarray(c)
-    for i, m in loaded.items():
-        for j, ref in enumerate(media_refs(results[i])):
-            if ref.kind == "video":
-                out[i][j] = _encode_video(ctx, ref, results[i].where)
     return out
-
-
-def _encode_video(ctx: Context, ref: MediaRef, where: str) -> Any:
-    tok = ctx.tok.get("video", where)
-    try:
-        with VideoFile(ref) as path:
-            frames = np.asarray(tok.encode(path, ref.text))
-    except SkipSample as s:
-        return s
-    except (ValueError, RuntimeError, OSError) as e:
-        return SkipSample("unreadable_video", f"{ref.name}: video cannot be tokenized ({e})")
-    if frames.ndim != 2 or frames.shape[0] == 0:
-        return SkipSample("unreadable_video", f"{ref.name}: the video tokenizer gave no key frames")
-    return frames
 
 
 def _segment(item: Item, codes: Iterator[Any]) -> Segment:
     if isinstance(item, Text):
         return item
     c = next(codes)
-    if isinstance(c, SkipSample):
-        raise c
     return {"image": Image, "speech": Speech, "video": Video}[item.kind](c)
 
 
