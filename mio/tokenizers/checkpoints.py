@@ -65,16 +65,28 @@ def seed_checkpoint_files(spec: dict[str, Any], where: str) -> dict[str, Path]:
 
 
 def load_seed_checkpoint(cfg: SeedConfig, spec: dict[str, Any], where: str) -> SeedQuantizer:
+    """Build SEED on the meta device and load the two released files into it, strictly."""
     files = seed_checkpoint_files(spec, where)
     with torch.device("meta"):
         model = SeedQuantizer(cfg)
     state = {f"visual_encoder.{k}": v for k, v in read_state_dict(files["vit"]).items()}
-    state.update(read_state_dict(files["quantizer"]))
+    state.update(read_state_dict(files["quantizer"]))  # the reference loads it second
+    missing = sorted(k for k in model.state_dict() if k not in state)
+    if missing:
+        from_vit = [k for k in missing if k.startswith("visual_encoder.")]
+        from_quantizer = [k for k in missing if not k.startswith("visual_encoder.")]
+        lines = [f"  {files['vit']} lacks {len(from_vit)}: {[k.removeprefix('visual_encoder.') for k in from_vit]}"
+                 if from_vit else "",
+                 f"  {files['quantizer']} lacks {len(from_quantizer)}: {from_quantizer}" if from_quantizer else ""]
+        raise ValueError(
+            f"tokenizer spec {where}: {len(missing)} key(s) the SEED module needs are in neither file, "
+            f"it would keep random weights there:\n" + "\n".join(line for line in lines if line)
+        )
     report = load_into(model, state, sources=f"{files['vit']} + {files['quantizer']}")
     if report.unexpected:
         warnings.warn(
-            f"SEED checkpoint {files['quantizer']}: {len(report.unexpected)} key(s) neither used nor "
-            f"known to be ignored by the reference: {report.unexpected}",
+            f"SEED checkpoint {files['quantizer']} / {files['vit']}: {len(report.unexpected)} key(s) "
+            f"neither used nor known to be ignored by the reference, left unused: {report.unexpected}",
             stacklevel=2,
         )
     return model

@@ -64,6 +64,9 @@ class ImageTokenizer:
     def from_spec(cls, spec: dict[str, Any], where: str = "<dict>") -> "ImageTokenizer":
         from mio.tokenizers.checkpoints import load_seed_checkpoint
 
+        interpolation = spec.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:  # checked before building a large model
+            raise ValueError(f"tokenizer spec {where}: interpolation must be one of {sorted(INTERPOLATIONS)}")
         cfg = SeedConfig.from_dict(spec.get("model", {}))
         device = resolve_device(spec.get("device"))
         dtype = resolve_dtype(spec.get("dtype"), device)
@@ -73,7 +76,7 @@ class ImageTokenizer:
             model = load_seed_checkpoint(cfg, spec, where)
         return cls(
             model,
-            interpolation=spec.get("interpolation", "bilinear"),
+            interpolation=interpolation,
             mean=spec.get("mean", CLIP_MEAN),
             std=spec.get("std", CLIP_STD),
             batch_size=spec.get("batch_size", 16),
