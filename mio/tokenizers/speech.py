@@ -181,16 +181,39 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
             data = f.read(dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"audio file {p} cannot be decoded: {err}") from err
-    if data.shape[0] < expected:
-        raise ValueError(
-            f"audio file {p} is truncated: its header announces {expected} frames, it holds {data.shape[0]}"
-        )
+    truncated = wav_truncation(p)
+    if data.shape[0] < expected or truncated:
+        raise ValueError(f"audio file {p} is truncated: {truncated or f'{data.shape[0]} of {expected} frames'}")
     if data.shape[0] == 0:
         raise ValueError(f"audio file {p} is empty (0 samples)")
     mono = torch.from_numpy(data.mean(axis=1))  # (T,)
     if rate != sample_rate:
         mono = AF.resample(mono, rate, sample_rate)
     return mono.numpy().astype(np.float32)
+
+
+def wav_truncation(path: Path) -> str | None:
+    """For a RIFF/WAVE file, say how its data chunk falls short of the size its header declares.
+
+    libsndfile quietly reads what is there, so a cut-off download would pass as a shorter clip.
+    Streamed WAVs that declare an unknown size (0 or 0xFFFFFFFF) are not judged.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            declared = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                available = size - f.tell()
+                if declared in (0, 0xFFFFFFFF) or available >= declared:
+                    return None
+                return f"its header declares {declared} bytes of samples, the file holds {available}"
+            f.seek(declared + (declared & 1), 1)  # chunks are word-aligned
 
 
 def load_speech_checkpoint(config_path: Path, ckpt_path: Path) -> tuple[dict[str, Any], SpeechTokenizer]:
