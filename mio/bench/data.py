@@ -1,0 +1,143 @@
+"""`mio bench data`: prepared shards -> rendered, packed batches, against plain WebDataset
+iteration of the same shards (the floor), measured in one run on one CPU core.
+
+The shards are synthetic prepared datasets with the token layout of real ones (the stage-II
+data types: image-text pairs, web text, interleaved documents, video-text and speech-text pairs with 1.5-15 s of
+4-layer codes), written with the real shard writer, so reading them costs what reading real
+shards costs. The text tokenizer is a byte-level BPE trained on their texts.
+
+Figures: ``floor_samples_per_s`` (``for s in wds.WebDataset(shards)``, raw members, nothing
+decoded), ``pipeline_samples_per_s`` (safe decode, shuffle buffer, templates with random
+directions, text tokenizer, vocabulary mapping, token-balanced mixture, best-fit packing,
+collation), ``ratio_to_floor`` = pipeline / floor samples per second (goal: at least 0.5), and
+``tokens_per_s_per_core`` of packed real tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
+from mio.data.shards import AtomicShardWriter, StoredSample, list_shards
+from mio.segments import Image, Segment, Speech, Text, Video
+from mio.vocab import VocabTable
+
+WORDS = ("the a cat dog rocket launch pad sky galaxy coffee cup red white warm window market morning "
+         "music piano evening bread rain road car door quiet slowly bright small large water tree bird "
+         "sings loudly old oak brother plays every city light night star moon river stone").split()
+
+DATA_TYPES = ("image_text", "text", "interleaved", "video_text", "speech_text")
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def synthetic_sample(data_type: str, rng: random.Random, key: str) -> StoredSample:
+    """A stored sample of ``data_type`` with random codes and text of realistic lengths."""
+    nprng = np.random.default_rng(rng.getrandbits(32))
+
+    def image() -> Image:
+        return Image(nprng.integers(0, 8192, 32))
+
+    segs: list[Segment]
+    if data_type == "image_text":
+        segs = [image(), Text(_words(rng, 6, 20))]
+    elif data_type == "text":
+        segs = [Text(_words(rng, 40, 500))]
+    elif data_type == "interleaved":
+        segs = [Text(_words(rng, 20, 80))]
+        for _ in range(rng.randint(1, 4)):
+            segs += [image(), Text(" " + _words(rng, 20, 80))]
+    elif data_type == "video_text":
+        segs = [Video(nprng.integers(0, 8192, (rng.randint(4, 8), 32))), Text(_words(rng, 8, 30))]
+    elif data_type == "speech_text":
+        frames = rng.randint(75, 750)  # 1.5-15 s at 50 Hz
+        segs = [Speech(nprng.integers(0, 1024, (4, frames))), Text(_words(rng, max(3, frames // 25), frames // 12))]
+    else:
+        raise ValueError(f"no synthetic samples for data type {data_type!r}")
+    return StoredSample(key, data_type, segs, source="synthetic")
+
+
+def write_synthetic(out: Path, data_type: str, samples: int, shard_size: int, seed: int = 0) -> list[str]:
+    """A prepared-dataset folder of synthetic samples; returns its shards."""
+    rng = random.Random(f"{data_type}:{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, samples, shard_size):
+        with AtomicShardWriter(out / f"{data_type}-{start // shard_size:05d}.tar") as w:
+            for i in range(start, min(start + shard_size, samples)):
+                w.write(synthetic_sample(data_type, rng, f"{data_type}-{i:08d}"))
+    return list_shards(out)
+
+
+def text_tokenizer_for(root: Path) -> Any:
+    """A byte-level BPE (vocab 2000) trained on the synthetic words and the templates."""
+    from mio.model.backbone import train_text_tokenizer
+    from mio.templates import PRETRAIN_TEMPLATES
+
+    rng = random.Random(0)
+    corpus = [_words(rng, 5, 40) for _ in range(500)] + list(PRETRAIN_TEMPLATES.values())
+    return train_text_tokenizer(corpus, vocab_size=2000)
+
+
+def floor_rate(shards: list[str], seconds: float) -> tuple[float, int]:
+    """Samples per second of plain WebDataset iteration (raw members), passes until ``seconds``."""
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+            n += 1
+    return n / (time.perf_counter() - start), n
+
+
+def bench_data(samples_per_type: int = 2000, shard_size: int = 500, seconds: float = 6.0,
+               context_length: int = 2800, batch_size: int = 4, warmup_batches: int = 20) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core: the tokenizer's thread pool stays off
+    with tempfile.TemporaryDirectory(prefix="mio-bench-data-") as tmp:
+        root = Path(tmp)
+        shards: list[str] = []
+        for data_type in DATA_TYPES:
+            shards += write_synthetic(root / data_type, data_type, samples_per_type, shard_size)
+        tokenizer = text_tokenizer_for(root)
+        table = VocabTable.mio_default(len(tokenizer))
+        # Equal sample shares: the pipeline reads the same mix of samples as the floor does.
+        specs = [DatasetSpec(name) for name in DATA_TYPES]
+        floor, floor_n = floor_rate(shards, seconds)
+        mixture = MixtureBatches(specs, root, tokenizer, table, context_length, batch_size,
+                                 balance="samples", seed=0)
+        batches = iter(mixture)
+        for _ in range(warmup_batches):  # fills the shuffle buffers and the packer's open packs
+            next(batches)
+        stats = mixture.packer.stats  # samples the packer took in: rendered, packed or waiting
+        n0, t0, n_batches = stats.samples_in, stats.tokens, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            next(batches)
+            n_batches += 1
+        elapsed = time.perf_counter() - start
+        n_samples, n_tokens = stats.samples_in - n0, stats.tokens - t0
+    pipeline = n_samples / elapsed
+    return {
+        "bench": "data",
+        "cores": 1,
+        "floor_samples_per_s": round(floor, 1),
+        "floor_samples": floor_n,
+        "pipeline_samples_per_s": round(pipeline, 1),
+        "pipeline_samples": n_samples,
+        "ratio_to_floor": round(pipeline / floor, 3),
+        "tokens_per_s_per_core": round(n_tokens / elapsed, 1),
+        "batches": n_batches,
+        "packing_efficiency": round(stats.efficiency, 4),
+        "context_length": context_length,
+        "render_errors": dict(mixture.errors),
+        "slot": str(ReaderSlot.current()),
+    }

@@ -1,0 +1,473 @@
+"""Reading prepared datasets for training: a WebDataset pipeline per dataset, a token-balanced
+mixture of datasets, masked packing, batches.
+
+Per dataset and epoch: the shard list is shuffled with a seed of (seed, epoch), the same on every
+reader, and dealt out by *reader slot* (rank x DataLoader worker): whole shards when there are
+at least as many shards as slots, else every shard read by every slot keeping every n-th
+sample. Either way the slots' samples are disjoint and together cover the dataset once.
+Samples are decoded safely (json and integer npy only), shuffled in a buffer and rendered with
+the templates; the random draws (pair directions, SFT tasks, shuffling) come from a generator
+seeded by (seed, dataset, epoch, rank, worker): reproducible, fresh every epoch, different
+across ranks and workers.
+
+The mixture follows the stage's weights in *tokens*: it always draws from the dataset furthest
+below its share of the tokens drawn so far. Batch ratios such as stage III's 2:1:1:12 then hold
+for the tokens the model sees (75% of them from speech-text data), however long each dataset's
+samples are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
+from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
+from mio.segments import Segment, Text, TextEncoder, render
+from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
+from mio.vocab import VocabError, VocabTable
+
+
+@dataclass
+class DatasetSpec:
+    """One prepared dataset in a stage's mixture.
+
+    ``weight``: its share of the mixture (of tokens, or of samples for a mixture built with
+    ``balance="samples"``). ``format``: rendered as pretraining text with templates, or as ChatML
+    conversations (pair data then becomes conversations of one of ``tasks``).
+    """
+
+    path: str
+    weight: float = 1.0
+    format: str = "pretrain"
+    tasks: list[str] = field(default_factory=list)
+    asr_template: str = "asr"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("pretrain", "sft"):
+            raise ValueError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
+        if self.weight <= 0:
+            raise ValueError(f"dataset {self.path}: weight must be positive, got {self.weight}")
+        unknown = [t for t in self.tasks if t not in PAIR_TASKS]
+        if unknown:
+            raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+
+
+# --- who reads what -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReaderSlot:
+    """One reader: a DataLoader worker of one rank."""
+
+    rank: int = 0
+    world: int = 1
+    worker: int = 0
+    workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.workers + self.worker
+
+    @property
+    def count(self) -> int:
+        return self.world * self.workers
+
+    @classmethod
+    def current(cls) -> "ReaderSlot":
+        """This process's slot: rank from torch.distributed (else RANK/WORLD_SIZE), worker from
+        the DataLoader's worker info."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return cls(rank, world, worker, workers)
+
+
+def epoch_order(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: shuffled by (seed, epoch), identical on every reader."""
+    order = sorted(shards)
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def split_shards(order: Sequence[str], slot: ReaderSlot) -> tuple[list[str], int, int]:
+    """(shards this slot reads, sample stride, sample offset): whole shards per slot when there
+    are enough, else all shards with every ``count``-th sample."""
+    if len(order) >= slot.count:
+        return list(order[slot.index::slot.count]), 1, 0
+    return list(order), slot.count, slot.index
+
+
+def reader_rng(seed: int, dataset: int, epoch: int, slot: ReaderSlot) -> random.Random:
+    """The generator of one slot's draws over one epoch of one dataset."""
+    return random.Random(f"draws:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
+
+
+BLOCK = 512
+
+
+def _octal(field: bytes, where: str) -> int:
+    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    digits = field.replace(b"\0", b" ").strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise ShardError(f"{where}: corrupt tar header (size field {field!r})") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[pos:pos + length].split(b" ", 1)[1].rstrip(b"\n").partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar shard, in order: a lean reader of the tar
+    format (ustar, pax and GNU long names; checksums verified) that costs a fraction of
+    ``tarfile``'s per-member overhead. Damage raises a ShardError naming the shard."""
+    stream = wds.gopen(url, "rb")
+    try:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            header = stream.read(BLOCK)
+            if len(header) < BLOCK:
+                if header:
+                    raise ShardError(f"{url}: truncated tar header")
+                return  # no end-of-archive blocks: tolerated, like tar itself
+            if header == bytes(BLOCK):
+                return
+            stored = _octal(header[148:156], url)
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                raise ShardError(f"{url}: tar header checksum mismatch (corrupt shard)")
+            size = int(pax.get("size", _octal(header[124:136], url)))
+            data = stream.read(size)
+            if len(data) < size:
+                raise ShardError(f"{url}: truncated tar member")
+            stream.read(-size % BLOCK)
+            kind = header[156:157]
+            if kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            if kind == b"x":
+                pax = _pax_records(data)
+                continue
+            name = pax.get("path") or long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            long_name, pax = None, {}
+            if kind in (b"0", b"\0", b"7"):
+                yield name, data
+    finally:
+        stream.close()
+
+
+def tar_samples(urls: Iterable[dict[str, Any]], errors: Counter) -> Iterator[dict[str, Any]]:
+    """Shard URLs -> samples grouped by key (``__key__``, ``__url__``, one entry per member
+    extension), the grouping WebDataset's own tar stage does. A damaged shard keeps the
+    samples before the damage and counts ``bad_shard``."""
+    for item in urls:
+        url = item["url"]
+        sample: dict[str, Any] = {}
+        try:
+            for name, data in tar_members(url):
+                slash = name.rfind("/")
+                dot = name.find(".", slash + 1)
+                if dot < 0:
+                    continue
+                key, ext = name[:dot], name[dot + 1:]
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext] = data
+        except ShardError:
+            errors["bad_shard"] += 1
+            continue
+        if sample:
+            yield sample
+
+
+def _tar_stage(errors: Counter) -> Any:
+    def stage(urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return tar_samples(urls, errors)
+
+    return stage
+
+
+def _take(stride: int, offset: int) -> Any:
+    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return itertools.islice(samples, offset, None, stride)
+
+    return stage
+
+
+def _safe_decode(errors: Counter) -> Any:
+    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[StoredSample]:
+        for raw in samples:
+            try:
+                yield decode_sample(raw)
+            except ShardError:
+                errors["bad_shard_sample"] += 1
+
+    return stage
+
+
+def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int,
+                  errors: Counter) -> wds.DataPipeline:
+    """One epoch of one dataset as this slot sees it: a WebDataset pipeline of this slot's
+    shards (node and worker split) -> samples -> sample stride -> safe decode."""
+    mine, stride, offset = split_shards(epoch_order(shards, seed, epoch), slot)
+    return wds.DataPipeline(
+        wds.SimpleShardList(mine),
+        _tar_stage(errors),
+        _take(stride, offset),
+        _safe_decode(errors),
+    )
+
+
+def shuffled(samples: Iterable[StoredSample], buffer: int, rng: random.Random) -> Iterator[StoredSample]:
+    """A shuffle buffer: each sample leaves at a random time among the next ``buffer``."""
+    pool: list[StoredSample] = []
+    for s in samples:
+        if len(pool) < buffer:
+            pool.append(s)
+            continue
+        i = rng.randrange(buffer)
+        pool[i], s = s, pool[i]
+        yield s
+    rng.shuffle(pool)
+    yield from pool
+
+
+# --- rendering ------------------------------------------------------------------------------
+RENDER_ERRORS = (VocabError, ConversationError, ValueError)
+
+
+class BatchTextEncoder(TextEncoder):
+    """A :class:`TextEncoder` that tokenizes the texts of many samples in one call.
+
+    ``prime(texts)`` encodes every text not in the cache with the fast tokenizer's batch
+    encoder (no offsets: the costly part of a tokenizer call); ``__call__`` then answers from
+    that batch. The ids are the ones ``tokenizer(text, add_special_tokens=False)`` gives (a test
+    holds them equal); a slow tokenizer falls back to one call per text.
+    """
+
+    def __init__(self, tokenizer: Any, cache_size: int = 4096, max_cached_chars: int = 96) -> None:
+        super().__init__(tokenizer, cache_size, max_cached_chars)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.batch_encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+        self.batch: dict[str, np.ndarray] = {}
+
+    def prime(self, texts: Iterable[str]) -> None:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if self.batch_encode is None or not todo:
+            self.batch = {}
+            return
+        encoded = self.batch_encode(todo, add_special_tokens=False)
+        self.batch = {t: np.asarray(e.ids, dtype=np.int64) for t, e in zip(todo, encoded)}
+        for t in todo:
+            if len(t) <= self.max_cached_chars and len(self.cache) < self.cache_size:
+                self.cache[t] = self.batch[t]
+
+    def __call__(self, text: str) -> np.ndarray:
+        hit = self.batch.get(text)
+        return hit if hit is not None else super().__call__(text)
+
+
+class Renderer:
+    """A stored sample -> a :class:`TokenSample` for the given dataset spec."""
+
+    def __init__(self, tokenizer: Any, table: VocabTable) -> None:
+        self.encode = BatchTextEncoder(tokenizer)
+        self.table = table
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+
+    def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
+        """The segments to train on, and whether the sample is text only (may be cut)."""
+        if spec.format == "sft":
+            if sample.turns is not None:
+                return render_chat(sample.turns, task=sample.task), False
+            if not spec.tasks:
+                raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
+            task = spec.tasks[rng.randrange(len(spec.tasks))]
+            media = [s for s in sample.segments if not isinstance(s, Text)]
+            text = "".join(s.text for s in sample.segments if isinstance(s, Text))
+            if len(media) != 1:
+                raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
+            return render_chat(pair_conversation(task, media[0], text), task=task), False
+        if sample.turns is not None:
+            raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
+        segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template)
+        return segs, all(isinstance(s, Text) for s in segs)
+
+    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
+        return self.render(sample, *self.segments(sample, spec, rng))
+
+    def render(self, sample: StoredSample, segs: list[Segment], text_only: bool) -> TokenSample:
+        r = render(segs, self.table, self.encode, bos_id=self.bos, eos_id=self.eos, where=sample.key)
+        return TokenSample(input_ids=r.input_ids, labels=r.labels, text_only=text_only,
+                           modality=self.table.modality(r.input_ids), key=sample.key)
+
+    def many(self, samples: Sequence[StoredSample], spec: DatasetSpec, rng: random.Random,
+             errors: Counter) -> list[TokenSample]:
+        """Render a block of samples with one tokenizer call; draws are made in sample order,
+        so the result equals rendering them one by one. Failures are counted and left out."""
+        drafts = []
+        for sample in samples:
+            try:
+                drafts.append((sample, *self.segments(sample, spec, rng)))
+            except RENDER_ERRORS as e:
+                errors[f"render:{type(e).__name__}"] += 1
+        self.encode.prime(s.text for _, segs, _ in drafts for s in segs if isinstance(s, Text))
+        out = []
+        for sample, segs, text_only in drafts:
+            try:
+                out.append(self.render(sample, segs, text_only))
+            except RENDER_ERRORS as e:
+                errors[f"render:{type(e).__name__}"] += 1
+        return out
+
+
+def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer, slot: ReaderSlot, seed: int,
+                   dataset: int, errors: Counter, shuffle_buffer: int = 256,
+                   render_block: int = 32) -> Iterator[TokenSample]:
+    """One dataset's rendered samples for this slot, epoch after epoch, forever (rendered in
+    blocks of ``render_block`` samples, one text tokenizer call per block)."""
+    for epoch in itertools.count():
+        rng = reader_rng(seed, dataset, epoch, slot)
+        order_rng = random.Random(f"shuffle:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
+        rendered = 0
+        samples = shuffled(epoch_samples(shards, slot, seed, epoch, errors), shuffle_buffer, order_rng)
+        while block := list(itertools.islice(samples, render_block)):
+            done = renderer.many(block, spec, rng, errors)
+            failed = len(block) - len(done)
+            if failed and errors.total() > 1000 and errors.total() > 10 * (rendered + 1):
+                raise ValueError(f"dataset {spec.path}: most samples fail to render; errors {dict(errors)}")
+            rendered += len(done)
+            yield from done
+        if rendered == 0:
+            raise ValueError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
+                             f"({len(shards)} shards; errors {dict(errors)})")
+
+
+# --- mixture --------------------------------------------------------------------------------
+@dataclass
+class Drawn:
+    """A mixture's draw: the sample and the index of the dataset it came from."""
+
+    sample: TokenSample
+    dataset: int
+
+
+def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence[float],
+                     balance: str = "tokens") -> Iterator[Drawn]:
+    """Draws from the stream furthest below its share: of the tokens drawn so far
+    (``balance="tokens"``) or of the samples (``"samples"``). Deterministic given the streams."""
+    if balance not in ("tokens", "samples"):
+        raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
+    share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    drawn = np.zeros(len(streams), dtype=np.float64)
+    while True:
+        i = int(np.argmax(share * (drawn.sum() + 1.0) - drawn))
+        sample = next(streams[i])
+        drawn[i] += len(sample.input_ids) if balance == "tokens" else 1
+        yield Drawn(sample, i)
+
+
+class MixtureBatches(torch.utils.data.IterableDataset):
+    """Packed, collated batches drawn from a token-balanced mixture of prepared datasets."""
+
+    def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
+                 context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
+                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256) -> None:
+        super().__init__()
+        self.specs = list(datasets)
+        self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
+        self.renderer = Renderer(tokenizer, table)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.context_length, self.batch_size = context_length, batch_size
+        self.buffer_size, self.pad_to_multiple_of, self.seed = buffer_size, pad_to_multiple_of, seed
+        self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.errors: Counter = Counter()
+        self.packer: BestFitPacker | None = None  # the packer of the latest iteration (its stats)
+
+    def draws(self, slot: ReaderSlot) -> Iterator[Drawn]:
+        streams = [dataset_stream(shards, spec, self.renderer, slot, self.seed, i, self.errors, self.shuffle_buffer)
+                   for i, (shards, spec) in enumerate(zip(self.shards, self.specs))]
+        return balanced_mixture(streams, [s.weight for s in self.specs], self.balance)
+
+    def packs(self, slot: ReaderSlot) -> Iterator[Pack]:
+        packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
+                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
+        self.packer = packer
+        return packer(d.sample for d in self.draws(slot))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
+        batch: list[Pack] = []
+        for pack in self.packs(ReaderSlot.current()):
+            batch.append(pack)
+            if len(batch) == self.batch_size:
+                yield collate_packs(batch, pad_id=self.pad_id)
+                batch = []
+
+
+# --- measuring a mixture --------------------------------------------------------------------
+def measure_shares(mixture: MixtureBatches, batches: int, slot: ReaderSlot = ReaderSlot(),
+                   skip_batches: int = 0) -> dict[str, Any]:
+    """Token shares per dataset and per modality in a window of ``batches`` packed batches
+    (after ``skip_batches``), attributing each packed sequence to the dataset it was drawn from."""
+    origin: dict[bytes, list[int]] = {}  # rendered ids -> datasets they were drawn from, in order
+
+    def tagged() -> Iterator[TokenSample]:
+        for d in mixture.draws(slot):
+            origin.setdefault(d.sample.input_ids.tobytes(), []).append(d.dataset)
+            yield d.sample
+
+    packer = BestFitPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
+                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed)
+    per_dataset = np.zeros(len(mixture.specs), dtype=np.int64)
+    per_modality = Counter()
+    unattributed = 0
+    packs = packer(tagged())
+    for _ in range(skip_batches * mixture.batch_size):
+        next(packs)
+    for pack in itertools.islice(packs, batches * mixture.batch_size):
+        start = 0
+        for n in pack.seq_lens:
+            drawn = origin.get(pack.input_ids[start:start + n].tobytes())
+            if drawn:
+                per_dataset[drawn.pop(0)] += n
+            else:
+                unattributed += n  # a piece of a text sample cut at the context length
+            start += n
+        real = pack.modality[pack.modality >= 0]
+        per_modality.update({m: int(c) for m, c in zip(*np.unique(real, return_counts=True))})
+    total = int(per_dataset.sum()) + unattributed
+    names = {0: "text", 1: "image", 2: "speech"}
+    return {
+        "tokens": total,
+        "dataset_share": {s.path: float(per_dataset[i]) / max(total, 1) for i, s in enumerate(mixture.specs)},
+        "modality_share": {names.get(int(m), str(m)): c / max(total, 1) for m, c in sorted(per_modality.items())},
+        "unattributed_share": unattributed / max(total, 1),
+        "packing_efficiency": packer.stats.efficiency,
+    }
