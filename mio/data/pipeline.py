@@ -155,5 +155,5 @@ class MixtureStream(torch.utils.data.IterableDataset):
         for pack in packer(self.token_samples(rng, worker, num_workers)):
             batch.append(pack)
             if len(batch) == self.batch_size:
-                yield collate_packs(batch)
+                yield collate_packs(batch, pad_id=self.pad_id)
                 batch = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -27,8 +28,11 @@ class MioCLI(LightningCLI):
 
 def fit(argv: list[str]) -> Path:
     """Run one stage; returns the path of its ``save_pretrained`` folder."""
-    cli = MioCLI(MioModule, MioDataModule, args=["fit", *argv], seed_everything_default=0,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    with warnings.catch_warnings():
+        # `mio fit` passes its own argv on; LightningCLI would warn that sys.argv differs.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = MioCLI(MioModule, MioDataModule, args=["fit", *argv], seed_everything_default=0,
+                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     out = cli.model.output_path
     assert out is not None, "training ended without writing the stage's model folder"
     return out

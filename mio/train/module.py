@@ -13,7 +13,6 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
-from mio.train.loss import packed_loss
 from mio.vocab import MODALITY_NAMES
 
 
@@ -42,25 +41,31 @@ class MioModule(L.LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.config.use_cache = False
+        self.model.train()  # from_pretrained returns the model in eval mode
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
 
     # --- training -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Packed batch -> final hidden states (B, L, D), samples isolated by the backend."""
         kwargs = packed_attention_kwargs(self.attn_backend, batch)
         kwargs.setdefault("position_ids", batch["position_ids"])
-        return self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits  # (B, L, V)
+        return self.model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        labels = batch["labels"]
-        targets = labels[:, 1:]  # (B, L-1): the token each position predicts
+        hidden = self(batch)  # (B, L, D)
+        targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
+        # The output layer runs on supervised positions only: the (B, L, V) logits of a
+        # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
+        token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (N,)
         n_global = self._all_reduce(supervised.sum().float())
-        # DDP averages gradients over ranks, so scale the rank's share back to a global mean.
-        loss = packed_loss(logits, labels, n_global) * self.trainer.world_size
-        self._log_step(logits.detach(), batch, targets, supervised, n_global)
+        # Sum over the rank's tokens / global count; DDP averages gradients over ranks, so
+        # scale by the world size to get the mean over the global batch.
+        loss = token_loss.sum() / n_global.clamp(min=1) * self.trainer.world_size
+        self._log_step(token_loss.detach(), batch, supervised, n_global)
         return loss
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,26 +74,23 @@ class MioModule(L.LightningModule):
         return x
 
     @torch.no_grad()
-    def _log_step(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], targets: torch.Tensor,
-                  supervised: torch.Tensor, n_global: torch.Tensor) -> None:
-        flat = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten().clamp(min=0), reduction="none").view_as(targets)
-        flat = flat * supervised
-        modality = batch["modality"][:, 1:]
-        metrics = {"train/loss": self._all_reduce(flat.sum()) / n_global.clamp(min=1)}
+    def _log_step(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
+                  n_global: torch.Tensor) -> None:
+        modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
+        metrics = {"train/loss": self._all_reduce(token_loss.sum()) / n_global.clamp(min=1)}
         for mid, name in MODALITY_NAMES.items():
-            sel = supervised & (modality == mid)
+            sel = modality == mid
             count = self._all_reduce(sel.sum().float())
             if count > 0:
-                metrics[f"train/loss_{name}"] = self._all_reduce(flat[sel].sum()) / count
-        real = (batch["document_ids"] >= 0).sum().float()
-        metrics["train/packing_efficiency"] = real / batch["input_ids"].numel()
-        total = max(real.item(), 1.0)
+                metrics[f"train/loss_{name}"] = self._all_reduce(token_loss[sel].sum()) / count
+        real = batch["document_ids"] >= 0
+        n_real = real.sum().float()
+        metrics["train/packing_efficiency"] = n_real / real.numel()
         for mid, name in MODALITY_NAMES.items():
-            metrics[f"train/share_{name}"] = ((batch["modality"] == mid) & (batch["document_ids"] >= 0)).sum() / total
+            metrics[f"train/share_{name}"] = ((batch["modality"] == mid) & real).sum() / n_real.clamp(min=1)
         now = time.perf_counter()
         if self._t0:
-            metrics["train/tokens_per_sec"] = torch.tensor(real.item() * self.trainer.world_size / (now - self._t0))
+            metrics["train/tokens_per_sec"] = torch.tensor(n_real.item() * self.trainer.world_size / (now - self._t0))
         self._t0 = now
         self.log_dict(metrics, prog_bar=False, batch_size=batch["input_ids"].shape[0])
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
