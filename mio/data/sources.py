@@ -140,8 +140,8 @@ def _jsonl_rows(part: Part) -> Iterator[Row]:
                 where = f"{part.name}:{lineno}"
                 yield Row(where, lambda raw=raw, where=where: _parse_json_line(raw, where), part.media_base)
     except (OSError, EOFError) as e:  # a truncated .gz: what was read stays, the tail is one counted row
-        where = f"{part.name}:end"
-        yield Row(where, lambda: _raise("truncated_input", f"{where}: input ends early ({e})"), part.media_base)
+        where, detail = f"{part.name}:end", f"{part.name}: input ends early ({e})"
+        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base)
 
 
 def _raise(reason: str, detail: str) -> dict[str, Any]:
@@ -246,8 +246,8 @@ def _tar_rows(part: Part) -> Iterator[Row]:
             yield flush()
     except (tarfile.TarError, OSError, EOFError) as e:
         where = f"{part.name}:{key or 'start'}"
-        yield Row(where, lambda: _raise("truncated_input", f"{where}: shard is truncated or corrupt after "
-                                         f"this key ({e}); the samples before it are kept"), part.media_base)
+        detail = f"{where}: shard is truncated or corrupt after this key ({e}); the samples before it are kept"
+        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base)
     finally:
         stream.close()
 
