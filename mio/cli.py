@@ -1,7 +1,8 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | bench.
+"""`mio`: demo | prepare | inspect | tokenize | fit | generate | export | bench.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
-`--print_config`, command-line overrides); the other commands are plain argparse.
+`--print_config`, command-line overrides); `generate` and `export` have their own parsers;
+the other commands are plain argparse here.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def cmd_fit(argv: list[str]) -> int:
     return 0
 
 
+def cmd_generate(argv: list[str]) -> int:
+    from mio.generate.cli import generate_main
+
+    return generate_main(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from mio.export import export_main
+
+    return export_main(argv)
+
+
+# Commands that parse their own arguments (LightningCLI, or a parser beside their code).
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("part", choices=BENCHES)
     b.set_defaults(func=cmd_bench)
     sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
+    sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
+                   add_help=False)
+    sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit":
-        return cmd_fit(argv[1:])
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
