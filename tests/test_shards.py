@@ -158,3 +158,15 @@ def test_lean_tar_reader_counts_damage(tmp_path):
     assert 1 <= len(got) < 6 + 1  # the samples before each damage, whole
     for raw in got:
         decode_sample(raw)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet="abcxyz-0123456789.\u00e9", min_size=1, max_size=140), st.integers(0, 10**9))
+def test_tar_header_equals_tarfile(name, size):
+    from mio.data.shards import MEMBER_MODE, MEMBER_MTIME, MEMBER_OWNER, tar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, MEMBER_MTIME, MEMBER_MODE
+    info.uname = info.gname = MEMBER_OWNER
+    fmt = tarfile.USTAR_FORMAT if len(name.encode()) <= 100 else tarfile.PAX_FORMAT
+    assert tar_header(name, size) == info.tobuf(fmt, "utf-8", "surrogateescape")

@@ -85,9 +85,10 @@ class MediaTokenizers:
     """The modality tokenizers a recipe names, built on first use (a recipe may name more than
     its rows need) and cached per process by spec content."""
 
-    def __init__(self, recipe: Recipe, tokenizer_dir: str | os.PathLike | None) -> None:
+    def __init__(self, recipe: Recipe, tokenizer_dir: str | os.PathLike | None, local_rank: int = 0) -> None:
         self.paths = {kind: (Path(tokenizer_dir) / spec if tokenizer_dir else recipe.resolve(spec)).resolve()
                       for kind, spec in recipe.tokenizers.items()}
+        self.local_rank = local_rank
 
     def sha256(self, kind: str) -> str | None:
         p = self.paths[kind]
@@ -109,6 +110,7 @@ class MediaTokenizers:
         if (str(path), sha) not in _BUILT:
             from mio.tokenizers import build_tokenizer
 
+            _select_device(self.local_rank)
             _BUILT[(str(path), sha)] = build_tokenizer(path)
         return _BUILT[(str(path), sha)]
 
@@ -178,8 +180,8 @@ def process_batch(ctx: Context, rows: list[Row]) -> list[StoredSample | SkipSamp
         except SkipSample as s:
             results.append(s)
     drafts = [(i, d) for i, d in enumerate(results) if isinstance(d, Draft)]
-    futures = [(i, d, ctx.pool.submit(_load_all, ctx, d)) for i, d in drafts]
-    loaded: dict[int, list[Any]] = {}
+    loaded: dict[int, list[Any]] = {i: [] for i, d in drafts if not media_refs(d)}
+    futures = [(i, d, ctx.pool.submit(_load_all, ctx, d)) for i, d in drafts if i not in loaded]
     for i, d, fut in futures:
         try:
             loaded[i] = fut.result()
@@ -432,8 +434,7 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
     ranks = resolve_ranks(rank, world_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = MediaTokenizers(recipe, tokenizer_dir)
-    _select_device(ranks)
+    tok = MediaTokenizers(recipe, tokenizer_dir, ranks.local_rank)
     fingerprint = {"shard_format": SHARD_FORMAT, "recipe": recipe.sha256(), "tokenizers": tok.fingerprint()}
     parts = list_parts(recipe)
     with ThreadPoolExecutor(max_workers=recipe.workers, thread_name_prefix="mio-media") as pool:
@@ -457,9 +458,9 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
     return manifest
 
 
-def _select_device(ranks: Ranks) -> None:
+def _select_device(local_rank: int) -> None:
     """Media tokenizers with `device: auto` use the current CUDA device: one GPU per local rank."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())

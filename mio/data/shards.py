@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
@@ -206,6 +205,37 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
 
 
 # --- writing ----------------------------------------------------------------------------
+RECORD = 20 * 512  # tar's record size: archives are padded to a multiple of it
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A ustar header for a regular file with the fixed member metadata (what
+    ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` gives, built directly: it is on the hot path)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, MEMBER_MTIME, MEMBER_MODE
+        info.uname = info.gname = MEMBER_OWNER
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0:len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % (sum(header) - sum(header[148:156]) + 8 * 32)
+    return bytes(header)
+
+
+def _header_template() -> bytes:
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode = 0, MEMBER_MTIME, MEMBER_MODE
+    info.uname = info.gname = MEMBER_OWNER
+    buf = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    buf[0:100] = bytes(100)
+    return bytes(buf)
+
+
+_HEADER_TEMPLATE = _header_template()
+
+
 class AtomicShardWriter:
     """Writes one shard: members go to ``.NAME.tmp`` beside it, which is flushed, fsynced and
     renamed onto ``NAME`` only when the block exits cleanly. A reader or a restarted run never
@@ -217,28 +247,28 @@ class AtomicShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.count = 0
         self._file: Any = None
-        self._tar: tarfile.TarFile | None = None
+        self._written = 0
 
     def __enter__(self) -> "AtomicShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._written = 0
         return self
 
     def write(self, sample: StoredSample) -> None:
-        assert self._tar is not None, "use AtomicShardWriter as a context manager"
+        assert self._file is not None, "use AtomicShardWriter as a context manager"
         raw = encode_sample(sample)
         for name in sorted(k for k in raw if k != "__key__"):
             data = raw[name]
-            info = tarfile.TarInfo(f"{sample.key}.{name}")
-            info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, MEMBER_MODE
-            info.uname = info.gname = MEMBER_OWNER
-            self._tar.addfile(info, io.BytesIO(data))
+            block = tar_header(f"{sample.key}.{name}", len(data)) + data + bytes(-len(data) % 512)
+            self._file.write(block)
+            self._written += len(block)
         self.count += 1
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        assert self._tar is not None
-        self._tar.close()
+        assert self._file is not None
+        end = self._written + 1024  # two zero blocks end the archive; then pad to a whole record
+        self._file.write(bytes(1024 + -end % RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -293,6 +323,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def iter_shard(url: str) -> Iterator[StoredSample]:
     """Every sample of one shard, in order (for inspection and tests)."""
+    import webdataset as wds  # imports torch: only readers pay for it
+
     for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
         yield decode_sample(raw)
 
