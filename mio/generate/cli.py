@@ -1,0 +1,110 @@
+"""`mio generate`: interleaved any-to-any generation from the command line.
+
+    mio generate --model runs/demo/model --prompt "What is in this picture?" --image cat.jpg --out answers/cat
+    mio generate --model MIO-7B-Instruct --tokenizers MIO-checkpoints --prompt "Say hello." --task tts --out hi
+
+Media files go where the prompt names them ({image}, {speech}, {video} placeholders, filled
+in command-line order), else after the text, in command-line order. Writes transcript.md,
+transcript.html, generation.json and the decoded media into --out, and prints the .md path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile
+from mio.generate.settings import overrides_from_strings
+from mio.segments import Text
+
+PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mio generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="model folder (ours, or MIO's release layout)")
+    p.add_argument("--prompt", default="", help="the user's text; {image}/{speech}/{video} mark where files go")
+    for kind in (IMAGE, SPEECH, VIDEO):
+        p.add_argument(f"--{kind}", dest="media", action="append", default=[], type=lambda f, k=kind: MediaFile(k, Path(f)),
+                       metavar="FILE", help=f"a {kind} file of the prompt (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the transcript and the decoded media")
+    p.add_argument("--tokenizers", type=Path, default=None,
+                   help="tokenizer specs (*.yaml) and/or MIO's checkpoint tree; replaces the specs the model folder records")
+    p.add_argument("--unclip", type=Path, default=None, help="a StableUnCLIPImg2ImgPipeline folder for decoding images")
+    p.add_argument("--raw", action="store_true", help="no chat template: the model continues the prompt as it is")
+    p.add_argument("--task", default=None,
+                   help="SFT task name; tts or speech_generation select MIO's speech-only system prompt")
+    p.add_argument("--outputs", default=None,
+                   help="comma-separated modalities the answer may contain, of text,image,speech,video "
+                        "(default: every one the model has tokens for)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling and the unCLIP noise")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODALITY.FIELD=VALUE",
+                   help="override a Table 8 setting, e.g. text.num_beams=1 or speech.repetition_penalty=1.2 "
+                        "(MODALITY: text, image, video, speech or all)")
+    p.add_argument("--max-speech-frames", type=int, default=750, help="longest speech answer in frames (50 per second)")
+    p.add_argument("--steps", type=int, default=20, help="unCLIP denoising steps")
+    p.add_argument("--guidance", type=float, default=10.0, help="unCLIP guidance scale")
+    p.add_argument("--noise-level", type=int, default=0, help="unCLIP noise level added to the image embedding")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    return p
+
+
+def prompt_items(text: str, media: list[MediaFile]) -> list[Text | MediaFile]:
+    """Fill {image}/{speech}/{video} placeholders in order; the other files follow the text."""
+    queues = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
+    items: list[Text | MediaFile] = []
+    pos = 0
+    for m in PLACEHOLDER.finditer(text):
+        if not queues[m.group(1)]:
+            raise ValueError(f"the prompt has more {{{m.group(1)}}} placeholders than --{m.group(1)} files")
+        if m.start() > pos:
+            items.append(Text(text[pos:m.start()]))
+        items.append(queues[m.group(1)].pop(0))
+        pos = m.end()
+    if pos < len(text):
+        items.append(Text(text[pos:]))
+    placed = {id(x) for x in items}
+    items += [m for m in media if id(m) not in placed]
+    if not items:
+        raise ValueError("nothing to generate from: give --prompt and/or media files")
+    return items
+
+
+def generate_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"[mio] error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mio.generate.detok import UnclipSettings
+    from mio.generate.generator import Generator
+
+    items = prompt_items(args.prompt, args.media)
+    for item in items:
+        if isinstance(item, MediaFile):
+            item.check()
+    unclip = UnclipSettings(steps=args.steps, guidance_scale=args.guidance, noise_level=args.noise_level, seed=args.seed)
+    overrides = overrides_from_strings(args.overrides)
+    outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",") if o.strip()]
+    gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device)
+    result = gen.generate(items, chat=not args.raw, task=args.task, max_new_tokens=args.max_new_tokens,
+                          settings=overrides, outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
+                          max_speech_frames=args.max_speech_frames)
+    path = gen.write(result, args.out, unclip)
+    print(f"[mio] {len(result.result.ids)} new tokens in {result.result.seconds:.1f}s "
+          f"({result.result.tokens_per_second:.1f}/s), stopped by {result.stopped}", file=sys.stderr, flush=True)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main(sys.argv[1:]))

@@ -1,0 +1,281 @@
+"""Any-to-any interleaved generation: prompt (text and media files, or chat turns) -> an
+answer of text, images, speech and video, decoded back to files.
+
+    gen = Generator("runs/demo/model")                     # or MIO's folder + tokenizers=...
+    out = gen.generate(["Describe this picture.", MediaFile.guess("cat.jpg")])
+    gen.write(out, "answers/cat")                          # transcript.md, transcript.html, media
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from mio.generate.constraints import TEXT, ModalityConstraint
+from mio.generate.decoding import STOP, DecodeResult, Decoder
+from mio.generate.detok import ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
+from mio.generate.media import IMAGE, KINDS, SPEECH, VIDEO, MediaFile, MediaTokenizers
+from mio.generate.settings import DecodeSettings, resolve_settings
+from mio.model.backbone import load_backbone
+from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
+from mio.templates import Turn, content_only, render_chat
+from mio.vocab import VocabTable
+
+PromptItem = Union[str, Segment, MediaFile, os.PathLike]
+Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
+OUTPUTS = ("text", IMAGE, SPEECH, VIDEO)
+
+
+@dataclass
+class PartialBlock:
+    """A media block the token limit cut off: reported, never decoded."""
+
+    kind: str  # image or speech
+    tokens: int  # codes generated inside the block
+    detail: str
+
+
+@dataclass
+class Generation:
+    turns: list[Turn]  # the prompt as the user gave it (media as files or codes)
+    prompt_ids: np.ndarray  # (P,) the rendered prompt
+    result: DecodeResult
+    segments: list[Segment]  # the answer's complete segments
+    partial: PartialBlock | None
+    settings: dict[str, DecodeSettings]
+    seed: int
+    chat: bool
+
+    @property
+    def stopped(self) -> str:
+        return self.result.stopped
+
+
+@dataclass
+class Decoded:
+    """One answer segment as written: text, or a media file, or why it was not decoded."""
+
+    kind: str  # text, image, speech, video or partial
+    text: str = ""
+    file: str | None = None  # relative to the output folder
+    note: str = ""
+    codes: list[Any] = field(default_factory=list)
+
+
+class Generator:
+    """A model folder (ours or MIO's release layout) with its modality tokenizers."""
+
+    def __init__(self, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None, *,
+                 unclip: str | os.PathLike | None = None, device: str | None = None) -> None:
+        folder = Path(model_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        model, tokenizer, table = load_backbone(folder)
+        self._setup(model, tokenizer, table, MediaTokenizers.for_model(folder, tokenizers, unclip), str(folder), device)
+
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers | None = None,
+                    name: str = "model", device: str | None = None) -> "Generator":
+        """A generator over an already loaded model (tests, the demo)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, table, media or MediaTokenizers({}), name, device)
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers, name: str,
+               device: str | None) -> None:
+        target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(target).eval()
+        self.tokenizer = tokenizer
+        self.table = table
+        self.media = media
+        self.name = name
+        self.encode_text = TextEncoder(tokenizer)
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self._decoders: dict[str, Any] = {}
+
+    # --- prompt ----------------------------------------------------------------------------
+    def prompt_turns(self, prompt: Prompt) -> list[Turn]:
+        """Any accepted prompt form -> turns whose media are still files or codes."""
+        if isinstance(prompt, str):
+            return [Turn("user", [Text(prompt)])]
+        items = list(prompt)
+        if items and all(isinstance(t, Turn) for t in items):
+            return items  # type: ignore[return-value]
+        if any(isinstance(t, Turn) for t in items):
+            raise ValueError("a prompt is either a list of chat turns or a list of items, not a mix")
+        return [Turn("user", [_as_item(x) for x in items])]
+
+    def encode_turns(self, turns: Sequence[Turn]) -> list[Turn]:
+        """Media files -> code segments (every file checked before any tokenizer is built)."""
+        for t in turns:
+            for x in t.content:
+                if isinstance(x, MediaFile):
+                    x.check()
+        return [Turn(t.role, [self.media.encode(x) if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
+
+    def prompt_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None) -> list[Segment]:
+        """Turns of code segments -> what the model reads: ChatML with MIO's system prompt, or the
+        raw concatenation of the turns' content (speech as input keeps its content layer)."""
+        if chat:
+            return render_chat(list(turns), task=task, add_generation_prompt=True)
+        return [content_only(x) for t in turns for x in t.content]
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, max_new_tokens: int = 1024,
+                 settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
+                 outputs: Iterable[str] | None = None, seed: int = 0, use_cache: bool = True,
+                 max_speech_frames: int = 750) -> Generation:
+        """Generate an answer. ``settings`` overrides Table 8 per modality (see
+        :func:`resolve_settings`); ``outputs`` limits which modalities the answer may contain
+        (default: every modality the model has tokens for)."""
+        allow = self._check_outputs(outputs)
+        resolved = resolve_settings(settings)
+        turns = self.prompt_turns(prompt)
+        encoded = self.encode_turns(turns)
+        segments = self.prompt_segments(encoded, chat, task)
+        bos = self.tokenizer.bos_token_id
+        prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
+        if prompt_ids.size == 0:
+            raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+        constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
+                                        allow_image=allow[IMAGE] or allow[VIDEO], allow_speech=allow[SPEECH])
+        decoder = Decoder(self.model, constraint, resolved, self.stop_ids, use_cache=use_cache)
+        result = decoder.run(prompt_ids, max_new_tokens, seed=seed)
+        answer, partial = self._split(constraint, prompt_ids, result)
+        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat)
+
+    def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        t = self.table
+        available = {IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
+                     SPEECH: t.speech_codebook_size > 0 and max(t.speech_end_id, t.speech_end + 1) <= rows}
+        available[VIDEO] = available[IMAGE]
+        if outputs is None:
+            return available
+        wanted = set(outputs)
+        unknown = wanted - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}")
+        for kind in (IMAGE, SPEECH, VIDEO):
+            if kind in wanted and not available[kind]:
+                raise ValueError(f"{self.name}: {kind} output was requested but the model has no {kind} code tokens "
+                                 f"(its output layer scores {rows} tokens)")
+        return {k: k in wanted for k in (IMAGE, SPEECH, VIDEO)}
+
+    def _split(self, constraint: ModalityConstraint, prompt_ids: np.ndarray,
+               result: DecodeResult) -> tuple[list[Segment], PartialBlock | None]:
+        """The answer's ids -> complete segments, and the block the token limit cut, if any.
+
+        A prompt that ends inside an open block (``... an image of a cat: <image>``) lends
+        that block's start to the answer, so the answer parses.
+        """
+        ids = list(result.ids)
+        if result.stopped == STOP:
+            ids = ids[:-1]
+        p = len(prompt_ids)
+        opened = constraint.state(prompt_ids)
+        lead = [int(i) for i in prompt_ids[opened.start:]] if opened.kind != TEXT else []
+        full = np.concatenate([prompt_ids, np.asarray(ids, dtype=np.int64)])
+        end = constraint.state(full)
+        partial = None
+        if end.kind != TEXT:
+            cut = max(end.start - p, 0)
+            inside = len(full) - end.start - 1
+            want = "32 image codes" if end.kind == IMAGE else "all speech layers"
+            partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
+                                                     f"inside a {end.kind} block after {inside} codes, before {want} "
+                                                     f"and its end token; it is not decoded")
+            ids = ids[:cut]
+            if end.start < p:
+                lead = []
+        segments = parse(lead + ids, self.table, self.tokenizer) if (lead or ids) else []
+        return segments, partial
+
+    # --- decoding to files -----------------------------------------------------------------
+    def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
+        key = f"image:{settings}"
+        if key not in self._decoders:
+            pipeline, source = self.media.unclip_pipeline()
+            self._decoders[key] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
+            self._decoders["unclip_source"] = source
+        return self._decoders[key]
+
+    def speech_decoder(self) -> SpeechDecoder:
+        if SPEECH not in self._decoders:
+            self._decoders[SPEECH] = SpeechDecoder(self.media.get(SPEECH))
+        return self._decoders[SPEECH]
+
+    def decode(self, generation: Generation, out_dir: str | os.PathLike,
+               unclip: UnclipSettings = UnclipSettings()) -> list[Decoded]:
+        """Write every answer segment's media into ``out_dir``; a segment that cannot be decoded
+        is reported with the reason instead."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        decoded: list[Decoded] = []
+        counts = {IMAGE: 0, SPEECH: 0, VIDEO: 0}
+        for seg in generation.segments:
+            if isinstance(seg, Text):
+                decoded.append(Decoded("text", text=seg.text))
+                continue
+            kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
+            counts[kind] += 1
+            decoded.append(self._decode_media(seg, kind, counts[kind], out, unclip))
+        if generation.partial is not None:
+            decoded.append(Decoded("partial", note=generation.partial.detail))
+        return decoded
+
+    def _decode_media(self, seg: Segment, kind: str, n: int, out: Path, unclip: UnclipSettings) -> Decoded:
+        codes = np.asarray(seg.frames if isinstance(seg, Video) else seg.codes)
+        item = Decoded(kind, codes=codes.tolist())
+        try:
+            if kind == IMAGE:
+                item.file = f"image_{n}.png"
+                self.image_decoder(unclip).decode(codes[None])[0].save(out / item.file)
+            elif kind == VIDEO:
+                item.file = f"video_{n}.gif"
+                write_gif(out / item.file, self.image_decoder(unclip).decode(codes))
+                item.note = f"{len(codes)} frames"
+            else:
+                item.file = f"speech_{n}.wav"
+                dec = self.speech_decoder()
+                wave = dec.decode(codes)
+                write_wav(out / item.file, wave, dec.sample_rate)
+                item.note = f"{len(wave) / dec.sample_rate:.2f} s, {codes.shape[0]} layers x {codes.shape[1]} frames"
+        except Exception as err:  # noqa: BLE001 -- any detokenizer failure becomes a reported, undecoded segment
+            item.file = None
+            item.note = f"not decoded: {type(err).__name__}: {err}"
+        return item
+
+    def write(self, generation: Generation, out_dir: str | os.PathLike,
+              unclip: UnclipSettings = UnclipSettings()) -> Path:
+        """Decode the answer and write ``transcript.md``, ``transcript.html`` and
+        ``generation.json`` (ids, codes, settings) beside the media; returns the .md path."""
+        from mio.generate.transcript import write_transcript
+
+        decoded = self.decode(generation, out_dir, unclip)
+        info = {"model": self.name, "unclip": self._decoders.get("unclip_source"), "unclip_settings": unclip}
+        return write_transcript(Path(out_dir), generation, decoded, info)
+
+
+def _as_item(x: PromptItem) -> Segment | MediaFile:
+    if isinstance(x, str):
+        return Text(x)
+    if isinstance(x, (Text, Image, Speech, Video, MediaFile)):
+        return x
+    if isinstance(x, os.PathLike):
+        return MediaFile.guess(x)
+    raise ValueError(f"cannot use {type(x).__name__} in a prompt; expected text, a segment, a MediaFile or a path")
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The generation config's EOS ids (a model folder's lists ``<|im_end|>`` too), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids})
