@@ -86,7 +86,8 @@ class MediaTokenizers:
     its rows need) and cached per process by spec content."""
 
     def __init__(self, recipe: Recipe, tokenizer_dir: str | os.PathLike | None, local_rank: int = 0) -> None:
-        self.paths = {kind: (Path(tokenizer_dir) / spec if tokenizer_dir else recipe.resolve(spec)).resolve()
+        # With a tokenizer folder, each spec's file name is looked up there (tiny specs for tests).
+        self.paths = {kind: (Path(tokenizer_dir) / Path(spec).name if tokenizer_dir else recipe.resolve(spec)).resolve()
                       for kind, spec in recipe.tokenizers.items()}
         self.local_rank = local_rank
 

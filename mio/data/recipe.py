@@ -22,7 +22,7 @@ import yaml
 
 from mio.templates import DATA_TYPES
 
-INPUT_FORMATS = ("jsonl", "csv", "tsv", "parquet", "folder", "tar", "urls")
+INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
 LAYOUTS = ("segments", "obelics", "mmc4", "llava")
 MEDIA_KINDS = ("image", "speech", "video")
 
@@ -63,7 +63,8 @@ class InputSpec:
     """Where rows come from.
 
     ``paths``: files, glob or brace patterns, folders or URLs (relative ones resolve against
-    the recipe's folder). ``format``: jsonl (also .jsonl.gz), csv, tsv, parquet, folder (files
+    the recipe's folder). ``format``: jsonl (also .jsonl.gz), json (one array of rows), csv, tsv,
+    parquet, folder (files
     grouped by name stem, like WebDataset), tar (local tar shards or URLs WebDataset can open:
     http(s), pipe:, ...), urls (text files listing tar shard URLs, one a line). ``media_root``:
     the folder relative media paths in rows resolve against (default: each input file's folder).
@@ -95,7 +96,7 @@ class InputSpec:
 
 def guess_format(path: str, where: str) -> str:
     name = path.lower().removesuffix(".gz")
-    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv"),
                         (".parquet", "parquet"), (".tar", "tar"), (".txt", "urls")):
         if name.endswith(suffix):
             return fmt

@@ -111,7 +111,7 @@ def _read_url_lists(files: list[str], where: str) -> list[str]:
 
 # --- rows per format ----------------------------------------------------------------------
 def iter_rows(part: Part) -> Iterator[Row]:
-    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows,
+    readers = {"jsonl": _jsonl_rows, "json": _json_array_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows,
                "folder": _folder_rows, "tar": _tar_rows}
     return readers[part.format](part)
 
@@ -142,6 +142,23 @@ def _jsonl_rows(part: Part) -> Iterator[Row]:
     except (OSError, EOFError) as e:  # a truncated .gz: what was read stays, the tail is one counted row
         where, detail = f"{part.name}:end", f"{part.name}: input ends early ({e})"
         yield Row(where, lambda: _raise("truncated_input", detail), part.media_base)
+
+
+def _json_array_rows(part: Part) -> Iterator[Row]:
+    """A JSON file holding one array of row objects (LLaVA-Instruct and similar releases)."""
+    opener = gzip.open if part.locator.endswith(".gz") else open
+    with opener(part.locator, "rb") as fh:
+        try:
+            rows = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{part.name}: not a JSON array of rows ({e}); use format jsonl for one object "
+                             f"a line") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{part.name}: a json input must hold an array of rows, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        where = f"{part.name}:[{i}]"
+        yield Row(where, lambda row=row, where=where: row if isinstance(row, dict) else
+                  _raise("bad_json", f"{where}: row is not an object"), part.media_base)
 
 
 def _raise(reason: str, detail: str) -> dict[str, Any]:
