@@ -157,14 +157,21 @@ def open_image(image: ImageInput) -> Image.Image:
 
 
 def random_seed_quantizer(cfg: SeedConfig, seed: int) -> SeedQuantizer:
-    """A SEED quantizer with random weights, the same for the same `seed` and config.
+    """A SEED quantizer with random weights, the same for the same `seed` and config, whose
+    codebook is filled from its own pre-quantization vectors on seeded synthetic images."""
+    model = random_weights_seed_quantizer(cfg, seed)
+    fill_codebook_from_features(model, seed)
+    return model.eval()
+
+
+def random_weights_seed_quantizer(cfg: SeedConfig, seed: int) -> SeedQuantizer:
+    """Random weights drawn from `seed` (codebook left as drawn).
 
     Linear and conv weights are N(0, 1/fan_in) (variance preserving), with the attention query
     and key projections 3x larger so that attention depends on the image content instead of
     averaging it away: with PyTorch's default init, differently drawn images of similar colours
     got the same 32 codes. The vectors the reference draws from N(0, 0.02) (query tokens, class
-    token, positional embeddings) are drawn the same way, so the 32 queries differ. The codebook
-    is then filled from the model's own pre-quantization vectors on seeded synthetic images.
+    token, positional embeddings) are drawn the same way, so the 32 queries differ.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -176,7 +183,6 @@ def random_seed_quantizer(cfg: SeedConfig, seed: int) -> SeedQuantizer:
         for p in (model.query_tokens, model.visual_encoder.cls_token, model.visual_encoder.pos_embed,
                   model.pos_embed_image):
             nn.init.normal_(p, std=0.02)
-    fill_codebook_from_features(model, seed)
     return model.eval()
 
 

@@ -345,8 +345,12 @@ class SeedQuantizer(nn.Module):
 
     def query_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, Q, codebook_dim) pre-quantization vectors."""
-        image_embeds = self.ln_vision(self.visual_encoder(images))  # (B, 1 + P, W_vit)
-        queries = self.query_tokens.expand(images.shape[0], -1, -1).to(image_embeds.dtype)
+        return self.query_features_from_vit(self.visual_encoder(images))
+
+    def query_features_from_vit(self, vit_out: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + P, W_vit) ViT output -> (B, Q, codebook_dim): everything after the ViT."""
+        image_embeds = self.ln_vision(vit_out)
+        queries = self.query_tokens.expand(vit_out.shape[0], -1, -1).to(image_embeds.dtype)
         hidden = self.Qformer.bert(queries, image_embeds)  # (B, Q, hidden)
         return self.encode_task_layer(hidden)
 

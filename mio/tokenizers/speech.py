@@ -245,13 +245,19 @@ def random_speech_tokenizer(config: dict[str, Any], seed: int) -> SpeechTokenize
     variance 1/(3 fan_in)) while the biases add a constant, so its encoder outputs barely move
     with the input; convolutions get N(0, 1/fan_in) weights and zero biases instead.
     """
+    model = random_speech_weights(config, seed)
+    fill_codebooks_from_features(model, seed)
+    return model
+
+
+def random_speech_weights(config: dict[str, Any], seed: int) -> SpeechTokenizer:
+    """Random weights drawn from `seed`; the codebooks stay empty (zeros, not yet initialised)."""
     with torch.random.fork_rng(devices=[]), _quiet_weight_norm():
         torch.manual_seed(seed)
         model = SpeechTokenizer(config).eval()
         for module in model.modules():
             if hasattr(module, "weight_v"):  # the package's weight-normed Conv1d / ConvTranspose1d
                 _variance_preserving_(module)
-    fill_codebooks_from_features(model, seed)
     return model
 
 
