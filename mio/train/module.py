@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
+from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
 from mio.vocab import MODALITY_NAMES
 
 
@@ -28,16 +30,26 @@ class MioModule(L.LightningModule):
         output_dir: where the stage's ``save_pretrained`` folder goes
             (default ``<trainer.default_root_dir>/model``).
         gradient_checkpointing: recompute activations in the backward pass.
+        lora: train LoRA adapters (and the added tokens' rows) on a frozen backbone; the stage
+            then writes a PEFT adapter folder (default ``<trainer.default_root_dir>/adapter``).
     """
 
     def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
-                 min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False) -> None:
+                 min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False,
+                 lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.attn_backend = attn_backend
         self.model, self.tokenizer, self.table = load_backbone(
             backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
+        # --- LoRA (mio/model/lora.py): a frozen backbone, adapters and added-token rows train ---
+        if lora is not None:
+            if extend_vocab:
+                raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
+                                 "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
+            self.model = apply_lora(self.model, lora, self.table, backbone)
+        # --- end LoRA ---
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.config.use_cache = False
@@ -45,6 +57,14 @@ class MioModule(L.LightningModule):
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
+
+    def setup(self, stage: str) -> None:
+        # --- LoRA (mio/model/lora.py): FSDP wrap check, trainable-parameter report ---
+        check_strategy(self, self.trainer.strategy)
+        if self.trainer.is_global_zero:
+            for line in parameter_report(self.model).lines():
+                print(f"[mio] {line}", file=sys.stderr, flush=True)
+        # --- end LoRA ---
 
     # --- training -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,7 +134,8 @@ class MioModule(L.LightningModule):
 
     # --- output -------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / "model")
+        folder = "adapter" if self.hparams.lora is not None else "model"  # LoRA: a PEFT adapter folder
+        out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / folder)
         self.output_path = out
         if not self.trainer.is_global_zero:
             return
