@@ -258,3 +258,16 @@ def test_factory_rejects_unknown_kind(tmp_path) -> None:
         build_tokenizer({"kind": "jpeg2000"})
     with pytest.raises(FileNotFoundError, match="absent.yaml"):
         build_tokenizer(tmp_path / "absent.yaml")
+
+
+@pytest.mark.gpu
+def test_tiny_tokenizers_on_cuda_match_cpu(images, clips) -> None:
+    on_gpu = build_tokenizer(load_spec(TINY_SEED) | {"device": "cuda", "dtype": "float32"})
+    on_cpu = build_tokenizer(load_spec(TINY_SEED) | {"device": "cpu"})
+    agree = (on_gpu.encode(images) == on_cpu.encode(images)).mean()
+    assert agree > 0.95  # float rounding may move a vector across a Voronoi boundary, rarely
+    speech_gpu = build_tokenizer(load_spec(TINY_SPEECH) | {"device": "cuda"})
+    speech_cpu = build_tokenizer(load_spec(TINY_SPEECH) | {"device": "cpu"})
+    a, b = speech_gpu.encode(clips[:4]), speech_cpu.encode(clips[:4])
+    assert np.mean([(x == y).mean() for x, y in zip(a, b)]) > 0.95
+    assert speech_gpu.decode(a[0]).shape == (100 * 320,)
