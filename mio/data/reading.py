@@ -34,7 +34,7 @@ from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.segments import Segment, Text, TextEncoder, render
 from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
-from mio.vocab import VocabError, VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VocabError, VocabTable
 
 
 @dataclass
@@ -379,16 +379,24 @@ class Drawn:
     dataset: int
 
 
-def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence[float],
-                     balance: str = "tokens") -> Iterator[Drawn]:
+def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence[float], balance: str = "tokens",
+                     released: np.ndarray | None = None) -> Iterator[Drawn]:
     """Draws from the stream furthest below its share: of the tokens drawn so far
-    (``balance="tokens"``) or of the samples (``"samples"``). Deterministic given the streams."""
+    (``balance="tokens"``) or of the samples (``"samples"``). Deterministic given the streams.
+
+    ``released``, when given, holds what a downstream packer has emitted per dataset so far (same
+    unit); the draw then also makes up for the packer's buffer holding back one dataset more
+    than another, so the shares hold in the packed batches, not only in what went in.
+    """
     if balance not in ("tokens", "samples"):
         raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     drawn = np.zeros(len(streams), dtype=np.float64)
     while True:
-        i = int(np.argmax(share * (drawn.sum() + 1.0) - drawn))
+        deficit = share * (drawn.sum() + 1.0) - drawn
+        if released is not None:
+            deficit += share * released.sum() - released
+        i = int(np.argmax(deficit))
         sample = next(streams[i])
         drawn[i] += len(sample.input_ids) if balance == "tokens" else 1
         yield Drawn(sample, i)
@@ -411,20 +419,50 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         self.errors: Counter = Counter()
         self.packer: BestFitPacker | None = None  # the packer of the latest iteration (its stats)
 
-    def draws(self, slot: ReaderSlot) -> Iterator[Drawn]:
-        streams = [dataset_stream(shards, spec, self.renderer, slot, self.seed, i, self.errors, self.shuffle_buffer)
+    def draws(self, slot: ReaderSlot, released: np.ndarray | None = None) -> Iterator[Drawn]:
+        """The mixture's draws: sequences the packer places as they are (text over the context
+        already cut, media over it left out and counted), so what is drawn is what is packed."""
+        streams = [self._sequences(dataset_stream(shards, spec, self.renderer, slot, self.seed, i, self.errors,
+                                                  self.shuffle_buffer))
                    for i, (shards, spec) in enumerate(zip(self.shards, self.specs))]
-        return balanced_mixture(streams, [s.weight for s in self.specs], self.balance)
+        return balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)
 
-    def packs(self, slot: ReaderSlot) -> Iterator[Pack]:
+    def _sequences(self, stream: Iterator[TokenSample]) -> Iterator[TokenSample]:
+        cutter = BestFitPacker(self.context_length)  # its `sequences` only: cut or drop, as packing would
+        dropped = 0
+        for seq in cutter.sequences(stream):
+            self.errors["over_context"] += cutter.stats.samples_dropped_too_long - dropped
+            dropped = cutter.stats.samples_dropped_too_long
+            yield seq
+
+    def packs(self, slot: ReaderSlot) -> Iterator[tuple[Pack, list[int]]]:
+        """Packs, each with the dataset of each of its sequences; the mixture sees what was
+        released, per dataset, as it draws."""
         packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
                                pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
         self.packer = packer
-        return packer(d.sample for d in self.draws(slot))
+        released = np.zeros(len(self.specs), dtype=np.float64)
+        origin: dict[bytes, list[int]] = {}  # ids of drawn sequences -> their datasets, in order
+
+        def tagged() -> Iterator[TokenSample]:
+            for d in self.draws(slot, released):
+                origin.setdefault(d.sample.input_ids.tobytes(), []).append(d.dataset)
+                yield d.sample
+
+        for pack in packer(tagged()):
+            datasets, start = [], 0
+            for n in pack.seq_lens:
+                key = pack.input_ids[start:start + n].tobytes()
+                datasets.append(origin[key].pop(0))
+                if not origin[key]:
+                    del origin[key]
+                released[datasets[-1]] += n if self.balance == "tokens" else 1
+                start += n
+            yield pack, datasets
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
         batch: list[Pack] = []
-        for pack in self.packs(ReaderSlot.current()):
+        for pack, _ in self.packs(ReaderSlot.current()):
             batch.append(pack)
             if len(batch) == self.batch_size:
                 yield collate_packs(batch, pad_id=self.pad_id)
@@ -435,39 +473,22 @@ class MixtureBatches(torch.utils.data.IterableDataset):
 def measure_shares(mixture: MixtureBatches, batches: int, slot: ReaderSlot = ReaderSlot(),
                    skip_batches: int = 0) -> dict[str, Any]:
     """Token shares per dataset and per modality in a window of ``batches`` packed batches
-    (after ``skip_batches``), attributing each packed sequence to the dataset it was drawn from."""
-    origin: dict[bytes, list[int]] = {}  # rendered ids -> datasets they were drawn from, in order
-
-    def tagged() -> Iterator[TokenSample]:
-        for d in mixture.draws(slot):
-            origin.setdefault(d.sample.input_ids.tobytes(), []).append(d.dataset)
-            yield d.sample
-
-    packer = BestFitPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
-                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed)
+    (after ``skip_batches``), each packed sequence attributed to the dataset it was drawn from."""
     per_dataset = np.zeros(len(mixture.specs), dtype=np.int64)
-    per_modality = Counter()
-    unattributed = 0
-    packs = packer(tagged())
+    per_modality: Counter = Counter()
+    packs = mixture.packs(slot)
     for _ in range(skip_batches * mixture.batch_size):
         next(packs)
-    for pack in itertools.islice(packs, batches * mixture.batch_size):
-        start = 0
-        for n in pack.seq_lens:
-            drawn = origin.get(pack.input_ids[start:start + n].tobytes())
-            if drawn:
-                per_dataset[drawn.pop(0)] += n
-            else:
-                unattributed += n  # a piece of a text sample cut at the context length
-            start += n
+    for pack, datasets in itertools.islice(packs, batches * mixture.batch_size):
+        np.add.at(per_dataset, datasets, pack.seq_lens)
         real = pack.modality[pack.modality >= 0]
-        per_modality.update({m: int(c) for m, c in zip(*np.unique(real, return_counts=True))})
-    total = int(per_dataset.sum()) + unattributed
-    names = {0: "text", 1: "image", 2: "speech"}
+        per_modality.update({int(m): int(c) for m, c in zip(*np.unique(real, return_counts=True))})
+    total = int(per_dataset.sum())
+    names = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
     return {
         "tokens": total,
         "dataset_share": {s.path: float(per_dataset[i]) / max(total, 1) for i, s in enumerate(mixture.specs)},
-        "modality_share": {names.get(int(m), str(m)): c / max(total, 1) for m, c in sorted(per_modality.items())},
-        "unattributed_share": unattributed / max(total, 1),
-        "packing_efficiency": packer.stats.efficiency,
+        "modality_share": {names[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
+        "packing_efficiency": mixture.packer.stats.efficiency if mixture.packer else 0.0,
+        "dropped_over_context": mixture.errors["over_context"],
     }
