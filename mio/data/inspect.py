@@ -1,47 +1,92 @@
-"""`mio inspect DIR`: a prepared dataset's manifest figures and a few samples, rendered."""
+"""`mio inspect DIR`: a prepared dataset's manifest figures and a few samples, as stored and as a
+training step renders them (templates, directions drawn with a fixed seed)."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mio.data.shards import iter_shard, list_shards, read_manifest
+from mio.data.shards import file_sha256, iter_shard, list_shards, read_manifest
 from mio.segments import Image, Segment, Speech, Text, Video
 
 
-def describe_segment(seg: Segment) -> str:
+def describe_segment(seg: Segment, max_chars: int = 160) -> str:
     if isinstance(seg, Text):
-        return json.dumps(seg.text, ensure_ascii=False)
+        text = seg.text if len(seg.text) <= max_chars else seg.text[:max_chars] + "..."
+        return json.dumps(text, ensure_ascii=False)
     if isinstance(seg, Image):
-        return f"<image: 32 codes {np.asarray(seg.codes)[:4].tolist()}...>"
+        return f"<image: {np.asarray(seg.codes).size} codes {np.asarray(seg.codes)[:4].tolist()}...>"
     if isinstance(seg, Video):
-        return f"<video: {len(seg.frames)} frames>"
+        return f"<video: {len(seg.frames)} key frames>"
     codes = np.asarray(seg.codes)
-    return f"<speech: {codes.shape[0]} layers x {codes.shape[1]} frames ({codes.shape[1] / 50:.2f}s)>"
+    return f"<speech: {codes.shape[0]} layer(s) x {codes.shape[1]} frames ({codes.shape[1] / 50:.2f}s)>"
 
 
-def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | None = None) -> str:
-    """Manifest figures, then ``samples`` samples as segments (and as the token ids a pretraining
-    step would see when ``backbone`` names a model folder)."""
+def describe_segments(segs: list[Segment]) -> str:
+    return " ".join(describe_segment(s) for s in segs)
+
+
+def manifest_lines(m: dict[str, Any]) -> list[str]:
+    total_bytes = sum(s.get("bytes", 0) for s in m["shards"])
+    lines = [f"{m['data_type']} from {m.get('source', '?')}: {m['samples']} samples of {m['seen']} rows seen, "
+             f"{len(m['shards'])} shards ({total_bytes / 1e6:.1f} MB), {len(m.get('inputs', []))} input(s)",
+             "tokens: " + ", ".join(f"{k} {v}" for k, v in m["tokens"].items())]
+    if m["skipped"]:
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in m["skipped"].items()))
+        first: dict[str, str] = {}
+        for e in m.get("skipped_examples", []):
+            first.setdefault(e["reason"], e["detail"])
+        lines += [f"  {reason}: {detail}" for reason, detail in first.items()]
+    else:
+        lines.append("skipped: none")
+    recipe = m.get("recipe", {})
+    lines.append(f"recipe: {recipe.get('path', '?')} (sha256 {str(recipe.get('sha256', ''))[:12]})")
+    for kind, spec in m.get("tokenizers", {}).items():
+        lines.append(f"{kind} tokenizer: {spec['path']} (sha256 {str(spec['sha256'])[:12]})")
+    return lines
+
+
+def verify_shards(path: Path, m: dict[str, Any]) -> list[str]:
+    """Each listed shard re-hashed against the manifest; returns the problems found."""
+    problems = []
+    for s in m["shards"]:
+        p = path / s["shard"]
+        if not p.is_file():
+            problems.append(f"{s['shard']}: missing")
+        elif "sha256" in s and file_sha256(p) != s["sha256"]:
+            problems.append(f"{s['shard']}: checksum differs from the manifest")
+    return problems
+
+
+def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | None = None,
+                    verify: bool = False, seed: int = 0) -> str:
+    """Manifest figures, then ``samples`` samples as stored and as rendered for training (and the
+    token counts a step would see when ``backbone`` names a model folder). ``verify`` re-hashes
+    every shard against the manifest."""
+    path = Path(path)
     m = read_manifest(path)
-    lines = [f"dataset {path}: {m['data_type']}, {m['samples']} samples of {m['seen']} seen, "
-             f"{len(m['shards'])} shards",
-             f"tokens: {json.dumps(m['tokens'])}",
-             f"skipped: {json.dumps(m['skipped']) if m['skipped'] else 'none'}"]
+    lines = [f"dataset {path}"] + manifest_lines(m)
+    if verify:
+        problems = verify_shards(path, m)
+        lines.append("verify: all shards match the manifest" if not problems else "verify: " + "; ".join(problems))
+    from mio.data.reading import DatasetSpec, training_segments
+
+    spec = DatasetSpec(str(path), format="sft" if m["data_type"] == "sft" else "pretrain")
     renderer = None
     if backbone is not None:
         from transformers import AutoTokenizer
 
-        from mio.data.pipeline import DatasetSpec, Renderer
-        from mio.vocab import VocabTable
+        from mio.data.reading import Renderer
+        from mio.vocab import VOCAB_FILE, VocabTable
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
-        renderer = Renderer(tok, VocabTable.load(backbone))
-        spec = DatasetSpec(str(path), format="sft" if m["data_type"] == "sft" else "pretrain")
-    rng = random.Random(0)
+        has_table = (Path(backbone) / VOCAB_FILE).is_file()  # a text-only base: MIO's default extension
+        renderer = Renderer(tok, VocabTable.load(backbone) if has_table else VocabTable.mio_default(len(tok)))
+    rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):
         for s in iter_shard(shard):
@@ -49,11 +94,16 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
                 break
             shown += 1
             if s.turns is not None:
-                body = " | ".join(f"{t.role}: " + " ".join(describe_segment(x) for x in t.content) for t in s.turns)
+                body = " | ".join(f"{t.role}: {describe_segments(t.content)}" for t in s.turns)
             else:
-                body = " ".join(describe_segment(x) for x in s.segments)
+                body = describe_segments(s.segments)
             lines.append(f"- {s.key}: {body}")
+            segs, _ = training_segments(s, spec, rng)
+            lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
-                ts = renderer(s, spec, rng)
+                ts = renderer.render(s, segs, False)
                 lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int((ts.labels != -100).sum())} supervised")
+        if shown >= samples:
+            break
     return "\n".join(lines)
+

@@ -259,6 +259,25 @@ def shuffled(samples: Iterable[StoredSample], buffer: int, rng: random.Random) -
 
 
 # --- rendering ------------------------------------------------------------------------------
+def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
+    """The segments to train on, and whether the sample is text only (may be cut)."""
+    if spec.format == "sft":
+        if sample.turns is not None:
+            return render_chat(sample.turns, task=sample.task), False
+        if not spec.tasks:
+            raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
+        task = spec.tasks[rng.randrange(len(spec.tasks))]
+        media = [s for s in sample.segments if not isinstance(s, Text)]
+        text = "".join(s.text for s in sample.segments if isinstance(s, Text))
+        if len(media) != 1:
+            raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
+        return render_chat(pair_conversation(task, media[0], text), task=task), False
+    if sample.turns is not None:
+        raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
+    segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template)
+    return segs, all(isinstance(s, Text) for s in segs)
+
+
 RENDER_ERRORS = (VocabError, ConversationError, ValueError)
 
 
@@ -303,22 +322,7 @@ class Renderer:
         self.eos = tokenizer.eos_token_id
 
     def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-        """The segments to train on, and whether the sample is text only (may be cut)."""
-        if spec.format == "sft":
-            if sample.turns is not None:
-                return render_chat(sample.turns, task=sample.task), False
-            if not spec.tasks:
-                raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
-            task = spec.tasks[rng.randrange(len(spec.tasks))]
-            media = [s for s in sample.segments if not isinstance(s, Text)]
-            text = "".join(s.text for s in sample.segments if isinstance(s, Text))
-            if len(media) != 1:
-                raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
-            return render_chat(pair_conversation(task, media[0], text), task=task), False
-        if sample.turns is not None:
-            raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
-        segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template)
-        return segs, all(isinstance(s, Text) for s in segs)
+        return training_segments(sample, spec, rng)
 
     def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
         return self.render(sample, *self.segments(sample, spec, rng))
