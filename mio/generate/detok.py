@@ -107,7 +107,7 @@ def load_unclip_pipeline(folder: str | os.PathLike, device: torch.device | None 
         raise FileNotFoundError(f"unCLIP folder {path} has no model_index.json; put MIO's {MIO_UNCLIP_DIR}/ there")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device)
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
