@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mio.data.shards import file_sha256, iter_shard, list_shards, read_manifest
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Image, Segment, Text, Video
 
 
 def describe_segment(seg: Segment, max_chars: int = 160) -> str:

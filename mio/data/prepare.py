@@ -146,11 +146,8 @@ def _load(ctx: Context, ref: MediaRef, where: str) -> Any:
         return load_image(ref, recipe.filters, paired=recipe.data_type == "image_text")
     if ref.kind == "speech":
         codec = ctx.tok.get("speech", where)
-        wave = load_speech(ref, codec.sample_rate, recipe.filters.max_speech_seconds)
-        refusal = codec.refusal(wave)
-        if refusal:
-            raise SkipSample("speech_too_long" if "over" in refusal else "empty_audio", f"{ref.name}: {refusal}")
-        return wave
+        limits = [x for x in (recipe.filters.max_speech_seconds, codec.max_seconds) if x is not None]
+        return load_speech(ref, codec.sample_rate, min(limits) if limits else None)
     return _key_frames(ctx, ref, where)
 
 
