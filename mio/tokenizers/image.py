@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
+from mio.tokenizers.checkpoints import load_seed_checkpoint
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
 from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
 
@@ -62,8 +63,6 @@ class ImageTokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], where: str = "<dict>") -> "ImageTokenizer":
-        from mio.tokenizers.checkpoints import load_seed_checkpoint
-
         interpolation = spec.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:  # checked before building a large model
             raise ValueError(f"tokenizer spec {where}: interpolation must be one of {sorted(INTERPOLATIONS)}")

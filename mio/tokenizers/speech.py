@@ -12,6 +12,7 @@ synthetic audio, layer by layer on the RVQ residuals.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -218,8 +219,6 @@ def wav_truncation(path: Path) -> str | None:
 
 def load_speech_checkpoint(config_path: Path, ckpt_path: Path) -> tuple[dict[str, Any], SpeechTokenizer]:
     """The package's own loader (plain state dict; torch.load defaults to weights_only=True)."""
-    import json
-
     try:
         config = json.loads(Path(config_path).read_text())
     except json.JSONDecodeError as err:
