@@ -175,3 +175,12 @@ def test_media_two_ranks_equal_one(tmp_path):
     for rank in (0, 1):
         prepare(recipe, tmp_path / "two", tokenizer_dir=TINY, rank=rank, world_size=2)
     assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+
+
+def test_out_folder_of_another_dataset_is_refused(tmp_path):
+    _text_input(tmp_path, parts=1, rows=5)
+    prepare(_recipe(tmp_path, shard_size=10), tmp_path / "out")
+    other = tmp_path / "other.yaml"
+    other.write_text("data_type: text\ninput: part0.jsonl\n")
+    with pytest.raises(ValueError, match="another dataset"):
+        prepare(other, tmp_path / "out")

@@ -432,6 +432,9 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
     ranks = resolve_ranks(rank, world_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in out.glob("*.tar") if not p.name.startswith(f"{recipe.source}-")]
+    if foreign:
+        raise ValueError(f"{out} holds shards of another dataset ({foreign[0]}, ...); give each recipe its own --out")
     tok = MediaTokenizers(recipe, tokenizer_dir, ranks.local_rank)
     fingerprint = {"shard_format": SHARD_FORMAT, "recipe": recipe.sha256(), "tokenizers": tok.fingerprint()}
     parts = list_parts(recipe)

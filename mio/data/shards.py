@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -123,7 +124,8 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
 # --- decoding ---------------------------------------------------------------------------
 SAFE_EXTENSIONS = ("json", "npy")
 # The header np.save writes: {'descr': '<i2', 'fortran_order': False, 'shape': (4, 126), }
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|])([iu])([1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\Z")
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][iu][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\Z")
+_DTYPES: dict[bytes, np.dtype] = {}
 
 
 def load_npy(data: bytes, where: str) -> np.ndarray:
@@ -132,16 +134,17 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
     Only integer arrays are accepted: codes are integers."""
     if data[:6] == b"\x93NUMPY" and data[6:7] == b"\x01" and len(data) >= 10:
         hlen = int.from_bytes(data[8:10], "little")
-        m = _NPY_HEADER.match(data[10:10 + hlen])
+        m = _NPY_HEADER.match(data, 10, 10 + hlen)
         if m is not None:
-            order, kind, size = m.group(1).decode(), m.group(2).decode(), m.group(3).decode()
-            shape = tuple(int(x) for x in m.group(4).decode().replace(" ", "").split(",") if x)
-            dtype = np.dtype(f"{'<' if order == '|' else order}{kind}{size}")
-            count = int(np.prod(shape)) if shape else 1
-            body = data[10 + hlen:]
-            if len(body) != count * dtype.itemsize:
+            descr = m.group(1)
+            dtype = _DTYPES.get(descr)
+            if dtype is None:
+                dtype = _DTYPES[descr] = np.dtype(descr.replace(b"|", b"<").decode())
+            shape = tuple(int(x) for x in m.group(2).split(b",") if x.strip())
+            body = memoryview(data)[10 + hlen:]
+            if len(body) != math.prod(shape) * dtype.itemsize:
                 raise ShardError(f"{where}: npy body holds {len(body)} bytes, its header announces "
-                                 f"{count * dtype.itemsize}")
+                                 f"{math.prod(shape) * dtype.itemsize}")
             return np.frombuffer(body, dtype=dtype).reshape(shape).astype(np.int64)
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
