@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def unit_owner(part: int, chunk: int, n_parts: int, world: int) -> int:
 
 # --- tokenizers -----------------------------------------------------------------------------
 _BUILT: dict[tuple[str, str], Any] = {}  # (spec path, sha256) -> tokenizer, shared by prepare calls
+_BUILD_LOCK = threading.Lock()  # media threads may ask for a tokenizer first
 
 
 class MediaTokenizers:
@@ -108,12 +110,13 @@ class MediaTokenizers:
         path, sha = self.paths[kind], self.sha256(kind)
         if sha is None:
             raise FileNotFoundError(f"{where}: {kind} tokenizer spec {path} does not exist")
-        if (str(path), sha) not in _BUILT:
-            from mio.tokenizers import build_tokenizer
+        with _BUILD_LOCK:
+            if (str(path), sha) not in _BUILT:
+                from mio.tokenizers import build_tokenizer
 
-            _select_device(self.local_rank)
-            _BUILT[(str(path), sha)] = build_tokenizer(path)
-        return _BUILT[(str(path), sha)]
+                _select_device(self.local_rank)
+                _BUILT[(str(path), sha)] = build_tokenizer(path)
+            return _BUILT[(str(path), sha)]
 
 
 # --- one batch of rows -> samples -----------------------------------------------------------
