@@ -28,6 +28,7 @@ from test_generate_support import (SAMPLES, TINY_SEED, TINY_SPEECH, one_thread, 
 
 CAT = SAMPLES / "images" / "cat.jpg"
 CLIP = SAMPLES / "speech" / "clip01.wav"
+VIDEO = SAMPLES / "videos" / "cafe.mp4"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def fit_folder(tmp_path_factory) -> Path:
 def test_cli_writes_transcript_with_decoded_images_and_audio(fit_folder, tmp_path, capsys):
     out = tmp_path / "answer"
     rc = generate_main(["--model", str(fit_folder), "--prompt", "Look at {image} and listen:", "--image", str(CAT),
-                        "--speech", str(CLIP), "--out", str(out), "--max-new-tokens", "160", "--steps", "1",
+                        "--speech", str(CLIP), "--video", str(VIDEO), "--out", str(out), "--max-new-tokens", "160", "--steps", "1",
                         "--max-speech-frames", "3", "--set", "text.num_beams=1", "--set", "text.do_sample=true",
                         "--seed", "3"])
     assert rc == 0, capsys.readouterr().err
@@ -52,6 +53,10 @@ def test_cli_writes_transcript_with_decoded_images_and_audio(fit_folder, tmp_pat
             assert a["file"] and (out / a["file"]).stat().st_size > 0, a["note"]
     html = (out / "transcript.html").read_text()
     assert html.count("<audio controls") == 1 + kinds.count("speech") and '<img src="image_1.png"' in html
+    assert '<video controls loop autoplay muted src="prompt/3_cafe.mp4"' in html
+    prompt = np.asarray(record["prompt_ids"])
+    begins = np.flatnonzero(prompt == VocabTable.mio_default(len(text_tokenizer())).image_begin)
+    assert len(begins) == 5 and np.all(np.diff(begins[1:]) == 34)  # the photo, then the video's 4 key frames back to back
     md = (out / "transcript.md").read_text()
     assert "![image: cat.jpg](prompt/1_cat.jpg)" in md and "(speech_1.wav)" in md
     assert record["settings"]["speech"]["repetition_penalty"] == 1.15 and record["settings"]["text"]["num_beams"] == 1

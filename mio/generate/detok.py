@@ -42,6 +42,9 @@ class UnclipSettings:
             raise ValueError(f"unCLIP noise level must be >= 0, got {self.noise_level}")
 
 
+DEFAULT_UNCLIP = UnclipSettings()
+
+
 @dataclass(frozen=True)
 class TinyUnclipConfig:
     """A random unCLIP pipeline small enough for tests: 32x32 images in well under a second a step."""
@@ -148,7 +151,7 @@ def _seed_embed_dim(spec: dict[str, Any]) -> int:
 class ImageDecoder:
     """Image codes -> images through the SEED decoder head and an unCLIP pipeline."""
 
-    def __init__(self, image_tokenizer: Any, pipeline: Any, settings: UnclipSettings = UnclipSettings()) -> None:
+    def __init__(self, image_tokenizer: Any, pipeline: Any, settings: UnclipSettings = DEFAULT_UNCLIP) -> None:
         self.tokenizer = image_tokenizer
         self.pipeline = pipeline
         self.settings = settings

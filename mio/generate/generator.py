@@ -18,8 +18,8 @@ import torch
 
 from mio.generate.constraints import TEXT, ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
-from mio.generate.media import IMAGE, KINDS, SPEECH, VIDEO, MediaFile, MediaTokenizers
+from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
+from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
 from mio.generate.settings import DecodeSettings, resolve_settings
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
@@ -96,7 +96,8 @@ class Generator:
         self.name = name
         self.encode_text = TextEncoder(tokenizer)
         self.stop_ids = _stop_ids(model, tokenizer)
-        self._decoders: dict[str, Any] = {}
+        self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
+        self._speech_decoder: SpeechDecoder | None = None
 
     # --- prompt ----------------------------------------------------------------------------
     def prompt_turns(self, prompt: Prompt) -> list[Turn]:
@@ -186,7 +187,7 @@ class Generator:
         if end.kind != TEXT:
             cut = max(end.start - p, 0)
             inside = len(full) - end.start - 1
-            want = "32 image codes" if end.kind == IMAGE else "all speech layers"
+            want = f"{constraint.tokens_per_image} image codes" if end.kind == IMAGE else "all speech layers"
             partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
                                                      f"inside a {end.kind} block after {inside} codes, before {want} "
                                                      f"and its end token; it is not decoded")
@@ -198,20 +199,18 @@ class Generator:
 
     # --- decoding to files -----------------------------------------------------------------
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
-        key = f"image:{settings}"
-        if key not in self._decoders:
-            pipeline, source = self.media.unclip_pipeline()
-            self._decoders[key] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
-            self._decoders["unclip_source"] = source
-        return self._decoders[key]
+        if settings not in self._image_decoders:
+            pipeline, _ = self.media.unclip_pipeline()
+            self._image_decoders[settings] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
+        return self._image_decoders[settings]
 
     def speech_decoder(self) -> SpeechDecoder:
-        if SPEECH not in self._decoders:
-            self._decoders[SPEECH] = SpeechDecoder(self.media.get(SPEECH))
-        return self._decoders[SPEECH]
+        if self._speech_decoder is None:
+            self._speech_decoder = SpeechDecoder(self.media.get(SPEECH))
+        return self._speech_decoder
 
     def decode(self, generation: Generation, out_dir: str | os.PathLike,
-               unclip: UnclipSettings = UnclipSettings()) -> list[Decoded]:
+               unclip: UnclipSettings = DEFAULT_UNCLIP) -> list[Decoded]:
         """Write every answer segment's media into ``out_dir``; a segment that cannot be decoded
         is reported with the reason instead."""
         out = Path(out_dir)
@@ -252,13 +251,13 @@ class Generator:
         return item
 
     def write(self, generation: Generation, out_dir: str | os.PathLike,
-              unclip: UnclipSettings = UnclipSettings()) -> Path:
+              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Path:
         """Decode the answer and write ``transcript.md``, ``transcript.html`` and
         ``generation.json`` (ids, codes, settings) beside the media; returns the .md path."""
         from mio.generate.transcript import write_transcript
 
         decoded = self.decode(generation, out_dir, unclip)
-        info = {"model": self.name, "unclip": self._decoders.get("unclip_source"), "unclip_settings": unclip}
+        info = {"model": self.name, "unclip": self.media.unclip_source, "unclip_settings": unclip}
         return write_transcript(Path(out_dir), generation, decoded, info)
 
 

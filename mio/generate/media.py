@@ -190,6 +190,11 @@ class MediaTokenizers:
             self._unclip = unclip_for(self)
         return self._unclip
 
+    @property
+    def unclip_source(self) -> str | None:
+        """Where the unCLIP pipeline came from, once it is built."""
+        return self._unclip[1] if self._unclip is not None else None
+
     def encode(self, item: MediaFile) -> Segment:
         """A prompt file -> its segment (speech keeps every layer; templates cut input speech to
         layer 1; a video's key frames follow its scenes, as for interleaved video)."""
