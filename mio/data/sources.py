@@ -88,7 +88,8 @@ def list_parts(recipe: Recipe) -> list[Part]:
         if fmt == "folder" and not os.path.isdir(loc):
             raise ValueError(f"{where}: input format is folder, but {loc} is not a folder")
         base = media_root or (None if _is_url(loc) else (Path(loc) if fmt == "folder" else Path(loc).parent))
-        name = loc if _is_url(loc) else os.path.relpath(loc, recipe.path.parent)
+        rel = loc if _is_url(loc) else os.path.relpath(loc, recipe.path.parent)
+        name = loc if rel.startswith("..") else rel  # beside the recipe: short; elsewhere: absolute
         parts.append(Part(i, name, loc, fmt, base))
     return parts
 
@@ -96,7 +97,7 @@ def list_parts(recipe: Recipe) -> list[Part]:
 def _read_url_lists(files: list[str], where: str) -> list[str]:
     urls = []
     for f in files:
-        for lineno, line in enumerate(Path(f).read_text().splitlines(), 1):
+        for line in Path(f).read_text().splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -111,8 +112,8 @@ def _read_url_lists(files: list[str], where: str) -> list[str]:
 
 # --- rows per format ----------------------------------------------------------------------
 def iter_rows(part: Part) -> Iterator[Row]:
-    readers = {"jsonl": _jsonl_rows, "json": _json_array_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows,
-               "folder": _folder_rows, "tar": _tar_rows}
+    readers = {"jsonl": _jsonl_rows, "json": _json_array_rows, "csv": _csv_rows, "tsv": _csv_rows,
+               "parquet": _parquet_rows, "folder": _folder_rows, "tar": _tar_rows}
     return readers[part.format](part)
 
 
