@@ -21,6 +21,7 @@ Figures (CPU threads of this machine, or the GPU when present):
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,7 @@ def bench_tokenizers(
         "bench": "tokenizers",
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes inflate every figure
         "image_tiny_images_per_s": round(images_per_s(tiny_image, tiny_images, repeats), 2),
         "full_batch": full_batch,
         "vit_forward_s": round(vit_s, 3),
