@@ -1,159 +1,141 @@
-"""Reading prepared datasets into packed training batches.
+"""The training reader: a global order of packed rows that does not depend on the number of
+ranks or DataLoader workers, and a data position that is one number.
 
-shards -> safe decode -> templates (directions drawn per sample, seeded by rank and worker)
--> text tokenizer -> token samples -> weighted mixture of datasets -> best-fit packer ->
-collated batches. Every stage of the chain is a picklable object, so it runs in DataLoader
-workers.
+A stage's global batch has ``G = batch_size x world_size`` rows (packs). Row ``j`` of every
+global batch comes from *row stream* ``j``: the reading pipeline of :mod:`mio.data.reading` run as
+reader slot ``j`` of ``G`` -- its 1/G share of every dataset (whole shards, or every G-th sample),
+its own token-balanced mixture and best-fit packer, every draw seeded by (seed, j). Rank ``r``
+trains rows ``[r*R, (r+1)*R)`` (``R = batch_size``); its DataLoader workers split those streams.
+Hence:
+
+- the ranks' samples are disjoint and together cover each dataset once per epoch;
+- the global batches are the same for any split of ``G`` rows over ranks: 2 processes x 1 row
+  train on exactly what 1 process x 2 rows trains on;
+- the data position is the number of micro-batches consumed: every stream has emitted exactly
+  that many packs. Resuming replays each stream up to it (reading, rendering and packing only;
+  no model work) and goes on with the next pack, on any number of ranks whose rows add up to ``G``.
 """
 
 from __future__ import annotations
 
-import random
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
-import webdataset as wds
 
-from mio.data.packing import BestFitPacker, TokenSample, collate_packs
-from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
-from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, render
-from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat)
-from mio.vocab import VocabError, VocabTable
+from mio.data.packing import IGNORE_INDEX, BestFitPacker, Pack, TokenSample, collate_packs
+from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
+# `mio inspect --backbone` renders samples with the reader's Renderer, imported from here.
+from mio.data.reading import Renderer  # noqa: F401
 
-PAIR_TYPES = {"image_text": (Image,), "speech_text": (Speech,), "video_text": (Video, Image)}
+__all__ = ["DatasetSpec", "Renderer", "Row", "KeyedPacker", "row_stream", "RankRows", "RankBatches"]
 
 
 @dataclass
-class DatasetSpec:
-    """One prepared dataset in a stage's mixture.
+class Row:
+    """One pack of a micro-batch and the keys of the samples it holds, in pack order (the pieces
+    of a cut text sample repeat its key)."""
 
-    ``weight`` is its share of samples; ``format`` renders it as pretraining text with
-    templates or as ChatML conversations (pair data then becomes conversations of ``tasks``).
+    pack: Pack
+    keys: list[str]
+
+
+class KeyedPacker(BestFitPacker):
+    """A :class:`BestFitPacker` whose packs say which samples they hold.
+
+    ``Pack`` records the lengths of its sequences, not their keys; each sequence is found again
+    by its token ids among the sequences placed and not yet emitted.
     """
 
-    path: str
-    weight: float = 1.0
-    format: str = "pretrain"
-    tasks: list[str] = field(default_factory=list)
-    asr_template: str = "asr"
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._placed: dict[bytes, list[str]] = {}  # token ids of a waiting sequence -> keys, in arrival order
 
-    def __post_init__(self) -> None:
-        if self.format not in ("pretrain", "sft"):
-            raise ValueError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
-        if self.weight <= 0:
-            raise ValueError(f"dataset {self.path}: weight must be positive, got {self.weight}")
-        unknown = [t for t in self.tasks if t not in PAIR_TASKS]
-        if unknown:
-            raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+    def sequences(self, samples: Iterable[TokenSample]) -> Iterator[TokenSample]:
+        for seq in super().sequences(samples):
+            self._placed.setdefault(seq.input_ids.tobytes(), []).append(seq.key)
+            yield seq
 
-
-class Renderer:
-    """A stored sample -> a :class:`TokenSample` for the given dataset spec."""
-
-    def __init__(self, tokenizer: Any, table: VocabTable) -> None:
-        self.encode = TextEncoder(tokenizer)
-        self.table = table
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-
-    def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-        """The segments to train on, and whether the sample is text only (may be cut)."""
-        if spec.format == "sft":
-            if sample.turns is not None:
-                return render_chat(sample.turns, task=sample.task), False
-            if not spec.tasks:
-                raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
-            task = spec.tasks[rng.randrange(len(spec.tasks))]
-            media = [s for s in sample.segments if not isinstance(s, Text)]
-            text = "".join(s.text for s in sample.segments if isinstance(s, Text))
-            return render_chat(pair_conversation(task, media[0], text), task=task), False
-        if sample.turns is not None:
-            raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
-        segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template)
-        return segs, all(isinstance(s, Text) for s in segs)
-
-    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
-        segs, text_only = self.segments(sample, spec, rng)
-        r = render(segs, self.table, self.encode, bos_id=self.bos, eos_id=self.eos, where=sample.key)
-        return TokenSample(input_ids=r.input_ids, labels=r.labels, text_only=text_only,
-                           modality=self.table.modality(r.input_ids))
+    def rows(self, samples: Iterable[TokenSample]) -> Iterator[Row]:
+        for pack in self(samples):
+            keys, start = [], 0
+            for n in pack.seq_lens:
+                ids = pack.input_ids[start:start + n].tobytes()
+                start += n
+                waiting = self._placed[ids]
+                keys.append(waiting.pop(0))
+                if not waiting:
+                    del self._placed[ids]
+            yield Row(pack, keys)
 
 
-def worker_identity() -> tuple[int, int]:
-    """(global worker index, number of workers over all ranks)."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = torch.utils.data.get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * nw + wid, world * nw
+def row_stream(mixture: MixtureBatches, stream: int, streams: int) -> Iterator[Row]:
+    """Row stream ``stream`` of ``streams``: reader slot ``stream`` of the mixture, packed."""
+    packer = KeyedPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
+                         pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream)
+    return packer.rows(d.sample for d in mixture.draws(ReaderSlot(rank=stream, world=streams)))
 
 
-def stored_samples(shards: Sequence[str], seed: int, worker: int, num_workers: int,
-                   errors: Counter) -> Iterator[StoredSample]:
-    """This worker's share of a dataset, forever: each pass reshuffles the shard order and
-    deals samples round-robin over all workers of all ranks (so one shard serves many)."""
-    epoch = 0
-    while True:
-        order = list(shards)
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        index = 0
-        yielded = False
-        for raw in wds.WebDataset(order, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                  workersplitter=None, handler=wds.reraise_exception):
-            index += 1
-            if (index - 1) % num_workers != worker:
-                continue
-            try:
-                yield decode_sample(raw)
-                yielded = True
-            except ShardError:
-                errors["bad_shard_sample"] += 1
-        if not yielded:
-            raise ValueError(f"dataset shards {list(shards)[:3]}... gave this worker no readable sample")
-        epoch += 1
+class RankRows(torch.utils.data.IterableDataset):
+    """The rows of one rank, micro-batch after micro-batch: streams ``first .. first+count-1``
+    in order, each after skipping its first ``skip`` packs.
 
+    With ``k`` DataLoader workers, worker ``w`` runs streams ``first+w, first+w+k, ...``; the
+    DataLoader takes one item from each worker in turn, which restores stream order as long as
+    ``k`` divides ``count``.
+    """
 
-class MixtureStream(torch.utils.data.IterableDataset):
-    """Packed, collated batches drawn from a weighted mixture of prepared datasets."""
-
-    def __init__(self, datasets: Sequence[DatasetSpec], root: str, tokenizer: Any, table: VocabTable,
-                 context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
-                 seed: int = 0) -> None:
+    def __init__(self, mixture: MixtureBatches, first: int, count: int, streams: int, skip: int = 0) -> None:
         super().__init__()
-        self.specs = list(datasets)
-        self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
-        self.renderer = Renderer(tokenizer, table)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.context_length, self.batch_size = context_length, batch_size
-        self.buffer_size, self.pad_to_multiple_of, self.seed = buffer_size, pad_to_multiple_of, seed
-        self.errors: Counter = Counter()
+        self.mixture, self.first, self.count, self.streams, self.skip = mixture, first, count, streams, skip
 
-    def token_samples(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[TokenSample]:
-        streams = [stored_samples(s, self.seed, worker, num_workers, self.errors) for s in self.shards]
-        weights = [s.weight for s in self.specs]
+    def __iter__(self) -> Iterator[Row]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = range(self.first + worker, self.first + self.count, workers)
+        streams = [itertools.islice(row_stream(self.mixture, j, self.streams), self.skip, None) for j in mine]
         while True:
-            i = rng.choices(range(len(streams)), weights)[0]
-            sample = next(streams[i])
-            try:
-                yield self.renderer(sample, self.specs[i], rng)
-            except (VocabError, ConversationError, ValueError) as e:
-                self.errors[f"render:{type(e).__name__}"] += 1
-                if self.errors.total() > 1000 and self.errors.total() > 0.5 * (sum(self.errors.values()) + 1000):
-                    raise ValueError(f"too many samples fail to render; last: {e}") from e
+            for s in streams:
+                yield next(s)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, num_workers = worker_identity()
-        rng = random.Random(f"{self.seed}-{worker}")
-        packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
-                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + worker)
-        batch = []
-        for pack in packer(self.token_samples(rng, worker, num_workers)):
-            batch.append(pack)
-            if len(batch) == self.batch_size:
-                yield collate_packs(batch, pad_id=self.pad_id)
-                batch = []
+
+def _rows_as_they_are(row: Row) -> Row:
+    return row
+
+
+class RankBatches:
+    """This rank's micro-batches: ``collate_packs`` of its rows, plus
+
+    - ``keys``: per row, the keys of its samples (what a step trained on, for the sample ledger);
+    - ``step_supervised``: supervised tokens of this rank's micro-batches of the same optimizer
+      step (``accumulate`` of them), so the loss can weigh every token of the global batch alike.
+
+    An iterable, not a DataLoader: the rows come from a DataLoader over :class:`RankRows` and are
+    grouped here, in the main process, so that a micro-batch holds rows of several workers.
+    """
+
+    def __init__(self, rows: RankRows, accumulate: int = 1, num_workers: int = 0) -> None:
+        if num_workers and rows.count % num_workers:
+            raise ValueError(f"data.num_workers ({num_workers}) must divide data.batch_size ({rows.count}): "
+                             "each worker runs whole row streams")
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.rows, self.accumulate, self.num_workers = rows, accumulate, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        per_step = self.rows.count * self.accumulate
+        # One optimizer step's rows in flight per worker, so a step never waits on a single row.
+        extra = {"prefetch_factor": max(2, -(-per_step // self.num_workers))} if self.num_workers else {}
+        loader = torch.utils.data.DataLoader(self.rows, batch_size=None, num_workers=self.num_workers,
+                                             collate_fn=_rows_as_they_are, **extra)
+        rows = iter(loader)
+        pad_id = self.rows.mixture.pad_id
+        while True:
+            step = [[next(rows) for _ in range(self.rows.count)] for _ in range(self.accumulate)]
+            supervised = sum(int((r.pack.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
+            for micro in step:
+                batch: dict[str, Any] = collate_packs([r.pack for r in micro], pad_id=pad_id)
+                batch["keys"] = [r.keys for r in micro]
+                batch["step_supervised"] = torch.tensor(supervised, dtype=torch.int64)
+                yield batch

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class StepLog(L.Callback):
@@ -30,3 +34,63 @@ class StepLog(L.Callback):
         tps = float(m["tok/s"]) if "tok/s" in m else float("nan")
         print(f"[mio] step {step}/{trainer.max_steps} loss {loss:.3f} tokens/s {tps:.0f} "
               f"elapsed {elapsed:.0f}s left {left:.0f}s", file=sys.stderr, flush=True)
+
+
+class SampleLedger(L.Callback):
+    """What every optimizer step trained on, per rank: ``<default_root_dir>/ledger/rank{r}.jsonl``,
+    one line per step with the global step, the keys of the samples of each row (of every
+    micro-batch of the step), the step's loss and, with ``weights_digest``, a SHA-256 of the
+    weights after the step (identical on every rank of a data-parallel run).
+
+    A resumed run first drops the lines past the step it resumed from, so the ledger is the
+    history of the run as checkpointed: after a kill and a resume, no step appears twice.
+    """
+
+    def __init__(self, weights_digest: bool = False) -> None:
+        self.weights_digest = weights_digest
+        self.path: Path | None = None
+        self._rows: list[list[str]] = []
+        self._step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path = Path(trainer.default_root_dir) / "ledger" / f"rank{trainer.global_rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in _ledger_lines(self.path) if line["step"] <= trainer.global_step]
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        self._rows += batch.get("keys", [])
+        if trainer.global_step == self._step:
+            return  # a micro-batch of a step still accumulating
+        self._step = trainer.global_step
+        line = {"step": trainer.global_step, "keys": self._rows,
+                "loss": float(trainer.callback_metrics.get("loss", float("nan")))}
+        self._rows = []
+        if self.weights_digest:
+            line["weights"] = weights_digest(pl_module)
+        assert self.path is not None
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in order: equal exactly when the weights are."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _ledger_lines(path: Path) -> list[dict]:
+    """The complete lines of a ledger (a run killed while writing leaves half a line)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines

@@ -1,7 +1,16 @@
-"""`mio fit`: LightningCLI over the one module and data module; a stage is a YAML file."""
+"""`mio fit`: LightningCLI over the one module and data module; a stage is a YAML file.
+
+Multi-process runs start the same command under ``torchrun`` or ``srun`` (Lightning reads the
+ranks from their environment), e.g. ``torchrun --nproc_per_node 8 -m mio.train.cli --config
+stages/1_alignment.yaml``. ``--ckpt_path last`` resumes the stage from its newest checkpoint (or
+starts it when there is none yet), to the sample.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -9,6 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
+
+CHECKPOINT_CLASSES = ("ModelCheckpoint", "AtomicCheckpoint")
 
 
 class MioCLI(LightningCLI):
@@ -20,10 +31,20 @@ class MioCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        root = trainer.default_root_dir or "."
         if trainer.logger in (None, True):
-            # CSV by default (always installed), next to the stage's outputs.
-            trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                              "init_args": {"save_dir": trainer.default_root_dir or ".", "name": "logs"}}
+            # CSV always (next to the stage's outputs), TensorBoard too when it is installed.
+            trainer.logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": root, "name": "logs"}}]
+            if importlib.util.find_spec("tensorboard") is not None:
+                trainer.logger.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                       "init_args": {"save_dir": root, "name": "tensorboard"}})
+        callbacks = trainer.callbacks or []
+        has_checkpoint = any(str(c.get("class_path", "")).endswith(CHECKPOINT_CLASSES) for c in callbacks
+                             if hasattr(c, "get"))
+        if trainer.enable_checkpointing is not False and not has_checkpoint:
+            # Resumable by default: atomic checkpoints that hold the data position.
+            trainer.callbacks = [*callbacks, {"class_path": "mio.train.checkpoint.AtomicCheckpoint"}]
 
 
 def fit(argv: list[str]) -> Path:
@@ -36,3 +57,18 @@ def fit(argv: list[str]) -> Path:
     out = cli.model.output_path
     assert out is not None, "training ended without writing the stage's model folder"
     return out
+
+
+def main(argv: list[str]) -> int:
+    try:
+        out = fit(argv)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[mio] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

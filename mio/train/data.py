@@ -1,50 +1,79 @@
-"""The one DataModule of every stage: a weighted mixture of prepared datasets, packed."""
+"""The one DataModule of every stage: a token-balanced mixture of prepared datasets, packed, in a
+global row order that resumes to the sample (see :mod:`mio.data.pipeline`)."""
 
 from __future__ import annotations
 
+import glob
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
+import yaml
 from transformers import AutoTokenizer
 
-from mio.data.pipeline import DatasetSpec, MixtureStream
-from mio.data.shards import read_manifest
+from mio.data.pipeline import RankBatches, RankRows
+from mio.data.reading import DatasetSpec, MixtureBatches
+from mio.data.shards import list_shards, read_manifest
+from mio.model.attention import pad_multiple
 from mio.vocab import VOCAB_FILE, VocabTable
 
 
 class MioDataModule(L.LightningDataModule):
-    """Batches of ``batch_size`` packs of ``context_length`` tokens per rank and step.
+    """Micro-batches of ``batch_size`` packs of ``context_length`` tokens per rank.
 
-    ``backbone`` and ``extend_vocab`` are linked from the model's settings by the CLI: the
-    text tokenizer and the vocabulary table come from the backbone folder.
+    ``backbone`` and ``extend_vocab`` are linked from the model's settings by the CLI: the text
+    tokenizer comes from the backbone folder, the vocabulary table from the model.
+
+    Args:
+        datasets: the mixture: prepared dataset folders (or shard globs) under ``root`` with weights
+            (shares of the tokens, or of the samples with ``balance: samples``).
+        batch_size: packs per rank and micro-batch; the global batch has ``batch_size x world size``
+            rows, and that count must stay the same when a run resumes.
+        buffer_size: partially filled packs each row stream holds open (best fit).
+        shuffle_buffer: samples each row stream shuffles over, per dataset.
+        num_workers: DataLoader workers per rank; they must divide ``batch_size``.
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
-                 seed: int = 0, backbone: str = "", extend_vocab: bool = False) -> None:
+                 seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
+                 shuffle_buffer: int = 256) -> None:
         super().__init__()
         if not datasets:
             raise ValueError("data.datasets is empty: a stage needs at least one prepared dataset")
         if context_length < 8:
             raise ValueError(f"data.context_length must be at least 8, got {context_length}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if balance not in ("tokens", "samples"):
+            raise ValueError(f"data.balance must be 'tokens' or 'samples', got {balance!r}")
         self.datasets, self.root = datasets, root
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
-        self.stream: MixtureStream | None = None
+        self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.mixture: MixtureBatches | None = None
+        self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
+        self.consumed = 0  # micro-batches this run's position is past: the data position
 
-    def vocab_table(self, tokenizer: Any) -> VocabTable:
-        folder = Path(self.backbone)
-        if self.extend_vocab:
-            return VocabTable.mio_default(len(tokenizer))
-        if (folder / VOCAB_FILE).is_file():
-            return VocabTable.load(folder)
-        return VocabTable.from_tokenizer(tokenizer)
+    # --- what the stage reads ---------------------------------------------------------------
+    def dataset_folders(self, spec: DatasetSpec) -> list[Path]:
+        """The prepared-dataset folders of one mixture entry: the folder itself, or the folders
+        holding the shards a glob matches (each has the manifest of its dataset)."""
+        path = Path(self.root) / spec.path
+        if path.is_dir():
+            list_shards(path)
+            return [path]
+        shards = sorted(glob.glob(str(path)))
+        if not shards:
+            raise FileNotFoundError(f"data.datasets entry {spec.path!r}: {path} is neither a prepared dataset "
+                                    f"folder nor a glob matching any shard (data.root is {self.root!r})")
+        return sorted({Path(s).parent for s in shards})
 
     def manifests(self) -> dict[str, dict[str, Any]]:
-        return {d.path: read_manifest(Path(self.root) / d.path) for d in self.datasets}
+        return {str(folder): read_manifest(folder) for d in self.datasets for folder in self.dataset_folders(d)}
 
     def tokenizer_specs(self) -> dict[str, dict[str, Any]]:
         """The modality tokenizer specs the datasets were prepared with (one per kind)."""
@@ -57,15 +86,112 @@ class MioDataModule(L.LightningDataModule):
                 specs[kind] = spec
         return specs
 
-    def setup(self, stage: str) -> None:
-        if self.stream is not None:
-            return
-        tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
-        self.stream = MixtureStream(self.datasets, self.root, tokenizer, self.vocab_table(tokenizer),
-                                    self.context_length, self.batch_size, self.buffer_size,
-                                    self.pad_to_multiple_of, self.seed)
+    def vocab_table(self, tokenizer: Any) -> VocabTable:
+        """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
+        if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
+            return self.trainer.lightning_module.table
+        if self.extend_vocab:
+            return VocabTable.mio_default(len(tokenizer))
+        if (Path(self.backbone) / VOCAB_FILE).is_file():
+            return VocabTable.load(self.backbone)
+        return VocabTable.from_tokenizer(tokenizer)
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        assert self.stream is not None
-        return torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                           persistent_workers=self.num_workers > 0)
+    # --- checks before any step ------------------------------------------------------------------
+    def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> None:
+        """The stage's data must speak the model's vocabulary: codebook sizes and speech layers of
+        the tokenizers the data was prepared with equal the table's, and a modality the backbone
+        was trained on keeps the tokenizer it was trained with."""
+        for kind, spec in self.tokenizer_specs().items():
+            if kind in inherited and inherited[kind].get("sha256") != spec.get("sha256"):
+                raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the one "
+                                 f"the backbone {self.backbone} was trained with ({inherited[kind].get('path')})")
+            for field, size in tokenizer_vocab_sizes(kind, spec).items():
+                if getattr(table, field) != size:
+                    raise ValueError(f"vocabulary table mismatch: the {kind} tokenizer of this stage's data "
+                                     f"({spec['path']}) needs {field} {size}, the table of the backbone "
+                                     f"{self.backbone} has {getattr(table, field)}")
+
+    def check_context(self, model_config: Any, backend: str) -> int:
+        """The padded pack length, checked against the backbone's position limit."""
+        pad = math.lcm(self.pad_to_multiple_of, pad_multiple(backend))
+        length = -(-self.context_length // pad) * pad
+        limit = getattr(model_config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            raise ValueError(f"data.context_length {self.context_length} (padded to {length}) exceeds the backbone "
+                             f"{self.backbone}'s max_position_embeddings {limit}")
+        return pad
+
+    # --- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.mixture is not None:
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
+        table = self.vocab_table(tokenizer)
+        pad = self.pad_to_multiple_of
+        if module is not None:
+            self.check_tokenizers(table, getattr(module, "inherited_specs", {}))
+            pad = self.check_context(module.model.config, module.attn_backend)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.rows = self.batch_size * world
+        for d in self.datasets:
+            self.dataset_folders(d)  # a glob matching nothing fails here, not in a worker
+        self.mixture = MixtureBatches(self.datasets, self.root, tokenizer, table, self.context_length, self.batch_size,
+                                      self.buffer_size, pad, self.seed, self.balance, self.shuffle_buffer)
+
+    def train_dataloader(self) -> RankBatches:
+        assert self.mixture is not None, "setup() first"
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
+                        skip=self.consumed)
+        return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted as the batch enters a training step (the loader prefetches ahead of that).
+        if self.trainer is not None and self.trainer.training:
+            self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.consumed, **self._order()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in self._order().items():
+            if state.get(key) != value:
+                raise ValueError(f"cannot resume to the sample: the checkpoint's data {key} is {state.get(key)!r}, "
+                                 f"this run's is {value!r} (the global batch is data.batch_size x devices x nodes)")
+        self.consumed = int(state["micro_batches"])
+
+    def _order(self) -> dict[str, Any]:
+        """What fixes the global sample order: resuming needs all of it unchanged."""
+        return {"rows": self.rows, "seed": self.seed, "context_length": self.context_length,
+                "buffer_size": self.buffer_size, "shuffle_buffer": self.shuffle_buffer, "balance": self.balance,
+                "datasets": [asdict(d) for d in self.datasets]}
+
+
+def _spec_content(spec: dict[str, Any]) -> dict[str, Any] | None:
+    if "content" in spec:
+        return spec["content"]
+    path = Path(spec.get("path", ""))
+    return yaml.safe_load(path.read_text()) if path.is_file() else None  # prepared elsewhere: unknown
+
+
+def tokenizer_vocab_sizes(kind: str, spec: dict[str, Any]) -> dict[str, int]:
+    """The vocabulary-table fields a modality tokenizer spec fixes (those it states)."""
+    content = _spec_content(spec)
+    if content is None:
+        return {}
+    model = content.get("model") or {}
+    if kind == "video" and isinstance(content.get("image"), str):
+        image = Path(spec.get("path", "")).parent / content["image"]
+        return tokenizer_vocab_sizes("image", {"path": str(image)})
+    sizes = {}
+    if kind == "image" and "codebook_size" in model:
+        sizes["image_codebook_size"] = int(model["codebook_size"])
+    if kind == "speech":
+        if "codebook_size" in model:
+            sizes["speech_codebook_size"] = int(model["codebook_size"])
+        if "num_layers" in content:
+            sizes["speech_layers"] = int(content["num_layers"])
+    return sizes

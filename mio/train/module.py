@@ -15,7 +15,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
+from mio.train.checkpoint import plain, rng_state, set_rng_state
+from mio.train.flops import FlopCounts, peak_flops, sample_lengths
 from mio.vocab import MODALITY_NAMES
+
+# Per-step figures, summed over ranks in one all-reduce: a vector with these entries, then
+# (loss sum, supervised targets, real tokens) for each modality of MODALITY_NAMES.
+STATS = ("loss_sum", "supervised", "step_supervised", "real", "capacity", "flops")
 
 
 class MioModule(L.LightningModule):
@@ -51,9 +57,12 @@ class MioModule(L.LightningModule):
             self.model = apply_lora(self.model, lora, self.table, backbone)
         # --- end LoRA ---
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: gradients reach every parameter, as DDP and FSDP expect.
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
         self.model.train()  # from_pretrained returns the model in eval mode
+        self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
+        self._peak_flops: float | None = None
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
@@ -81,11 +90,13 @@ class MioModule(L.LightningModule):
         # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
         token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (N,)
-        n_global = self._all_reduce(supervised.sum().float())
-        # Sum over the rank's tokens / global count; DDP averages gradients over ranks, so
-        # scale by the world size to get the mean over the global batch.
-        loss = token_loss.sum() / n_global.clamp(min=1) * self.trainer.world_size
-        self._log_step(token_loss.detach(), batch, supervised, n_global)
+        stats = self._step_stats(token_loss.detach(), batch, supervised)  # (K,) summed over ranks
+        # Every supervised token of the optimizer step's global batch weighs the same: the sum
+        # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
+        # averages gradients over ranks and Lightning divides by the accumulation count: undo both.
+        n_step = stats[STATS.index("step_supervised")].clamp(min=1).float()
+        loss = token_loss.sum() / n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self._log_step(stats, batch["input_ids"].shape[0])
         return loss
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,28 +105,67 @@ class MioModule(L.LightningModule):
         return x
 
     @torch.no_grad()
-    def _log_step(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
-                  n_global: torch.Tensor) -> None:
+    def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor],
+                    supervised: torch.Tensor) -> torch.Tensor:
+        """The figures of STATS for this micro-batch, summed over ranks: (K,) float64."""
         modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
-        metrics = {"train/loss": self._all_reduce(token_loss.sum()) / n_global.clamp(min=1)}
-        for mid, name in MODALITY_NAMES.items():
+        real = batch["document_ids"] >= 0  # (B, L)
+        n_supervised = supervised.sum()
+        flops = self.flop_counts.step_flops(sample_lengths(batch["document_ids"]), n_supervised)
+        values = [token_loss.sum(), n_supervised, batch.get("step_supervised", n_supervised), real.sum(),
+                  real.numel(), flops]
+        for mid in MODALITY_NAMES:
             sel = modality == mid
-            count = self._all_reduce(sel.sum().float())
-            if count > 0:
-                metrics[f"train/loss_{name}"] = self._all_reduce(token_loss[sel].sum()) / count
-        real = batch["document_ids"] >= 0
-        n_real = real.sum().float()
-        metrics["train/packing_efficiency"] = n_real / real.numel()
-        for mid, name in MODALITY_NAMES.items():
-            metrics[f"train/share_{name}"] = ((batch["modality"] == mid) & real).sum() / n_real.clamp(min=1)
+            values += [token_loss[sel].sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
+        return self._all_reduce(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                                             for v in values]))
+
+    def _log_step(self, stats: torch.Tensor, rows: int) -> None:
+        figures = dict(zip(STATS, stats[:len(STATS)].tolist()))
+        real = figures["real"]
+        metrics = {"train/loss": figures["loss_sum"] / max(figures["supervised"], 1),
+                   "train/packing_efficiency": real / figures["capacity"]}
+        per_modality = stats[len(STATS):].view(-1, 3).tolist()  # (modalities, 3)
+        for name, (loss_sum, count, tokens) in zip(MODALITY_NAMES.values(), per_modality):
+            # NaN when the step has none: a missing key would show the previous step's value.
+            metrics[f"train/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+            metrics[f"train/share_{name}"] = tokens / max(real, 1)
         now = time.perf_counter()
         if self._t0:
-            metrics["train/tokens_per_sec"] = torch.tensor(n_real.item() * self.trainer.world_size / (now - self._t0))
+            seconds = now - self._t0
+            metrics["train/tokens_per_sec"] = real / seconds  # real tokens of all ranks
+            achieved = figures["flops"] / seconds / self.trainer.world_size  # per device
+            metrics["train/tflops_per_device"] = achieved / 1e12
+            if self._peak_flops:
+                metrics["train/mfu"] = achieved / self._peak_flops
         self._t0 = now
-        self.log_dict(metrics, prog_bar=False, batch_size=batch["input_ids"].shape[0])
+        self.log_dict(metrics, prog_bar=False, batch_size=rows)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
             self.log("tok/s", metrics["train/tokens_per_sec"], prog_bar=True, logger=False, batch_size=1)
+
+    def on_train_start(self) -> None:
+        self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
+
+    # --- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
+        checkpoint["mio_vocab"] = self.table.to_dict()
+        # Every rank's random state (dropout, sampling): called on all ranks, written by rank 0.
+        states = [rng_state()]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["mio_rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("mio_vocab")
+        if saved is not None and saved != self.table.to_dict():
+            raise ValueError(f"the checkpoint was trained with another vocabulary table than the backbone "
+                             f"{self.hparams.backbone}'s: resume with the backbone the checkpoint's run started from")
+        states = checkpoint.get("mio_rng") or []
+        if len(states) == self.trainer.world_size:  # else (another world size) the seeds of this run stay
+            set_rng_state(states[self.trainer.global_rank])
 
     # --- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -137,6 +187,8 @@ class MioModule(L.LightningModule):
         folder = "adapter" if self.hparams.lora is not None else "model"  # LoRA: a PEFT adapter folder
         out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / folder)
         self.output_path = out
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        model = _unsharded(self)  # a collective under FSDP
         if not self.trainer.is_global_zero:
             return
         specs = dict(self.inherited_specs)
@@ -147,10 +199,33 @@ class MioModule(L.LightningModule):
                     raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
                                      f"one the backbone was trained with ({specs[kind]['path']})")
                 specs[kind] = _embed_spec(spec)
-        save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs)
-        config = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
+        save_model_folder(model, self.tokenizer, self.table, out, tokenizer_specs=specs)
+        config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
+
+
+def _unsharded(module: MioModule) -> Any:
+    """The model with its full weights (on global rank 0) for saving: the module's own, or under
+    FSDP a copy built from the gathered full state dict (its parameters exist only as shards)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = module.trainer.strategy
+    if not isinstance(strategy, FSDPStrategy):
+        return module.model
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+        state = strategy.model.state_dict()  # keys of the LightningModule: "model.<HF key>"
+    if not module.trainer.is_global_zero:
+        return None
+    with torch.device("meta"):
+        model = type(module.model)(module.model.config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+    model.tie_weights()
+    return model
 
 
 def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
