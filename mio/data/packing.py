@@ -139,16 +139,9 @@ def cut_points(n: int, context_length: int, spans: np.ndarray) -> list[int] | No
 
 
 @dataclass
-class _Sequence:
-    input_ids: np.ndarray
-    labels: np.ndarray
-    modality: np.ndarray
-
-
-@dataclass
 class _OpenPack:
     used: int = 0
-    sequences: list[_Sequence] = field(default_factory=list)
+    sequences: list[TokenSample] = field(default_factory=list)
 
 
 class BestFitPacker:
@@ -201,51 +194,53 @@ class BestFitPacker:
         frees: list[tuple[int, int]] = []  # sorted (free space, pack number) of the open packs
         open_packs: dict[int, _OpenPack] = {}
         opened = 0
-        for sample in samples:
-            for seq in self._sequences(sample):
-                n = len(seq.input_ids)
-                slot = bisect.bisect_left(frees, (n, -1))
-                if slot < len(frees):
-                    free, number = frees.pop(slot)
-                else:
-                    free, number = self.context_length, opened
-                    open_packs[number] = _OpenPack()
-                    opened += 1
-                pack = open_packs[number]
-                pack.sequences.append(seq)
-                pack.used += n
-                if free - n == 0:
-                    yield self._emit(open_packs.pop(number))
-                    continue
-                bisect.insort(frees, (free - n, number))
-                if len(frees) > self.buffer_size:
-                    _, fullest = frees.pop(0)
-                    yield self._emit(open_packs.pop(fullest))
+        for seq in self.sequences(samples):
+            n = len(seq.input_ids)
+            slot = bisect.bisect_left(frees, (n, -1))  # the tightest gap that fits
+            if slot < len(frees):
+                free, number = frees.pop(slot)
+            else:
+                free, number = self.context_length, opened
+                open_packs[number] = _OpenPack()
+                opened += 1
+            pack = open_packs[number]
+            pack.sequences.append(seq)
+            pack.used += n
+            if free == n:
+                yield self._emit(open_packs.pop(number))
+                continue
+            bisect.insort(frees, (free - n, number))
+            if len(frees) > self.buffer_size:
+                _, fullest = frees.pop(0)
+                yield self._emit(open_packs.pop(fullest))
         # Final flush, fullest first; packs equally full go in a seeded random order.
         rng = np.random.default_rng(self.seed)
         tiebreak = rng.permutation(len(frees))
         for _, _, number in sorted((free, int(t), number) for (free, number), t in zip(frees, tiebreak)):
             yield self._emit(open_packs.pop(number))
 
-    def _sequences(self, sample: TokenSample) -> list[_Sequence]:
-        """Validate a sample and return it as one sequence, its pieces, or nothing (dropped)."""
-        self.stats.samples_in += 1
-        input_ids, labels, modality = _validated(sample, self.stats.samples_in - 1)
-        n = len(input_ids)
-        if n == 0:
-            self.stats.samples_dropped_empty += 1
-            return []
-        if n <= self.context_length:
+    def sequences(self, samples: Iterable[TokenSample]) -> Iterator[TokenSample]:
+        """The sequences the packer places, in arrival order: each sample whole, cut into pieces
+        of at most ``context_length`` tokens, or not at all (dropped). Validates and counts."""
+        for sample in samples:
+            self.stats.samples_in += 1
+            input_ids, labels, modality = _validated(sample, self.stats.samples_in - 1)
+            n = len(input_ids)
+            if n == 0:
+                self.stats.samples_dropped_empty += 1
+                continue
+            if n <= self.context_length:
+                self.stats.samples_packed += 1
+                yield TokenSample(input_ids, labels, sample.text_only, modality, sample.key)
+                continue
+            ends = self._cut(sample, input_ids, modality) if sample.text_only else None
+            if ends is None:
+                self.stats.samples_dropped_too_long += 1
+                continue
             self.stats.samples_packed += 1
-            return [_Sequence(input_ids, labels, modality)]
-        ends = self._cut(sample, input_ids, modality) if sample.text_only else None
-        if ends is None:
-            self.stats.samples_dropped_too_long += 1
-            return []
-        self.stats.samples_packed += 1
-        self.stats.samples_cut += 1
-        starts = [0] + ends[:-1]
-        return [_Sequence(input_ids[a:b], labels[a:b], modality[a:b]) for a, b in zip(starts, ends)]
+            self.stats.samples_cut += 1
+            for a, b in zip([0] + ends[:-1], ends):
+                yield TokenSample(input_ids[a:b], labels[a:b], True, modality[a:b], sample.key)
 
     def _cut(self, sample: TokenSample, input_ids: np.ndarray, modality: np.ndarray) -> list[int] | None:
         if self.block_boundaries is not None:
