@@ -4,7 +4,8 @@
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := espeak-ng
+# espeak-ng speaks the test clips; opencv (PySceneDetect's video reader) needs libGL, glib and xcb.
+APT_PACKAGES := espeak-ng libgl1 libglib2.0-0 libxcb1
 
 .PHONY: demo test install system-deps clean
 
@@ -17,10 +18,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
-# System packages some tests use (espeak-ng speaks the test clips). Installed through
-# apt-get only where missing, so a machine that has them is not touched.
+# System packages the tests use, installed through apt-get only where dpkg says they are
+# missing, so a machine that has them is not touched.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@command -v dpkg >/dev/null || { echo "warning: not a Debian system; install $(APT_PACKAGES) for the full test suite"; exit 0; }; \
+	missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
