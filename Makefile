@@ -30,7 +30,7 @@ system-deps:
 	  else echo "warning: install$$missing for the full test suite"; fi; \
 	fi
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(VENV)/bin/mio demo
 
 test: $(STAMP) system-deps
