@@ -295,8 +295,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON written to a temporary file, fsynced, then renamed: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """JSON written to a temporary file, fsynced, then renamed: readers see all or nothing.
+    The temporary name is per process: two ranks may write the same manifest at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
         fh.flush()
