@@ -451,6 +451,8 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
             written += run_part(ctx, part, len(parts), ranks)
     manifest = merge_records(ctx, parts)
     if manifest is None:
+        if progress:
+            progress(f"rank {ranks.rank}/{ranks.world}: done; the last rank to finish writes {out / MANIFEST}")
         return {"merged": False, "rank": ranks.rank, "world_size": ranks.world,
                 "seen": sum(r["seen"] for r in written), "samples": sum(r["samples"] for r in written),
                 "shards": [r["shard"] for r in written if r["shard"] is not None],
