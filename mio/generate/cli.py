@@ -15,11 +15,14 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile
 from mio.generate.settings import overrides_from_strings
 from mio.segments import Text
 
 PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-level", type=int, default=0, help="unCLIP noise level added to the image embedding")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model weights' type (default: bfloat16 on CUDA, float32 on CPU)")
     return p
 
 
@@ -95,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     unclip = UnclipSettings(steps=args.steps, guidance_scale=args.guidance, noise_level=args.noise_level, seed=args.seed)
     overrides = overrides_from_strings(args.overrides)
     outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",") if o.strip()]
-    gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device)
+    gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device,
+                    dtype=DTYPES[args.dtype] if args.dtype else None)
     result = gen.generate(items, chat=not args.raw, task=args.task, max_new_tokens=args.max_new_tokens,
                           settings=overrides, outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
                           max_speech_frames=args.max_speech_frames)

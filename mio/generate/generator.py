@@ -71,11 +71,14 @@ class Generator:
     """A model folder (ours or MIO's release layout) with its modality tokenizers."""
 
     def __init__(self, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None, *,
-                 unclip: str | os.PathLike | None = None, device: str | None = None) -> None:
+                 unclip: str | os.PathLike | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        """``dtype`` defaults to bfloat16 on CUDA (a 7B model in float32 would double its memory), float32 on CPU."""
         folder = Path(model_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} does not exist")
-        model, tokenizer, table = load_backbone(folder)
+        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        model, tokenizer, table = load_backbone(folder, dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32))
         self._setup(model, tokenizer, table, MediaTokenizers.for_model(folder, tokenizers, unclip), str(folder), device)
 
     @classmethod
@@ -189,7 +192,7 @@ class Generator:
             inside = len(full) - end.start - 1
             want = f"{constraint.tokens_per_image} image codes" if end.kind == IMAGE else "all speech layers"
             partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
-                                                     f"inside a {end.kind} block after {inside} codes, before {want} "
+                                                     f"inside {'an' if end.kind == IMAGE else 'a'} {end.kind} block after {inside} codes, before {want} "
                                                      f"and its end token; it is not decoded")
             ids = ids[:cut]
             if end.start < p:
