@@ -36,6 +36,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log)
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
+    if m.get("merged") is False:
+        _log("this rank is done; the last rank to finish writes the merged manifest")
+        return 0
     print(Path(args.out) / "manifest.json")
     return 0
 
@@ -43,7 +46,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mio.data.inspect import inspect_dataset
 
-    print(inspect_dataset(args.dir, args.samples, args.backbone))
+    print(inspect_dataset(args.dir, args.samples, args.backbone, verify=args.verify))
     return 0
 
 
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("dir", type=Path)
     ins.add_argument("--samples", type=int, default=3)
     ins.add_argument("--backbone", type=Path, default=None, help="render samples with this model's text tokenizer")
+    ins.add_argument("--verify", action="store_true", help="check every shard against the manifest's checksums")
     ins.set_defaults(func=cmd_inspect)
     tk = sub.add_parser("tokenize", help="media -> codes, one JSON line per file")
     tk.add_argument("--spec", required=True)
