@@ -2,8 +2,8 @@
 
 For every backend available here: logits and loss of packed batches equal per-sample runs
 (float32, max abs error <= 1e-4) on random lengths with length-1 samples, a pack holding one
-full-length sample and packs padded at the end; gradients too (SDPA on CPU; FlexAttention and
-flash-attn where a GPU is).
+full-length sample and packs padded at the end; gradients too, to 1e-4 of each parameter's
+largest gradient (SDPA on CPU; FlexAttention and flash-attn where a GPU is).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def random_samples(seed: int, count: int, context: int) -> list[TokenSample]:
     return samples
 
 
-def packed_batch(seed: int, context: int, multiple: int) -> tuple[dict, list[TokenSample]]:
+def packed_batch(seed: int, context: int, multiple: int, count: int = 12) -> tuple[dict, list[TokenSample]]:
     packer = BestFitPacker(context, buffer_size=4, pad_to_multiple_of=multiple)
-    packs = list(packer(random_samples(seed, 14, context)))
+    packs = list(packer(random_samples(seed, count, context)))
     # Rows of unequal fill: collate pads the shorter ones at the end.
     assert any(sum(p.seq_lens) < max(len(q.input_ids) for q in packs) for p in packs)
     assert any(p.seq_lens == [context] for p in packs)
@@ -111,7 +111,7 @@ def test_sdpa_packed_logits_and_loss_equal_per_sample(seed: int) -> None:
 
 
 def test_sdpa_packed_gradients_equal_per_sample() -> None:
-    batch, _ = packed_batch(2, 64, 1)
+    batch, _ = packed_batch(2, 64, 1, count=6)
     packed_model, alone_model = tiny_llama("sdpa"), tiny_llama("sdpa")
     n_global = global_supervised_tokens([batch["labels"]])
     logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs("sdpa", batch)).logits
@@ -120,9 +120,16 @@ def test_sdpa_packed_gradients_equal_per_sample() -> None:
         ids = batch["input_ids"][row : row + 1, start : start + n]
         labels = batch["labels"][row : row + 1, start : start + n]
         packed_loss(alone_model(input_ids=ids).logits, labels, n_global).backward()
-    for (name, p), q in zip(packed_model.named_parameters(), alone_model.parameters()):
-        err = (p.grad - q.grad).abs().max().item()
-        assert err <= TOL, f"gradient of {name} differs by {err}"
+    assert_same_gradients(packed_model, alone_model, TOL)
+
+
+def assert_same_gradients(packed: torch.nn.Module, alone: torch.nn.Module, tol: float) -> None:
+    """Every parameter's gradient agrees to ``tol`` relative to its largest entry (some attention
+    gradients of a tiny random model are ~1e-4, so an absolute 1e-4 would prove nothing)."""
+    for (name, p), q in zip(packed.named_parameters(), alone.parameters()):
+        scale = q.grad.float().abs().max().item()
+        err = (p.grad.float() - q.grad.float()).abs().max().item()
+        assert scale > 0 and err <= tol * scale, f"gradient of {name} differs by {err} (largest entry {scale})"
 
 
 def test_flex_packed_logits_and_loss_equal_per_sample() -> None:
@@ -215,8 +222,7 @@ def test_flex_packed_gradients_equal_per_sample_on_gpu() -> None:
         ids = batch["input_ids"][row : row + 1, start : start + n]
         labels = batch["labels"][row : row + 1, start : start + n]
         packed_loss(alone_model(input_ids=ids).logits, labels, n_global).backward()
-    for (name, p), q in zip(packed_model.named_parameters(), alone_model.parameters()):
-        assert (p.grad - q.grad).abs().max().item() <= TOL, name
+    assert_same_gradients(packed_model, alone_model, TOL)
 
 
 @pytest.mark.gpu
@@ -237,6 +243,4 @@ def test_flash_packed_equals_per_sample_on_gpu() -> None:
         alone = alone_model(input_ids=ids).logits
         assert (alone.float() - logits[row : row + 1, start : start + n].float()).abs().max().item() <= 5e-2
         packed_loss(alone, labels, n_global).backward()
-    for (name, p), q in zip(packed_model.named_parameters(), alone_model.parameters()):
-        scale = q.grad.float().abs().max().item() + 1e-6
-        assert (p.grad.float() - q.grad.float()).abs().max().item() <= 5e-2 * scale, name
+    assert_same_gradients(packed_model, alone_model, 5e-2)

@@ -26,7 +26,7 @@ def samples(draw: st.DrawFn, context: int) -> list[TokenSample]:
     """Samples of text runs and media blocks, up to twice the context; every token id unique."""
     counter = itertools.count(1)
     out = []
-    for _ in range(draw(st.integers(0, 30))):
+    for _ in range(draw(st.integers(0, 20))):
         runs = draw(st.lists(st.tuples(st.sampled_from([TEXT, IMAGE, SPEECH]), st.integers(1, context)),
                              max_size=4))
         modality = np.concatenate([np.full(n, m, np.int8) for m, n in runs]) if runs else np.zeros(0, np.int8)
@@ -42,7 +42,7 @@ def unsplittable(sample: TokenSample, context: int) -> bool:
     return any(b - a > context for a, b in modality_block_spans(sample.modality))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(data=st.data(), context=st.integers(4, 48), buffer_size=st.integers(1, 6), multiple=st.sampled_from([1, 8]))
 def test_packer_keeps_every_token_once_in_order_within_context(data, context, buffer_size, multiple) -> None:
     batch = data.draw(samples(context))
@@ -95,7 +95,7 @@ def test_packer_keeps_every_token_once_in_order_within_context(data, context, bu
     assert stats.sequences == sum(len(p.seq_lens) for p in packs)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 3))
 def test_packer_is_deterministic(data, seed) -> None:
     batch = data.draw(samples(24))
@@ -106,7 +106,7 @@ def test_packer_is_deterministic(data, seed) -> None:
         assert a.seq_lens == b.seq_lens and np.array_equal(a.input_ids, b.input_ids)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(data=st.data(), rows=st.integers(1, 4))
 def test_collate_stacks_packs_and_segments_cover_the_flat_batch(data, rows) -> None:
     packs = list(BestFitPacker(32, buffer_size=2)(data.draw(samples(32))))[:rows]

@@ -151,7 +151,8 @@ class BestFitPacker:
     none fits). A pack is released as soon as it is exactly full; when more than ``buffer_size``
     packs are open, the fullest one is released. At the end of the input, the open packs are
     released from fullest to emptiest. The result depends only on the input order and the
-    arguments: ties are broken by the order in which packs were opened.
+    arguments: ties between open packs go to the one opened first, and packs equally full at the
+    final flush are released in an order drawn from ``seed``.
 
     Args:
         context_length: most real tokens in one pack.
