@@ -1,70 +1,83 @@
-"""A tiny stage end to end: prepare -> mio fit (LightningCLI) -> a save_pretrained folder that vanilla
-transformers loads with the same logits, recording its vocabulary, tokenizer specs and config."""
+"""The tiny stages end to end through `mio fit` (LightningCLI): I -> II -> III -> SFT (and LoRA SFT),
+each starting from the previous stage's output folder, which vanilla transformers loads with the
+same logits and which records its vocabulary, tokenizer specs and resolved config; the logged
+figures of a step (loss and token share per modality, packing, tokens/s, TFLOP/s)."""
 
+import csv
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mio.data.prepare import prepare
-from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
+from mio.model.backbone import load_backbone
 from mio.train.cli import fit
 from mio.vocab import VocabTable
+from train_support import shared_root, tiny_args
 
-ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("1_alignment.yaml", "2_interleaved.yaml", "3_speech.yaml", "4_sft.yaml")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    for name in ("image_text", "speech_text", "sft"):
-        prepare(ROOT / "data_recipes" / "demo" / f"{name}.yaml", out / "data" / name, tokenizer_dir=ROOT / "tokenizers" / "tiny")
-    texts = [json.loads(l)["caption"] for l in (ROOT / "data_recipes/samples/image_text.jsonl").read_text().splitlines()]
-    cfg = TinyLlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, text_vocab_size=300)
-    build_tiny_backbone(texts * 3, cfg, out / "base")
-    return out
+def chain(tmp_path_factory):
+    """The four tiny stages in sequence, two steps each; {stage: output folder}."""
+    root = shared_root(tmp_path_factory)
+    out, backbone = {}, root / "base"
+    for config in STAGES:
+        name = config.removesuffix(".yaml")
+        args = tiny_args(root, root / "runs" / name, f"--model.backbone={backbone}", "--trainer.log_every_n_steps=1",
+                         config=config, steps=2)
+        backbone = out[name] = fit(args)
+    return root, out
 
 
-def run_stage(prepared: Path, config: str, backbone: Path, name: str, *extra: str) -> Path:
-    return fit(["--config", str(ROOT / "stages" / "tiny" / config), f"--model.backbone={backbone}",
-                f"--data.root={prepared / 'data'}", f"--trainer.default_root_dir={prepared / name}",
-                "--trainer.max_steps=3", "--data.context_length=512", "--trainer.enable_progress_bar=false",
-                "--data.datasets=[{path: image_text, weight: 2}, {path: speech_text, weight: 1}]", *extra])
+def test_every_stage_starts_from_the_previous_output(chain):
+    root, out = chain
+    assert list(out) == [s.removesuffix(".yaml") for s in STAGES]
+    tables = {name: VocabTable.load(folder) for name, folder in out.items()}
+    assert len(set(map(json.dumps, (t.to_dict() for t in tables.values())))) == 1
+    for name, folder in out.items():
+        config = (folder / "mio_stage_config.yaml").read_text()
+        assert "max_steps: 2" in config and f"default_root_dir: {root / 'runs' / name}" in config
+        specs = json.loads((folder / "mio_tokenizers.json").read_text())
+        assert specs["image"]["content"]["kind"] == "seed" and specs["speech"]["content"]["kind"] == "speechtokenizer"
+    assert f"backbone: {out['3_speech']}" in (out["4_sft"] / "mio_stage_config.yaml").read_text()
+    # Training moved the weights: stage II's output differs from stage I's.
+    one, _, _ = load_backbone(out["1_alignment"])
+    two, _, _ = load_backbone(out["2_interleaved"])
+    assert not torch.equal(one.get_input_embeddings().weight, two.get_input_embeddings().weight)
 
 
-def test_stage_output_loads_in_vanilla_transformers(prepared):
-    out = run_stage(prepared, "1_alignment.yaml", prepared / "base", "s1")
-    assert out == prepared / "s1" / "model"
-    table = VocabTable.load(out)
-    specs = json.loads((out / "mio_tokenizers.json").read_text())
-    assert set(specs) == {"image", "speech"} and specs["image"]["content"]["kind"] == "seed"
-    assert "max_steps: 3" in (out / "mio_stage_config.yaml").read_text()
-    vanilla = AutoModelForCausalLM.from_pretrained(out)  # no mio code involved
-    ours, tok, table2 = load_backbone(out)
-    assert table2 == table and len(tok) == table.total_size
-    ids = torch.tensor([[tok.bos_token_id, table.image_begin, table.image_start + 5, table.image_end, 7]])
+def test_stage_output_loads_in_vanilla_transformers(chain):
+    _, out = chain
+    folder = out["4_sft"]
+    vanilla = AutoModelForCausalLM.from_pretrained(folder)  # no mio code involved
+    ours, tok, table = load_backbone(folder)
+    assert len(tok) == table.total_size
+    ids = torch.tensor([[tok.bos_token_id, table.image_begin, table.image_start + 5, table.image_end,
+                         table.speech_begin, table.speech_start + 1000, table.speech_end, 7]])
     torch.testing.assert_close(vanilla(ids).logits, ours(ids).logits, rtol=0, atol=0)
-    # Training moved the weights away from the freshly extended backbone.
-    base, _, _ = load_backbone(prepared / "base", extend=True)
-    assert not torch.allclose(base.get_input_embeddings().weight, ours.get_input_embeddings().weight)
 
 
-def test_next_stage_inherits_and_sft_trains(prepared):
-    s1 = run_stage(prepared, "1_alignment.yaml", prepared / "base", "a1")
-    out = fit(["--config", str(ROOT / "stages" / "tiny" / "4_sft.yaml"), f"--model.backbone={s1}",
-               f"--data.root={prepared / 'data'}", f"--trainer.default_root_dir={prepared / 'a4'}",
-               "--trainer.max_steps=2", "--data.context_length=1024", "--trainer.enable_progress_bar=false",
-               "--trainer.log_every_n_steps=1"])
-    assert VocabTable.load(out) == VocabTable.load(s1)
-    assert json.loads((out / "mio_tokenizers.json").read_text()).keys() >= {"image", "speech"}
-    metrics = (prepared / "a4" / "logs" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "train/packing_efficiency" in metrics
+def test_steps_log_the_figures_of_the_issue(chain):
+    root, _ = chain
+    rows = list(csv.DictReader((root / "runs" / "2_interleaved" / "logs" / "version_0" / "metrics.csv").open()))
+    assert len(rows) == 2
+    for key in ("train/loss", "train/loss_text", "train/loss_image", "train/loss_speech", "train/share_text",
+                "train/share_image", "train/share_speech", "train/packing_efficiency"):
+        assert all(r[key] for r in rows), key
+    shares = [float(rows[0][f"train/share_{m}"]) for m in ("text", "image", "speech")]
+    assert sum(shares) == pytest.approx(1.0)
+    assert 0 < float(rows[0]["train/packing_efficiency"]) <= 1
+    # Throughput needs two steps: the first only starts the clock.
+    assert float(rows[1]["train/tokens_per_sec"]) > 0 and float(rows[1]["train/tflops_per_device"]) > 0
+    assert list((root / "runs" / "2_interleaved" / "tensorboard").glob("version_0/events.out.tfevents.*"))
 
 
-def test_extending_an_extended_backbone_fails_before_training(prepared):
-    s1 = run_stage(prepared, "1_alignment.yaml", prepared / "base", "b1")
-    with pytest.raises(ValueError, match="extended before"):
-        run_stage(prepared, "1_alignment.yaml", s1, "b2")
+def test_lora_sft_stage_writes_an_adapter(chain):
+    root, out = chain
+    args = tiny_args(root, root / "runs" / "4_sft_lora", f"--model.backbone={out['3_speech']}",
+                     "--data.datasets=[{path: sft, format: sft}]", config="4_sft_lora.yaml", steps=2)
+    adapter = fit(args)
+    assert adapter == root / "runs" / "4_sft_lora" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()

@@ -1,0 +1,62 @@
+"""The tiny stage with 2 processes on CPU (DDP over gloo, started by torchrun as on a cluster): the
+ranks read disjoint samples that together cover the data, their weights are identical after every
+step, and the run trains on the same global batches as one process with both rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from mio.train.cli import fit
+from train_support import ledger, shared_root, tiny_args
+
+STEPS = 6
+SAMPLES = 24  # image_text: one shard, so every row stream's share is the same in every epoch
+COMMON = ("--data.datasets=[{path: image_text}]", "--data.buffer_size=1", "--trainer.log_every_n_steps=1",
+          "--trainer.callbacks+=mio.train.callbacks.SampleLedger", "--trainer.callbacks.weights_digest=true")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = shared_root(tmp_path_factory)
+    two = root / "runs" / "ddp2"
+    args = tiny_args(root, two, *COMMON, "--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=1",
+                     steps=STEPS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mio.train.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(two / "model")  # printed once, by rank 0
+    one = root / "runs" / "ddp1"
+    fit(tiny_args(root, one, *COMMON, "--data.batch_size=2", steps=STEPS))
+    return [ledger(two, 0), ledger(two, 1)], ledger(one)
+
+
+def test_ranks_have_identical_weights_after_every_step(runs):
+    (r0, r1), _ = runs
+    assert [line["step"] for line in r0] == [line["step"] for line in r1] == list(range(1, STEPS + 1))
+    assert [line["weights"] for line in r0] == [line["weights"] for line in r1]
+    assert len({line["weights"] for line in r0}) == STEPS  # and they do change
+
+
+def test_ranks_read_disjoint_samples_covering_the_data(runs):
+    (r0, r1), _ = runs
+    seen = [Counter(k for line in r for row in line["keys"] for k in row) for r in (r0, r1)]
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == {f"image_text-{i:04d}" for i in range(SAMPLES)}
+    assert sum(sum(c.values()) for c in seen) > SAMPLES  # the run went past the first epoch
+    for counts in seen:
+        # Epoch after epoch over the rank's share: no sample gets ahead of another by more than
+        # the samples held in the packer's one open pack.
+        assert max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_two_processes_train_on_what_one_process_trains_on(runs):
+    (r0, r1), one = runs
+    assert [line["keys"] for line in one] == [a["keys"] + b["keys"] for a, b in zip(r0, r1)]
+    # The same global token mean: equal losses up to the order of the float sums.
+    assert [line["loss"] for line in one] == pytest.approx([line["loss"] for line in r0], rel=1e-5)

@@ -1,0 +1,99 @@
+"""Resume to the sample: a tiny run killed with SIGKILL at a random step and resumed from its last
+checkpoint trains on exactly the samples, and with exactly the losses, of an uninterrupted run;
+a kill during a checkpoint save leaves the previous checkpoint usable."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mio.train.cli import fit
+from train_support import ledger, shared_root, tiny_args
+
+STEPS = 5
+# Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger.
+RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.enable_checkpointing=true",
+             "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+             "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return shared_root(tmp_path_factory)
+
+
+def test_sigkill_and_resume_loses_and_repeats_no_sample(root, tmp_path):
+    reference = tmp_path / "reference"
+    fit(tiny_args(root, reference, *RESUMABLE, steps=STEPS))
+
+    run = tmp_path / "killed"
+    kill_after = random.Random().randint(1, STEPS - 2)  # the step whose ledger line triggers the kill
+    print(f"killing after step {kill_after}")
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mio.train.cli", *tiny_args(root, run, *RESUMABLE, steps=STEPS)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not _reached(run, kill_after):
+        assert proc.poll() is None, f"the run ended before step {kill_after}: see {log.name}"
+        assert time.monotonic() < deadline, "the run is too slow"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # possibly in the middle of writing a checkpoint
+    proc.wait()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed_from = checkpoint["global_step"]
+    assert 1 <= resumed_from <= kill_after + 1
+
+    fit(tiny_args(root, run, *RESUMABLE, "--ckpt_path=last", steps=STEPS))
+    got, want = ledger(run), ledger(reference)
+    assert [line["step"] for line in got] == list(range(1, STEPS + 1))
+    # Step for step the same samples, in the same rows: none lost, none seen twice.
+    assert [line["keys"] for line in got] == [line["keys"] for line in want]
+    # And the same losses after the resume, to the bit: weights, optimizer, schedule and data
+    # position all came back.
+    assert [line["loss"] for line in got] == [line["loss"] for line in want]
+
+
+def _reached(run: Path, step: int) -> bool:
+    path = run / "ledger" / "rank0.jsonl"
+    return path.is_file() and path.read_text().count("\n") >= step
+
+
+class Killed(BaseException):
+    """Stands for the process dying: nothing after it runs."""
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(root, tmp_path, monkeypatch):
+    real_save = TorchCheckpointIO.save_checkpoint
+    saves: list[str] = []
+
+    def dies_on_the_third(self, checkpoint, path, storage_options=None):  # noqa: ANN001
+        saves.append(str(path))
+        if len(saves) == 3:
+            Path(path).write_bytes(b"the first bytes of a checkpoint")
+            raise Killed
+        real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", dies_on_the_third)
+    with pytest.raises(Killed):
+        fit(tiny_args(root, tmp_path, *RESUMABLE, steps=5))
+    folder = tmp_path / "checkpoints"
+    assert saves[2].endswith("step=3.ckpt.partial")  # written under a temporary name
+    assert os.readlink(folder / "last.ckpt") == "step=2.ckpt"
+    assert not (folder / "step=3.ckpt").exists()
+    state = torch.load(folder / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2 and state["MioDataModule"]["micro_batches"] == 2
+    assert len(state["mio_rng"]) == 1  # one rank's random state
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", real_save)
+    fit(tiny_args(root, tmp_path, *RESUMABLE, "--ckpt_path=last", steps=4))
+    assert [line["step"] for line in ledger(tmp_path)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=4.ckpt"]  # the partial one is gone
