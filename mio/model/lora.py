@@ -2,7 +2,7 @@
 mio's added tokens, saved as a standard PEFT adapter folder that plain peft loads.
 
 A LoRA run must still be able to learn new modalities, so the embedding and output rows of the
-12,292 added tokens train too -- through peft's ``trainable_token_indices``, which keeps a
+12,294 added tokens train too -- through peft's ``trainable_token_indices``, which keeps a
 (rows, D) delta beside the frozen matrix instead of training the whole (V, D) matrix.
 
 Also here: the trainable-parameter report printed at the start of every run, and the FSDP check
@@ -79,6 +79,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, table: VocabTable, base
     added-token rows); ``base_path`` is recorded in the adapter config as its base model."""
     from peft import LoraConfig, get_peft_model
 
+    have = model.get_input_embeddings().weight.shape[0]
+    if have < table.total_size:
+        raise ValueError(f"{base_path}: the model has {have} embedding rows, its vocabulary table needs "
+                         f"{table.total_size}: LoRA needs a backbone already extended with mio's tokens")
     rows = _token_rows(model, new_token_indices(table)) if settings.train_new_tokens else None
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, trainable_token_indices=rows,
