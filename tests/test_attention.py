@@ -163,6 +163,15 @@ def test_block_mask_matches_dense_mask_and_torch_reference(length: int) -> None:
     assert (out - ref).abs().max() <= 1e-5
 
 
+def test_flex_training_on_cpu_is_refused_clearly() -> None:
+    batch, _ = packed_batch(0, 64, 1)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        packed_attention_kwargs("flex", batch)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        packed_attention_kwargs("eager", batch)
+
+
+@torch.no_grad()
 def test_flex_and_flash_kwargs_hold_no_quadratic_tensor() -> None:
     length = 2816
     docs = torch.full((2, length), -1, dtype=torch.int32)

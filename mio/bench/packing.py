@@ -290,9 +290,9 @@ def backend_memory(backend: str, pack: Pack, device: torch.device, dtype: torch.
             model(input_ids=batch["input_ids"], **packed_attention_kwargs(backend, batch))
 
     forward()  # warm-up: compiles flex kernels, whose memory is not the step's
-    out = {"length": int(batch["input_ids"].shape[1]),
-           "mask_bytes": _kwargs_bytes(packed_attention_kwargs(backend, batch)),
-           "forward_mb": _peak_mb(forward, device)}
+    with torch.no_grad():
+        mask_bytes = _kwargs_bytes(packed_attention_kwargs(backend, batch))
+    out = {"length": int(batch["input_ids"].shape[1]), "mask_bytes": mask_bytes, "forward_mb": _peak_mb(forward, device)}
     if backend == "flex" and device.type == "cpu":
         return {**out, "forward_backward_mb": None, "why": "torch 2.11 FlexAttention has no backward on CPU"}
     _train_step_packed(model, batch, backend)  # warm-up of the backward

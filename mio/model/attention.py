@@ -120,6 +120,9 @@ def packed_attention_kwargs(backend: str, batch: dict[str, torch.Tensor | int]) 
     if backend == "sdpa":
         kwargs["attention_mask"] = dense_document_causal_mask(batch["document_ids"])
     elif backend == "flex":
+        if batch["document_ids"].device.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError("attention backend 'flex' has no backward on CPU in torch 2.11: train on CPU with "
+                             "'sdpa', or run FlexAttention under torch.no_grad()")
         kwargs["attention_mask"] = document_causal_block_mask(batch["document_ids"])
     else:
         cu_seqlens = batch["cu_seqlens"].to(device=batch["input_ids"].device, dtype=torch.int32)
