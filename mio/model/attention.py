@@ -7,7 +7,8 @@ an explicit description of the sample boundaries:
 
 - ``sdpa``: a 4D boolean block-diagonal causal mask (B, 1, L, L). The reference; O(L^2) memory.
 - ``flex``: a FlexAttention ``BlockMask`` built from per-block document ranges: O(L) token data
-  plus O((L/128)^2) block tables, never an (L, L) tensor. Pad packs to a multiple of 128.
+  plus O((L/128)^2) block tables, never an (L, L) tensor. Any length is exact; packs padded to
+  a multiple of 128 (``pad_multiple("flex")``) fill whole blocks, which is what the kernels expect.
   In torch 2.11 FlexAttention has no backward on CPU, so train on CPU with ``sdpa``.
 - ``flash``: flash-attn's varlen kernel with ``cu_seqlens`` over the flattened batch (GPU, needs
   the ``flash-attn`` package): O(number of samples) metadata.
