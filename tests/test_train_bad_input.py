@@ -1,0 +1,106 @@
+"""Bad stage input fails with a clear error before any training step: an unknown key or a wrong type
+in the stage YAML, a data glob matching nothing, data tokenized for another vocabulary, a starting
+point or checkpoint whose vocabulary table differs, a context above the backbone's positions, a
+resume with another global batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mio.train.cli import fit
+from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
+
+CHECKPOINTED = ("--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
+                "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return shared_root(tmp_path_factory)
+
+
+def stage_yaml(tmp_path: Path, edit) -> str:  # noqa: ANN001 (a function editing the parsed YAML)
+    config = yaml.safe_load((ROOT / "stages" / "tiny" / "1_alignment.yaml").read_text())
+    edit(config)
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def fails_to_parse(args: list[str], capsys) -> str:  # noqa: ANN001
+    with pytest.raises(SystemExit) as exit_:
+        fit(args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_key_in_the_stage_yaml(root, tmp_path, capsys):
+    config = stage_yaml(tmp_path, lambda c: c["model"].update(learning_rate=1e-3))
+    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--config", config), capsys)
+    assert "learning_rate" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_in_the_stage_yaml(root, tmp_path, capsys):
+    config = stage_yaml(tmp_path, lambda c: c["data"].update(batch_size="two"))
+    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--config", config, "--data.batch_size=two"), capsys)
+    assert "data.batch_size" in err and "two" in err
+
+
+def test_data_glob_matching_nothing(root, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.datasets entry 'image_txt/\*.tar'.*neither"):
+        fit(tiny_args(root, tmp_path, "--data.datasets=[{path: image_txt/*.tar}]"))
+    assert not (tmp_path / "ledger").exists()
+
+
+def test_context_above_the_backbones_positions(root, tmp_path):
+    with pytest.raises(ValueError, match="context_length 2048 .*max_position_embeddings 1024"):
+        fit(tiny_args(root, tmp_path, context=2048))
+
+
+def with_tokenizer_spec(root: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
+    """A copy of the image_text dataset whose manifest names an edited tiny SEED spec."""
+    data = tmp_path / "data"
+    shutil.copytree(root / "data" / "image_text", data / "image_text")
+    spec = yaml.safe_load((ROOT / "tokenizers" / "tiny" / "seed.yaml").read_text())
+    edit(spec)
+    spec_path = tmp_path / "seed.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    manifest = json.loads((data / "image_text" / "manifest.json").read_text())
+    manifest["tokenizers"]["image"] = {"path": str(spec_path), "sha256": hashlib.sha256(spec_path.read_bytes()).hexdigest()}
+    (data / "image_text" / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def test_data_tokenized_for_another_vocabulary(root, tmp_path):
+    data = with_tokenizer_spec(root, tmp_path, lambda s: s["model"].update(codebook_size=4096))
+    with pytest.raises(ValueError, match="vocabulary table mismatch.*image_codebook_size 4096.*has 8192"):
+        fit(tiny_args(root, tmp_path / "run", f"--data.root={data}", "--data.datasets=[{path: image_text}]"))
+
+
+def test_starting_point_trained_with_another_image_tokenizer(root, tmp_path):
+    start = fit(tiny_args(root, tmp_path / "s1", "--data.datasets=[{path: image_text}]", steps=1))
+    data = with_tokenizer_spec(root, tmp_path, lambda s: s.update(seed=1))  # same sizes, other weights
+    with pytest.raises(ValueError, match="image tokenizer of this stage's data .* differs"):
+        fit(tiny_args(root, tmp_path / "s2", f"--data.root={data}", f"--model.backbone={start}",
+                      "--data.datasets=[{path: image_text}]", config="2_interleaved.yaml"))
+
+
+def test_resuming_with_another_vocabulary_table_or_global_batch(root, tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_args(root, run, *CHECKPOINTED, steps=1))
+    before = (run / "checkpoints" / "last.ckpt").resolve().read_bytes()
+    other = tiny_base(tmp_path / "other_base", text_vocab_size=280)
+    with pytest.raises(ValueError, match="another vocabulary table"):
+        fit(tiny_args(root, run, *CHECKPOINTED, f"--model.backbone={other}", "--ckpt_path=last", steps=2))
+    with pytest.raises(ValueError, match="cannot resume to the sample: the checkpoint's data rows is 2, this run's is 3"):
+        fit(tiny_args(root, run, *CHECKPOINTED, "--data.batch_size=3", "--ckpt_path=last", steps=2))
+    # Nothing trained: the checkpoint and the ledger are those of the first run.
+    assert (run / "checkpoints" / "last.ckpt").resolve().read_bytes() == before
+    assert [line["step"] for line in ledger(run)] == [1]
