@@ -1,0 +1,232 @@
+"""`mio bench train`: real tokens per second of `mio fit` against a bare PyTorch loop doing the same
+forward + backward + optimizer step on the same packed batches (the floor), measured in one run.
+
+Both train the tiny backbone (``TinyLlamaConfig()``, extended with mio's tokens) on synthetic
+prepared datasets of the stage-I mixture, from the same weights and on the same batches: the bare
+loop's batches come from the stage's own DataModule, read before its clock starts, so the floor
+has no data cost at all. `mio fit` pays for everything a stage does: reading, rendering and packing
+in the training process, Lightning's loop, the per-step figures and logging.
+
+``overhead_vs_bare_loop`` = 1 - fit tokens/s / bare tokens/s (goal: at most 0.10), on one CPU
+thread and in process CPU seconds: on a shared machine the CPU time a run takes for its tokens is
+what it costs, while its wall time also counts the other processes (the wall-clock rates are
+reported beside it). Each side runs ``repeats`` times, alternating, and keeps its best
+steady-state rate (after ``warmup`` steps). Where a GPU is present, the same is measured in wall
+time for a 1B-class Llama with flash attention in bf16, with MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mio.bench.data import WORDS, write_synthetic
+from mio.data.reading import DatasetSpec
+from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
+from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
+from mio.train.flops import FlopCounts, peak_flops
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE = REPO / "stages" / "tiny" / "1_alignment.yaml"
+MIXTURE = {"image_text": 12, "text": 2, "speech_text": 2}  # stage I
+ONE_B = TinyLlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=4, text_vocab_size=32000)  # TinyLlama-1.1B's shape
+
+
+class Clock:
+    """Wall and process CPU seconds since ``start()``."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> dict[str, float]:
+        return {"wall": time.perf_counter() - self.wall, "cpu": time.process_time() - self.cpu}
+
+
+class Stopwatch(L.Callback):
+    """Real tokens and seconds of the steps after ``skip``; written to ``<default_root_dir>/stopwatch.json``."""
+
+    def __init__(self, skip: int = 5) -> None:
+        self.skip = skip
+        self.tokens = 0
+        self.clock = Clock()
+        self.mfu: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        _sync(pl_module.device)
+        if trainer.global_step == self.skip:
+            self.clock.start()
+        elif trainer.global_step > self.skip:
+            self.tokens += int((batch["document_ids"] >= 0).sum())
+            if "train/mfu" in trainer.callback_metrics:
+                self.mfu.append(float(trainer.callback_metrics["train/mfu"]))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        result = {"tokens": self.tokens, "seconds": self.clock.seconds(),
+                  "mfu": sum(self.mfu) / len(self.mfu) if self.mfu else None}
+        (Path(trainer.default_root_dir) / "stopwatch.json").write_text(json.dumps(result))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_data(root: Path, samples: int) -> Path:
+    for name in MIXTURE:
+        write_synthetic(root / name, name, samples, shard_size=samples)
+        (root / name / "manifest.json").write_text(json.dumps({"data_type": name, "tokenizers": {}}))
+    return root
+
+
+def stage_args(base: Path, data: Path, out: Path, steps: int, warmup: int, context: int, rows: int,
+               gpu: bool) -> list[str]:
+    datasets = ", ".join(f"{{path: {name}, weight: {w}}}" for name, w in MIXTURE.items())
+    args = ["--config", str(STAGE), f"--model.backbone={base}", f"--data.root={data}", f"--trainer.default_root_dir={out}",
+            f"--trainer.max_steps={warmup + steps}", f"--data.context_length={context}", f"--data.batch_size={rows}",
+            f"--data.datasets=[{datasets}]", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.callbacks+=mio.bench.train.Stopwatch",
+            f"--trainer.callbacks.skip={warmup}"]
+    if gpu:
+        args += ["--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed", "--model.attn_backend=flash",
+                 "--model.gradient_checkpointing=true"]
+    return args
+
+
+def run_fit(args: list[str], out: Path) -> tuple[dict[str, float], float | None]:
+    """Tokens per second by clock, and the mean MFU where the device's peak is known."""
+    from mio.train.cli import fit
+
+    fit(args)
+    result = json.loads((out / "stopwatch.json").read_text())
+    return {k: result["tokens"] / s for k, s in result["seconds"].items()}, result["mfu"]
+
+
+def fit_batches(base: Path, data: Path, n: int, context: int, rows: int) -> list[dict[str, Any]]:
+    """The first ``n`` micro-batches the stage's DataModule gives (the same ones `mio fit` trains on)."""
+    from mio.train.data import MioDataModule
+
+    dm = MioDataModule([DatasetSpec(name, w) for name, w in MIXTURE.items()], root=str(data),
+                       context_length=context, batch_size=rows, backbone=str(base), extend_vocab=True)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def bare_loop(base: Path, batches: list[dict[str, Any]], warmup: int, device: torch.device, backend: str,
+              settings: dict[str, Any]) -> dict[str, float]:
+    """Real tokens per second of a plain loop: forward, loss on supervised positions, backward,
+    clipping, AdamW and the cosine schedule; nothing else."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    L.seed_everything(0, verbose=False)
+    model, _, _ = load_backbone(base, attn_implementation=hf_attn_implementation(backend), extend=True)
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.95))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, math.ceil(0.03 * len(batches)), len(batches),
+                                                        min_lr_rate=settings["min_lr_ratio"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens, clock = 0, Clock()
+    for i, cpu_batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            clock.start()
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cpu_batch.items()}
+        with autocast:
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
+                                         **packed_attention_kwargs(backend, batch)).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            supervised = targets != -100
+            logits = model.get_output_embeddings()(hidden[:, :-1][supervised])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += int((cpu_batch["document_ids"] >= 0).sum())
+    _sync(device)
+    return {k: tokens / s for k, s in clock.seconds().items()}
+
+
+def measure(base: Path, data: Path, runs: Path, steps: int, warmup: int, context: int, rows: int, repeats: int,
+            gpu: bool) -> dict[str, Any]:
+    import yaml
+
+    settings = yaml.safe_load(STAGE.read_text())["model"]
+    device = torch.device("cuda" if gpu else "cpu")
+    backend = "flash" if gpu else "sdpa"
+    batches = fit_batches(base, data, warmup + steps, context, rows)
+    bare, fit, mfu = [], [], []
+    for r in range(repeats):
+        bare.append(bare_loop(base, batches, warmup, device, backend, settings))
+        out = runs / f"fit{r}"
+        rate, step_mfu = run_fit(stage_args(base, data, out, steps, warmup, context, rows, gpu), out)
+        fit.append(rate)
+        mfu.append(step_mfu)
+    clock = "wall" if gpu else "cpu"
+    best_bare, best_fit = max(b[clock] for b in bare), max(f[clock] for f in fit)
+    model, _, _ = load_backbone(base, extend=True)
+    counts = FlopCounts.of(model)
+    result = {
+        "clock": "wall seconds" if gpu else "process CPU seconds",
+        "fit_tokens_per_s": round(best_fit, 1),
+        "bare_loop_tokens_per_s": round(best_bare, 1),
+        "overhead_vs_bare_loop": round(1 - best_fit / best_bare, 4),
+        "fit_runs_tokens_per_s": [{k: round(v, 1) for k, v in x.items()} for x in fit],
+        "bare_runs_tokens_per_s": [{k: round(v, 1) for k, v in x.items()} for x in bare],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flop_counts": counts.__dict__,
+        "tokens_per_step": int(sum(int((b["document_ids"] >= 0).sum()) for b in batches) / len(batches)),
+    }
+    peak = peak_flops(device, "bf16-mixed" if gpu else "32-true")
+    if peak:
+        result["mfu"] = max(m for m in mfu if m is not None) if any(m is not None for m in mfu) else None
+    return result
+
+
+def bench_train(steps: int = 20, warmup: int = 3, context_length: int = 1024, batch_size: int = 2,
+                repeats: int = 2, samples: int = 400) -> dict[str, Any]:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core: the tokenizer's thread pool stays off
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench(steps, warmup, context_length, batch_size, repeats, samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(steps: int, warmup: int, context_length: int, batch_size: int, repeats: int,
+           samples: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="mio-bench-train-") as tmp:
+        root = Path(tmp)
+        data = write_data(root / "data", samples)
+        rng = random.Random(0)
+        corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(500)]
+        base = build_tiny_backbone(corpus, TinyLlamaConfig(), root / "base")
+        result: dict[str, Any] = {
+            "bench": "train", "device": "cpu", "threads": torch.get_num_threads(), "model": "TinyLlamaConfig()",
+            "context_length": context_length, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup,
+            **measure(base, data, root / "runs", steps, warmup, context_length, batch_size, repeats, gpu=False),
+        }
+        if torch.cuda.is_available():
+            big = build_tiny_backbone(corpus, ONE_B, root / "base_1b")
+            result["gpu_1b"] = {"device": torch.cuda.get_device_name(), "context_length": 2800, "batch_size": 4,
+                                **measure(big, data, root / "runs_1b", steps, warmup, 2800, 4, repeats, gpu=True)}
+    return result
