@@ -103,6 +103,7 @@ def test_loading_mio_release_layout(tmp_path):
     tree = mio_tree(tmp_path / "MIO")
     gen = Generator(folder, tokenizers=tree, device="cpu")
     assert gen.table.to_dict() == VocabTable.mio_default(v).to_dict()
+    assert gen.tokenizer.convert_tokens_to_ids("<|im_end|>") in gen.stop_ids  # a chat answer ends at ChatML's turn end
     g = gen.generate("Please generate a speech of hello: <spch>", chat=False, max_new_tokens=20, max_speech_frames=3)
     speech = next(s for s in g.segments if isinstance(s, Speech))
     gen.write(g, tmp_path / "speech")

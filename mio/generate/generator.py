@@ -275,9 +275,13 @@ def _as_item(x: PromptItem) -> Segment | MediaFile:
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The generation config's EOS ids (a model folder's lists ``<|im_end|>`` too), else the tokenizer's."""
+    """The generation config's EOS ids, the tokenizer's EOS, and ChatML's ``<|im_end|>``: an
+    assistant turn ends there (MIO's release stops on it, id 7, outside its generation config)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
     return sorted({int(i) for i in ids})
