@@ -19,7 +19,7 @@ from mio.model.attention import packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone, save_model_folder
 from mio.segments import Image, Speech, Text
 from mio.templates import SPEECH_ONLY_TASKS, SYSTEM_SPEECH, SYSTEM_STANDARD, Turn, render_chat
-from mio.train.cli import fit
+from mio.cli import main
 from mio.train.data import MioDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,14 +201,16 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
 
     out, _ = sft
     ext = out / "ext"
-    adapter = fit(["--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), f"--model.backbone={ext}",
-                   f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=8",
-                   "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                   "--trainer.callbacks+=test_sft.FrozenBaseCheck"])
+    assert main(["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), f"--model.backbone={ext}",
+                 f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=8",
+                 "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                 "--trainer.callbacks+=test_sft.FrozenBaseCheck"]) == 0
+    printed = capfd.readouterr()
+    adapter = Path(printed.out.strip().splitlines()[-1])  # `mio fit` ends with the adapter folder
     assert adapter == out / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(ext.resolve()) and config["r"] == 8
-    assert "[mio] parameters:" in capfd.readouterr().err
+    assert "[mio] parameters:" in printed.err and "added-token rows" in printed.err
 
     check = FrozenBaseCheck.results
     base, _, table = load_backbone(ext)
@@ -225,3 +227,20 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
     tuned = PeftModel.from_pretrained(load_backbone(ext)[0], adapter).eval()
     after = mean_loss(tuned, batches)
     assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.gpu
+def test_fsdp_lora_stage_on_gpu(sft):
+    """Lightning's FSDP (GPU only): LoRA trains under LoraWrapPolicy; with added-token rows the
+    stage refuses before wrapping, naming the setting."""
+    out, _ = sft
+    strategy = out / "fsdp.yaml"
+    strategy.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.FSDPStrategy\n"
+                        "    init_args:\n      auto_wrap_policy: {class_path: mio.model.lora.LoraWrapPolicy}\n")
+    args = ["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), "--config", str(strategy),
+            f"--model.backbone={out / 'ext'}", f"--data.root={out / 'data'}", "--trainer.accelerator=gpu",
+            "--trainer.devices=1", "--trainer.max_steps=2", "--data.batch_size=1", "--trainer.enable_progress_bar=false"]
+    assert main([*args, f"--trainer.default_root_dir={out / 'fsdp'}", "--model.lora.train_new_tokens=false"]) == 0
+    assert (out / "fsdp" / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match="train_new_tokens"):
+        main([*args, f"--trainer.default_root_dir={out / 'fsdp2'}"])

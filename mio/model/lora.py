@@ -157,10 +157,11 @@ def parameter_report(model: nn.Module) -> ParameterReport:
 
 
 # --- FSDP -------------------------------------------------------------------------------------
-class LoraWrapPolicy(_Policy):
+class LoraWrapPolicy(ModuleWrapPolicy):
     """FSDP (1) wrap policy for LoRA runs: each transformer block is a unit, and so is each
     leaf module whose own parameters all train (the LoRA A and B matrices), so no flat
-    parameter mixes frozen and trainable weights.
+    parameter mixes frozen and trainable weights. A ``ModuleWrapPolicy`` subclass, so a stage
+    YAML can name it: ``auto_wrap_policy: {class_path: mio.model.lora.LoraWrapPolicy}``.
 
     Args:
         block_classes: class names of the transformer blocks; default: the backbone's
@@ -168,7 +169,7 @@ class LoraWrapPolicy(_Policy):
     """
 
     def __init__(self, block_classes: list[str] | None = None) -> None:
-        super().__init__()
+        super().__init__(())
         self.block_classes = block_classes
 
     def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module],
@@ -176,6 +177,10 @@ class LoraWrapPolicy(_Policy):
         blocks = set(self.block_classes or _no_split_modules(root_module))
         return {m: copy.copy(root_kwargs) for m in root_module.modules()
                 if m not in ignored_modules and (type(m).__name__ in blocks or _trainable_leaf(m))}
+
+    def __call__(self, module: nn.Module, recurse: bool, *args: Any, **kwargs: Any) -> bool:
+        raise TypeError("LoraWrapPolicy decides over the whole model: pass it to FSDP as auto_wrap_policy, "
+                        "not as a per-module callable")
 
 
 def _no_split_modules(root: nn.Module) -> list[str]:
