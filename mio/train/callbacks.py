@@ -19,17 +19,20 @@ class StepLog(L.Callback):
     def __init__(self, every_n_steps: int = 20) -> None:
         self.every = every_n_steps
         self.start = 0.0
+        self.first_step = self.last_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
+        self.first_step = self.last_step = trainer.global_step  # > 0 when resumed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
         step = trainer.global_step
-        if not trainer.is_global_zero or (step % self.every and step != trainer.max_steps):
+        stepped, self.last_step = step != self.last_step, step  # not while micro-batches accumulate
+        if not trainer.is_global_zero or not stepped or (step % self.every and step != trainer.max_steps):
             return
         m = trainer.callback_metrics
         elapsed = time.perf_counter() - self.start
-        left = elapsed / max(step, 1) * (trainer.max_steps - step)
+        left = elapsed / max(step - self.first_step, 1) * (trainer.max_steps - step)
         loss = float(m["loss"]) if "loss" in m else float("nan")
         tps = float(m["tok/s"]) if "tok/s" in m else float("nan")
         print(f"[mio] step {step}/{trainer.max_steps} loss {loss:.3f} tokens/s {tps:.0f} "
