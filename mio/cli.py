@@ -68,11 +68,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from mio.train.cli import fit
+    from mio.train.cli import main as fit_main
 
-    out = fit(argv)
-    print(out)
-    return 0
+    return fit_main(argv)
 
 
 def cmd_generate(argv: list[str]) -> int:
