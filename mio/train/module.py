@@ -30,7 +30,7 @@ class MioModule(L.LightningModule):
     Args:
         backbone: local model folder: a text-only LM (with ``extend_vocab``) or the previous
             stage's output.
-        extend_vocab: add mio's 12,292 tokens to a text-only backbone first.
+        extend_vocab: add mio's 12,294 tokens (6 specials, 8192 image and 4096 speech codes) to a text-only backbone first.
         attn_backend: per-sample attention isolation: ``sdpa`` (4D mask), ``flex`` or ``flash``.
         lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW with cosine decay.
         output_dir: where the stage's ``save_pretrained`` folder goes
