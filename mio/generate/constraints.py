@@ -56,7 +56,7 @@ class ModalityConstraint(LogitsProcessor):
         self.max_speech_frames = max_speech_frames
         self.allow_image, self.allow_speech = allow_image, allow_speech
         self._specials = np.array([table.image_begin, table.image_end, table.speech_begin, table.speech_end])
-        self._blocked: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._biases: dict[tuple[int, str, torch.dtype], tuple[dict[str, int], torch.Tensor]] = {}
 
     # --- state ---------------------------------------------------------------------------
     def state(self, row: np.ndarray) -> BlockState:
@@ -84,7 +84,7 @@ class ModalityConstraint(LogitsProcessor):
         return BlockState(TEXT)
 
     def allowed_key(self, s: BlockState) -> str:
-        """The name of the allowed set that follows state ``s`` (see :meth:`_build_blocked`)."""
+        """The name of the allowed set that follows state ``s`` (see :meth:`_allowed_masks`)."""
         if s.kind == TEXT:
             return "outside"
         if s.kind == IMAGE:
@@ -101,8 +101,8 @@ class ModalityConstraint(LogitsProcessor):
         return "speech_end" if s.layer == last else f"layer{s.layer + 1}"
 
     # --- masks ---------------------------------------------------------------------------
-    def _build_blocked(self, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """(V,) bool masks of the tokens each state forbids."""
+    def _allowed_masks(self, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """(V,) bool masks of the tokens each allowed set holds, by name."""
         t = self.table
         ids = torch.arange(vocab, device=device)
         outside = ids < t.text_size
@@ -118,29 +118,45 @@ class ModalityConstraint(LogitsProcessor):
                    "image_end": ids == t.image_end, "speech_end": speech_end,
                    "after_layer0": after_layer0, "layer0_or_next": layers[0] | after_layer0}
         allowed.update({f"layer{k}": m for k, m in enumerate(layers)})
-        return {k: ~m for k, m in allowed.items()}
+        return allowed
 
-    def blocked_masks(self, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (vocab, str(device))
-        if key not in self._blocked:
-            self._blocked[key] = self._build_blocked(vocab, device)
-        return self._blocked[key]
+    def biases(self, vocab: int, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor]:
+        """(row of each allowed set, (K, V) matrix of 0 where allowed and -inf where not).
+
+        Adding a gathered row is ~10x faster on CPU than ``masked_fill`` with a bool mask (34 vs
+        360 us for 5 x 12.7k scores) and gives the same scores: x + 0 == x, x + -inf == -inf.
+        """
+        key = (vocab, str(device), dtype)
+        if key not in self._biases:
+            masks = self._allowed_masks(vocab, device)
+            rows = {name: i for i, name in enumerate(masks)}
+            bias = torch.zeros(len(masks), vocab, device=device, dtype=dtype)
+            bias.masked_fill_(~torch.stack(list(masks.values())), float("-inf"))
+            self._biases[key] = (rows, bias)
+        return self._biases[key]
+
+    def bias(self, keys: list[str], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The allowed sets named by ``keys`` (one per row) as a (B, V) additive bias."""
+        rows, bias = self.biases(vocab, device, dtype)
+        if len(keys) == 1:
+            return bias[rows[keys[0]]][None]  # (1, V)
+        return bias.index_select(0, torch.tensor([rows[k] for k in keys], device=device))  # (B, V)
 
     def keys(self, input_ids: torch.Tensor) -> list[str]:
+        """(B, L) ids -> the name of each row's allowed set. Rows whose last block marker closes
+        a block (or that have none) are outside media: found for all rows at once, so beams
+        writing text cost a few array passes, not one state derivation each."""
         rows = input_ids.detach().cpu().numpy()
-        return [self.allowed_key(self.state(r)) for r in rows]
+        t = self.table
+        opens = (rows == t.image_begin) | (rows == t.speech_begin)
+        marks = opens | (rows == t.image_end) | (rows == t.speech_end)
+        last = rows.shape[1] - 1 - np.argmax(marks[:, ::-1], axis=1)  # (B,) last marker, if any
+        inside = marks.any(1) & opens[np.arange(len(rows)), last]
+        return [self.allowed_key(self.state(r)) if maybe else "outside" for r, maybe in zip(rows, inside)]
 
     def allowed(self, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
         """(B, L) ids so far -> (B, V) bool of tokens allowed next."""
-        return ~self.blocked(input_ids, vocab, input_ids.device)
-
-    def blocked(self, input_ids: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-        masks = self.blocked_masks(vocab, device)
-        keys = self.keys(input_ids)
-        if len(keys) == 1:
-            return masks[keys[0]][None]  # (1, V)
-        return torch.stack([masks[k] for k in keys])  # (B, V)
+        return torch.isfinite(self.bias(self.keys(input_ids), vocab, input_ids.device, torch.float32))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        blocked = self.blocked(input_ids, scores.shape[-1], scores.device)
-        return scores.masked_fill(blocked, float("-inf"))
+        return scores + self.bias(self.keys(input_ids), scores.shape[-1], scores.device, scores.dtype)

@@ -119,8 +119,8 @@ class Decoder:
         cfg = self.settings[mode]
         ids = s.ids()
         scores = self._penalties[mode](ids, s.logits)
-        blocked = self.constraint.blocked_masks(scores.shape[-1], scores.device)[self.constraint.allowed_key(state)]
-        scores = scores.masked_fill(blocked, float("-inf"))
+        scores = scores + self.constraint.bias([self.constraint.allowed_key(state)], scores.shape[-1], scores.device,
+                                               scores.dtype)
         if cfg.do_sample:
             probs = torch.softmax(self._warpers[mode](ids, scores), dim=-1)
             token = int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])
@@ -154,7 +154,6 @@ class Decoder:
         cache = s.cache
         if cache is not None:
             cache.batch_repeat_interleave(B)
-        blocked = self.constraint.blocked_masks(V, self.device)
         pool: list[tuple[float, list[int]]] = []  # finished hypotheses (score, tokens), best first
         improvable = True
         for step in range(budget):
@@ -162,7 +161,7 @@ class Decoder:
             logp = torch.log_softmax(logits, dim=-1)
             logp = self._penalties[TEXT](dev[:, :cur], logp)
             keys = [self.constraint.allowed_key(self.constraint.state(row[:cur])) for row in seqs]
-            logp = logp.masked_fill(torch.stack([blocked[k] for k in keys]), float("-inf"))
+            logp = logp + self.constraint.bias(keys, V, self.device, logp.dtype)
             top_v, top_i = (logp + running[:, None]).view(-1).topk(K)  # (K,)
             beam, token = top_i // V, top_i % V
             ends = torch.isin(token, self.phase_enders) | (step + 1 >= budget)  # (K,)
