@@ -163,3 +163,11 @@ def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
     errors: Counter = Counter()
     keys = [s.key for s in epoch_samples(shards, ReaderSlot(), 0, 0, errors)]
     assert errors["bad_shard"] == 1 and 10 <= len(keys) < 20
+
+
+def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, text_tokenizer, table):
+    # Speech-text samples are media samples: over the context they are dropped, never cut.
+    mixture = MixtureBatches([DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table,
+                             context_length=8, batch_size=1)
+    with pytest.raises(ValueError, match="speech_text: 1000 samples in a row are longer than data.context_length=8"):
+        next(iter(mixture))

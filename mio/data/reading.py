@@ -427,14 +427,29 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         """The mixture's draws: sequences the packer places as they are (text over the context
         already cut, media over it left out and counted), so what is drawn is what is packed."""
         streams = [self._sequences(dataset_stream(shards, spec, self.renderer, slot, self.seed, i, self.errors,
-                                                  self.shuffle_buffer))
+                                                  self.shuffle_buffer), spec.path)
                    for i, (shards, spec) in enumerate(zip(self.shards, self.specs))]
         return balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)
 
-    def _sequences(self, stream: Iterator[TokenSample]) -> Iterator[TokenSample]:
+    def _sequences(self, stream: Iterator[TokenSample], name: str,
+                   max_dropped_in_a_row: int = 1000) -> Iterator[TokenSample]:
         cutter = BestFitPacker(self.context_length)  # its `sequences` only: cut or drop, as packing would
         dropped = 0
-        for seq in cutter.sequences(stream):
+        since_last = 0
+
+        def counted() -> Iterator[TokenSample]:
+            # A dataset whose samples are all over the context would otherwise be read forever.
+            nonlocal since_last
+            for sample in stream:
+                since_last += 1
+                if since_last > max_dropped_in_a_row:
+                    raise ValueError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
+                                     f"data.context_length={self.context_length} and cannot be packed; raise the "
+                                     f"context length or drop the dataset from the stage")
+                yield sample
+
+        for seq in cutter.sequences(counted()):
+            since_last = 0
             self.errors["over_context"] += cutter.stats.samples_dropped_too_long - dropped
             dropped = cutter.stats.samples_dropped_too_long
             yield seq
