@@ -110,17 +110,23 @@ def test_sdpa_packed_logits_and_loss_equal_per_sample(seed: int) -> None:
     assert_packed_equals_alone(model, model, "sdpa", batch)
 
 
-def test_sdpa_packed_gradients_equal_per_sample() -> None:
-    batch, _ = packed_batch(2, 64, 1, count=6)
-    packed_model, alone_model = tiny_llama("sdpa"), tiny_llama("sdpa")
+
+def assert_packed_gradients_equal_alone(packed_model, alone_model, backend: str, batch: dict) -> None:  # noqa: ANN001
+    """One backward over the packed batch and one per sample alone, both divided by the same global
+    token count, give the same gradients."""
     n_global = global_supervised_tokens([batch["labels"]])
-    logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs("sdpa", batch)).logits
+    logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs(backend, batch)).logits
     packed_loss(logits, batch["labels"], n_global).backward()
     for row, start, n in per_sample_segments(batch):
         ids = batch["input_ids"][row : row + 1, start : start + n]
         labels = batch["labels"][row : row + 1, start : start + n]
         packed_loss(alone_model(input_ids=ids).logits, labels, n_global).backward()
     assert_same_gradients(packed_model, alone_model, TOL)
+
+def test_sdpa_packed_gradients_equal_per_sample() -> None:
+    batch, _ = packed_batch(2, 64, 1, count=6)
+    packed_model, alone_model = tiny_llama("sdpa"), tiny_llama("sdpa")
+    assert_packed_gradients_equal_alone(packed_model, alone_model, "sdpa", batch)
 
 
 def assert_same_gradients(packed: torch.nn.Module, alone: torch.nn.Module, tol: float) -> None:
@@ -224,14 +230,7 @@ def test_flex_packed_gradients_equal_per_sample_on_gpu() -> None:
     batch, _ = packed_batch(5, 256, 128)
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed_model, alone_model = tiny_llama("flex_attention", "cuda"), tiny_llama("sdpa", "cuda")
-    n_global = global_supervised_tokens([batch["labels"]])
-    logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs("flex", batch)).logits
-    packed_loss(logits, batch["labels"], n_global).backward()
-    for row, start, n in per_sample_segments(batch):
-        ids = batch["input_ids"][row : row + 1, start : start + n]
-        labels = batch["labels"][row : row + 1, start : start + n]
-        packed_loss(alone_model(input_ids=ids).logits, labels, n_global).backward()
-    assert_same_gradients(packed_model, alone_model, TOL)
+    assert_packed_gradients_equal_alone(packed_model, alone_model, "flex", batch)
 
 
 @pytest.mark.gpu

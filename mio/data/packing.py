@@ -52,6 +52,7 @@ class Pack:
     document_ids: np.ndarray  # (L,) int32, 0..k-1 per sample in pack order; -1 on padding
     modality: np.ndarray  # (L,) int8, -1 on padding
     seq_lens: list[int]  # lengths of the k samples, in pack order (padding excluded)
+    keys: list[str] = field(default_factory=list)  # the k samples' keys (pieces of a cut sample repeat it)
 
 
 @dataclass
@@ -265,6 +266,7 @@ class BestFitPacker:
             document_ids=np.repeat(np.arange(len(lens) + 1, dtype=np.int32), lens + [pad]),
             modality=np.concatenate([s.modality for s in pack.sequences] + [np.full(pad, PAD_MODALITY, np.int8)]),
             seq_lens=lens,
+            keys=[seq.key for seq in pack.sequences],
         )
         out.document_ids[used:] = PAD_DOCUMENT
         self.stats.sequences += len(lens)

@@ -19,62 +19,22 @@ Hence:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from mio.data.packing import IGNORE_INDEX, BestFitPacker, Pack, TokenSample, collate_packs
-from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
-# `mio inspect --backbone` renders samples with the reader's Renderer, imported from here.
-from mio.data.reading import Renderer  # noqa: F401
+from mio.data.packing import IGNORE_INDEX, BestFitPacker, Pack, collate_packs
+from mio.data.reading import MixtureBatches, ReaderSlot
 
-__all__ = ["DatasetSpec", "Renderer", "Row", "KeyedPacker", "row_stream", "RankRows", "RankBatches"]
+__all__ = ["row_stream", "RankRows", "RankBatches"]
 
 
-@dataclass
-class Row:
-    """One pack of a micro-batch and the keys of the samples it holds, in pack order (the pieces
-    of a cut text sample repeat its key)."""
-
-    pack: Pack
-    keys: list[str]
-
-
-class KeyedPacker(BestFitPacker):
-    """A :class:`BestFitPacker` whose packs say which samples they hold.
-
-    ``Pack`` records the lengths of its sequences, not their keys; each sequence is found again
-    by its token ids among the sequences placed and not yet emitted.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._placed: dict[bytes, list[str]] = {}  # token ids of a waiting sequence -> keys, in arrival order
-
-    def sequences(self, samples: Iterable[TokenSample]) -> Iterator[TokenSample]:
-        for seq in super().sequences(samples):
-            self._placed.setdefault(seq.input_ids.tobytes(), []).append(seq.key)
-            yield seq
-
-    def rows(self, samples: Iterable[TokenSample]) -> Iterator[Row]:
-        for pack in self(samples):
-            keys, start = [], 0
-            for n in pack.seq_lens:
-                ids = pack.input_ids[start:start + n].tobytes()
-                start += n
-                waiting = self._placed[ids]
-                keys.append(waiting.pop(0))
-                if not waiting:
-                    del self._placed[ids]
-            yield Row(pack, keys)
-
-
-def row_stream(mixture: MixtureBatches, stream: int, streams: int) -> Iterator[Row]:
-    """Row stream ``stream`` of ``streams``: reader slot ``stream`` of the mixture, packed."""
-    packer = KeyedPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
-                         pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream)
-    return packer.rows(d.sample for d in mixture.draws(ReaderSlot(rank=stream, world=streams)))
+def row_stream(mixture: MixtureBatches, stream: int, streams: int) -> Iterator[Pack]:
+    """Row stream ``stream`` of ``streams``: reader slot ``stream`` of the mixture, packed (each
+    pack names its samples' keys)."""
+    packer = BestFitPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
+                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream)
+    return packer(d.sample for d in mixture.draws(ReaderSlot(rank=stream, world=streams)))
 
 
 class RankRows(torch.utils.data.IterableDataset):
@@ -90,7 +50,7 @@ class RankRows(torch.utils.data.IterableDataset):
         super().__init__()
         self.mixture, self.first, self.count, self.streams, self.skip = mixture, first, count, streams, skip
 
-    def __iter__(self) -> Iterator[Row]:
+    def __iter__(self) -> Iterator[Pack]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = range(self.first + worker, self.first + self.count, workers)
@@ -100,7 +60,7 @@ class RankRows(torch.utils.data.IterableDataset):
                 yield next(s)
 
 
-def _rows_as_they_are(row: Row) -> Row:
+def _rows_as_they_are(row: Pack) -> Pack:
     return row
 
 
@@ -133,9 +93,9 @@ class RankBatches:
         pad_id = self.rows.mixture.pad_id
         while True:
             step = [[next(rows) for _ in range(self.rows.count)] for _ in range(self.accumulate)]
-            supervised = sum(int((r.pack.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
+            supervised = sum(int((r.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
             for micro in step:
-                batch: dict[str, Any] = collate_packs([r.pack for r in micro], pad_id=pad_id)
+                batch: dict[str, Any] = collate_packs(micro, pad_id=pad_id)
                 batch["keys"] = [r.keys for r in micro]
                 batch["step_supervised"] = torch.tensor(supervised, dtype=torch.int64)
                 yield batch
