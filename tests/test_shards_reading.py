@@ -1,5 +1,5 @@
-"""Reading prepared shards: node/worker split, per-epoch draws, batched text encoding, and the
-stage mixtures' speech share measured in packed batches."""
+"""Reading prepared shards: node/worker split, per-epoch draws, batched text encoding, the stage
+mixtures' shares in the training reader's batches, and what reading loses, counted per dataset."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mio.bench.data import write_synthetic
-from mio.data.reading import (BatchTextEncoder, DatasetSpec, MixtureBatches, ReaderSlot, Renderer, dataset_stream,
-                              epoch_samples, measure_shares, reader_rng, split_shards)
+from mio.bench.data import DATA_TYPES, STAGES, stage_datasets, write_synthetic
+from mio.data.pipeline import RankBatches, RankRows
+from mio.data.reading import (ERROR_REASONS, BatchTextEncoder, DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer,
+                              dataset_stream, epoch_samples, reader_rng, split_shards)
+from mio.vocab import SPEECH
 from mio.vocab import VocabTable
 
 
@@ -29,10 +31,11 @@ def test_slots_read_disjoint_samples_covering_the_dataset(tmp_path, n_shards, wo
     assert len(shards) == n_shards
     for epoch in (0, 1):
         seen: list[str] = []
+        counts = DataCounts(1)
         for rank, worker in itertools.product(range(world), range(workers)):
             slot = ReaderSlot(rank, world, worker, workers)
-            seen += [s.key for s in epoch_samples(shards, slot, seed=3, epoch=epoch, errors=Counter())]
-        assert len(seen) == len(set(seen)) == 7 * n_shards
+            seen += [s.key for s in epoch_samples(shards, slot, seed=3, epoch=epoch, counts=counts)]
+        assert len(seen) == len(set(seen)) == 7 * n_shards == counts.read[0]
 
 
 @settings(max_examples=100, deadline=None)
@@ -62,7 +65,7 @@ def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_t
     renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
 
     def run(slot: ReaderSlot, seed: int = 0) -> dict[tuple[int, str], bool]:
-        stream = dataset_stream(shards, spec, renderer, slot, seed, 0, Counter(), shuffle_buffer=16)
+        stream = dataset_stream(shards, spec, renderer, slot, seed, 0, DataCounts(1), shuffle_buffer=16)
         out = {}
         for i, s in enumerate(itertools.islice(stream, 600)):
             out[(i // 300, s.key)] = _generates(s, table)  # (epoch, key) -> generation?
@@ -82,7 +85,7 @@ def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_t
 def test_video_text_generates_video_sixty_percent(tmp_path, text_tokenizer, table):
     shards = write_synthetic(tmp_path, "video_text", samples=500, shard_size=250)
     stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(text_tokenizer, table), ReaderSlot(), 0, 0,
-                            Counter())
+                            DataCounts(1))
     assert 0.54 < np.mean(_directions(stream, 1000, table)) < 0.66
 
 
@@ -97,7 +100,7 @@ def test_batch_text_encoder_equals_tokenizer(text_tokenizer, texts):
 
 def test_rendering_in_blocks_equals_one_by_one(tmp_path, text_tokenizer, table):
     shards = write_synthetic(tmp_path, "speech_text", samples=40, shard_size=40)
-    samples = list(epoch_samples(shards, ReaderSlot(), 0, 0, Counter()))
+    samples = list(epoch_samples(shards, ReaderSlot(), 0, 0, DataCounts(1)))
     renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
     block = renderer.many(samples, spec, random.Random(5), Counter())
     rng = random.Random(5)
@@ -106,68 +109,77 @@ def test_rendering_in_blocks_equals_one_by_one(tmp_path, text_tokenizer, table):
                for x, y in zip(block, single))
 
 
-# Paper, Table 2: image-text : language : interleaved + video : speech-text batch ratios.
-STAGES = {
-    "I": ({"image_text": 12, "text": 2, "speech_text": 2}, 0.125),
-    "II": ({"image_text": 2, "text": 2, "interleaved": 4, "video_text": 2, "speech_text": 6}, 0.375),
-    "III": ({"image_text": 2, "text": 1, "interleaved": 1, "speech_text": 12}, 0.75),
-}
-
-
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
-    for data_type in ("image_text", "text", "interleaved", "video_text", "speech_text"):
-        write_synthetic(root / data_type, data_type, samples=400, shard_size=100)
+    for data_type in DATA_TYPES:
+        write_synthetic(root / data_type, data_type, samples=200, shard_size=100)
     return root
 
 
+def read_batches(mixture: Mixture, rows: int, batches: int) -> tuple[list[dict], DataCounts]:
+    """``batches`` micro-batches of ``rows`` row streams from the training reader, and their counts."""
+    out = list(itertools.islice(RankBatches(RankRows(mixture, first=0, count=rows, streams=rows)), batches))
+    counts = DataCounts(len(mixture.specs))
+    for b in out:
+        counts.add(b["data"])
+    return out, counts
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_mixture_speech_share(stage, synthetic_root, text_tokenizer, table):
-    weights, target = STAGES[stage]
-    specs = [DatasetSpec(name, weight=w) for name, w in weights.items()]
-    mixture = MixtureBatches(specs, synthetic_root, text_tokenizer, table, context_length=2800, batch_size=4)
-    shares = measure_shares(mixture, batches=30, skip_batches=4)
-    assert abs(shares["dataset_share"]["speech_text"] - target) <= 0.02, shares
-    for name, w in weights.items():  # every dataset near its share, not only speech
-        assert abs(shares["dataset_share"][name] - w / sum(weights.values())) <= 0.03, (name, shares)
-    assert shares["packing_efficiency"] > 0.9
-    assert shares["modality_share"]["speech"] < shares["dataset_share"]["speech_text"]  # transcripts are text
+def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, text_tokenizer, table):
+    """The full-size stage YAMLs' mixtures (weights, templates, context) in the reader's batches:
+    the counts the training loop logs as train/share_*; the bench measures them over 200 steps."""
+    _, specs = stage_datasets(stage, synthetic_root)
+    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, context_length=2800)
+    batches, counts = read_batches(mixture, rows=1, batches=40)  # 40 packs of one row stream
+    real = int(sum((b["document_ids"] >= 0).sum() for b in batches))
+    assert counts.tokens.sum() == counts.kind_tokens.sum() == real  # every token of the batches, attributed once
+    shares = counts.tokens / real
+    total = sum(s.weight for s in specs)
+    for spec, share in zip(specs, shares):  # every dataset near its share, not only speech
+        assert abs(share - spec.weight / total) <= 0.03, (spec.path, shares)
+    # The share of tokens in speech samples is speech-text's share: what the stage table means.
+    assert abs(counts.kind_tokens[SPEECH] / real - STAGES[stage]) <= 0.02
+    speech = [i for i, s in enumerate(specs) if s.path.startswith("speech_text")]
+    assert counts.kind_tokens[SPEECH] == counts.tokens[speech].sum()
+    speech_codes = sum(int(((b["modality"] == SPEECH) & (b["document_ids"] >= 0)).sum()) for b in batches)
+    assert speech_codes < counts.kind_tokens[SPEECH]  # transcripts are text
 
 
 def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, table):
     """Why the mixture balances tokens: balancing samples leaves speech-text far off its share."""
-    weights, target = STAGES["III"]
-    specs = [DatasetSpec(name, weight=w) for name, w in weights.items()]
-    mixture = MixtureBatches(specs, synthetic_root, text_tokenizer, table, 2800, 4, balance="samples")
-    shares = measure_shares(mixture, batches=15)
-    assert abs(shares["dataset_share"]["speech_text"] - target) > 0.03
+    _, specs = stage_datasets("3_speech", synthetic_root)
+    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, 2800, balance="samples")
+    _, counts = read_batches(mixture, rows=2, batches=10)
+    assert abs(counts.kind_tokens[SPEECH] / counts.tokens.sum() - STAGES["3_speech"]) > 0.03
 
 
-def test_mixture_batches_are_packed(synthetic_root, text_tokenizer, table):
-    mixture = MixtureBatches([DatasetSpec("image_text"), DatasetSpec("speech_text")], synthetic_root,
-                             text_tokenizer, table, context_length=1024, batch_size=2)
-    batch = next(iter(mixture))
+def test_training_batches_are_packed(synthetic_root, text_tokenizer, table):
+    mixture = Mixture([DatasetSpec("image_text"), DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table,
+                      context_length=1024)
+    (batch,), _ = read_batches(mixture, rows=2, batches=1)
     assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 1024
-    assert set(batch) >= {"input_ids", "labels", "position_ids", "document_ids"}
+    assert set(batch) >= {"input_ids", "labels", "position_ids", "document_ids", "data"}
     with pytest.raises(ValueError, match="weight must be positive"):
         DatasetSpec("x", weight=0)
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        MixtureBatches([DatasetSpec("missing")], synthetic_root, text_tokenizer, table, 64, 1)
+        Mixture([DatasetSpec("missing")], synthetic_root, text_tokenizer, table, 64)
 
 
 def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
     shards = write_synthetic(tmp_path, "text", samples=20, shard_size=10)
     data = Path(shards[1]).read_bytes()
     Path(shards[1]).write_bytes(data[: len(data) // 2])
-    errors: Counter = Counter()
-    keys = [s.key for s in epoch_samples(shards, ReaderSlot(), 0, 0, errors)]
-    assert errors["bad_shard"] == 1 and 10 <= len(keys) < 20
+    counts = DataCounts(2)
+    keys = [s.key for s in epoch_samples(shards, ReaderSlot(), 0, 0, counts, dataset=1)]
+    assert counts.errors[1, ERROR_REASONS.index("shard_truncated")] == 1 and counts.errors.sum() == 1
+    assert 10 <= len(keys) == counts.read[1] < 20
+    assert counts.examples[(1, ERROR_REASONS.index("shard_truncated"))].startswith(shards[1])
 
 
 def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, text_tokenizer, table):
     # Speech-text samples are media samples: over the context they are dropped, never cut.
-    mixture = MixtureBatches([DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table,
-                             context_length=8, batch_size=1)
+    mixture = Mixture([DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table, context_length=8)
     with pytest.raises(ValueError, match="speech_text: 1000 samples in a row are longer than data.context_length=8"):
-        next(iter(mixture))
+        next(mixture.rows(ReaderSlot()))

@@ -21,9 +21,10 @@ from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
 
 STEPS = 5
-# Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger.
-RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.enable_checkpointing=true",
-             "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+# Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger (a loss for every step).
+RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.log_every_n_steps=1",
+             "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
+             "--trainer.callbacks.every_n_train_steps=1",
              "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class TokenSample:
     text_only: bool = False  # may be cut at a token boundary outside media blocks
     modality: np.ndarray | None = None  # (n,) int8: 0 text, 1 image, 2 speech; None = unknown (-1)
     key: str = ""  # where the sample came from, for error messages
+    dataset: int = -1  # index of the stage's dataset it was read from (-1: none)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Pack:
     modality: np.ndarray  # (L,) int8, -1 on padding
     seq_lens: list[int]  # lengths of the k samples, in pack order (padding excluded)
     keys: list[str] = field(default_factory=list)  # the k samples' keys (pieces of a cut sample repeat it)
+    datasets: list[int] = field(default_factory=list)  # the k samples' dataset indices
 
 
 @dataclass
@@ -233,7 +235,7 @@ class BestFitPacker:
                 continue
             if n <= self.context_length:
                 self.stats.samples_packed += 1
-                yield TokenSample(input_ids, labels, sample.text_only, modality, sample.key)
+                yield replace(sample, input_ids=input_ids, labels=labels, modality=modality)
                 continue
             ends = self._cut(sample, input_ids, modality) if sample.text_only else None
             if ends is None:
@@ -242,7 +244,7 @@ class BestFitPacker:
             self.stats.samples_packed += 1
             self.stats.samples_cut += 1
             for a, b in zip([0] + ends[:-1], ends):
-                yield TokenSample(input_ids[a:b], labels[a:b], True, modality[a:b], sample.key)
+                yield replace(sample, input_ids=input_ids[a:b], labels=labels[a:b], modality=modality[a:b])
 
     def _cut(self, sample: TokenSample, input_ids: np.ndarray, modality: np.ndarray) -> list[int] | None:
         if self.block_boundaries is not None:
@@ -267,6 +269,7 @@ class BestFitPacker:
             modality=np.concatenate([s.modality for s in pack.sequences] + [np.full(pad, PAD_MODALITY, np.int8)]),
             seq_lens=lens,
             keys=[seq.key for seq in pack.sequences],
+            datasets=[seq.dataset for seq in pack.sequences],
         )
         out.document_ids[used:] = PAD_DOCUMENT
         self.stats.sequences += len(lens)

@@ -2,7 +2,7 @@
 ranks or DataLoader workers, and a data position that is one number.
 
 A stage's global batch has ``G = batch_size x world_size`` rows (packs). Row ``j`` of every
-global batch comes from *row stream* ``j``: the reading pipeline of :mod:`mio.data.reading` run as
+global batch comes from *row stream* ``j``: ``Mixture.rows`` of :mod:`mio.data.reading` run as
 reader slot ``j`` of ``G`` -- its 1/G share of every dataset (whole shards, or every G-th sample),
 its own token-balanced mixture and best-fit packer, every draw seeded by (seed, j). Rank ``r``
 trains rows ``[r*R, (r+1)*R)`` (``R = batch_size``); its DataLoader workers split those streams.
@@ -23,18 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
-from mio.data.packing import IGNORE_INDEX, BestFitPacker, Pack, collate_packs
-from mio.data.reading import MixtureBatches, ReaderSlot
+from mio.data.packing import IGNORE_INDEX, collate_packs
+from mio.data.reading import DataCounts, Mixture, ReaderSlot, Row
 
-__all__ = ["row_stream", "RankRows", "RankBatches"]
-
-
-def row_stream(mixture: MixtureBatches, stream: int, streams: int) -> Iterator[Pack]:
-    """Row stream ``stream`` of ``streams``: reader slot ``stream`` of the mixture, packed (each
-    pack names its samples' keys)."""
-    packer = BestFitPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
-                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream)
-    return packer(d.sample for d in mixture.draws(ReaderSlot(rank=stream, world=streams)))
+__all__ = ["RankRows", "RankBatches"]
 
 
 class RankRows(torch.utils.data.IterableDataset):
@@ -46,21 +38,32 @@ class RankRows(torch.utils.data.IterableDataset):
     ``k`` divides ``count``.
     """
 
-    def __init__(self, mixture: MixtureBatches, first: int, count: int, streams: int, skip: int = 0) -> None:
+    def __init__(self, mixture: Mixture, first: int, count: int, streams: int, skip: int = 0) -> None:
         super().__init__()
         self.mixture, self.first, self.count, self.streams, self.skip = mixture, first, count, streams, skip
 
-    def __iter__(self) -> Iterator[Pack]:
+    def __iter__(self) -> Iterator[Row]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = range(self.first + worker, self.first + self.count, workers)
-        streams = [itertools.islice(row_stream(self.mixture, j, self.streams), self.skip, None) for j in mine]
+        streams = [self._skipped(self.mixture.rows(ReaderSlot(rank=j, world=self.streams))) for j in mine]
         while True:
             for s in streams:
                 yield next(s)
 
+    def _skipped(self, rows: Iterator[Row]) -> Iterator[Row]:
+        """The rows after the first ``skip``. What those read and lost comes with the first row, so
+        a resumed run's error counts cover the whole stage; their tokens (shares of steps the run
+        does not train again) do not."""
+        counts = DataCounts(len(self.mixture.specs))
+        for row in itertools.islice(rows, self.skip):
+            counts.add(row.counts)
+        counts.tokens[:], counts.kind_tokens[:] = 0, 0
+        for row in rows:
+            yield Row(row.pack, counts.take().add(row.counts))
 
-def _rows_as_they_are(row: Pack) -> Pack:
+
+def _rows_as_they_are(row: Row) -> Row:
     return row
 
 
@@ -69,7 +72,9 @@ class RankBatches:
 
     - ``keys``: per row, the keys of its samples (what a step trained on, for the sample ledger);
     - ``step_supervised``: supervised tokens of this rank's micro-batches of the same optimizer
-      step (``accumulate`` of them), so the loss can weigh every token of the global batch alike.
+      step (``accumulate`` of them), so the loss can weigh every token of the global batch alike;
+    - ``data``: the :class:`DataCounts` of its rows (tokens per dataset and sample kind, and what
+      their streams read and lost since their previous rows), for the training loop to log.
 
     An iterable, not a DataLoader: the rows come from a DataLoader over :class:`RankRows` and are
     grouped here, in the main process, so that a micro-batch holds rows of several workers.
@@ -93,9 +98,13 @@ class RankBatches:
         pad_id = self.rows.mixture.pad_id
         while True:
             step = [[next(rows) for _ in range(self.rows.count)] for _ in range(self.accumulate)]
-            supervised = sum(int((r.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
+            supervised = sum(int((r.pack.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
             for micro in step:
-                batch: dict[str, Any] = collate_packs(micro, pad_id=pad_id)
-                batch["keys"] = [r.keys for r in micro]
+                batch: dict[str, Any] = collate_packs([r.pack for r in micro], pad_id=pad_id)
+                batch["keys"] = [r.pack.keys for r in micro]
                 batch["step_supervised"] = torch.tensor(supervised, dtype=torch.int64)
+                counts = DataCounts(len(self.rows.mixture.specs))
+                for r in micro:
+                    counts.add(r.counts)
+                batch["data"] = counts
                 yield batch

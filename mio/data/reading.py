@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 import webdataset as wds
 
-from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
-from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
+from mio.data.packing import BestFitPacker, Pack, TokenSample
+from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards, shard_sample_counts
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Segment, Text, TextEncoder, render
 from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
-from mio.vocab import IMAGE, SPEECH, TEXT, VocabError, VocabTable
+from mio.vocab import MODALITY_NAMES, TEXT, VocabError, VocabTable
 
 
 @dataclass
@@ -81,18 +80,6 @@ class ReaderSlot:
     def count(self) -> int:
         return self.world * self.workers
 
-    @classmethod
-    def current(cls) -> "ReaderSlot":
-        """This process's slot: rank from torch.distributed (else RANK/WORLD_SIZE), worker from
-        the DataLoader's worker info."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return cls(rank, world, worker, workers)
-
 
 def epoch_order(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
     """The epoch's shard order: shuffled by (seed, epoch), identical on every reader."""
@@ -114,45 +101,123 @@ def reader_rng(seed: int, dataset: int, epoch: int, slot: ReaderSlot) -> random.
     return random.Random(f"draws:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
 
 
-class CountShardFailures:
-    """``on_failure`` of the tar stage: a failed shard is counted (its samples before the failure are kept)."""
+# --- what reading found and lost ----------------------------------------------------------
+ERROR_REASONS = ("shard_unreadable", "shard_truncated", "bad_sample", "render_failed", "over_context")
 
-    def __init__(self, errors: Counter) -> None:
-        self.errors = errors
+
+class DataCounts:
+    """What rows of a mixture hold, and what reading them lost, per dataset of the stage (by index).
+
+    ``read``: (D,) samples read from shards; ``errors``: (D, R) samples (or, for the ``shard_*``
+    reasons, shards) lost per reason of ``ERROR_REASONS``; ``tokens``: (D,) real tokens packed;
+    ``kind_tokens``: (3,) real tokens of text-only samples, of samples with images or video and of
+    samples with speech (a sample's kind is the highest modality it holds: TEXT < IMAGE < SPEECH);
+    ``examples``: the first example of each (dataset, reason) error, ``"<where>: <what>"``.
+    A plain class, so Lightning passes it through a batch untouched.
+    """
+
+    def __init__(self, datasets: int) -> None:
+        self.read = np.zeros(datasets, np.int64)
+        self.errors = np.zeros((datasets, len(ERROR_REASONS)), np.int64)
+        self.tokens = np.zeros(datasets, np.int64)
+        self.kind_tokens = np.zeros(len(MODALITY_NAMES), np.int64)
+        self.examples: dict[tuple[int, int], str] = {}
+
+    def error(self, dataset: int, reason: str, example: str) -> None:
+        r = ERROR_REASONS.index(reason)
+        self.errors[dataset, r] += 1
+        self.examples.setdefault((dataset, r), example)
+
+    def add(self, other: "DataCounts") -> "DataCounts":
+        self.read += other.read
+        self.errors += other.errors
+        self.tokens += other.tokens
+        self.kind_tokens += other.kind_tokens
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, v)
+        return self
+
+    def take(self) -> "DataCounts":
+        """What accumulated since the last ``take``; this object starts again from zero."""
+        out = DataCounts(len(self.read)).add(self)
+        self.read[:], self.errors[:], self.tokens[:], self.kind_tokens[:] = 0, 0, 0, 0
+        self.examples = {}
+        return out
+
+    def vector(self) -> np.ndarray:
+        """The counts as one (K,) float64 vector (to sum over ranks), examples left out."""
+        return np.concatenate([self.read, self.errors.ravel(), self.tokens, self.kind_tokens]).astype(np.float64)
+
+    def from_vector(self, vector: Sequence[float]) -> "DataCounts":
+        """Counts read back from a (summed) ``vector``, with this object's examples."""
+        d, r = len(self.read), len(ERROR_REASONS)
+        v = np.rint(np.asarray(vector, dtype=np.float64)).astype(np.int64)
+        out = DataCounts(d)
+        out.read, out.errors = v[:d], v[d:d + d * r].reshape(d, r)
+        out.tokens, out.kind_tokens = v[d + d * r:2 * d + d * r], v[2 * d + d * r:]
+        out.examples = dict(self.examples)
+        return out
+
+
+class _ShardFailures:
+    """``on_failure`` of the tar stage: a failed shard counted against its dataset."""
+
+    def __init__(self, counts: DataCounts, dataset: int) -> None:
+        self.counts, self.dataset = counts, dataset
 
     def __call__(self, failure: ShardFailure) -> None:
-        self.errors["bad_shard"] += 1
+        self.counts.error(self.dataset, f"shard_{failure.reason}", failure.message())
 
 
-def _take(stride: int, offset: int) -> Any:
-    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return itertools.islice(samples, offset, None, stride)
+class _Ignore:
+    """``on_failure`` of a slot that reads a shard another slot counts (see ``split_shards``)."""
 
-    return stage
+    def __call__(self, failure: ShardFailure) -> None:
+        return None
 
 
-def _safe_decode(errors: Counter) -> Any:
-    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[StoredSample]:
+class _Take:
+    """Every ``stride``-th sample from ``offset`` (samples dealt out to the slots of a dataset
+    with fewer shards than slots)."""
+
+    def __init__(self, stride: int, offset: int) -> None:
+        self.stride, self.offset = stride, offset
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return itertools.islice(samples, self.offset, None, self.stride)
+
+
+class _SafeDecode:
+    """Raw samples -> :class:`StoredSample` (json and integer npy only); each one read is counted,
+    and one that does not decode is counted as ``bad_sample`` with its error."""
+
+    def __init__(self, counts: DataCounts, dataset: int) -> None:
+        self.counts, self.dataset = counts, dataset
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[StoredSample]:
         for raw in samples:
+            self.counts.read[self.dataset] += 1
             try:
                 yield decode_sample(raw)
-            except ShardError:
-                errors["bad_shard_sample"] += 1
-
-    return stage
+            except ShardError as e:
+                self.counts.error(self.dataset, "bad_sample", str(e))
 
 
-def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int, errors: Counter,
-                  shuffle_buffer: int = 0, order_rng: random.Random | None = None) -> wds.DataPipeline:
+def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int, counts: DataCounts,
+                  dataset: int = 0, shuffle_buffer: int = 0, order_rng: random.Random | None = None,
+                  expected: dict[str, int] | None = None) -> wds.DataPipeline:
     """One epoch of one dataset as this slot sees it: a WebDataset pipeline of this slot's
-    shards (node and worker split) -> samples -> sample stride -> safe decode -> a shuffle
-    buffer of ``shuffle_buffer`` samples drawn with ``order_rng`` (0: in shard order)."""
+    shards -> samples (the tar stage; ``expected`` sample counts per shard from the manifests)
+    -> sample stride -> safe decode -> a shuffle buffer of ``shuffle_buffer`` samples drawn with
+    ``order_rng`` (0: shard order). What it reads and loses goes to ``counts`` under ``dataset``."""
     mine, stride, offset = split_shards(epoch_order(shards, seed, epoch), slot)
+    # With a sample stride every slot reads every shard: one of them counts a failed shard.
+    failures = _ShardFailures(counts, dataset) if offset == 0 else _Ignore()
     return wds.DataPipeline(
         wds.SimpleShardList(mine),
-        TarSamples(CountShardFailures(errors)),
-        _take(stride, offset),
-        _safe_decode(errors),
+        TarSamples(failures, expected),
+        _Take(stride, offset),
+        _SafeDecode(counts, dataset),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=order_rng or random.Random(0)),
     )
 
@@ -251,39 +316,55 @@ class Renderer:
         return out
 
 
+class _RenderFailures:
+    """What ``Renderer.many`` counts its failures into (``errors[reason] += 1``): each failure
+    counted as ``render_failed`` against the dataset, the renderer's reason as the example."""
+
+    def __init__(self, counts: DataCounts, dataset: int, name: str) -> None:
+        self.counts, self.dataset, self.name = counts, dataset, name
+
+    def __getitem__(self, reason: str) -> int:
+        return 0
+
+    def __setitem__(self, reason: str, count: int) -> None:
+        self.counts.error(self.dataset, "render_failed", f"dataset {self.name}: {reason}")
+
+
+def error_summary(counts: DataCounts, dataset: int) -> str:
+    """``reason count, ...; e.g. <example>`` of one dataset's errors (``no errors`` when none)."""
+    found = [(ERROR_REASONS[r], int(n)) for r, n in enumerate(counts.errors[dataset]) if n]
+    if not found:
+        return "no errors"
+    example = next(counts.examples[k] for k in sorted(counts.examples) if k[0] == dataset)
+    return ", ".join(f"{reason} {n}" for reason, n in found) + f"; e.g. {example}"
+
+
 def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer, slot: ReaderSlot, seed: int,
-                   dataset: int, errors: Counter, shuffle_buffer: int = 256,
-                   render_block: int = 32) -> Iterator[TokenSample]:
+                   dataset: int, counts: DataCounts, shuffle_buffer: int = 256, render_block: int = 32,
+                   expected: dict[str, int] | None = None) -> Iterator[TokenSample]:
     """One dataset's rendered samples for this slot, epoch after epoch, forever (rendered in
-    blocks of ``render_block`` samples, one text tokenizer call per block)."""
+    blocks of ``render_block`` samples, one text tokenizer call per block), each naming its
+    ``dataset``; what it reads and loses goes to ``counts``."""
+    failures = _RenderFailures(counts, dataset, spec.path)
     for epoch in itertools.count():
         rng = reader_rng(seed, dataset, epoch, slot)
         order_rng = random.Random(f"shuffle:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
         rendered = 0
-        samples = iter(epoch_samples(shards, slot, seed, epoch, errors, shuffle_buffer, order_rng))
+        samples = iter(epoch_samples(shards, slot, seed, epoch, counts, dataset, shuffle_buffer, order_rng, expected))
         while block := list(itertools.islice(samples, render_block)):
-            done = renderer.many(block, spec, rng, errors)
-            failed = len(block) - len(done)
-            if failed and errors.total() > 1000 and errors.total() > 10 * (rendered + 1):
-                raise ValueError(f"dataset {spec.path}: most samples fail to render; errors {dict(errors)}")
+            done = renderer.many(block, spec, rng, failures)
             rendered += len(done)
+            for sample in done:
+                sample.dataset = dataset
             yield from done
         if rendered == 0:
             raise ValueError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
-                             f"({len(shards)} shards; errors {dict(errors)})")
+                             f"({len(shards)} shards; {error_summary(counts, dataset)})")
 
 
 # --- mixture --------------------------------------------------------------------------------
-@dataclass
-class Drawn:
-    """A mixture's draw: the sample and the index of the dataset it came from."""
-
-    sample: TokenSample
-    dataset: int
-
-
 def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence[float], balance: str = "tokens",
-                     released: np.ndarray | None = None) -> Iterator[Drawn]:
+                     released: np.ndarray | None = None) -> Iterator[TokenSample]:
     """Draws from the stream furthest below its share: of the tokens drawn so far
     (``balance="tokens"``) or of the samples (``"samples"``). Deterministic given the streams.
 
@@ -302,111 +383,87 @@ def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence
         i = int(np.argmax(deficit))
         sample = next(streams[i])
         drawn[i] += len(sample.input_ids) if balance == "tokens" else 1
-        yield Drawn(sample, i)
+        yield sample
 
 
-class MixtureBatches(torch.utils.data.IterableDataset):
-    """Packed, collated batches drawn from a token-balanced mixture of prepared datasets."""
+def kind_tokens(pack: Pack) -> np.ndarray:
+    """(3,) real tokens of the pack's text-only samples, samples with images and samples with speech."""
+    lens = np.asarray(pack.seq_lens)
+    starts = np.concatenate([[0], np.cumsum(lens[:-1])])
+    kinds = np.maximum.reduceat(pack.modality[:int(lens.sum())], starts).clip(min=TEXT)  # TEXT < IMAGE < SPEECH
+    return np.bincount(kinds, weights=lens, minlength=len(MODALITY_NAMES)).astype(np.int64)
+
+
+@dataclass
+class Row:
+    """One packed row of a row stream, and what the stream read and lost since its previous row."""
+
+    pack: Pack
+    counts: DataCounts
+
+
+class Mixture:
+    """A stage's token-balanced mixture of prepared datasets, read as packed rows.
+
+    :meth:`rows` is the one path from shards to packs: the training reader
+    (:mod:`mio.data.pipeline`), its tests and ``mio bench data`` all read it.
+    """
 
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
-                 context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
-                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256) -> None:
-        super().__init__()
+                 context_length: int, buffer_size: int = 4, pad_to_multiple_of: int = 1, seed: int = 0,
+                 balance: str = "tokens", shuffle_buffer: int = 256) -> None:
+        if balance not in ("tokens", "samples"):
+            raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
         self.specs = list(datasets)
         self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
+        self.expected = [shard_sample_counts(shards) for shards in self.shards]
         self.renderer = Renderer(tokenizer, table)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.context_length, self.batch_size = context_length, batch_size
-        self.buffer_size, self.pad_to_multiple_of, self.seed = buffer_size, pad_to_multiple_of, seed
+        self.context_length, self.buffer_size = context_length, buffer_size
+        self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
-        self.errors: Counter = Counter()
-        self.packer: BestFitPacker | None = None  # the packer of the latest iteration (its stats)
 
-    def draws(self, slot: ReaderSlot, released: np.ndarray | None = None) -> Iterator[Drawn]:
-        """The mixture's draws: sequences the packer places as they are (text over the context
-        already cut, media over it left out and counted), so what is drawn is what is packed."""
-        streams = [self._sequences(dataset_stream(shards, spec, self.renderer, slot, self.seed, i, self.errors,
-                                                  self.shuffle_buffer), spec.path)
-                   for i, (shards, spec) in enumerate(zip(self.shards, self.specs))]
-        return balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)
+    def rows(self, slot: ReaderSlot) -> Iterator[Row]:
+        """Reader slot ``slot``'s packs, each with its counts. The mixture draws the sequences the
+        packer places as they are (text over the context already cut, media over it left out and
+        counted), seeing what the packer has released per dataset; every sample carries its
+        dataset from the reader to the pack."""
+        counts = DataCounts(len(self.specs))
+        released = np.zeros(len(self.specs), dtype=np.float64)
+        streams = [self._sequences(dataset_stream(shards, spec, self.renderer, slot, self.seed, i, counts,
+                                                  self.shuffle_buffer, expected=expected), i, counts)
+                   for i, (shards, spec, expected) in enumerate(zip(self.shards, self.specs, self.expected))]
+        packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
+                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
+        for pack in packer(balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)):
+            lens = np.asarray(pack.seq_lens, dtype=np.int64)
+            np.add.at(released, pack.datasets, lens if self.balance == "tokens" else 1)
+            np.add.at(counts.tokens, pack.datasets, lens)
+            counts.kind_tokens += kind_tokens(pack)
+            yield Row(pack, counts.take())
 
-    def _sequences(self, stream: Iterator[TokenSample], name: str,
+    def _sequences(self, stream: Iterator[TokenSample], dataset: int, counts: DataCounts,
                    max_dropped_in_a_row: int = 1000) -> Iterator[TokenSample]:
         cutter = BestFitPacker(self.context_length)  # its `sequences` only: cut or drop, as packing would
-        dropped = 0
-        since_last = 0
+        name = self.specs[dataset].path
+        since_packed = 0
 
-        def counted() -> Iterator[TokenSample]:
-            # A dataset whose samples are all over the context would otherwise be read forever.
-            nonlocal since_last
+        def fed() -> Iterator[TokenSample]:
+            nonlocal since_packed
+            previous, dropped = None, 0
             for sample in stream:
-                since_last += 1
-                if since_last > max_dropped_in_a_row:
+                if cutter.stats.samples_dropped_too_long > dropped:  # asked for more: it dropped `previous`
+                    dropped += 1
+                    counts.error(dataset, "over_context", f"{previous.key}: {len(previous.input_ids)} tokens, over "
+                                                          f"data.context_length={self.context_length}")
+                since_packed += 1
+                if since_packed > max_dropped_in_a_row:  # else a dataset all over the context is read forever
                     raise ValueError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
                                      f"data.context_length={self.context_length} and cannot be packed; raise the "
                                      f"context length or drop the dataset from the stage")
+                previous = sample
                 yield sample
 
-        for seq in cutter.sequences(counted()):
-            since_last = 0
-            self.errors["over_context"] += cutter.stats.samples_dropped_too_long - dropped
-            dropped = cutter.stats.samples_dropped_too_long
+        for seq in cutter.sequences(fed()):
+            since_packed = 0
             yield seq
-
-    def packs(self, slot: ReaderSlot) -> Iterator[tuple[Pack, list[int]]]:
-        """Packs, each with the dataset of each of its sequences; the mixture sees what was
-        released, per dataset, as it draws."""
-        packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
-                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
-        self.packer = packer
-        released = np.zeros(len(self.specs), dtype=np.float64)
-        origin: dict[bytes, list[int]] = {}  # ids of drawn sequences -> their datasets, in order
-
-        def tagged() -> Iterator[TokenSample]:
-            for d in self.draws(slot, released):
-                origin.setdefault(d.sample.input_ids.tobytes(), []).append(d.dataset)
-                yield d.sample
-
-        for pack in packer(tagged()):
-            datasets, start = [], 0
-            for n in pack.seq_lens:
-                key = pack.input_ids[start:start + n].tobytes()
-                datasets.append(origin[key].pop(0))
-                if not origin[key]:
-                    del origin[key]
-                released[datasets[-1]] += n if self.balance == "tokens" else 1
-                start += n
-            yield pack, datasets
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
-        batch: list[Pack] = []
-        for pack, _ in self.packs(ReaderSlot.current()):
-            batch.append(pack)
-            if len(batch) == self.batch_size:
-                yield collate_packs(batch, pad_id=self.pad_id)
-                batch = []
-
-
-# --- measuring a mixture --------------------------------------------------------------------
-def measure_shares(mixture: MixtureBatches, batches: int, slot: ReaderSlot = ReaderSlot(),
-                   skip_batches: int = 0) -> dict[str, Any]:
-    """Token shares per dataset and per modality in a window of ``batches`` packed batches
-    (after ``skip_batches``), each packed sequence attributed to the dataset it was drawn from."""
-    per_dataset = np.zeros(len(mixture.specs), dtype=np.int64)
-    per_modality: Counter = Counter()
-    packs = mixture.packs(slot)
-    for _ in range(skip_batches * mixture.batch_size):
-        next(packs)
-    for pack, datasets in itertools.islice(packs, batches * mixture.batch_size):
-        np.add.at(per_dataset, datasets, pack.seq_lens)
-        real = pack.modality[pack.modality >= 0]
-        per_modality.update({int(m): int(c) for m, c in zip(*np.unique(real, return_counts=True))})
-    total = int(per_dataset.sum())
-    names = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
-    return {
-        "tokens": total,
-        "dataset_share": {s.path: float(per_dataset[i]) / max(total, 1) for i, s in enumerate(mixture.specs)},
-        "modality_share": {names[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
-        "packing_efficiency": mixture.packer.stats.efficiency if mixture.packer else 0.0,
-        "dropped_over_context": mixture.errors["over_context"],
-    }

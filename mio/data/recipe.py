@@ -37,8 +37,6 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "video_interleaved": {"segments": "segments"},
     "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
 }
-# Optional fields (may be absent from a row without dropping it).
-OPTIONAL_FIELDS = ("start", "duration", "task", "language")
 
 
 @dataclass

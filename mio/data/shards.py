@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -278,6 +278,15 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(m.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{m}: manifest is not valid JSON: {e}") from None
+
+
+def shard_sample_counts(shards: Sequence[str]) -> dict[str, int]:
+    """The sample count of each shard that its dataset folder's manifest lists (none without one)."""
+    counts: dict[str, int] = {}
+    for folder in sorted({Path(s).parent for s in shards}):
+        if (folder / MANIFEST).is_file():
+            counts.update({str(folder / r["shard"]): int(r["samples"]) for r in read_manifest(folder).get("shards", [])})
+    return counts
 
 
 def iter_shard(url: str) -> Iterator[StoredSample]:

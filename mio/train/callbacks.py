@@ -42,7 +42,8 @@ class StepLog(L.Callback):
 class SampleLedger(L.Callback):
     """What every optimizer step trained on, per rank: ``<default_root_dir>/ledger/rank{r}.jsonl``,
     one line per step with the global step, the keys of the samples of each row (of every
-    micro-batch of the step), the step's loss and, with ``weights_digest``, a SHA-256 of the
+    micro-batch of the step), the step's loss (null on a step the trainer does not log: set
+    ``trainer.log_every_n_steps`` to 1 for every step's) and, with ``weights_digest``, a SHA-256 of the
     weights after the step (identical on every rank of a data-parallel run).
 
     A resumed run first drops the lines past the step it resumed from, so the ledger is the
@@ -67,8 +68,10 @@ class SampleLedger(L.Callback):
         if trainer.global_step == self._step:
             return  # a micro-batch of a step still accumulating
         self._step = trainer.global_step
-        line = {"step": trainer.global_step, "keys": self._rows,
-                "loss": float(trainer.callback_metrics.get("loss", float("nan")))}
+        # The step's loss where the step was logged (the training loop reads it back only then).
+        logged = trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+        loss = trainer.callback_metrics.get("loss") if logged else None
+        line = {"step": trainer.global_step, "keys": self._rows, "loss": None if loss is None else float(loss)}
         self._rows = []
         if self.weights_digest:
             line["weights"] = weights_digest(pl_module)

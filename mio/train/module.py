@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -16,12 +17,15 @@ from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
+from mio.train.data import DataReport
 from mio.train.flops import FlopCounts, peak_flops, sample_lengths
 from mio.vocab import MODALITY_NAMES
 
-# Per-step figures, summed over ranks in one all-reduce: a vector with these entries, then
-# (loss sum, supervised targets, real tokens) for each modality of MODALITY_NAMES.
-STATS = ("loss_sum", "supervised", "step_supervised", "real", "capacity", "flops")
+# The training loop's own figures, per rank and summed over the micro-batches since the last
+# logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
+# each modality of MODALITY_NAMES. A logged step sums it over ranks (with the data report's
+# counts) in one reduction and reads it back in one host sync.
+STATS = ("loss_sum", "supervised", "real", "capacity", "flops")
 
 
 class MioModule(L.LightningModule):
@@ -66,6 +70,9 @@ class MioModule(L.LightningModule):
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
+        self._window: torch.Tensor | None = None  # (K,) the STATS since the last logged step
+        self._micro = 0  # micro-batches of the current optimizer step done
+        self._n_step = torch.ones(())  # supervised tokens of the current optimizer step, all ranks
 
     def setup(self, stage: str) -> None:
         # --- LoRA (mio/model/lora.py): FSDP wrap check, trainable-parameter report ---
@@ -90,13 +97,13 @@ class MioModule(L.LightningModule):
         # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
         token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (N,)
-        stats = self._step_stats(token_loss.detach(), batch, supervised)  # (K,) summed over ranks
+        if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
+            self._n_step = self._all_reduce(batch["step_supervised"].to(self.device, torch.float64)).clamp(min=1)
         # Every supervised token of the optimizer step's global batch weighs the same: the sum
         # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
         # averages gradients over ranks and Lightning divides by the accumulation count: undo both.
-        n_step = stats[STATS.index("step_supervised")].clamp(min=1).float()
-        loss = token_loss.sum() / n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self._log_step(stats, batch["input_ids"].shape[0])
+        loss = token_loss.sum() / self._n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self._account(token_loss.detach(), batch, supervised)
         return loss
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,32 +111,58 @@ class MioModule(L.LightningModule):
             x = self.trainer.strategy.reduce(x, reduce_op="sum")
         return x
 
+    def _data_report(self) -> DataReport | None:
+        return getattr(getattr(self.trainer, "datamodule", None), "report", None)
+
+    def _account(self, token_loss: torch.Tensor, batch: dict[str, Any], supervised: torch.Tensor) -> None:
+        """Add the micro-batch's figures to the window (on the device, no sync; the data counts on
+        the host); after the last micro-batch of a step that Lightning logs, log the window."""
+        stats = self._step_stats(token_loss, batch, supervised)
+        self._window = stats if self._window is None else self._window + stats
+        report = self._data_report()
+        if report is not None and "data" in batch:
+            report.add(batch["data"])
+        self._micro = (self._micro + 1) % self.trainer.accumulate_grad_batches
+        every = self.trainer.log_every_n_steps
+        if self._micro == 0 and every > 0 and (self.trainer.global_step + 1) % every == 0:
+            self._log_window(batch["input_ids"].shape[0])
+
     @torch.no_grad()
     def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor],
                     supervised: torch.Tensor) -> torch.Tensor:
-        """The figures of STATS for this micro-batch, summed over ranks: (K,) float64."""
+        """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device."""
         modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
         flops = self.flop_counts.step_flops(sample_lengths(batch["document_ids"]), n_supervised)
-        values = [token_loss.sum(), n_supervised, batch.get("step_supervised", n_supervised), real.sum(),
-                  real.numel(), flops]
+        values = [token_loss.sum(), n_supervised, real.sum(), real.numel(), flops]
         for mid in MODALITY_NAMES:
             sel = modality == mid
             values += [token_loss[sel].sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
-        return self._all_reduce(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
-                                             for v in values]))
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
 
-    def _log_step(self, stats: torch.Tensor, rows: int) -> None:
-        figures = dict(zip(STATS, stats[:len(STATS)].tolist()))
+    def _summed_window(self) -> tuple[list[float], list[float]]:
+        """(the loop's figures, the data report's counts) since the last logged step, summed over
+        ranks in one reduction: the one host sync of a logged step. A collective: every rank calls it."""
+        report = self._data_report()
+        host = torch.from_numpy(report.local_vector() if report is not None else np.zeros(0))
+        window = self._window if self._window is not None else torch.zeros(len(STATS) + 3 * len(MODALITY_NAMES),
+                                                                            dtype=torch.float64, device=self.device)
+        values = self._all_reduce(torch.cat([window, host.to(self.device, non_blocking=True)])).tolist()
+        self._window = None
+        return values[:len(window)], values[len(window):]
+
+    def _log_window(self, rows: int) -> None:
+        stats, data = self._summed_window()
+        figures = dict(zip(STATS, stats[:len(STATS)]))
         real = figures["real"]
         metrics = {"train/loss": figures["loss_sum"] / max(figures["supervised"], 1),
-                   "train/packing_efficiency": real / figures["capacity"]}
-        per_modality = stats[len(STATS):].view(-1, 3).tolist()  # (modalities, 3)
+                   "train/packing_efficiency": real / max(figures["capacity"], 1)}
+        per_modality = np.asarray(stats[len(STATS):]).reshape(-1, 3)  # (modalities, 3)
         for name, (loss_sum, count, tokens) in zip(MODALITY_NAMES.values(), per_modality):
-            # NaN when the step has none: a missing key would show the previous step's value.
+            # NaN when the window has none: a missing key would show the previous window's value.
             metrics[f"train/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
-            metrics[f"train/share_{name}"] = tokens / max(real, 1)
+            metrics[f"train/modality_share_{name}"] = tokens / max(real, 1)
         now = time.perf_counter()
         if self._t0:
             seconds = now - self._t0
@@ -139,6 +172,9 @@ class MioModule(L.LightningModule):
             if self._peak_flops:
                 metrics["train/mfu"] = achieved / self._peak_flops
         self._t0 = now
+        report = self._data_report()
+        if report is not None:
+            metrics.update(report.log(data))  # stops the stage past data.max_error_fraction
         self.log_dict(metrics, prog_bar=False, batch_size=rows)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
@@ -146,6 +182,13 @@ class MioModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
+
+    def on_train_end(self) -> None:
+        # The closing data summary and report, with the steps since the last logged one.
+        _, data = self._summed_window()
+        report = self._data_report()
+        if report is not None and self.trainer.is_global_zero:
+            report.close(data)
 
     # --- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -200,6 +243,9 @@ class MioModule(L.LightningModule):
                                      f"one the backbone was trained with ({specs[kind]['path']})")
                 specs[kind] = _embed_spec(spec)
         save_model_folder(model, self.tokenizer, self.table, out, tokenizer_specs=specs)
+        report = self._data_report()
+        if report is not None:  # the stage output records what it was trained on, and what was lost
+            report.write(out)
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
