@@ -130,8 +130,8 @@ def read_batches(mixture: Mixture, rows: int, batches: int) -> tuple[list[dict],
 def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, text_tokenizer, table):
     """The full-size stage YAMLs' mixtures (weights, templates, context) in the reader's batches:
     the counts the training loop logs as train/share_*; the bench measures them over 200 steps."""
-    _, specs = stage_datasets(stage, synthetic_root)
-    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, context_length=2800)
+    _, specs, data = stage_datasets(stage, synthetic_root)
+    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, data["context_length"], data["buffer_size"])
     batches, counts = read_batches(mixture, rows=1, batches=40)  # 40 packs of one row stream
     real = int(sum((b["document_ids"] >= 0).sum() for b in batches))
     assert counts.tokens.sum() == counts.kind_tokens.sum() == real  # every token of the batches, attributed once
@@ -149,8 +149,9 @@ def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, tex
 
 def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, table):
     """Why the mixture balances tokens: balancing samples leaves speech-text far off its share."""
-    _, specs = stage_datasets("3_speech", synthetic_root)
-    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, 2800, balance="samples")
+    _, specs, data = stage_datasets("3_speech", synthetic_root)
+    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, data["context_length"], data["buffer_size"],
+                      balance="samples")
     _, counts = read_batches(mixture, rows=2, batches=10)
     assert abs(counts.kind_tokens[SPEECH] / counts.tokens.sum() - STAGES["3_speech"]) > 0.03
 

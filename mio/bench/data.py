@@ -181,16 +181,17 @@ def _passes(make: Any) -> Any:
     return step
 
 
-def stage_datasets(stage: str, root: Path) -> tuple[Path, list[DatasetSpec]]:
-    """The stage YAML and its mixture, each dataset name a link under ``root`` to the synthetic
-    dataset of its data type (``image_text_hq`` -> ``image_text``)."""
+def stage_datasets(stage: str, root: Path) -> tuple[Path, list[DatasetSpec], dict[str, Any]]:
+    """The stage YAML, its mixture and its data settings; each dataset name a link under ``root``
+    to the synthetic dataset of its data type (``image_text_hq`` -> ``image_text``)."""
     config = REPO / "stages" / f"{stage}.yaml"
-    specs = [DatasetSpec(**d) for d in yaml.safe_load(config.read_text())["data"]["datasets"]]
+    data = yaml.safe_load(config.read_text())["data"]
+    specs = [DatasetSpec(**d) for d in data["datasets"]]
     for spec in specs:
         data_type = next(t for t in sorted(DATA_TYPES, key=len, reverse=True) if spec.path.startswith(t))
         if not (root / spec.path).exists():
             (root / spec.path).symlink_to(root / data_type)
-    return config, specs
+    return config, specs, data
 
 
 def stage_share(stage: str, root: Path, backbone: Path, out: Path, steps: int, rows: int = 1) -> dict[str, float]:
@@ -198,7 +199,7 @@ def stage_share(stage: str, root: Path, backbone: Path, out: Path, steps: int, r
     optimizer steps of ``rows`` packs of the stage's mixture (one log line: over all of them)."""
     from mio.train.cli import fit
 
-    config = stage_datasets(stage, root)[0]
+    config, _, _ = stage_datasets(stage, root)
     fit(["--config", str(config), f"--model.backbone={backbone}", "--model.extend_vocab=true",
          "--model.attn_backend=sdpa", "--model.gradient_checkpointing=false", f"--data.root={root}",
          f"--data.batch_size={rows}", "--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.devices=1",

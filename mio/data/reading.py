@@ -406,16 +406,21 @@ class Mixture:
     """A stage's token-balanced mixture of prepared datasets, read as packed rows.
 
     :meth:`rows` is the one path from shards to packs: the training reader
-    (:mod:`mio.data.pipeline`), its tests and ``mio bench data`` all read it.
+    (:mod:`mio.data.pipeline`), its tests and ``mio bench data`` all read it. ``shards``: each
+    dataset's shard list, where not the shards of its folder (or glob) under ``root``.
     """
 
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
-                 context_length: int, buffer_size: int = 4, pad_to_multiple_of: int = 1, seed: int = 0,
-                 balance: str = "tokens", shuffle_buffer: int = 256) -> None:
+                 context_length: int, buffer_size: int = 64, pad_to_multiple_of: int = 1, seed: int = 0,
+                 balance: str = "tokens", shuffle_buffer: int = 256,
+                 shards: Sequence[Sequence[str]] | None = None) -> None:
         if balance not in ("tokens", "samples"):
             raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
         self.specs = list(datasets)
-        self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
+        self.shards = [list(s) for s in shards] if shards is not None else [list_shards(Path(root) / s.path)
+                                                                              for s in self.specs]
+        if len(self.shards) != len(self.specs) or not all(self.shards):
+            raise ValueError(f"Mixture: {len(self.specs)} datasets need a non-empty shard list each")
         self.expected = [shard_sample_counts(shards) for shards in self.shards]
         self.renderer = Renderer(tokenizer, table)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
