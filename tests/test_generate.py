@@ -23,7 +23,8 @@ from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstra
 from mio.generate.decoding import LENGTH, STOP, Decoder
 from mio.generate.detok import UnclipSettings
 from mio.generate.generator import Generator
-from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.media import MediaFile
+from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.generate.settings import MODES, TABLE8, DecodeSettings, resolve_settings
 from mio.segments import Image, Speech, Text, TextEncoder, Video, render
 from mio.templates import Turn

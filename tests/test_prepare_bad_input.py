@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from PIL import Image as PILImage
 
-from mio.data.prepare import MediaTokenizers, prepare
+from mio.data.prepare import prepare, recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
 
@@ -45,7 +45,7 @@ def _added_up(m: dict) -> None:
 
 
 def _codes(tokenizer_kind: str, recipe: Path):
-    return MediaTokenizers(Recipe.load(recipe), TINY).get(tokenizer_kind, "test")
+    return recipe_tokenizers(Recipe.load(recipe), TINY, local_rank=0).get(tokenizer_kind)
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +199,14 @@ def test_empty_input_stops_with_its_name(tmp_path):
         prepare(recipe, tmp_path / "out2")
 
 
-def test_all_rows_bad_stops_after_writing_the_manifest(tmp_path):
-    (tmp_path / "rows.jsonl").write_text("not json\nnor this\n")
+def test_all_rows_bad_stops_and_leaves_nothing_that_blocks_the_fix(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"body": "a"}\n{"body": "b", "id": 2}\n')
     recipe = _recipe(tmp_path, "data_type: text\ninput: rows.jsonl\n")
-    with pytest.raises(ValueError, match="no sample survived.*bad_json"):
+    with pytest.raises(ValueError, match=r"no sample survived.*missing_field.*no field 'text'; its keys: body, id"):
         prepare(recipe, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == {"bad_json": 2}
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    recipe.write_text("data_type: text\ninput: rows.jsonl\nfields: {text: body}\n")  # the fix
+    assert prepare(recipe, tmp_path / "out")["samples"] == 2
 
 
 def test_recipe_errors_name_the_problem(tmp_path):

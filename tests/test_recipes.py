@@ -190,18 +190,29 @@ def test_refinedweb_parquet(tmp_path):
 
 
 def test_obelics_parquet(tmp_path):
+    """A dead link drops the image, not the document (counted by reason); drop_document restores
+    the all-or-nothing rule."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "images").mkdir()
     shutil.copy(PHOTOS[2], tmp_path / "images" / "p.jpg")
     pq.write_table(pa.table({
-        "texts": [["An intro paragraph about photos.", None, "A closing remark."], ["Remote image:", None]],
-        "images": [[None, "p.jpg", None], [None, "https://example.org/x.jpg"]]}), tmp_path / "train-0.parquet")
-    m, stored = _run(_edited("interleaved_obelics", tmp_path, str(tmp_path / "train-*.parquet"), tmp_path / "images"),
-                     tmp_path)
-    assert m["skipped"] == {"remote_media": 1}
+        "texts": [["An intro paragraph about photos.", None, "A closing remark."],
+                  ["A long paragraph about a remote picture.", None, None, "Its end."], ["Short:", None]],
+        "images": [[None, "p.jpg", None], [None, "https://example.org/x.jpg", "gone.jpg", None],
+                   [None, "https://example.org/y.jpg"]]}), tmp_path / "train-0.parquet")
+    recipe = _edited("interleaved_obelics", tmp_path, str(tmp_path / "train-*.parquet"), tmp_path / "images")
+    m, stored = _run(recipe, tmp_path)
+    assert m["skipped"] == {"text_too_short": 1} and m["dropped_media"] == {"missing_file": 1, "remote_media": 1}
     assert [type(s).__name__ for s in stored[0].segments] == ["Text", "Image", "Text"]
+    assert [s.text for s in stored[1].segments] == ["A long paragraph about a remote picture.", "Its end."]
+    raw = yaml.safe_load(recipe.read_text())
+    raw["filters"]["bad_media_in_document"] = "drop_document"
+    recipe.write_text(yaml.safe_dump(raw))
+    shutil.rmtree(tmp_path / "out")
+    m, stored = _run(recipe, tmp_path)
+    assert m["skipped"] == {"remote_media": 1, "text_too_short": 1} and m["dropped_media"] == {} and len(stored) == 1
 
 
 def test_mmc4_jsonl(tmp_path):

@@ -18,12 +18,14 @@ import torch
 
 from mio.generate.constraints import TEXT, ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
+from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
+                                write_wav)
+from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile
 from mio.generate.settings import DecodeSettings, resolve_settings
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
 from mio.templates import Turn, content_only, render_chat
+from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import VocabTable
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
@@ -120,7 +122,7 @@ class Generator:
             for x in t.content:
                 if isinstance(x, MediaFile):
                     x.check()
-        return [Turn(t.role, [self.media.encode(x) if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
+        return [Turn(t.role, [self.media.encode_file(x.kind, x.path).segment() if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
 
     def prompt_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None) -> list[Segment]:
         """Turns of code segments -> what the model reads: ChatML with MIO's system prompt, or the
@@ -203,7 +205,7 @@ class Generator:
     # --- decoding to files -----------------------------------------------------------------
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
         if settings not in self._image_decoders:
-            pipeline, _ = self.media.unclip_pipeline()
+            pipeline, _ = self.media.unclip_pipeline(unclip_for)
             self._image_decoders[settings] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
         return self._image_decoders[settings]
 
