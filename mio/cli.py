@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-BENCHES = ("tokenizers", "packing", "data", "train", "generate")
+BENCHES = ("tokenizers", "packing", "data", "train", "generate", "prepare")
 
 
 def _log(msg: str) -> None:

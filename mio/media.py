@@ -7,7 +7,7 @@
   data chunk is shorter than its header declares or fewer frames decode than the header
   announces (libsndfile quietly reads what is there: a cut-off download would pass as a
   shorter clip). Windows of a long recording (Libriheavy cuts) are read by seeking: only the
-  window's frames are decoded, and every window of one file is read through one open handle.
+  window's frames are decoded, and an :class:`AudioFile` stays open for all windows of its file.
 
 Every failure is a :class:`MediaError` (a ValueError) or :class:`MediaFileMissing` (a
 FileNotFoundError), each with a stable ``reason`` that `mio prepare` counts in its manifest.

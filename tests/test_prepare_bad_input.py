@@ -177,7 +177,9 @@ def test_truncated_tar_shard_in_input(tmp_path):
     _tar(tmp_path / "a.tar", good + [("0003", {"jpg": jpg, "txt": b"caf\xe9"})])
     _tar(tmp_path / "b.tar", [(f"1{i:03d}", {"jpg": jpg, "txt": f"more {i}".encode()}) for i in range(4)])
     data = (tmp_path / "b.tar").read_bytes()
-    (tmp_path / "b.tar").write_bytes(data[: int(len(data) * 0.6)])  # cut inside the third sample
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmembers()[5].offset_data + 2
+    (tmp_path / "b.tar").write_bytes(data[:cut])  # cut inside the third sample's last member
     recipe = _recipe(tmp_path, "data_type: image_text\ninput: {format: tar, paths: '*.tar'}\n"
                                "fields: {image: jpg, text: txt}\ntokenizers: {image: seed.yaml}\n")
     m = prepare(recipe, tmp_path / "out", tokenizer_dir=TINY)

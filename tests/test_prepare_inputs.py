@@ -5,10 +5,13 @@ long recordings read alone, pair filters on the original size, published archive
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import shutil
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -154,6 +157,54 @@ def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (an unknown name answers 404) while the test runs."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(served))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield served, f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # no request lines in the test output
+        pass
+
+
+def test_remote_shards_that_fail_are_counted_and_retried(http_folder, tmp_path):
+    served, base = http_folder
+    photo = PHOTOS[0].read_bytes()
+    for s in range(3):
+        _tar(served / f"{s:05d}.tar", [(f"{s}{i:03d}", {"jpg": photo, "txt": f"photo {s}-{i}".encode()})
+                                       for i in range(4)])
+    (served / "00001.tar").rename(tmp_path / "00001.tar")  # not there yet: the server answers 404
+    with tarfile.open(served / "00002.tar") as tar:  # a cut inside the third sample's text: two whole samples before
+        cut = tar.getmembers()[5].offset_data + 2
+    urls = [f"{base}/00000.tar", f"{base}/00001.tar", f"pipe:head -c {cut} {served / '00002.tar'}; exit 3"]
+    recipe = _edited("image_text_img2dataset", tmp_path, urls)
+    m = prepare(recipe, tmp_path / "out", tokenizer_dir=TINY)
+    assert m["skipped"] == {"missing_file": 1, "truncated_input": 1}
+    assert m["samples"] == 4 + 2  # the whole shard, and the two samples before the pipe broke off
+    failed = {f["input"]: f for f in m["failed_inputs"]}
+    assert failed[urls[1]]["reason"] == "missing_file" and "22" in failed[urls[1]]["detail"]  # curl -f: HTTP error
+    assert failed[urls[2]]["reason"] == "truncated_input" and "status 3" in failed[urls[2]]["detail"]
+    assert "the 2 samples before it are kept" in failed[urls[2]]["detail"]
+
+    (tmp_path / "00001.tar").rename(served / "00001.tar")  # the download arrives
+    said: list[str] = []
+    m = prepare(recipe, tmp_path / "out", tokenizer_dir=TINY, progress=said.append)
+    assert "1 units already done by an earlier run; retrying 2 whose input failed" in said[0]
+    assert m["samples"] == 4 + 4 + 2 and m["skipped"] == {"truncated_input": 1}
+    assert [f["input"] for f in m["failed_inputs"]] == [urls[2]]
 
 
 def test_pair_filters_judge_the_original_size_img2dataset_records(tmp_path):

@@ -126,6 +126,7 @@ class Meter:
     started: float = field(default_factory=time.perf_counter)
     rows: int = 0  # rows of the units this run prepared
     encode_s: float = 0.0  # seconds the media tokenizers were encoding
+    first_encode: float | None = None  # when they started (building them and the first batch's decoding come before)
     read: float = 0.0
     read_at_start: float | None = None
     weights: dict[int, float] = field(default_factory=dict)  # part index -> share of the input
@@ -156,9 +157,16 @@ class Meter:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    def encoded(self, start: float) -> None:
+        """One tokenizer call that began at ``start`` has ended."""
+        self.first_encode = start if self.first_encode is None else self.first_encode
+        self.encode_s += time.perf_counter() - start
+
     def busy(self) -> float:
-        """The fraction of the run's time the tokenizers were encoding."""
-        return self.encode_s / max(self.seconds, 1e-9)
+        """The fraction of the time since the tokenizers' first call that they were encoding."""
+        if self.first_encode is None:
+            return 0.0
+        return self.encode_s / max(time.perf_counter() - self.first_encode, 1e-9)
 
     def line(self) -> str:
         s = self.seconds
@@ -341,7 +349,7 @@ def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> d
         else:
             codes = tok.image.encode([f for frames in batch for f in frames])  # (sum F, 32)
             coded = np.split(codes, np.cumsum([len(frames) for frames in batch])[:-1])
-        ctx.meter.encode_s += time.perf_counter() - start
+        ctx.meter.encoded(start)
         for (i, j), c in zip(slots, coded):
             out[i][j] = np.asarray(c)
     return out

@@ -23,6 +23,7 @@ from typing import IO, Any, Callable, Iterator
 import braceexpand
 
 from mio.data.recipe import Recipe
+from mio.data.tars import ShardFailure, shard_samples
 from mio.segments import Text
 
 
@@ -295,45 +296,22 @@ def _folder_rows(part: Part) -> Iterator[Row]:
 
 
 def _tar_rows(part: Part) -> Iterator[Row]:
-    """Samples of a tar shard, grouped by key like WebDataset; a truncated or corrupt shard
-    keeps the samples before the damage and ends with one counted ``truncated_input`` row."""
-    import webdataset as wds
-
-    try:
-        stream = wds.gopen(part.locator, "rb")
-    except Exception as e:  # gopen raises plain Exception / OSError for unreachable URLs
-        raise FileNotFoundError(f"{part.name}: cannot open input shard: {e}") from None
-    current: dict[str, Any] = {}
-    key = None
-
-    def flush() -> Row:
-        members, where = dict(current), f"{part.name}:{key}"
-        return Row(where, lambda: members, part.media_base)
-
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                ke = _key_and_ext(info.name)
-                if ke is None:
-                    continue
-                if ke[0] != key and key is not None:
-                    yield flush()
-                    current = {}
-                key = ke[0]
-                fh = tar.extractfile(info)
-                current[ke[1]] = fh.read() if fh is not None else b""
-                if len(current[ke[1]]) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short")
-        if key is not None:
-            yield flush()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        where = f"{part.name}:{key or 'start'}"
-        detail = f"{where}: shard is truncated or corrupt after this key ({e}); the samples before it are kept"
-        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base, input_failure=True)
-    finally:
-        stream.close()
+    """Samples of a tar shard (a local file, ``http(s)://``, ``pipe:``, ...) read through mio's one
+    tar stage. A shard that fails keeps the samples before the failure and ends with one counted
+    row naming the URL and the error: ``missing_file`` when nothing could be read (a missing file,
+    an HTTP 404, a command that failed at once), ``truncated_input`` when it broke off."""
+    failures: list[ShardFailure] = []
+    for sample in shard_samples(part.locator, on_failure=failures.append):
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield Row(f"{part.name}:{sample['__key__']}", lambda members=members: members, part.media_base)
+    for f in failures:
+        if f.reason == "unreadable":
+            reason, where, what = "missing_file", f"{part.name}:start", "could not be read"
+        else:
+            reason, where, what = "truncated_input", f"{part.name}:end", f"broke off after {f.members} members"
+        detail = f"{part.name}: input shard {what} ({f.error}); the {f.samples} samples before it are kept"
+        yield Row(where, lambda reason=reason, detail=detail: _raise(reason, detail), part.media_base,
+                  input_failure=True)
 
 
 # --- field lookup ---------------------------------------------------------------------------
