@@ -3,7 +3,6 @@ stops the run with an error naming it; the manifest's counts add up (samples + s
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -17,6 +16,8 @@ from PIL import Image as PILImage
 from mio.data.prepare import prepare, recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
+
+from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"
@@ -162,20 +163,11 @@ def test_stereo_is_averaged_and_resampled(speech_run):
     assert stored["clip pcm16.wav"].shape == (4, 50)
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_truncated_tar_shard_in_input(tmp_path):
     jpg = PHOTO.read_bytes()
     good = [(f"{i:04d}", {"jpg": jpg, "txt": f"photo {i}".encode()}) for i in range(3)]
-    _tar(tmp_path / "a.tar", good + [("0003", {"jpg": jpg, "txt": b"caf\xe9"})])
-    _tar(tmp_path / "b.tar", [(f"1{i:03d}", {"jpg": jpg, "txt": f"more {i}".encode()}) for i in range(4)])
+    write_tar(tmp_path / "a.tar", good + [("0003", {"jpg": jpg, "txt": b"caf\xe9"})])
+    write_tar(tmp_path / "b.tar", [(f"1{i:03d}", {"jpg": jpg, "txt": f"more {i}".encode()}) for i in range(4)])
     data = (tmp_path / "b.tar").read_bytes()
     with tarfile.open(tmp_path / "b.tar") as tar:
         cut = tar.getmembers()[5].offset_data + 2

@@ -31,6 +31,8 @@ from mio.segments import Image, Text
 from mio.tokenizers import tokenize_cli
 from mio.tokenizers.media_tokenizers import MediaTokenizers, SpecSource
 
+from prepare_support import write_tar
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"
 TINY = ROOT / "tokenizers" / "tiny"
@@ -150,15 +152,6 @@ def test_long_recording_windows_read_only_their_bytes(tmp_path):
     assert read <= 2 * window_bytes, (read, window_bytes)
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def http_folder(tmp_path):
     """A folder served over HTTP on 127.0.0.1 (an unknown name answers 404) while the test runs."""
@@ -184,8 +177,8 @@ def test_remote_shards_that_fail_are_counted_and_retried(http_folder, tmp_path):
     served, base = http_folder
     photo = PHOTOS[0].read_bytes()
     for s in range(3):
-        _tar(served / f"{s:05d}.tar", [(f"{s}{i:03d}", {"jpg": photo, "txt": f"photo {s}-{i}".encode()})
-                                       for i in range(4)])
+        write_tar(served / f"{s:05d}.tar", [(f"{s}{i:03d}", {"jpg": photo, "txt": f"photo {s}-{i}".encode()})
+                                            for i in range(4)])
     (served / "00001.tar").rename(tmp_path / "00001.tar")  # not there yet: the server answers 404
     with tarfile.open(served / "00002.tar") as tar:  # a cut inside the third sample's text: two whole samples before
         cut = tar.getmembers()[5].offset_data + 2
@@ -217,9 +210,9 @@ def test_pair_filters_judge_the_original_size_img2dataset_records(tmp_path):
         meta = {"caption": text} | ({"original_width": original[0], "original_height": original[1]} if original else {})
         return key, {"jpg": jpg((256, 256)), "txt": text.encode(), "json": json.dumps(meta).encode()}
 
-    _tar(tmp_path / "00000.tar", [sample("0", "upscaled from a thumbnail", (100, 100)),
-                                  sample("1", "padded from a panorama", (900, 300)),
-                                  sample("2", "resized from a photo", (640, 480)), sample("3", "no record", None)])
+    write_tar(tmp_path / "00000.tar", [sample("0", "upscaled from a thumbnail", (100, 100)),
+                                       sample("1", "padded from a panorama", (900, 300)),
+                                       sample("2", "resized from a photo", (640, 480)), sample("3", "no record", None)])
     m = prepare(_edited("image_text_img2dataset", tmp_path, str(tmp_path / "00000.tar")), tmp_path / "out",
                 tokenizer_dir=TINY)
     assert m["skipped"] == {"aspect_ratio": 1, "image_too_small": 1}

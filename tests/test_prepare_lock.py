@@ -17,7 +17,8 @@ import pytest
 
 from mio.data.lock import LOCK, MEMBERS, FolderLock, FolderLocked, job_id
 from mio.data.prepare import prepare
-from mio.data.shards import MANIFEST, file_sha256
+
+from prepare_support import snapshot
 
 WORDS = "the cat sat on a warm mat while rain fell over the quiet town".split()
 
@@ -30,12 +31,6 @@ def _input(folder: Path, rows: int) -> Path:
     recipe = folder / "recipe.yaml"
     recipe.write_text("data_type: text\nsource: words\ninput: rows.jsonl\nshard_size: 50\nbatch_size: 50\n")
     return recipe
-
-
-def _snapshot(out: Path) -> dict[str, str]:
-    files = {p.name: file_sha256(p) for p in out.glob("*.tar")}
-    files[MANIFEST] = json.dumps(json.loads((out / MANIFEST).read_text()), sort_keys=True)
-    return files
 
 
 def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
@@ -66,7 +61,7 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     prepare(recipe, out, progress=said.append)
     assert said[0] == f"{out}: {units} units already done by an earlier run; preparing the rest"
     prepare(recipe, tmp_path / "ref")
-    assert _snapshot(out) == _snapshot(tmp_path / "ref")
+    assert snapshot(out) == snapshot(tmp_path / "ref")
 
 
 def test_ranks_of_one_job_share_the_lock_other_jobs_do_not(tmp_path):

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from mio.data import prepare as prepare_module
-from mio.data.prepare import prepare, resolve_ranks, unit_owner
 from mio.data.lock import LOCK
-from mio.data.shards import MANIFEST, file_sha256, iter_shard, list_shards
+from mio.data.prepare import prepare, resolve_ranks, unit_owner
+from mio.data.shards import MANIFEST, iter_shard, list_shards
+
+from prepare_support import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"
@@ -38,13 +40,6 @@ def _recipe(folder: Path, shard_size: int, pattern: str = "part*.jsonl") -> Path
     path.write_text(f"data_type: text\nsource: words\ninput: '{pattern}'\nfields: {{text: text, language: lang}}\n"
                     f"filters: {{languages: [en]}}\nshard_size: {shard_size}\nbatch_size: 64\n")
     return path
-
-
-def _snapshot(out: Path) -> dict[str, str]:
-    """Every shard's checksum plus the manifest: what 'the same output' means."""
-    files = {p.name: file_sha256(p) for p in out.glob("*.tar")}
-    files[MANIFEST] = json.dumps(json.loads((out / MANIFEST).read_text()), sort_keys=True)
-    return files
 
 
 def test_killed_run_restarts_to_the_same_output(tmp_path):
@@ -72,7 +67,7 @@ def test_killed_run_restarts_to_the_same_output(tmp_path):
     restarted = prepare(recipe, out, progress=said.append)
     assert any("removed a stale lock" in line and f"pid {child.pid}" in line for line in said), said
     assert any(f"{records} units already done" in line for line in said), said
-    assert _snapshot(out) == _snapshot(tmp_path / "ref")
+    assert snapshot(out) == snapshot(tmp_path / "ref")
     assert restarted["samples"] == reference["samples"]
     keys = [s.key for shard in list_shards(out) for s in iter_shard(shard)]
     assert len(keys) == len(set(keys)) == reference["samples"]  # nothing lost, nothing twice
@@ -108,7 +103,7 @@ def test_an_error_mid_unit_loses_nothing(tmp_path, monkeypatch):
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
     monkeypatch.setattr(prepare_module, "complete_batch", real)
     prepare(recipe, tmp_path / "out")
-    assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "ref")
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 
 
 def test_changed_recipe_refuses_to_mix(tmp_path):
@@ -130,7 +125,7 @@ def test_two_ranks_equal_one(tmp_path, parts, rows, shard_size):
     assert first["merged"] is False and first["samples"] > 0
     second = prepare(recipe, tmp_path / "two", rank=0, world_size=2)
     assert "merged" not in second
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
     owners = {unit_owner(p, c, parts, 2) for p in range(parts) for c in range(rows // shard_size + 1)}
     assert owners == {0, 1}
 
@@ -149,7 +144,7 @@ def test_concurrent_ranks_from_torchrun_env(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-2000:]
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
@@ -182,7 +177,7 @@ def test_media_two_ranks_equal_one(tmp_path):
     prepare(recipe, tmp_path / "one", tokenizer_dir=TINY)
     for rank in (0, 1):
         prepare(recipe, tmp_path / "two", tokenizer_dir=TINY, rank=rank, world_size=2)
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
 
 
 def test_out_folder_of_another_dataset_is_refused(tmp_path):

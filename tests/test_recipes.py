@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from mio.data.prepare import prepare
 from mio.data.recipe import Recipe
 from mio.data.shards import file_sha256, iter_shard, list_shards
 from mio.segments import Image, Speech, Text, Video
+
+from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"
@@ -122,18 +122,9 @@ def _run(recipe: Path, tmp: Path) -> tuple[dict, list]:
     return m, _stored(tmp / "out")
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_img2dataset_shards(tmp_path):
     for s in range(2):
-        _tar(tmp_path / f"{s:05d}.tar", [
+        write_tar(tmp_path / f"{s:05d}.tar", [
             (f"{s}{i:04d}", {"jpg": PHOTOS[s * 3 + i].read_bytes(), "txt": f"photo {s} {i}".encode(),
                              "json": json.dumps({"caption": f"photo {s} {i}", "url": "x"}).encode()})
             for i in range(2)] + [(f"{s}9999", {"jpg": PHOTOS[9].read_bytes(),
@@ -145,7 +136,7 @@ def test_img2dataset_shards(tmp_path):
 
 
 def test_urls_list_of_shards(tmp_path):
-    _tar(tmp_path / "a.tar", [("k1", {"png": b"", "txt": b"empty image"}), ("k2", {"jpg": PHOTOS[0].read_bytes(),
+    write_tar(tmp_path / "a.tar", [("k1", {"png": b"", "txt": b"empty image"}), ("k2", {"jpg": PHOTOS[0].read_bytes(),
                                                                                    "txt": b"astronaut"})])
     (tmp_path / "list.txt").write_text(f"# shards\nfile://{tmp_path / 'a.tar'}\n")
     raw = yaml.safe_load((RECIPES / "image_text_img2dataset.yaml").read_text())
