@@ -593,9 +593,6 @@ def merge_records(ctx: Context, parts: list[Part]) -> dict[str, Any] | None:
         examples += r["examples"]
     seen, samples = sum(r["seen"] for r in recs), sum(r["samples"] for r in recs)
     recipe = ctx.recipe
-    if seen == 0:
-        raise ValueError(f"recipe {recipe.path}: the input holds no rows: "
-                         f"{', '.join(p.name for p in parts[:5])}{' ...' if len(parts) > 5 else ''}")
     if samples + sum(skipped.values()) != seen:
         raise AssertionError(f"manifest counts do not add up: {samples} + {sum(skipped.values())} != {seen}")
     return {
@@ -661,7 +658,7 @@ def _wait_for_clear(out: Path, lock: FolderLock) -> None:
 
 # --- a whole run ----------------------------------------------------------------------------
 class PrepareInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM from the CLI): what was finished stays; the message says how to resume."""
+    """Ctrl-C: what was finished stays; the message says how to resume."""
 
 
 def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -677,9 +674,7 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
     tok = recipe_tokenizers(recipe, tokenizer_dir, ranks.local_rank)
     parts = list_parts(recipe)
     out.mkdir(parents=True, exist_ok=True)
-    if not overwrite:
-        check_folder(out, recipe.source)
-    elif any(not _ours(p.name) for p in out.iterdir()):
+    if not overwrite or any(not _ours(p.name) for p in out.iterdir()):
         check_folder(out, recipe.source)  # --overwrite replaces a dataset, never a folder of other files
     with FolderLock(out, log=progress) as lock:
         if overwrite and _cleared_by(out) != lock.job:
@@ -694,7 +689,6 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
 def _run(recipe: Recipe, out: Path, tok: MediaTokenizers, parts: list[Part], ranks: Ranks, meter: Meter,
          progress: Log | None) -> dict[str, Any]:
     fingerprint = {"shard_format": SHARD_FORMAT, "recipe": recipe.sha256(), "tokenizers": tok.fingerprint()}
-    meter.plan(parts)
     pool = ThreadPoolExecutor(max_workers=recipe.workers, thread_name_prefix="mio-media")
     ctx = Context(recipe, tok, pool, fingerprint, out, meter)
     written: list[dict[str, Any]] = []
@@ -725,6 +719,9 @@ def _run(recipe: Recipe, out: Path, tok: MediaTokenizers, parts: list[Part], ran
                 "skipped": dict(sum((Counter(r["skipped"]) for r in written), Counter()))}
     if manifest["samples"] == 0:  # nothing to keep: leave nothing that would block the corrected rerun
         shutil.rmtree(out / UNITS)
+        if manifest["seen"] == 0:
+            raise ValueError(f"recipe {recipe.path}: the input holds no rows: "
+                             f"{', '.join(p.name for p in parts[:5])}{' ...' if len(parts) > 5 else ''}")
         raise ValueError(f"recipe {recipe.path}: no sample survived ({manifest['seen']} rows seen, skipped "
                          f"{manifest['skipped']}); first reasons: {manifest['skipped_examples'][:3]}. Fix the recipe "
                          f"and run again (nothing was kept in {out})")

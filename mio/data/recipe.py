@@ -26,6 +26,7 @@ INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "url
 LAYOUTS = ("segments", "obelics", "mmc4", "llava")
 MEDIA_KINDS = ("image", "speech", "video")
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
+JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
 
 # Default field names per data type; a recipe's `fields` overrides any of them.
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
@@ -110,7 +111,7 @@ class InputSpec:
 
 
 def guess_format(path: str, where: str) -> str:
-    if path.lower().endswith((".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")):  # MMC4, JourneyDB as published
+    if path.lower().endswith(JSONL_ARCHIVES):  # MMC4, JourneyDB as published
         return "jsonl"
     name = path.lower().removesuffix(".gz")
     for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv"),

@@ -186,21 +186,22 @@ def _jsonl_rows(part: Part) -> Iterator[Row]:
         yield Row(where, lambda: _raise("truncated_input", detail), part.media_base, input_failure=True)
 
 
-JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")
+JSONL_MEMBERS = (".jsonl", ".jsonl.gz")
 
 
 def _jsonl_members(locator: str, raw: IO[bytes]) -> Iterator[tuple[str | None, IO[bytes]]]:
-    """(member name or None, its lines) for each JSON-lines file a (compressed) input holds."""
+    """(member name or None, a binary file of its lines) for each JSON-lines file that a
+    (compressed) input holds; an archive's other members (a README) are not rows."""
     name = locator.lower()
     if name.endswith(".zip"):
         with zipfile.ZipFile(raw) as zf:
-            for member in sorted(n for n in zf.namelist() if not n.endswith("/")):
+            for member in sorted(n for n in zf.namelist() if n.endswith(JSONL_MEMBERS)):
                 with zf.open(member) as fh:
                     yield member, gzip.GzipFile(fileobj=fh) if member.endswith(".gz") else fh
     elif name.endswith((".tgz", ".tar.gz")):
         with tarfile.open(fileobj=raw, mode="r|gz") as tar:
             for info in tar:
-                fh = tar.extractfile(info) if info.isreg() else None
+                fh = tar.extractfile(info) if info.isreg() and info.name.endswith(JSONL_MEMBERS) else None
                 if fh is not None:
                     yield info.name, fh
     elif name.endswith(".gz"):
