@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE, SPEECH, VIDEO = "image", "speech", "video"
+from mio.vocab import IMAGE, SPEECH, VIDEO
+
 KINDS = (IMAGE, SPEECH, VIDEO)
 
 SUFFIXES = {

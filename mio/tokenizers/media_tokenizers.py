@@ -1,5 +1,6 @@
 """MediaTokenizers: the modality tokenizers one command uses, found, built on first use, and
-used both ways (files -> codes; the tokenizers themselves for codes -> media).
+used both ways (files -> codes; the tokenizers themselves, and the unCLIP folder found beside
+them, for codes -> media).
 
 Where the specs come from:
 
@@ -22,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from mio.media import read_audio, read_image
 from mio.segments import Image, Segment, Speech, Video
 from mio.tokenizers.build import build_tokenizer
 from mio.tokenizers.spec import load_spec
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
-MODALITY_OF_SPEC_KIND = {"seed": "image", "speechtokenizer": "speech", "video": "video"}
+MODALITY_OF_SPEC_KIND = {"seed": IMAGE, "speechtokenizer": SPEECH, "video": VIDEO}
 MODALITIES = tuple(MODALITY_OF_SPEC_KIND.values())
 
 # MIO's released checkpoint tree (DESIGN.md, Checkpoints and real weights).
@@ -86,7 +88,7 @@ class EncodedFile:
 
     def segment(self) -> Segment:
         """Speech keeps every layer (templates cut input speech to its content layer)."""
-        return {"image": Image, "speech": Speech, "video": Video}[self.kind](self.codes)
+        return {IMAGE: Image, SPEECH: Speech, VIDEO: Video}[self.kind](self.codes)
 
 
 class MediaTokenizers:
@@ -104,7 +106,6 @@ class MediaTokenizers:
         self.missing_hint = missing_hint or ("no {kind} tokenizer is known for this model (its folder records none); "
                                              "pass --tokenizers DIR with a {kind} spec or MIO's checkpoint tree")
         self.local_rank = local_rank
-        self._unclip: tuple[Any, str] | None = None
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -123,8 +124,8 @@ class MediaTokenizers:
             specs.update(extra)
             for kind in extra:
                 problems.pop(kind, None)
-        if "video" not in specs and "image" in specs:  # video is key frames through the image tokenizer
-            specs["video"] = SpecSource({"kind": "video", "image": specs["image"].spec}, specs["image"].origin)
+        if VIDEO not in specs and IMAGE in specs:  # video is key frames through the image tokenizer
+            specs[VIDEO] = SpecSource({"kind": "video", "image": specs[IMAGE].spec}, specs[IMAGE].origin)
         if unclip is not None:
             found_unclip = Path(unclip)
             if not (found_unclip / "model_index.json").is_file():
@@ -160,26 +161,14 @@ class MediaTokenizers:
         """A media file -> its codes, decoded the way `mio prepare` decodes it (mio.media)."""
         p = Path(path)
         tok = self.get(kind)
-        if kind == "image":
+        if kind == IMAGE:
             return EncodedFile(kind, np.asarray(tok.encode([read_image(p, str(p))])[0]))
-        if kind == "speech":
+        if kind == SPEECH:
             wave = read_audio(p, str(p), tok.sample_rate)  # (T,)
             codes = tok.encode([wave], names=[f"audio file {p}"])[0]
             return EncodedFile(kind, np.asarray(codes), seconds=wave.shape[0] / tok.sample_rate)
         frame_numbers, frames = tok.key_frames(p, None)
         return EncodedFile(kind, np.asarray(tok.image.encode(frames)), frame_numbers=frame_numbers)
-
-    # --- unCLIP ----------------------------------------------------------------------------
-    def unclip_pipeline(self, build: Callable[["MediaTokenizers"], tuple[Any, str]]) -> tuple[Any, str]:
-        """The unCLIP pipeline for decoding images (built once by ``build``) and where it came from."""
-        if self._unclip is None:
-            self._unclip = build(self)
-        return self._unclip
-
-    @property
-    def unclip_source(self) -> str | None:
-        """Where the unCLIP pipeline came from, once it is built."""
-        return self._unclip[1] if self._unclip is not None else None
 
 
 def recorded_specs(model_dir: Path) -> tuple[dict[str, SpecSource], dict[str, str]]:
@@ -211,11 +200,11 @@ def specs_in_dir(folder: Path) -> tuple[dict[str, SpecSource], Path | None]:
         if kind in specs:
             raise ValueError(f"{folder} holds two {kind} tokenizer specs: {specs[kind].origin} and {path}")
         specs[kind] = SpecSource(str(path), str(path))
-    if "image" not in specs and (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
-        specs["image"] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
+    if IMAGE not in specs and (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
+        specs[IMAGE] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
                                      "vit": f"{MIO_SEED_DIR}/eva_vit_g.pth"}, str(folder / MIO_SEED_DIR))
-    if "speech" not in specs and (folder / MIO_SPEECH_DIR / "config.json").is_file():
-        specs["speech"] = SpecSource({"kind": "speechtokenizer", "root": str(folder),
+    if SPEECH not in specs and (folder / MIO_SPEECH_DIR / "config.json").is_file():
+        specs[SPEECH] = SpecSource({"kind": "speechtokenizer", "root": str(folder),
                                       "config": f"{MIO_SPEECH_DIR}/config.json",
                                       "checkpoint": f"{MIO_SPEECH_DIR}/SpeechTokenizer.pt"}, str(folder / MIO_SPEECH_DIR))
     unclip = folder / MIO_UNCLIP_DIR
