@@ -101,14 +101,15 @@ def show_turns(turns: Sequence[Any]) -> str:
     return "\n".join(f"{t.role}: {show(t.content)}" for t in turns)
 
 
-def generate_batch(generator: Generator, prompts: Sequence[Any], settings: EvalSettings, task: str) -> list[Generation]:
-    """Answers to prompts of one task. The answer may hold text and the modality the task's
-    metric scores (:data:`mio.eval.tasks.OUTPUTS`): a caption is text, a TTS answer speech."""
+def answer_batch(generator: Generator, prompts: Sequence[Any], settings: EvalSettings, task: str) -> list[Generation]:
+    """Answers to prompts of one task, decoded as one batch. The answer may hold text and the
+    modality the task's metric scores (:data:`mio.eval.tasks.OUTPUTS`): a caption is text, a
+    TTS answer speech."""
     decode = {k: dict(v) for k, v in settings.decode.items()}
     kind = task_kind(task)
-    outputs = OUTPUTS[kind] if kind is not None else None
-    return [generator.generate(p, chat=True, task=task, max_new_tokens=settings.max_new_tokens, settings=decode,
-                               outputs=outputs, seed=settings.seed) for p in prompts]
+    return generator.generate_batch(prompts, chat=True, task=task, max_new_tokens=settings.max_new_tokens,
+                                    settings=decode, outputs=OUTPUTS[kind] if kind is not None else None,
+                                    seed=settings.seed)
 
 
 def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: EvalSettings,
@@ -128,7 +129,7 @@ def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: 
         t0 = time.perf_counter()
         for i in range(0, len(items), settings.batch_size):
             chunk = items[i:i + settings.batch_size]
-            for item, g in zip(chunk, generate_batch(generator, [x.prompt for x in chunk], settings, task)):
+            for item, g in zip(chunk, answer_batch(generator, [x.prompt for x in chunk], settings, task)):
                 rows.append(Row(item, g))
             log(f"eval {task}: {min(i + settings.batch_size, len(items))}/{len(items)} answered "
                 f"({time.perf_counter() - t0:.1f}s)")
