@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile
+from mio.generate.media import MediaFile
 from mio.generate.settings import PRESETS, overrides_from_strings
 from mio.segments import Text
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -39,8 +39,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mio.generate.constraints import TEXT, BlockState, ModalityConstraint
+from mio.generate.constraints import BlockState, ModalityConstraint
 from mio.generate.settings import DecodeSettings
+from mio.vocab import TEXT
 
 STOP, LENGTH = "stop", "length"
 

@@ -9,63 +9,28 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
-from mio.generate.constraints import TEXT, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
+from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
+                                write_wav)
+from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
+from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
 from mio.templates import Turn, content_only, render_chat
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
-OUTPUTS = ("text", IMAGE, SPEECH, VIDEO)
-
-
-@dataclass
-class PartialBlock:
-    """A media block the token limit cut off: reported, never decoded."""
-
-    kind: str  # image or speech
-    tokens: int  # codes generated inside the block
-    detail: str
-
-
-@dataclass
-class Generation:
-    turns: list[Turn]  # the prompt as the user gave it (media as files or codes)
-    prompt_ids: np.ndarray  # (P,) the rendered prompt
-    result: DecodeResult
-    segments: list[Segment]  # the answer's complete segments
-    partial: PartialBlock | None
-    settings: dict[str, DecodeSettings]
-    seed: int
-    chat: bool
-    preset: str = "paper"
-
-    @property
-    def stopped(self) -> str:
-        return self.result.stopped
-
-
-@dataclass
-class Decoded:
-    """One answer segment as written: text, or a media file, or why it was not decoded."""
-
-    kind: str  # text, image, speech, video or partial
-    text: str = ""
-    file: str | None = None  # relative to the output folder
-    note: str = ""
-    codes: list[Any] = field(default_factory=list)
+OUTPUTS = (TEXT, IMAGE, SPEECH, VIDEO)
 
 
 class Generator:
@@ -101,6 +66,7 @@ class Generator:
         self.encode_text = TextEncoder(tokenizer)
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
+        self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
         self._speech_decoder: SpeechDecoder | None = None
 
     # --- prompt ----------------------------------------------------------------------------
@@ -185,7 +151,7 @@ class Generator:
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
-                                        text_only_stops=None if wanted["text"] else stop_ids)
+                                        text_only_stops=None if wanted[TEXT] else stop_ids)
         decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
         results = decoder.run_batch(ids, max_new_tokens or chosen.max_new_tokens, seeds, settings=resolved)
         out = []
@@ -209,7 +175,7 @@ class Generator:
     def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
         rows = self.model.get_output_embeddings().weight.shape[0]
         t = self.table
-        available = {"text": True,
+        available = {TEXT: True,
                      IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
                      SPEECH: t.speech_codebook_size > 0 and max(t.speech_end_id, t.speech_end + 1) <= rows}
         available[VIDEO] = available[IMAGE]
@@ -256,9 +222,15 @@ class Generator:
         return segments, partial
 
     # --- decoding to files -----------------------------------------------------------------
+    def unclip_pipeline(self) -> tuple[Any, str]:
+        """The unCLIP pipeline for decoding images (built once) and where it came from."""
+        if self._unclip is None:
+            self._unclip = unclip_for(self.media)
+        return self._unclip
+
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
         if settings not in self._image_decoders:
-            pipeline, _ = self.media.unclip_pipeline()
+            pipeline, _ = self.unclip_pipeline()
             self._image_decoders[settings] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
         return self._image_decoders[settings]
 
@@ -277,7 +249,7 @@ class Generator:
         counts = {IMAGE: 0, SPEECH: 0, VIDEO: 0}
         for seg in generation.segments:
             if isinstance(seg, Text):
-                decoded.append(Decoded("text", text=seg.text))
+                decoded.append(Decoded(TEXT, text=seg.text))
                 continue
             kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
             counts[kind] += 1
@@ -309,35 +281,12 @@ class Generator:
         return item
 
     def write(self, generation: Generation, out_dir: str | os.PathLike,
-              unclip: UnclipSettings = DEFAULT_UNCLIP) -> "Written":
+              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Written:
         """Decode the answer and write ``transcript.md``, ``transcript.html`` and
         ``generation.json`` (ids, codes, settings) beside the media."""
-        from mio.generate.transcript import write_transcript
-
         decoded = self.decode(generation, out_dir, unclip)
-        info = {"model": self.name, "unclip": self.media.unclip_source, "unclip_settings": unclip}
+        info = {"model": self.name, "unclip": self._unclip[1] if self._unclip else None, "unclip_settings": unclip}
         return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
-
-
-@dataclass
-class Written:
-    """What :meth:`Generator.write` left: the transcript and the answer's decoded segments."""
-
-    transcript: Path  # transcript.md; the media files lie beside it
-    decoded: list[Decoded]
-
-    def answer(self) -> str:
-        """The answer as a reader wants it in a terminal: its text, and a line per media file
-        (its path) or per segment that was not decoded (why)."""
-        parts = []
-        for d in self.decoded:
-            if d.kind == "text":
-                parts.append(d.text)
-            elif d.file is not None:
-                parts.append(f"\n[{d.kind}: {self.transcript.parent / d.file}{' (' + d.note + ')' if d.note else ''}]\n")
-            else:
-                parts.append(f"\n[{d.kind}: {d.note}]\n")
-        return "".join(parts).strip()
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:
