@@ -1,4 +1,4 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | generate | export | bench.
+"""`mio`: demo | prepare | inspect | tokenize | fit | generate | eval | export | bench.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-BENCHES = ("tokenizers", "packing", "data", "train", "generate")
+BENCHES = ("tokenizers", "packing", "data", "train", "generate", "prepare")
 
 
 def _log(msg: str) -> None:
@@ -32,9 +32,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mio.data.prepare import prepare
+    from mio.data.prepare import PrepareInterrupted, prepare
 
-    m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log)
+    try:
+        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
+    except PrepareInterrupted as e:  # Ctrl-C: one line, not a traceback
+        _log(str(e))
+        return 130
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:
         _log("this rank is done; the last rank to finish writes the merged manifest")
@@ -79,6 +83,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from mio.eval.cli import eval_main
+
+    return eval_main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     from mio.export import export_main
 
@@ -86,7 +96,8 @@ def cmd_export(argv: list[str]) -> int:
 
 
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
-PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export}
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
+                                                     "eval": cmd_eval}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--tokenizers", type=Path, default=None,
                     help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="start the --out dataset afresh (its shards, records and manifest are removed first)")
     pr.set_defaults(func=cmd_prepare)
     ins = sub.add_parser("inspect", help="a prepared dataset's figures and a few rendered samples")
     ins.add_argument("dir", type=Path)
@@ -116,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
     sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
+                   add_help=False)
+    sub.add_parser("eval", help="score a model on prepared eval data: mio eval MODEL --data DIR --tasks ... --out DIR",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
     return p

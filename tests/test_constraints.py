@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 

@@ -16,7 +16,7 @@ from mio.bench.data import DATA_TYPES, STAGES, stage_datasets, write_synthetic
 from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import (ERROR_REASONS, BatchTextEncoder, DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer,
                               dataset_stream, epoch_samples, reader_rng, split_shards)
-from mio.vocab import SPEECH
+from mio.vocab import SPEECH_CODE
 from mio.vocab import VocabTable
 
 
@@ -140,11 +140,11 @@ def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, tex
     for spec, share in zip(specs, shares):  # every dataset near its share, not only speech
         assert abs(share - spec.weight / total) <= 0.03, (spec.path, shares)
     # The share of tokens in speech samples is speech-text's share: what the stage table means.
-    assert abs(counts.kind_tokens[SPEECH] / real - STAGES[stage]) <= 0.02
+    assert abs(counts.kind_tokens[SPEECH_CODE] / real - STAGES[stage]) <= 0.02
     speech = [i for i, s in enumerate(specs) if s.path.startswith("speech_text")]
-    assert counts.kind_tokens[SPEECH] == counts.tokens[speech].sum()
-    speech_codes = sum(int(((b["modality"] == SPEECH) & (b["document_ids"] >= 0)).sum()) for b in batches)
-    assert speech_codes < counts.kind_tokens[SPEECH]  # transcripts are text
+    assert counts.kind_tokens[SPEECH_CODE] == counts.tokens[speech].sum()
+    speech_codes = sum(int(((b["modality"] == SPEECH_CODE) & (b["document_ids"] >= 0)).sum()) for b in batches)
+    assert speech_codes < counts.kind_tokens[SPEECH_CODE]  # transcripts are text
 
 
 def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, table):
@@ -153,7 +153,7 @@ def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, t
     mixture = Mixture(specs, synthetic_root, text_tokenizer, table, data["context_length"], data["buffer_size"],
                       balance="samples")
     _, counts = read_batches(mixture, rows=2, batches=10)
-    assert abs(counts.kind_tokens[SPEECH] / counts.tokens.sum() - STAGES["3_speech"]) > 0.03
+    assert abs(counts.kind_tokens[SPEECH_CODE] / counts.tokens.sum() - STAGES["3_speech"]) > 0.03
 
 
 def test_training_batches_are_packed(synthetic_root, text_tokenizer, table):

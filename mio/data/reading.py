@@ -34,7 +34,7 @@ from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Segment, Text, TextEncoder, render
 from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
-from mio.vocab import MODALITY_NAMES, TEXT, VocabError, VocabTable
+from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
 
 
 @dataclass
@@ -111,7 +111,7 @@ class DataCounts:
     ``read``: (D,) samples read from shards; ``errors``: (D, R) samples (or, for the ``shard_*``
     reasons, shards) lost per reason of ``ERROR_REASONS``; ``tokens``: (D,) real tokens packed;
     ``kind_tokens``: (3,) real tokens of text-only samples, of samples with images or video and of
-    samples with speech (a sample's kind is the highest modality it holds: TEXT < IMAGE < SPEECH);
+    samples with speech (a sample's kind is the highest modality code it holds: text < image < speech);
     ``examples``: the first example of each (dataset, reason) error, ``"<where>: <what>"``.
     A plain class, so Lightning passes it through a batch untouched.
     """
@@ -390,7 +390,7 @@ def kind_tokens(pack: Pack) -> np.ndarray:
     """(3,) real tokens of the pack's text-only samples, samples with images and samples with speech."""
     lens = np.asarray(pack.seq_lens)
     starts = np.concatenate([[0], np.cumsum(lens[:-1])])
-    kinds = np.maximum.reduceat(pack.modality[:int(lens.sum())], starts).clip(min=TEXT)  # TEXT < IMAGE < SPEECH
+    kinds = np.maximum.reduceat(pack.modality[:int(lens.sum())], starts).clip(min=TEXT_CODE)  # codes: text < image < speech
     return np.bincount(kinds, weights=lens, minlength=len(MODALITY_NAMES)).astype(np.int64)
 
 
