@@ -94,6 +94,8 @@ def test_rows_do_not_depend_on_the_ranks_or_the_workers(root):
     one_rank = take(RankBatches(RankRows(m, first=0, count=4, streams=4)), 5)
     two_workers = take(RankBatches(RankRows(m, first=0, count=4, streams=4), num_workers=2), 5)
     same_batches(one_rank, two_workers)
+    # What the workers read and lost reaches the main process with their rows.
+    assert [b["data"].vector().tolist() for b in one_rank] == [b["data"].vector().tolist() for b in two_workers]
     # Two ranks of two rows each train on the rows of one rank with four, in the same order.
     halves = [take(RankBatches(RankRows(m, first=r * 2, count=2, streams=4)), 5) for r in (0, 1)]
     for whole, a, b in zip(one_rank, *halves):

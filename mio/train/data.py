@@ -26,6 +26,11 @@ DATA_REPORT = "mio_data_report.json"
 # A dataset is held to data.max_error_fraction once it has lost this many samples: one damaged
 # shard met first is not yet a trend.
 MIN_ERRORS_TO_STOP = 10
+WHAT_TO_DO = {"shard_unreadable": "Make its shards readable (or re-prepare them)",
+              "shard_truncated": "Re-prepare or re-download its damaged shards (`mio inspect --verify` lists them)",
+              "bad_sample": "Re-prepare the dataset: its samples do not decode",
+              "render_failed": "Prepare the dataset with the tokenizers of the backbone's vocabulary",
+              "over_context": "Raise data.context_length, or drop the long samples when preparing"}
 
 
 class DataError(ValueError):
@@ -86,9 +91,10 @@ class DataReport:
             lost = int(self.total.errors[d].sum())
             if lost >= MIN_ERRORS_TO_STOP and lost > self.max_error_fraction * max(int(self.total.read[d]), 1):
                 self.write()
+                worst = ERROR_REASONS[int(np.argmax(self.total.errors[d]))]
                 raise DataError(f"dataset {name} lost {lost} of the {int(self.total.read[d])} samples it read, over "
-                                f"data.max_error_fraction={self.max_error_fraction}: {self._summary(d)}. Repair or "
-                                f"re-prepare the dataset, or raise data.max_error_fraction; the counts are in "
+                                f"data.max_error_fraction={self.max_error_fraction}: {self._summary(d)}. "
+                                f"{WHAT_TO_DO[worst]}, or raise data.max_error_fraction; the counts are in "
                                 f"{self.out_dir / DATA_REPORT}")
 
     def _summary(self, d: int) -> str:
