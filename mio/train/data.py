@@ -147,6 +147,11 @@ class MioDataModule(L.LightningDataModule):
         for d in self.datasets:
             self.dataset_folders(d)  # a glob matching nothing fails here, not in a worker
         train_shards, val_specs, val_shards = self.split()
+        if val_specs and self.trainer is not None and not isinstance(self.trainer.val_check_interval, int):
+            raise ValueError("validation data is set (data.val_fraction / data.val_datasets) but "
+                             "trainer.val_check_interval is not a number of training batches: the training stream "
+                             "has no epochs, so set e.g. trainer.val_check_interval: 500 and "
+                             "trainer.check_val_every_n_epoch: null")
         settings = (tokenizer, table, self.context_length, self.batch_size, self.buffer_size, pad, self.seed,
                     self.balance, self.shuffle_buffer)
         self.mixture = MixtureBatches(self.datasets, self.root, *settings, shards=train_shards)
