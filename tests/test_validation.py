@@ -35,17 +35,19 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     root = tmp_path_factory.mktemp("val")
     base = tiny_base(root / "base")
     write_dataset(root / "data" / "image_text", "image_text", samples=32, shards=4)
+    write_dataset(root / "data" / "text", "text", samples=8)  # one shard: trains whole, not validated
     out = root / "run"
     args = ["--config", str(Path(__file__).parents[1] / "stages" / "tiny" / "1_alignment.yaml"),
             f"--model.backbone={base}", f"--data.root={root / 'data'}", f"--trainer.default_root_dir={out}",
             "--trainer.max_steps=4", "--data.context_length=256", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--data.datasets=[{path: image_text}]",
+            "--trainer.enable_model_summary=false", "--data.datasets=[{path: image_text}, {path: text}]",
             "--data.val_fraction=0.25", "--data.val_packs=3", "--trainer.val_check_interval=2",
             "--trainer.check_val_every_n_epoch=null", "--trainer.log_every_n_steps=1",
             "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
             # keep the best checkpoint by val/loss (beside resumable ones, which this test does not need)
             "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.monitor=val/loss",
+            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.every_n_epochs=1",
+            "--trainer.callbacks.monitor=val/loss",
             "--trainer.callbacks.mode=min", "--trainer.callbacks.save_top_k=1", "--trainer.callbacks.filename=best",
             "--trainer.callbacks.save_last=false"]
     fit(args)
@@ -53,7 +55,7 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def val_module(root: Path, backbone: Path, rank: int = 0, world: int = 1) -> MioDataModule:
-    dm = MioDataModule([DatasetSpec("image_text")], root=str(root / "data"), context_length=256, batch_size=2,
+    dm = MioDataModule([DatasetSpec("image_text"), DatasetSpec("text")], root=str(root / "data"), context_length=256, batch_size=2,
                        backbone=str(backbone), extend_vocab=True, val_fraction=0.25, val_packs=3)
     dm.setup("fit")
     return dm
@@ -62,7 +64,9 @@ def val_module(root: Path, backbone: Path, rank: int = 0, world: int = 1) -> Mio
 def test_validation_reads_held_out_shards_the_same_every_pass(stage):
     root, out, _ = stage
     dm = val_module(root, root / "base")
+    assert [s.path for s in dm.val_mixture.specs] == ["image_text"]  # the one-shard dataset is not held out
     first = [k for b in dm.val_batches(0, 1) for row in b["keys"] for k in row]
+    assert {k.split("-")[0] for k in first} == {"image_text"}
     again = [k for b in dm.val_batches(0, 1) for row in b["keys"] for k in row]  # read afresh
     assert first == again and first
     trained = {k for line in ledger(out) for row in line["keys"] for k in row}
@@ -73,6 +77,10 @@ def test_validation_reads_held_out_shards_the_same_every_pass(stage):
     assert len(parts[0]) == len(parts[1])
     keys = [k for i in range(len(parts[0])) for p in parts for row in p[i]["keys"] for k in row]
     assert keys == first
+    alone = MioDataModule([DatasetSpec("text")], root=str(root / "data"), context_length=256, backbone=str(root / "base"),
+                          extend_vocab=True, val_fraction=0.25)
+    with pytest.raises(ValueError, match="every dataset has one shard"):
+        alone.setup("fit")
 
 
 def metrics(run: Path) -> list[dict[str, float]]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import glob
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import yaml
@@ -159,16 +160,29 @@ class MioDataModule(L.LightningDataModule):
             self.val_mixture = MixtureBatches(val_specs, self.root, *settings, shards=val_shards)
 
     def split(self) -> tuple[list[list[str]] | None, list[DatasetSpec], list[list[str]] | None]:
-        """(training shards per dataset, validation datasets, their shards): whole shards held out
-        of every dataset with ``val_fraction``, else all shards and ``val_datasets``."""
+        """(training shards per dataset, validation datasets, their shards): with ``val_fraction``,
+        whole shards held out of every dataset that has more than one (a one-shard dataset trains
+        whole, and is named on stderr); else all shards, and ``val_datasets``."""
         if not self.val_fraction:
             return None, self.val_datasets, None
-        train, held = [], []
+        train, val_specs, held, whole = [], [], [], []
         for spec in self.datasets:
-            kept, out = hold_out(list_shards(Path(self.root) / spec.path), self.val_fraction, self.seed, spec.path)
+            shards = list_shards(Path(self.root) / spec.path)
+            if len(shards) == 1:
+                train.append(shards)
+                whole.append(spec.path)
+                continue
+            kept, out = hold_out(shards, self.val_fraction, self.seed, spec.path)
             train.append(kept)
+            val_specs.append(spec)
             held.append(out)
-        return train, self.datasets, held
+        if not val_specs:
+            raise ValueError(f"data.val_fraction {self.val_fraction}: every dataset has one shard, so none can hold "
+                             f"shards out; prepare them with a smaller shard_size, or give data.val_datasets")
+        if whole and (self.trainer is None or self.trainer.is_global_zero):
+            print(f"[mio] validation: {', '.join(whole)} (one shard each) train whole and are not validated",
+                  file=sys.stderr, flush=True)
+        return train, val_specs, held
 
     def train_dataloader(self) -> RankBatches:
         assert self.mixture is not None, "setup() first"
@@ -178,10 +192,10 @@ class MioDataModule(L.LightningDataModule):
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> ValBatches | list[Any]:
+    def val_dataloader(self) -> ValBatches | Iterator[Any]:
         """This rank's share of the validation packs (none without validation data)."""
         if self.val_mixture is None:
-            return []
+            return iter(())  # nothing to validate (an empty list would make Lightning warn)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         return self.val_batches(rank, world)
 
