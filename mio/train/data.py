@@ -176,12 +176,10 @@ class MioDataModule(L.LightningDataModule):
             train.append(kept)
             val_specs.append(spec)
             held.append(out)
-        if not val_specs:
-            raise ValueError(f"data.val_fraction {self.val_fraction}: every dataset has one shard, so none can hold "
-                             f"shards out; prepare them with a smaller shard_size, or give data.val_datasets")
         if whole and (self.trainer is None or self.trainer.is_global_zero):
-            print(f"[mio] validation: {', '.join(whole)} (one shard each) train whole and are not validated",
-                  file=sys.stderr, flush=True)
+            what = "no validation: every dataset" if not val_specs else ", ".join(whole)
+            print(f"[mio] data.val_fraction: {what} (one shard each) trains whole and is not validated; prepare "
+                  f"with a smaller shard_size to hold shards out", file=sys.stderr, flush=True)
         return train, val_specs, held
 
     def train_dataloader(self) -> RankBatches:
