@@ -3,8 +3,9 @@
     mio generate --model runs/demo/model --prompt "What is in this picture?" --image cat.jpg --out answers/cat
     mio generate --model MIO-7B-Instruct --tokenizers MIO-checkpoints --prompt "Say hello." --task tts --out hi
 
-Media files go where the prompt names them ({image}, {speech}, {video} placeholders, filled
-in command-line order), else after the text, in command-line order. Writes transcript.md,
+Media files go where the prompt names them: {image}, {speech}, {video} take the next file of
+their kind in command-line order; MIO's <image_placeholder_0>, <speech_placeholder_1> name a
+file by its index among the files of its kind. Files the prompt does not name follow the text. Writes transcript.md,
 transcript.html, generation.json and the decoded media into --out; prints the answer (its
 text, and the path of each media file) and then the transcript's path.
 """
@@ -12,7 +13,6 @@ text, and the path of each media file) and then the transcript's path.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from mio.generate.settings import PRESETS, overrides_from_strings
 from mio.segments import Text
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
-PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="model folder (ours, or MIO's release layout)")
-    p.add_argument("--prompt", default="", help="the user's text; {image}/{speech}/{video} mark where files go")
+    p.add_argument("--prompt", default="", help="the user's text; {image}/{speech}/{video} or MIO's "
+                   "<image_placeholder_N>/<speech_placeholder_N> mark where files go")
     for kind in (IMAGE, SPEECH, VIDEO):
         p.add_argument(f"--{kind}", dest="media", action="append", default=[], type=lambda f, k=kind: MediaFile(k, Path(f)),
                        metavar="FILE", help=f"a {kind} file of the prompt (repeatable)")
@@ -69,27 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prompt_items(text: str, media: list[MediaFile]) -> list[Text | MediaFile]:
-    """Fill {image}/{speech}/{video} placeholders in order; the other files follow the text."""
-    queues = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
-    items: list[Text | MediaFile] = []
-    pos = 0
-    for m in PLACEHOLDER.finditer(text):
-        if not queues[m.group(1)]:
-            raise ValueError(f"the prompt has more {{{m.group(1)}}} placeholders than --{m.group(1)} files")
-        if m.start() > pos:
-            items.append(Text(text[pos:m.start()]))
-        items.append(queues[m.group(1)].pop(0))
-        pos = m.end()
-    if pos < len(text):
-        items.append(Text(text[pos:]))
-    placed = {id(x) for x in items}
-    items += [m for m in media if id(m) not in placed]
-    if not items:
-        raise ValueError("nothing to generate from: give --prompt and/or media files")
-    return items
-
-
 def generate_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -101,7 +80,7 @@ def generate_main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from mio.generate.detok import UnclipSettings
-    from mio.generate.generator import Generator
+    from mio.generate.generator import Generator, prompt_items
 
     items = prompt_items(args.prompt, args.media)
     for item in items:

@@ -9,6 +9,7 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
@@ -39,13 +40,15 @@ class Generator:
     def __init__(self, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None, *,
                  unclip: str | os.PathLike | None = None, device: str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        """``dtype`` defaults to bfloat16 on CUDA (a 7B model in float32 would double its memory), float32 on CPU."""
+        """``dtype`` defaults to bfloat16 on CUDA (a 7B model in float32 would double its memory), float32
+        on CPU; the unCLIP pipeline loads in ``dtype`` when it is given (else float16 on CUDA)."""
         folder = Path(model_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} does not exist")
         on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         model, tokenizer, table = load_backbone(folder, dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32))
         self._setup(model, tokenizer, table, MediaTokenizers.for_model(folder, tokenizers, unclip), str(folder), device)
+        self.unclip_dtype = dtype
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers | None = None,
@@ -58,6 +61,8 @@ class Generator:
     def _setup(self, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers, name: str,
                device: str | None) -> None:
         target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = target
+        self.unclip_dtype: torch.dtype | None = None
         self.model = model.to(target).eval()
         self.tokenizer = tokenizer
         self.table = table
@@ -110,7 +115,8 @@ class Generator:
         may contain (default: every modality the model has tokens for); without ``text`` the
         answer is media only. ``max_new_tokens`` defaults to the preset's and is capped at what
         the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
-        speech-only system prompt (tts, speech_generation) and the release preset's task.
+        speech-only system prompt (tts, speech_generation; also used for a speech-only answer)
+        and the release preset's task.
         """
         chosen = get_preset(preset)
         outputs = None if outputs is None else tuple(outputs)
@@ -119,6 +125,8 @@ class Generator:
         encoded = self.encode_turns(turns)
         speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
         resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
+        if task is None and outputs is not None and set(outputs) == {SPEECH}:
+            task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt (its "voice" mode)
         segments = self.prompt_segments(encoded, chat, task)
         bos = self.tokenizer.bos_token_id
         prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
@@ -198,7 +206,7 @@ class Generator:
     def unclip_pipeline(self) -> tuple[Any, str]:
         """The unCLIP pipeline for decoding images (built once) and where it came from."""
         if self._unclip is None:
-            self._unclip = unclip_for(self.media)
+            self._unclip = unclip_for(self.media, self.device, self.unclip_dtype)
         return self._unclip
 
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
@@ -260,6 +268,47 @@ class Generator:
         decoded = self.decode(generation, out_dir, unclip)
         info = {"model": self.name, "unclip": self._unclip[1] if self._unclip else None, "unclip_settings": unclip}
         return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
+
+
+# {image}: the next image file; <image_placeholder_0>: the first image file (MIO's release syntax).
+PLACEHOLDER = re.compile(r"\{(image|speech|video)\}|<(image|speech)_placeholder_(\d+)>")
+
+
+def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile]:
+    """A prompt's text and its files -> the items in reading order.
+
+    ``{image}``, ``{speech}``, ``{video}`` take the next file of that kind not yet placed;
+    ``<image_placeholder_N>`` / ``<speech_placeholder_N>`` (MIO's ``infer.py``) take the N-th
+    file of that kind, counting from 0. Files the text does not name follow it, in order.
+    """
+    by_kind = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
+    placed: set[int] = set()
+    items: list[Text | MediaFile] = []
+    pos = 0
+    for m in PLACEHOLDER.finditer(text):
+        kind = m.group(1) or m.group(2)
+        if m.group(1):
+            free = [f for f in by_kind[kind] if id(f) not in placed]
+            if not free:
+                raise ValueError(f"the prompt has more {{{kind}}} placeholders than {kind} files (--{kind})")
+            chosen = free[0]
+        else:
+            index = int(m.group(3))
+            if index >= len(by_kind[kind]):
+                raise ValueError(f"the prompt names {m.group(0)} but only {len(by_kind[kind])} {kind} file(s) were "
+                                 f"given (--{kind}); the placeholders count from 0")
+            chosen = by_kind[kind][index]
+        if m.start() > pos:
+            items.append(Text(text[pos:m.start()]))
+        items.append(chosen)
+        placed.add(id(chosen))
+        pos = m.end()
+    if pos < len(text):
+        items.append(Text(text[pos:]))
+    items += [m for m in media if id(m) not in placed]
+    if not items:
+        raise ValueError("nothing to generate from: give a prompt and/or media files")
+    return items
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:

@@ -107,30 +107,50 @@ def recorded_specs(model_dir: Path) -> tuple[dict[str, SpecSource], dict[str, st
     return specs, problems
 
 
-def specs_in_dir(folder: Path) -> tuple[dict[str, SpecSource], Path | None]:
-    """Spec files and MIO's checkpoint folders in ``folder`` -> (sources, unCLIP folder or None)."""
+@dataclass
+class Found:
+    """Tokenizers found in a folder: specs by modality, the unCLIP pipeline folder, and whether
+    any of it is MIO's released checkpoint tree."""
+
+    specs: dict[str, SpecSource]
+    unclip: Path | None = None
+    release: bool = False
+
+
+def release_tree(folder: Path) -> Found:
+    """MIO's checkpoint folders in ``folder``: its release ships them inside the model repository
+    (``seed-tokenizer-2/``, ``SpeechTokenizer/``, ``stable-diffusion-2-1-unclip/``). SEED's
+    architecture is the release's (fixed in its code, not in a file): the spec's defaults."""
+    specs: dict[str, SpecSource] = {}
+    if (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
+        specs[IMAGE] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
+                                   "vit": f"{MIO_SEED_DIR}/eva_vit_g.pth"}, str(folder / MIO_SEED_DIR))
+    if (folder / MIO_SPEECH_DIR / "config.json").is_file():
+        specs[SPEECH] = SpecSource({"kind": "speechtokenizer", "root": str(folder), "config": f"{MIO_SPEECH_DIR}/config.json",
+                                    "checkpoint": f"{MIO_SPEECH_DIR}/SpeechTokenizer.pt"}, str(folder / MIO_SPEECH_DIR))
+    unclip = folder / MIO_UNCLIP_DIR
+    found_unclip = unclip if (unclip / "model_index.json").is_file() else None
+    return Found(specs, found_unclip, release=bool(specs) or found_unclip is not None)
+
+
+def specs_in_dir(folder: Path) -> Found:
+    """Spec files (``*.yaml``) and MIO's checkpoint folders in a ``--tokenizers`` folder; a spec
+    file wins over the checkpoint folder of its modality."""
     from mio.tokenizers import load_spec
 
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizers folder {folder} does not exist")
+    tree = release_tree(folder)
     specs: dict[str, SpecSource] = {}
     for path in sorted(folder.glob("*.yaml")):
         kind = SPEC_KIND_TO_MODALITY[load_spec(path)["kind"]]
         if kind in specs:
             raise ValueError(f"{folder} holds two {kind} tokenizer specs: {specs[kind].origin} and {path}")
         specs[kind] = SpecSource(str(path), str(path))
-    if IMAGE not in specs and (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
-        specs[IMAGE] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
-                                   "vit": f"{MIO_SEED_DIR}/eva_vit_g.pth"}, str(folder / MIO_SEED_DIR))
-    if SPEECH not in specs and (folder / MIO_SPEECH_DIR / "config.json").is_file():
-        specs[SPEECH] = SpecSource({"kind": "speechtokenizer", "root": str(folder), "config": f"{MIO_SPEECH_DIR}/config.json",
-                                    "checkpoint": f"{MIO_SPEECH_DIR}/SpeechTokenizer.pt"}, str(folder / MIO_SPEECH_DIR))
-    unclip = folder / MIO_UNCLIP_DIR
-    unclip = unclip if (unclip / "model_index.json").is_file() else None
-    if not specs and unclip is None:
+    if not specs and not tree.release:
         raise ValueError(f"tokenizers folder {folder} holds neither tokenizer specs (*.yaml) nor MIO's checkpoint "
                          f"folders ({MIO_SEED_DIR}/, {MIO_SPEECH_DIR}/, {MIO_UNCLIP_DIR}/)")
-    return specs, unclip
+    return Found({**tree.specs, **specs}, tree.unclip, tree.release)
 
 
 class MediaTokenizers:
@@ -146,15 +166,24 @@ class MediaTokenizers:
     @classmethod
     def for_model(cls, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None,
                   unclip: str | os.PathLike | None = None) -> "MediaTokenizers":
+        """The tokenizers of a model folder: the specs it records (a folder `mio fit` wrote), then
+        MIO's checkpoint folders inside it (the release's layout), then ``tokenizers`` (spec
+        files or a checkpoint tree, per modality), then an explicit ``unclip`` folder."""
         specs, problems = recorded_specs(Path(model_dir))
-        found_unclip = None
+        own = release_tree(Path(model_dir))
+        specs = {**own.specs, **specs}
+        found_unclip, release = own.unclip, own.release
         if tokenizers is not None:
-            extra, found_unclip = specs_in_dir(Path(tokenizers))
-            specs.update(extra)
-            for kind in extra:
-                problems.pop(kind, None)
+            extra = specs_in_dir(Path(tokenizers))
+            specs.update(extra.specs)
+            found_unclip, release = extra.unclip or found_unclip, release or extra.release
+        for kind in specs:
+            problems.pop(kind, None)
         if VIDEO not in specs and IMAGE in specs:  # video is key frames through the image tokenizer
-            specs[VIDEO] = SpecSource({"kind": "video", "image": specs[IMAGE].spec}, specs[IMAGE].origin)
+            video: dict[str, Any] = {"kind": "video", "image": specs[IMAGE].spec}
+            if release:  # MIO's model reads videos as its release cuts them
+                video["selection"] = "mio-release"
+            specs[VIDEO] = SpecSource(video, specs[IMAGE].origin)
         if unclip is not None:
             found_unclip = Path(unclip)
             if not (found_unclip / "model_index.json").is_file():
@@ -165,8 +194,8 @@ class MediaTokenizers:
     def why_missing(self, kind: str) -> str:
         if kind in self.problems:
             return self.problems[kind]
-        return (f"no {kind} tokenizer is known for this model (its folder records none); pass --tokenizers DIR "
-                f"with a {kind} spec or MIO's checkpoint tree")
+        return (f"no {kind} tokenizer is known for this model (its folder records no spec and holds no "
+                f"{MIO_SEED_DIR}/ or {MIO_SPEECH_DIR}/); pass --tokenizers DIR with a {kind} spec or MIO's checkpoint tree")
 
     def has(self, kind: str) -> bool:
         return kind in self.specs
@@ -178,7 +207,10 @@ class MediaTokenizers:
                 raise MissingTokenizerError(self.why_missing(kind))
             from mio.tokenizers import build_tokenizer
 
-            self._built[kind] = build_tokenizer(self.specs[kind].spec)
+            built = build_tokenizer(self.specs[kind].spec)
+            if kind == SPEECH:
+                built.max_seconds = None  # the 15 s limit is a pretraining data filter: a prompt may be longer
+            self._built[kind] = built
         return self._built[kind]
 
     def encode(self, item: MediaFile) -> Segment:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import DatasetSpec, MixtureBatches
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
+from mio.templates import template_set
 from mio.vocab import VocabTable, folder_table
 
 
@@ -34,12 +35,14 @@ class MioDataModule(L.LightningDataModule):
         buffer_size: partially filled packs each row stream holds open (best fit).
         shuffle_buffer: samples each row stream shuffles over, per dataset.
         num_workers: DataLoader workers per rank; they must divide ``batch_size``.
+        templates: the template set every dataset of the stage is rendered with: ``paper`` (the
+            paper's wording) or ``mio-release`` (MIO's released prompts, for training on from MIO).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
-                 shuffle_buffer: int = 256) -> None:
+                 shuffle_buffer: int = 256, templates: str = "paper") -> None:
         super().__init__()
         if not datasets:
             raise ValueError("data.datasets is empty: a stage needs at least one prepared dataset")
@@ -49,7 +52,13 @@ class MioDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
         if balance not in ("tokens", "samples"):
             raise ValueError(f"data.balance must be 'tokens' or 'samples', got {balance!r}")
-        self.datasets, self.root = datasets, root
+        template_set(templates)
+        for d in datasets:
+            if d.templates not in ("paper", templates):
+                raise ValueError(f"dataset {d.path} names template set {d.templates!r}: set data.templates for the "
+                                 "whole stage instead")
+        self.datasets = [replace(d, templates=templates) for d in datasets]
+        self.root = root
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
