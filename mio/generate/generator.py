@@ -137,7 +137,7 @@ class Generator:
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
         decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, max_new_tokens or chosen.max_new_tokens, seed=seed)
+        result = decoder.run(prompt_ids, chosen.max_new_tokens if max_new_tokens is None else max_new_tokens, seed=seed)
         answer, partial = self._split(constraint, prompt_ids, result)
         return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
 
