@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from mio.generate.cli import generate_main
-from mio.generate.generator import Generator, prompt_items
+from mio.generate.generator import Generator
 from mio.generate.media import MediaFile
+from mio.generate.prompt import prompt_items
 from mio.segments import Image, Text
 from mio.vocab import VocabTable
 

@@ -9,7 +9,6 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
@@ -118,28 +117,58 @@ class Generator:
         speech-only system prompt (tts, speech_generation; also used for a speech-only answer)
         and the release preset's task.
         """
+        return self.generate_batch([prompt], chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
+                                   settings=settings, outputs=outputs, seed=seed, use_cache=use_cache,
+                                   max_speech_frames=max_speech_frames)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, chat: bool = True, task: str | None = None,
+                       preset: str = "paper", max_new_tokens: int | None = None,
+                       settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
+                       outputs: Iterable[str] | None = None, seed: int | Sequence[int] = 0, use_cache: bool = True,
+                       max_speech_frames: int = 750) -> list[Generation]:
+        """Answers to several prompts, decoded together (the keywords are :meth:`generate`'s).
+
+        Each prompt keeps its own constraint state and settings (a preset may choose settings
+        by what the prompt holds) and is seeded on its own (``seed``: one for every prompt, or
+        one per prompt): answer ``i`` is what ``generate(prompts[i], seed=...)`` gives, up to
+        the float rounding of a batched forward.
+        """
+        prompts = list(prompts)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(x) for x in seed]
+        if not prompts or len(seeds) != len(prompts):
+            raise ValueError(f"generate_batch needs at least one prompt and one seed per prompt (or one seed): got "
+                             f"{len(prompts)} prompts and {len(seeds)} seeds")
         chosen = get_preset(preset)
         outputs = None if outputs is None else tuple(outputs)
         wanted = self._check_outputs(outputs)
-        turns = self.prompt_turns(prompt)
-        encoded = self.encode_turns(turns)
-        speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
-        resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
         if task is None and outputs is not None and set(outputs) == {SPEECH}:
-            task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt (its "voice" mode)
-        segments = self.prompt_segments(encoded, chat, task)
-        bos = self.tokenizer.bos_token_id
-        prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
-        if prompt_ids.size == 0:
-            raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+            system_task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt ("voice" mode)
+        else:
+            system_task = task
+        turns, ids, resolved = [], [], []
+        for n, prompt in enumerate(prompts):
+            where = f"prompt {n}: " if len(prompts) > 1 else ""
+            turns.append(self.prompt_turns(prompt))
+            encoded = self.encode_turns(turns[-1])
+            speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+            resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
+            segments = self.prompt_segments(encoded, chat, system_task)
+            ids.append(render(segments, self.table, self.encode_text, bos_id=self.tokenizer.bos_token_id,
+                              where="prompt").input_ids)
+            if ids[-1].size == 0:
+                raise ValueError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
-        decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, chosen.max_new_tokens if max_new_tokens is None else max_new_tokens, seed=seed)
-        answer, partial = self._split(constraint, prompt_ids, result)
-        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
+        decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
+        limit = chosen.max_new_tokens if max_new_tokens is None else max_new_tokens
+        results = decoder.run_batch(ids, limit, seeds, settings=resolved)
+        out = []
+        for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
+            answer, partial = self._split(constraint, p, r)
+            out.append(Generation(t, p, r, answer, partial, s, sd, chat, chosen.name))
+        return out
 
     def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
         """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
@@ -268,47 +297,6 @@ class Generator:
         decoded = self.decode(generation, out_dir, unclip)
         info = {"model": self.name, "unclip": self._unclip[1] if self._unclip else None, "unclip_settings": unclip}
         return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
-
-
-# {image}: the next image file; <image_placeholder_0>: the first image file (MIO's release syntax).
-PLACEHOLDER = re.compile(r"\{(image|speech|video)\}|<(image|speech)_placeholder_(\d+)>")
-
-
-def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile]:
-    """A prompt's text and its files -> the items in reading order.
-
-    ``{image}``, ``{speech}``, ``{video}`` take the next file of that kind not yet placed;
-    ``<image_placeholder_N>`` / ``<speech_placeholder_N>`` (MIO's ``infer.py``) take the N-th
-    file of that kind, counting from 0. Files the text does not name follow it, in order.
-    """
-    by_kind = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
-    placed: set[int] = set()
-    items: list[Text | MediaFile] = []
-    pos = 0
-    for m in PLACEHOLDER.finditer(text):
-        kind = m.group(1) or m.group(2)
-        if m.group(1):
-            free = [f for f in by_kind[kind] if id(f) not in placed]
-            if not free:
-                raise ValueError(f"the prompt has more {{{kind}}} placeholders than {kind} files (--{kind})")
-            chosen = free[0]
-        else:
-            index = int(m.group(3))
-            if index >= len(by_kind[kind]):
-                raise ValueError(f"the prompt names {m.group(0)} but only {len(by_kind[kind])} {kind} file(s) were "
-                                 f"given (--{kind}); the placeholders count from 0")
-            chosen = by_kind[kind][index]
-        if m.start() > pos:
-            items.append(Text(text[pos:m.start()]))
-        items.append(chosen)
-        placed.add(id(chosen))
-        pos = m.end()
-    if pos < len(text):
-        items.append(Text(text[pos:]))
-    items += [m for m in media if id(m) not in placed]
-    if not items:
-        raise ValueError("nothing to generate from: give a prompt and/or media files")
-    return items
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:
