@@ -19,10 +19,11 @@ from mio.data.inspect import inspect_dataset
 from mio.generate.cli import generate_main
 from mio.generate.detok import load_unclip_pipeline
 from mio.generate.generator import Generator
-from mio.generate.media import MIO_SEED_DIR, MIO_UNCLIP_DIR, MediaFile, MediaTokenizers
+from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS
 from mio.segments import Image, Speech, Text
+from mio.tokenizers.media_tokenizers import MIO_SEED_DIR, MIO_UNCLIP_DIR, MediaTokenizers
 from mio.train.cli import fit
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, folder_table
 

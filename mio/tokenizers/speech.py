@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from torch import nn
 from speechtokenizer import SpeechTokenizer
 
+from mio.media import read_audio
 from mio.tokenizers.spec import resolve_checkpoints, resolve_device, seeded_generator
 
 # The package's constructor reads these keys; a tiny spec must give them all.
@@ -94,15 +93,17 @@ class SpeechCodec:
     # ------------------------------------------------------------------ audio
 
     def load_audio(self, path: str | os.PathLike) -> np.ndarray:
-        """Read an audio file -> (T,) float32 mono at `sample_rate` (channels averaged)."""
-        return load_audio(path, self.sample_rate)
+        """Read an audio file -> (T,) float32 mono at `sample_rate` (mio.media: channels averaged,
+        resampled, truncated files refused)."""
+        return read_audio(Path(path), str(path), self.sample_rate)
 
-    def refusal(self, wave: np.ndarray) -> str | None:
-        """Why a clip may not be used for pretraining (None if it may): empty or over max_seconds."""
+    def refusal(self, wave: np.ndarray, limit_length: bool = True) -> str | None:
+        """Why a clip may not be used for pretraining (None if it may): empty or over max_seconds
+        (``limit_length=False``: any length, as for a prompt)."""
         if wave.size == 0:
             return "the clip is empty (0 samples)"
         seconds = wave.shape[-1] / self.sample_rate
-        if self.max_seconds is not None and seconds > self.max_seconds:
+        if limit_length and self.max_seconds is not None and seconds > self.max_seconds:
             return (
                 f"the clip lasts {seconds:.2f} s, over the {self.max_seconds:g} s limit "
                 f"(MIO drops longer speech from pretraining)"
@@ -111,15 +112,17 @@ class SpeechCodec:
 
     # ------------------------------------------------------------------ encode / decode
 
-    def encode(self, waves: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Mono waveforms at `sample_rate` -> per clip (num_layers, frames) int64 codes.
+    def encode(self, waves: Sequence[np.ndarray], names: Sequence[str] | None = None,
+               limit_length: bool = True) -> list[np.ndarray]:
+        """Mono waveforms at `sample_rate` -> per clip (num_layers, frames) int64 codes; clips over
+        `max_seconds` are refused unless ``limit_length`` is False (generation's prompts).
 
         Each clip is zero-padded to whole frames (frames = ceil(T / hop)). Clips are batched
         only with clips of the same padded length: the encoder's bidirectional LSTM would
         otherwise see another clip's padding, and a clip's codes would depend on its batch.
         """
         names = list(names) if names is not None else [f"clip {i}" for i in range(len(waves))]
-        padded = [self._checked_padded(w, name) for w, name in zip(waves, names)]
+        padded = [self._checked_padded(w, name, limit_length) for w, name in zip(waves, names)]
         codes: list[np.ndarray | None] = [None] * len(padded)
         by_length: dict[int, list[int]] = {}
         for i, w in enumerate(padded):
@@ -158,63 +161,17 @@ class SpeechCodec:
             wave = self.model.decode(c[:, None, :].to(self.device))  # (1, 1, frames * hop)
         return wave[0, 0].float().cpu().numpy()
 
-    def _checked_padded(self, wave: np.ndarray, name: str) -> np.ndarray:
+    def _checked_padded(self, wave: np.ndarray, name: str, limit_length: bool) -> np.ndarray:
         w = np.asarray(wave, dtype=np.float32)
         if w.ndim != 1:
             raise ValueError(f"{name}: expected a mono (T,) waveform, got shape {w.shape}")
-        reason = self.refusal(w)
+        reason = self.refusal(w, limit_length)
         if reason:
             raise ValueError(f"{name}: {reason}")
         if not np.isfinite(w).all():
             raise ValueError(f"{name}: the waveform holds NaN or infinite samples")
         frames = math.ceil(w.shape[0] / self.hop_length)
         return np.pad(w, (0, frames * self.hop_length - w.shape[0]))
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Any libsndfile-readable file -> (T,) float32 mono at `sample_rate`."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"audio file {p} does not exist")
-    try:
-        with sf.SoundFile(p) as f:
-            expected, rate = f.frames, f.samplerate
-            data = f.read(dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"audio file {p} cannot be decoded: {err}") from err
-    truncated = wav_truncation(p)
-    if data.shape[0] < expected or truncated:
-        raise ValueError(f"audio file {p} is truncated: {truncated or f'{data.shape[0]} of {expected} frames'}")
-    if data.shape[0] == 0:
-        raise ValueError(f"audio file {p} is empty (0 samples)")
-    mono = torch.from_numpy(data.mean(axis=1))  # (T,)
-    if rate != sample_rate:
-        mono = AF.resample(mono, rate, sample_rate)
-    return mono.numpy().astype(np.float32)
-
-
-def wav_truncation(path: Path) -> str | None:
-    """For a RIFF/WAVE file, say how its data chunk falls short of the size its header declares.
-
-    libsndfile quietly reads what is there, so a cut-off download would pass as a shorter clip.
-    Streamed WAVs that declare an unknown size (0 or 0xFFFFFFFF) are not judged.
-    """
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        size = path.stat().st_size
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            declared = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                available = size - f.tell()
-                if declared in (0, 0xFFFFFFFF) or available >= declared:
-                    return None
-                return f"its header declares {declared} bytes of samples, the file holds {available}"
-            f.seek(declared + (declared & 1), 1)  # chunks are word-aligned
 
 
 def load_speech_checkpoint(config_path: Path, ckpt_path: Path) -> tuple[dict[str, Any], SpeechTokenizer]:
