@@ -36,8 +36,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     try:
         m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
-    except PrepareInterrupted as e:  # Ctrl-C: one line, not a traceback
-        _log(str(e))
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
+        _log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
         return 130
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +54,8 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     lines = err.decode().strip().splitlines()
     assert child.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
     assert "run the same command to resume" in lines[-1] and lines[-1].startswith("[mio] interrupted: ")
+    assert re.fullmatch(r"\[mio\] words-00000-00002: 50 samples, 0 skipped \| [\d,.]+ rows/s, \d+% of the input read, "
+                        r"~\d+[hms]\S* left", lines[2]), lines[:3]  # progress: rows per second and the time left
     units = len(list(out.glob(".units/*.json")))
     assert f"{units} units of {out} are done" in lines[-1] and units < 120
     assert not (out / LOCK).exists() and not (out / MEMBERS).exists()  # released on the way out
