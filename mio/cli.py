@@ -25,7 +25,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out)
     summary = json.loads((report.parent / "summary.json").read_text())
-    keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "seconds")
+    keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "val_loss",
+            "seconds")
     _log(json.dumps({k: summary[k] for k in keys}))
     print(report)
     return 0
@@ -36,8 +37,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     try:
         m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
-    except PrepareInterrupted as e:  # Ctrl-C: one line, not a traceback
-        _log(str(e))
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
+        _log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
         return 130
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,9 +44,13 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
         deadline = time.time() + 120
         while len(list(out.glob(".units/*.json"))) < 3 and time.time() < deadline and child.poll() is None:
             time.sleep(0.02)
+        # Frozen mid-run (on a loaded machine it would otherwise finish its 120 units before this
+        # process is done checking the lock): the SIGINT below is then taken with most units left.
+        child.send_signal(signal.SIGSTOP)
         with pytest.raises(FolderLocked, match=f"being written by another `mio prepare`.*pid {child.pid}"):
             prepare(recipe, out)  # this process is another job
         child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGCONT)
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
@@ -53,6 +58,8 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     lines = err.decode().strip().splitlines()
     assert child.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
     assert "run the same command to resume" in lines[-1] and lines[-1].startswith("[mio] interrupted: ")
+    assert re.fullmatch(r"\[mio\] words-00000-00002: 50 samples, 0 skipped \| [\d,.]+ rows/s, \d+% of the input read, "
+                        r"~\d+[hms]\S* left", lines[2]), lines[:3]  # progress: rows per second and the time left
     units = len(list(out.glob(".units/*.json")))
     assert f"{units} units of {out} are done" in lines[-1] and units < 120
     assert not (out / LOCK).exists() and not (out / MEMBERS).exists()  # released on the way out

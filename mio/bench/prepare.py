@@ -106,13 +106,13 @@ def tokenizer_busy(folder: Path, rows: int, workers: int) -> dict:
     meter = Meter()
     start = time.perf_counter()
     prepare(recipe, folder / "out", tokenizer_dir=TINY, meter=meter)
-    seconds = time.perf_counter() - start
+    seconds, busy = time.perf_counter() - start, meter.busy()
     images = [read_image(samples / r["image"], r["image"]) for r in bundled]
     images = [images[i % len(images)] for i in range(rows)]
     alone_start = time.perf_counter()
     for i in range(0, rows, 32):
         tok.encode(images[i:i + 32])
     alone = rows / (time.perf_counter() - alone_start)
-    return {"rows": rows, "workers": workers, "tokenizer_busy": round(meter.busy(), 3),
+    return {"rows": rows, "workers": workers, "tokenizer_busy": round(busy, 3),
             "prepare_rows_per_s": round(rows / seconds, 2), "tokenizer_alone_images_per_s": round(alone, 2),
             "prepare_over_tokenizer_alone": round(rows / seconds / alone, 3)}

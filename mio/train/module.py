@@ -89,14 +89,19 @@ class MioModule(L.LightningModule):
         kwargs.setdefault("position_ids", batch["position_ids"])
         return self.model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of every supervised token (N,) and where they are (B, L-1): what training and
+        validation both average over tokens."""
         hidden = self(batch)  # (B, L, D)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
         # The output layer runs on supervised positions only: the (B, L, V) logits of a
         # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
-        token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (N,)
+        return torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none"), supervised
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        token_loss, supervised = self.token_losses(batch)  # (N,), (B, L-1)
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
             self._n_step = self._all_reduce(batch["step_supervised"].to(self.device, torch.float64)).clamp(min=1)
         # Every supervised token of the optimizer step's global batch weighs the same: the sum
@@ -179,6 +184,28 @@ class MioModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
             self.log("tok/s", metrics["train/tokens_per_sec"], prog_bar=True, logger=False, batch_size=1)
+
+    # --- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats: torch.Tensor | None = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        token_loss, supervised = self.token_losses(batch)
+        stats = self._step_stats(token_loss, batch, supervised)  # (K,) this rank's
+        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` and ``val/loss_<modality>``: sums over the pass's tokens on every rank,
+        divided by their counts, as the training loss is."""
+        if self._val_stats is None:
+            return
+        values = self._all_reduce(self._val_stats).tolist()  # summed over ranks, read once per pass
+        figures = dict(zip(STATS, values[:len(STATS)]))
+        metrics = {"val/loss": figures["loss_sum"] / figures["supervised"] if figures["supervised"] else float("nan")}
+        for name, (loss_sum, count, _) in zip(MODALITY_NAMES.values(), np.reshape(values[len(STATS):], (-1, 3))):
+            metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
+        self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def on_train_start(self) -> None:
         self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
