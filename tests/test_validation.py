@@ -56,7 +56,7 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 def val_module(root: Path, backbone: Path, rank: int = 0, world: int = 1) -> MioDataModule:
     dm = MioDataModule([DatasetSpec("image_text"), DatasetSpec("text")], root=str(root / "data"), context_length=256, batch_size=2,
-                       backbone=str(backbone), extend_vocab=True, val_fraction=0.25, val_packs=3)
+                       buffer_size=4, backbone=str(backbone), extend_vocab=True, val_fraction=0.25, val_packs=3)
     dm.setup("fit")
     return dm
 
