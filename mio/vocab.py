@@ -259,5 +259,6 @@ def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None)
     want = [table.image_begin, table.image_start, table.speech_start]
     if got != want:
         raise VocabError(f"tokenizer placed {probe} at {got}, the table says {want}")
-    model.resize_token_embeddings(table.total_size, mean_resizing=True)
+    # A model on the meta device (built before sharding) has no rows to average.
+    model.resize_token_embeddings(table.total_size, mean_resizing=not model.get_input_embeddings().weight.is_meta)
     return table

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
 from mio.vocab import VOCAB_FILE, VocabTable, extend_backbone
@@ -73,18 +73,25 @@ def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: 
 
 
 def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", extend: bool = False,
-                  dtype: torch.dtype = torch.float32) -> tuple[Any, Any, VocabTable]:
+                  dtype: torch.dtype = torch.float32, weights: bool = True) -> tuple[Any, Any, VocabTable]:
     """Load a causal LM and its tokenizer from a local folder (never a hub).
 
     ``extend=True`` takes a text-only backbone and adds mio's tokens; otherwise the folder
     must already be extended (its table file, or MIO's added tokens, says how).
+    ``weights=False`` builds the same model from its config on the meta device, reading no
+    weights and taking no memory (sharded training loads the weights after sharding).
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no config.json); mio loads local folders only")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
+                                                     dtype=dtype, attn_implementation=attn_implementation)
     if extend:
         table = extend_backbone(model, tokenizer)
     elif (folder / VOCAB_FILE).is_file():
@@ -98,12 +105,14 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
 
 
 def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: str | os.PathLike,
-                      tokenizer_specs: dict[str, Any] | None = None) -> Path:
+                      tokenizer_specs: dict[str, Any] | None = None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A plain ``save_pretrained`` folder that vanilla transformers loads, plus mio's table
-    and the modality tokenizer specs the model was trained with (for `mio generate`)."""
+    and the modality tokenizer specs the model was trained with (for `mio generate`).
+    ``state_dict``: the full weights when ``model`` holds only shards (FSDP2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
