@@ -1,4 +1,4 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | generate | export | bench.
+"""`mio`: demo | prepare | inspect | tokenize | fit | generate | export | bench | plan.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
@@ -85,8 +85,15 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from mio.plan import plan_main
+
+    return plan_main(argv)
+
+
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
-PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export}
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
+                                                        "plan": cmd_plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
+    sub.add_parser("plan", help="a stage's memory per GPU under DDP and FSDP2: mio plan --config stages/X.yaml "
+                   "--gpus 8 32", add_help=False)
     return p
 
 

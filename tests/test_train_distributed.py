@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from mio.train.cli import fit
-from train_support import ROOT, ledger, shared_root, tiny_args
+from train_support import ledger, shared_root, tiny_args
 
 STEPS = 6
 SAMPLES = 24  # image_text: one shard, so every row stream's share is the same in every epoch
@@ -60,25 +60,3 @@ def test_two_processes_train_on_what_one_process_trains_on(runs):
     assert [line["keys"] for line in one] == [a["keys"] + b["keys"] for a, b in zip(r0, r1)]
     # The same global token mean: equal losses up to the order of the float sums.
     assert [line["loss"] for line in one] == pytest.approx([line["loss"] for line in r0], rel=1e-5)
-
-
-@pytest.mark.gpu
-def test_fsdp_stage_checkpoints_resumes_and_exports_full_weights(tmp_path_factory):
-    """The FSDP overlay on one GPU: sharded checkpoint directories renamed into place, a resume from
-    `last`, and a stage output gathered to full weights that vanilla transformers loads."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root = shared_root(tmp_path_factory)
-    run = root / "runs" / "fsdp"
-    args = tiny_args(root, run, "--config", str(ROOT / "stages" / "cluster" / "fsdp_7b.yaml"),
-                     "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.num_nodes=1",
-                     "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-                     "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
-                     steps=2)
-    fit(args)
-    assert (run / "checkpoints" / "step=2.ckpt").is_dir() and (run / "checkpoints" / "last.ckpt").is_symlink()
-    out = fit([*args, "--ckpt_path=last", "--trainer.max_steps=3"])
-    assert [line["step"] for line in ledger(run)] == [1, 2, 3]
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -84,6 +85,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         """Shard ``model`` (built on the meta device), allocate this rank's shards, and fill them
         with the weights and buffers of ``build()``: a full model that global rank 0 alone builds,
         broadcast tensor by tensor. Prints each rank's peak memory while loading."""
+        reset_peak_rss()
         before = rss_mb()
         self.shard(model)
         source = build() if self.global_rank == 0 else None
@@ -144,10 +146,24 @@ def tensor_mb(model: nn.Module) -> list[float]:
 
 def rss_mb() -> float:
     """This process's resident memory now, in megabytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Start a new window for :func:`peak_rss_mb` (Linux >= 4.0; elsewhere the peak is the process's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in megabytes (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory since :func:`reset_peak_rss`, in megabytes."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: the process's peak
