@@ -1,4 +1,4 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | generate | export | bench | plan.
+"""`mio`: demo | prepare | inspect | tokenize | fit | generate | eval | export | bench | plan.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
@@ -79,6 +79,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from mio.eval.cli import eval_main
+
+    return eval_main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     from mio.export import export_main
 
@@ -93,7 +99,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
-                                                        "plan": cmd_plan}
+                                                     "eval": cmd_eval, "plan": cmd_plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
     sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
+                   add_help=False)
+    sub.add_parser("eval", help="score a model on prepared eval data: mio eval MODEL --data DIR --tasks ... --out DIR",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
     sub.add_parser("plan", help="a stage's memory per GPU under DDP and FSDP2: mio plan --config stages/X.yaml "
