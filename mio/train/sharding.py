@@ -3,12 +3,13 @@
 Every parameter is a ``DTensor`` sharded along its first dimension over the data-parallel ranks;
 gradients and AdamW states are sharded the same way. Each decoder layer is one ``fully_shard``
 unit (found from the model: the blocks of its decoder, never named in YAML), so a step holds at
-most one layer's full parameters at a time besides the sharded rest. The decoder (embedding,
-final norm) and an untied output layer are units of their own, so a training step may call them
-directly (``model.get_decoder()(...)``, ``model.get_output_embeddings()(...)``) as well as
-through the model's own forward.
+most one layer's full parameters at a time besides the sharded rest. With an untied output layer,
+the decoder (embedding, final norm) and the output layer are units of their own, so a training
+step may call them directly (``model.get_decoder()(...)``, ``model.get_output_embeddings()(...)``)
+as well as through the model's forward; a tied one shares the embedding's weight, so both stay in
+the root's unit, which only the model's own forward gathers.
 
-Loading (:meth:`FSDP2Strategy.load`): every rank builds the model on the meta device (no memory),
+Loading (:meth:`FSDP2Strategy.shard_and_load`): every rank builds the model on the meta device,
 shards it and allocates only its shards; global rank 0 alone reads the weights (and draws the
 rows of added tokens, the LoRA initialisation) and broadcasts them tensor by tensor with
 ``set_model_state_dict(..., broadcast_from_rank0=True)``. So no rank but rank 0 ever holds a whole
@@ -46,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` with mio's FSDP2 sharding (``MioModule.configure_model``
-    calls :meth:`shard` and :meth:`load`). Checkpoints are distributed (one folder, each rank its
+    calls :meth:`shard_and_load`). Checkpoints are distributed (one folder, each rank its
     shards) and load on any number of ranks.
 
     Args:
@@ -106,17 +107,18 @@ class FSDP2Strategy(ModelParallelStrategy):
               f"{max(sizes):.0f} MB", file=sys.stderr, flush=True)
 
     def shard(self, model: nn.Module) -> None:
-        """``fully_shard`` each decoder layer, the decoder, an untied output layer and the root, then
-        allocate this rank's shards on its device (``model`` may be on the meta device)."""
+        """``fully_shard`` each decoder layer, then (untied) the decoder and the output layer, then
+        the root; allocate this rank's shards on its device (``model`` may be on the meta device)."""
         kwargs: dict[str, Any] = {"mesh": self.shard_mesh(), "mp_policy": self.policy}
         output = model.get_output_embeddings()
-        # A tied output layer shares the embedding's weight: it must stay in the decoder's unit.
-        tied = output is None or bool({id(p) for p in output.parameters()}
-                                      & {id(p) for p in model.get_input_embeddings().parameters()})
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
-        fully_shard(model.get_decoder(), **kwargs)
-        if not tied:
+        # A tied output layer shares the embedding's weight, so both stay in the root's unit, which
+        # the model's own forward gathers; untied, the decoder and the output layer may be called
+        # on their own too.
+        if output is not None and not {id(p) for p in output.parameters()} & {
+                id(p) for p in model.get_input_embeddings().parameters()}:
+            fully_shard(model.get_decoder(), **kwargs)
             fully_shard(output, **kwargs)
         fully_shard(model, **kwargs)
         model.to_empty(device=self.root_device)
