@@ -99,6 +99,13 @@ class MioModule(L.LightningModule):
         """Read the weights of the whole model into this process (unsharded training, tests)."""
         self.model = self._build(weights=True)[0]
 
+    def cpu(self) -> "MioModule":
+        # Lightning's teardown moves the module to the CPU, also after an error that came before
+        # configure_model gave the skeleton its weights: nothing to move then, and the error stays.
+        if any(p.is_meta for p in self.model.parameters()):
+            return self
+        return super().cpu()
+
     def setup(self, stage: str) -> None:
         if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
