@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def mio_fit(args: list[str], script: str | None = None, env: dict | None = None)
                           timeout=600)
 
 
+@contextmanager
+def one_thread():
+    """In-process runs compute like the 1-thread processes they are compared with: Adam turns the
+    last-bit differences between thread counts into lr-sized steps on near-zero gradients."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def max_relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)) for k in a)
@@ -89,7 +102,8 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path) -> No
 def chain(tmp_path_factory):
     root = shared_root(tmp_path_factory)
     reference, run = root / "runs" / "fsdp2-reference", root / "runs" / "fsdp2-chain"
-    fit(tiny_args(root, reference, *COMMON, *ONE_PROCESS, steps=STEPS))
+    with one_thread():
+        fit(tiny_args(root, reference, *COMMON, *ONE_PROCESS, steps=STEPS))
     facts: dict = {"reference": reference, "run": run}
 
     # 2 processes, stopped by SIGTERM sent to rank 0 alone once step 1 is done.
@@ -196,7 +210,8 @@ def test_lora_with_trainable_added_rows_trains_sharded_as_in_one_process_loading
     args = (f"--model.backbone={extended}", "--model.extend_vocab=false", "--data.datasets=[{path: image_text}]",
             "--model.lr=3e-5", *LORA, "--trainer.log_every_n_steps=1",
             "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
-    fit(tiny_args(root, runs / "lora1", *args, *ONE_PROCESS, steps=3, context=128))
+    with one_thread():
+        fit(tiny_args(root, runs / "lora1", *args, *ONE_PROCESS, steps=3, context=128))
     # Hybrid sharding: a (1 node x 2 processes) mesh, replicas across nodes, shards within one.
     two = mio_fit(tiny_args(root, runs / "lora2", *args, *SHARDED, "--trainer.strategy.init_args.hybrid=true", steps=3,
                             context=128))
