@@ -42,6 +42,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 PARTIAL = ".partial"
 LAST = "last.ckpt"
+BEST = "best.ckpt"
 STEP = re.compile(r"^step=(\d+)\.ckpt$")
 
 
@@ -101,16 +102,24 @@ class AtomicCheckpoint(L.Callback):
         every_n_train_steps: optimizer steps between checkpoints; 0: only when a signal stops the run.
         dirpath: where the checkpoints go; default ``<trainer.default_root_dir>/checkpoints``.
         keep_last: how many of the newest checkpoints to keep.
+        monitor: a logged metric (``val/loss``): after each validation pass that improves it,
+            ``best.ckpt`` is replaced (atomically) by a checkpoint of that step.
+        mode: ``min`` or ``max``: which way ``monitor`` improves.
     """
 
-    def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None, keep_last: int = 1) -> None:
+    def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None, keep_last: int = 1,
+                 monitor: str | None = None, mode: str = "min") -> None:
         if every_n_train_steps < 0:
             raise ValueError(f"every_n_train_steps must be >= 0 (0: no periodic checkpoints), got {every_n_train_steps}")
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.every_n_train_steps = every_n_train_steps
         self.dirpath = dirpath
         self.keep_last = keep_last
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None  # the best value of `monitor` so far (kept in the checkpoints)
         self._step = 0  # the global step at the last batch end seen
         self._signum = 0  # the signal received, 0: none
         self._interrupted: Interrupted | None = None  # raised when training ends
@@ -147,6 +156,23 @@ class AtomicCheckpoint(L.Callback):
             if signum:
                 self._stop(trainer, signum, path)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise ValueError(f"checkpoint monitor {self.monitor!r} was not logged; logged: "
+                             f"{sorted(trainer.callback_metrics)}")
+        value = float(trainer.callback_metrics[self.monitor])  # reduced over ranks: the same on all
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            self.best = value
+            self.save(trainer, BEST)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
         if self._interrupted is not None:
@@ -182,9 +208,10 @@ class AtomicCheckpoint(L.Callback):
         trainer.should_stop = True
 
     # --- how to save ------------------------------------------------------------------------
-    def save(self, trainer: L.Trainer) -> Path:
-        """Write ``step=<global step>.ckpt`` atomically and point ``last.ckpt`` at it (every rank calls)."""
-        path = self.folder / f"step={trainer.global_step}.ckpt"
+    def save(self, trainer: L.Trainer, name: str | None = None) -> Path:
+        """Write ``step=<global step>.ckpt`` atomically and point ``last.ckpt`` at it, or write
+        ``name`` atomically (every rank calls)."""
+        path = self.folder / (name or f"step={trainer.global_step}.ckpt")
         partial = path.with_name(path.name + PARTIAL)
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -194,14 +221,15 @@ class AtomicCheckpoint(L.Callback):
         trainer.save_checkpoint(partial, weights_only=False)  # every rank: under FSDP2 each writes its shards
         if trainer.is_global_zero:
             _sync(partial)
-            _remove(path)  # a checkpoint of an abandoned run (resumed from an earlier step)
+            _remove(path)  # the checkpoint replaced: best.ckpt, or one of an abandoned run (resumed earlier)
             os.replace(partial, path)
-            link = self.folder / LAST
-            tmp = link.with_name(link.name + PARTIAL)
-            os.symlink(path.name, tmp)
-            os.replace(tmp, link)  # atomic: `last` names the old checkpoint or the new one, never nothing
+            if name is None:
+                link = self.folder / LAST
+                tmp = link.with_name(link.name + PARTIAL)
+                os.symlink(path.name, tmp)
+                os.replace(tmp, link)  # atomic: `last` names the old checkpoint or the new one, never nothing
+                self._prune(trainer.global_step)
             _sync_dir(self.folder)
-            self._prune(trainer.global_step)
         trainer.strategy.barrier()
         return path
 
