@@ -10,7 +10,9 @@ under 2 processes), against an uninterrupted unsharded run of 1 process (`refere
     1 process    the printed resume command: from step k (written by 2 processes), steps k+1, k+2,
                  SIGKILLed while writing the checkpoint of step k+2
     2 processes  resumes from `last`, step k+1 (written by 1 process), to the end
-The tiny stage's lr is replaced by the full stages' 3e-5: Adam turns the last-bit differences of a
+The sharded runs recompute each layer in the backward pass (the cluster overlay's setting); the
+LoRA runs shard hybrid (a 1 node x 2 processes mesh). The tiny stage's lr is replaced by the full
+stages' 3e-5: Adam turns the last-bit differences of a
 reduction into steps of up to lr on weights with near-zero gradients, so the tolerance is set by the
 lr; an update from a wrong gradient still moves a weight by about lr, 30x the tolerance.
 """
@@ -193,18 +195,19 @@ def test_sharded_stage_output_loads_in_vanilla_transformers_with_equal_logits(ch
 LOADED = re.compile(r"rank (\d+): weights loaded into shards; peak RSS (\d+) MB, (\d+) MB before loading; "
                     r"the model is (\d+) MB, its largest tensor (\d+) MB")
 # Besides its shard, a rank holds a tensor in flight while loading: received whole, sliced, plus
-# the transport's copy (2 x the largest tensor), and allocator slack (10% of the model).
-SLACK = 0.1
+# the transport's copy (2 x the largest tensor), and allocator slack (15% of the model).
+SLACK = 0.15
 
 
 def test_lora_with_trainable_added_rows_trains_sharded_as_in_one_process_loading_no_whole_copy(tmp_path_factory):
-    """LoRA on a 40M-parameter backbone (float32: 160 MB, mostly in its layers; far above the noise of
-    a process's memory): 2 processes under FSDP2 train what 1 process trains, the adapter folder
-    loads in plain peft, and while loading, rank 1 grows by its share plus the tensor in flight,
-    rank 0 by that and the whole model it reads and broadcasts."""
+    """LoRA on a 28M-parameter backbone (float32: 110 MB; 200 MB with the added rows' copies peft
+    keeps; far above the noise of a process's memory, its largest tensor an eighth of it): 2
+    processes under FSDP2 train what 1 process trains, the adapter folders load in plain peft, and
+    while loading, rank 1 grows by its share plus the tensor in flight, rank 0 by that and the whole
+    model it reads and broadcasts."""
     root = shared_root(tmp_path_factory)
     runs = root / "runs"
-    base = tiny_base(root / "wide-base", hidden_size=512, intermediate_size=8192)
+    base = tiny_base(root / "wide-base", hidden_size=512, intermediate_size=4096)
     model, tokenizer, table = load_backbone(base, extend=True)
     extended = save_model_folder(model, tokenizer, table, root / "wide-extended")  # as a stage writes it
     args = (f"--model.backbone={extended}", "--model.extend_vocab=false", "--data.datasets=[{path: image_text}]",

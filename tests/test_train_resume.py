@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mio.train.checkpoint import find_last
+from mio.train.checkpoint import _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
 
@@ -152,3 +152,25 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_printed_command_resume
     got, want = ledger(run), ledger(reference)
     assert [line["keys"] for line in got] == [line["keys"] for line in want]
     assert [line["loss"] for line in got] == [line["loss"] for line in want]
+
+
+def test_slurm_requeue_names_the_job_and_a_requeued_job_resumes(tmp_path, monkeypatch, capsys):
+    """The SLURM side of the pre-timeout signal, with a stand-in `scontrol` on PATH."""
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    _requeue_slurm_job()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    _requeue_slurm_job()
+    assert calls.read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
+    assert "SLURM job 77_3 requeued" in capsys.readouterr().err
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert not requeued()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued()
