@@ -25,7 +25,7 @@ from mio.data.prepare import prepare
 from mio.data.shards import StoredSample, iter_shard, list_shards
 from mio.generate.constraints import ModalityConstraint
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
-from mio.segments import Image, ParseError, Speech, Text, TextEncoder, parse, render
+from mio.segments import Image, ParseError, SegmentRenderer, Speech, Text, parse
 from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD, render_chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,12 +139,12 @@ def generate_answers(model_dir: Path, examples: list[Example], max_new_tokens: i
     """Greedy, modality-constrained answers to each example's prompt, parsed into segments."""
     model, tokenizer, table = load_backbone(model_dir)
     model.eval()
-    encode = TextEncoder(tokenizer)
+    renderer = SegmentRenderer(tokenizer, table)
     constraint = ModalityConstraint(table)
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     for ex in examples:
         segs = render_chat(ex.prompt, task=ex.task, add_generation_prompt=True)
-        ids = render(segs, table, encode, bos_id=tokenizer.bos_token_id).input_ids
+        ids = renderer(segs).input_ids
         prompt = torch.from_numpy(ids)[None]
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, logits_processor=[constraint], eos_token_id=stop,

@@ -233,21 +233,12 @@ def _check_range(codes: np.ndarray, size: int, what: str) -> None:
         raise VocabError(f"{what} {int(bad.flat[0])} is outside its codebook [0, {size})")
 
 
-def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
-    """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
-
-    New embedding rows (and output rows, when untied) start at the mean of the existing
-    rows, through transformers' own ``mean_resizing``.
-    """
+def extend_tokenizer(tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+    """Add mio's tokens to a text tokenizer, in place (``extend_backbone`` without the model)."""
     vocab = tokenizer.get_vocab()
     already = [t for t in MIO_SPECIAL_ORDER if t in vocab]
     if already:
         raise VocabError(f"tokenizer already has {already}: this backbone was extended before")
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != rows:
-        raise VocabError(
-            f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
-            "mio extends both in step, so they must agree (resize the model to the tokenizer first)")
     table = table or VocabTable.mio_default(len(tokenizer))
     if table.text_size != len(tokenizer):
         raise VocabError(f"vocabulary table starts at {table.text_size}, tokenizer has {len(tokenizer)} tokens")
@@ -259,5 +250,20 @@ def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None)
     want = [table.image_begin, table.image_start, table.speech_start]
     if got != want:
         raise VocabError(f"tokenizer placed {probe} at {got}, the table says {want}")
+    return table
+
+
+def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+    """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
+
+    New embedding rows (and output rows, when untied) start at the mean of the existing
+    rows, through transformers' own ``mean_resizing``.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        raise VocabError(
+            f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
+            "mio extends both in step, so they must agree (resize the model to the tokenizer first)")
+    table = extend_tokenizer(tokenizer, table)
     model.resize_token_embeddings(table.total_size, mean_resizing=True)
     return table

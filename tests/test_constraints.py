@@ -8,10 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
-from mio.vocab import VocabTable
+from mio.vocab import VocabTable, extend_tokenizer
 
 from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
@@ -79,12 +81,19 @@ def test_allowed_sets_match_the_reference_grammar(data, allow_image, allow_speec
     # Whatever the walk produced, its closed blocks parse; an open block can only be the last one.
     state = c.state(np.asarray(seq))
     complete = seq if state.kind == TEXT else seq[:state.start]
-    parse(complete, SMALL, _Detok(), tokens_per_image=PER_IMAGE)
+    parse(complete, SMALL, SMALL_TOKENIZER, tokens_per_image=PER_IMAGE)
 
 
-class _Detok:
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(map(str, ids))
+def _small_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of SMALL's 20 text tokens ("t0".."t19"), extended with SMALL's tokens."""
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(SMALL.text_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
+    extend_tokenizer(tok, SMALL)
+    return tok
+
+
+SMALL_TOKENIZER = _small_tokenizer()
 
 
 def test_batch_rows_get_their_own_sets():
@@ -152,6 +161,6 @@ def test_parse_rejects_what_the_constraint_forbids():
     t = SMALL
     bad = [t.speech_begin, t.speech_start + t.speech_codebook_size, t.speech_end]  # layer 1 before layer 0
     with pytest.raises(ParseError):
-        parse(bad, t, _Detok())
+        parse(bad, t, SMALL_TOKENIZER)
     c = ModalityConstraint(t)
     assert t.speech_start + t.speech_codebook_size not in allowed_set_for(c, t, [1, t.speech_begin])

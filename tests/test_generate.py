@@ -25,7 +25,7 @@ from mio.generate.detok import UnclipSettings
 from mio.generate.generator import Generator
 from mio.generate.media import MediaFile, MediaTokenizers
 from mio.generate.settings import MODES, TABLE8, DecodeSettings, resolve_settings
-from mio.segments import Image, Speech, Text, TextEncoder, Video, render
+from mio.segments import Image, SegmentRenderer, Speech, Text, Video
 from mio.templates import Turn
 
 from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)
@@ -175,7 +175,7 @@ def test_property_every_answer_parses_and_decodes(seed, image_bias, speech_bias,
         c = ModalityConstraint(table)
         start = c.state(np.concatenate([g.prompt_ids, np.asarray(ids, dtype=np.int64)])).start - len(g.prompt_ids)
         ids = ids[:max(start, 0)]
-    rendered = render(g.segments, table, TextEncoder(tok)).input_ids.tolist()
+    rendered = SegmentRenderer(tok, table)(g.segments).input_ids.tolist()[1:]  # without the tokenizer's BOS
     opened = ModalityConstraint(table).state(g.prompt_ids)
     lead = g.prompt_ids[opened.start:].tolist() if opened.kind != TEXT and rendered else []
     assert _same_tokens(rendered, lead + ids, tok)

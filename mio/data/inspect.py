@@ -81,11 +81,11 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         from transformers import AutoTokenizer
 
         from mio.data.reading import Renderer
-        from mio.vocab import VOCAB_FILE, VocabTable
+        from mio.vocab import VOCAB_FILE, VocabTable, extend_tokenizer
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
         has_table = (Path(backbone) / VOCAB_FILE).is_file()  # a text-only base: MIO's default extension
-        renderer = Renderer(tok, VocabTable.load(backbone) if has_table else VocabTable.mio_default(len(tok)))
+        renderer = Renderer(tok, VocabTable.load(backbone) if has_table else extend_tokenizer(tok))
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):
@@ -98,7 +98,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
             else:
                 body = describe_segments(s.segments)
             lines.append(f"- {s.key}: {body}")
-            segs, _ = training_segments(s, spec, rng)
+            segs, _ = renderer.segments(s, spec, rng) if renderer is not None else training_segments(s, spec, rng)
             lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
                 ts = renderer.render(s, segs, False)

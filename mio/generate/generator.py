@@ -22,7 +22,7 @@ from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, Uncl
 from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
 from mio.generate.settings import DecodeSettings, resolve_settings
 from mio.model.backbone import load_backbone
-from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
+from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.vocab import VocabTable
 
@@ -97,7 +97,7 @@ class Generator:
         self.table = table
         self.media = media
         self.name = name
-        self.encode_text = TextEncoder(tokenizer)
+        self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
         self._speech_decoder: SpeechDecoder | None = None
@@ -142,8 +142,7 @@ class Generator:
         turns = self.prompt_turns(prompt)
         encoded = self.encode_turns(turns)
         segments = self.prompt_segments(encoded, chat, task)
-        bos = self.tokenizer.bos_token_id
-        prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
+        prompt_ids = self.renderer(segments, where="prompt").input_ids
         if prompt_ids.size == 0:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,

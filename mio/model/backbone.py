@@ -38,7 +38,8 @@ class TinyLlamaConfig:
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``: it round-trips any string exactly."""
+    """A byte-level BPE tokenizer trained on ``texts``: it round-trips any string exactly. Like
+    Llama's, it puts BOS before every text it encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -49,7 +50,7 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>", extra_special_tokens=list(CHAT_TOKENS))
+                                   pad_token="</s>", extra_special_tokens=list(CHAT_TOKENS), add_bos_token=True)
 
 
 def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: str | os.PathLike) -> Path:

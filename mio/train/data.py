@@ -17,7 +17,7 @@ from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import DatasetSpec, MixtureBatches
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
-from mio.vocab import VOCAB_FILE, VocabTable
+from mio.vocab import VOCAB_FILE, VocabTable, extend_tokenizer
 
 
 class MioDataModule(L.LightningDataModule):
@@ -90,8 +90,8 @@ class MioDataModule(L.LightningDataModule):
         """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
         if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
             return self.trainer.lightning_module.table
-        if self.extend_vocab:
-            return VocabTable.mio_default(len(tokenizer))
+        if self.extend_vocab:  # the text tokenizer of a text-only backbone: give it mio's tokens
+            return extend_tokenizer(tokenizer)
         if (Path(self.backbone) / VOCAB_FILE).is_file():
             return VocabTable.load(self.backbone)
         return VocabTable.from_tokenizer(tokenizer)
@@ -126,7 +126,10 @@ class MioDataModule(L.LightningDataModule):
         if self.mixture is not None:
             return
         module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
+        # The model's own (extended) tokenizer when there is a model; else the backbone folder's.
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
         table = self.vocab_table(tokenizer)
         pad = self.pad_to_multiple_of
         if module is not None:
