@@ -20,7 +20,7 @@ from mio.generate.constraints import TEXT, ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
 from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
 from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
-from mio.generate.settings import DecodeSettings, resolve_settings
+from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, Video, parse
 from mio.templates import Turn, content_only, render_chat
@@ -50,6 +50,7 @@ class Generation:
     settings: dict[str, DecodeSettings]
     seed: int
     chat: bool
+    preset: str = "paper"
 
     @property
     def stopped(self) -> str:
@@ -130,45 +131,72 @@ class Generator:
         return [content_only(x) for t in turns for x in t.content]
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, max_new_tokens: int = 1024,
+    def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, preset: str = "paper",
+                 max_new_tokens: int | None = None,
                  settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
                  outputs: Iterable[str] | None = None, seed: int = 0, use_cache: bool = True,
                  max_speech_frames: int = 750) -> Generation:
-        """Generate an answer. ``settings`` overrides Table 8 per modality (see
-        :func:`resolve_settings`); ``outputs`` limits which modalities the answer may contain
-        (default: every modality the model has tokens for)."""
-        allow = self._check_outputs(outputs)
-        resolved = resolve_settings(settings)
+        """Generate an answer.
+
+        ``preset`` names the decoding defaults (``paper``: Table 8; ``mio-release``: MIO's
+        ``infer.py``, one setting per task for the whole answer); ``settings`` overrides them per
+        modality (see :func:`resolve_settings`). ``outputs`` says which modalities the answer
+        may contain (default: every modality the model has tokens for); without ``text`` the
+        answer is media only. ``max_new_tokens`` defaults to the preset's and is capped at what
+        the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
+        speech-only system prompt (tts, speech_generation) and the release preset's task.
+        """
+        chosen = get_preset(preset)
+        outputs = None if outputs is None else tuple(outputs)
+        wanted = self._check_outputs(outputs)
         turns = self.prompt_turns(prompt)
         encoded = self.encode_turns(turns)
+        speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+        resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
         segments = self.prompt_segments(encoded, chat, task)
         prompt_ids = self.renderer(segments, where="prompt").input_ids
         if prompt_ids.size == 0:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+        stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
-                                        allow_image=allow[IMAGE] or allow[VIDEO], allow_speech=allow[SPEECH])
-        decoder = Decoder(self.model, constraint, resolved, self.stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, max_new_tokens, seed=seed)
+                                        allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
+                                        text_only_stops=None if wanted["text"] else stop_ids)
+        decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
+        result = decoder.run(prompt_ids, max_new_tokens or chosen.max_new_tokens, seed=seed)
         answer, partial = self._split(constraint, prompt_ids, result)
-        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat)
+        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
+
+    def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
+        """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
+        ``<|im_end|>`` in a chat and the tokenizer's EOS without the chat template (``turn``)."""
+        if preset.stop == STOP_ANY:
+            return self.stop_ids
+        im_end = _im_end_id(self.tokenizer)
+        if chat and im_end is not None:
+            return [im_end]
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"{self.name}: the tokenizer has no EOS token for a {preset.name} answer to stop at")
+        return [int(self.tokenizer.eos_token_id)]
 
     def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
         rows = self.model.get_output_embeddings().weight.shape[0]
         t = self.table
-        available = {IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
+        available = {"text": True,
+                     IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
                      SPEECH: t.speech_codebook_size > 0 and max(t.speech_end_id, t.speech_end + 1) <= rows}
         available[VIDEO] = available[IMAGE]
         if outputs is None:
             return available
         wanted = set(outputs)
         unknown = wanted - set(OUTPUTS)
-        if unknown:
-            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}")
+        if unknown or not wanted:
+            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}" if unknown
+                             else f"no output modality given; expected some of {OUTPUTS}")
         for kind in (IMAGE, SPEECH, VIDEO):
             if kind in wanted and not available[kind]:
                 raise ValueError(f"{self.name}: {kind} output was requested but the model has no {kind} code tokens "
                                  f"(its output layer scores {rows} tokens)")
-        return {k: k in wanted for k in (IMAGE, SPEECH, VIDEO)}
+        return {k: k in wanted for k in OUTPUTS}
 
     def _split(self, constraint: ModalityConstraint, prompt_ids: np.ndarray,
                result: DecodeResult) -> tuple[list[Segment], PartialBlock | None]:
@@ -253,14 +281,35 @@ class Generator:
         return item
 
     def write(self, generation: Generation, out_dir: str | os.PathLike,
-              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Path:
+              unclip: UnclipSettings = DEFAULT_UNCLIP) -> "Written":
         """Decode the answer and write ``transcript.md``, ``transcript.html`` and
-        ``generation.json`` (ids, codes, settings) beside the media; returns the .md path."""
+        ``generation.json`` (ids, codes, settings) beside the media."""
         from mio.generate.transcript import write_transcript
 
         decoded = self.decode(generation, out_dir, unclip)
         info = {"model": self.name, "unclip": self.media.unclip_source, "unclip_settings": unclip}
-        return write_transcript(Path(out_dir), generation, decoded, info)
+        return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
+
+
+@dataclass
+class Written:
+    """What :meth:`Generator.write` left: the transcript and the answer's decoded segments."""
+
+    transcript: Path  # transcript.md; the media files lie beside it
+    decoded: list[Decoded]
+
+    def answer(self) -> str:
+        """The answer as a reader wants it in a terminal: its text, and a line per media file
+        (its path) or per segment that was not decoded (why)."""
+        parts = []
+        for d in self.decoded:
+            if d.kind == "text":
+                parts.append(d.text)
+            elif d.file is not None:
+                parts.append(f"\n[{d.kind}: {self.transcript.parent / d.file}{' (' + d.note + ')' if d.note else ''}]\n")
+            else:
+                parts.append(f"\n[{d.kind}: {d.note}]\n")
+        return "".join(parts).strip()
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:
@@ -280,7 +329,13 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+    im_end = _im_end_id(tokenizer)
+    if im_end is not None:
         ids.append(im_end)
     return sorted({int(i) for i in ids})
+
+
+def _im_end_id(tokenizer: Any) -> int | None:
+    """ChatML's turn end as one token, or None where the tokenizer does not have it."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None
