@@ -203,7 +203,7 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
     out, _ = sft
     ext = out / "ext"
     assert main(["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), f"--model.backbone={ext}",
-                 f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=8",
+                 f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=12",
                  "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                  "--trainer.callbacks+=test_sft.FrozenBaseCheck"]) == 0
     printed = capfd.readouterr()
