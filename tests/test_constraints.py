@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
-from mio.vocab import VocabTable, extend_tokenizer
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, extend_tokenizer
 
 from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import LENGTH, STOP, Decoder
 from mio.generate.detok import UnclipSettings
 from mio.generate.generator import Generator
@@ -27,6 +27,7 @@ from mio.generate.media import MediaFile, MediaTokenizers
 from mio.generate.settings import MODES, TABLE8, DecodeSettings, get_preset, resolve_settings
 from mio.segments import Image, SegmentRenderer, Speech, Text, Video
 from mio.templates import Turn
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)
 

@@ -81,11 +81,14 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         from transformers import AutoTokenizer
 
         from mio.data.reading import Renderer
-        from mio.vocab import VOCAB_FILE, VocabTable, extend_tokenizer
+        from mio.vocab import extend_tokenizer, folder_table, is_extended
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
-        has_table = (Path(backbone) / VOCAB_FILE).is_file()  # a text-only base: MIO's default extension
-        renderer = Renderer(tok, VocabTable.load(backbone) if has_table else extend_tokenizer(tok))
+        # A text-only base shows what a stage extending it (model.extend_vocab) would train on.
+        table = folder_table(backbone, tok, extend=True)
+        if not is_extended(tok):
+            extend_tokenizer(tok, table)
+        renderer = Renderer(tok, table)
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):

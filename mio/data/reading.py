@@ -35,7 +35,7 @@ from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
-from mio.vocab import IMAGE, SPEECH, TEXT, VocabError, VocabTable
+from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 
 @dataclass
@@ -375,11 +375,10 @@ def measure_shares(mixture: MixtureBatches, batches: int, slot: ReaderSlot = Rea
         real = pack.modality[pack.modality >= 0]
         per_modality.update({int(m): int(c) for m, c in zip(*np.unique(real, return_counts=True))})
     total = int(per_dataset.sum())
-    names = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
     return {
         "tokens": total,
         "dataset_share": {s.path: float(per_dataset[i]) / max(total, 1) for i, s in enumerate(mixture.specs)},
-        "modality_share": {names[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
+        "modality_share": {MODALITY_NAMES[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
         "packing_efficiency": mixture.packer.stats.efficiency if mixture.packer else 0.0,
         "dropped_over_context": mixture.errors["over_context"],
     }

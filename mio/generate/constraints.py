@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
-TEXT, IMAGE, VIDEO, SPEECH = "text", "image", "video", "speech"
 
 
 @dataclass(frozen=True)

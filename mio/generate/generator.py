@@ -9,63 +9,28 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
-from mio.generate.constraints import TEXT, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
+from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
+                                write_wav)
+from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
+from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, Video, parse
 from mio.templates import Turn, content_only, render_chat
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
-OUTPUTS = ("text", IMAGE, SPEECH, VIDEO)
-
-
-@dataclass
-class PartialBlock:
-    """A media block the token limit cut off: reported, never decoded."""
-
-    kind: str  # image or speech
-    tokens: int  # codes generated inside the block
-    detail: str
-
-
-@dataclass
-class Generation:
-    turns: list[Turn]  # the prompt as the user gave it (media as files or codes)
-    prompt_ids: np.ndarray  # (P,) the rendered prompt
-    result: DecodeResult
-    segments: list[Segment]  # the answer's complete segments
-    partial: PartialBlock | None
-    settings: dict[str, DecodeSettings]
-    seed: int
-    chat: bool
-    preset: str = "paper"
-
-    @property
-    def stopped(self) -> str:
-        return self.result.stopped
-
-
-@dataclass
-class Decoded:
-    """One answer segment as written: text, or a media file, or why it was not decoded."""
-
-    kind: str  # text, image, speech, video or partial
-    text: str = ""
-    file: str | None = None  # relative to the output folder
-    note: str = ""
-    codes: list[Any] = field(default_factory=list)
+OUTPUTS = (TEXT, IMAGE, SPEECH, VIDEO)
 
 
 class Generator:
@@ -101,6 +66,7 @@ class Generator:
         self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
+        self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
         self._speech_decoder: SpeechDecoder | None = None
 
     # --- prompt ----------------------------------------------------------------------------
@@ -146,25 +112,52 @@ class Generator:
         the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
         speech-only system prompt (tts, speech_generation) and the release preset's task.
         """
+        return self.generate_batch([prompt], chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
+                                   settings=settings, outputs=outputs, seed=seed, use_cache=use_cache,
+                                   max_speech_frames=max_speech_frames)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, chat: bool = True, task: str | None = None,
+                       preset: str = "paper", max_new_tokens: int | None = None,
+                       settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
+                       outputs: Iterable[str] | None = None, seed: int | Sequence[int] = 0, use_cache: bool = True,
+                       max_speech_frames: int = 750) -> list[Generation]:
+        """Answers to several prompts, decoded together (the keywords are :meth:`generate`'s).
+
+        Each prompt keeps its own constraint state and settings (a preset may choose settings
+        by what the prompt holds) and is seeded on its own (``seed``: one for every prompt, or
+        one per prompt): answer ``i`` is what ``generate(prompts[i], seed=...)`` gives, up to
+        the float rounding of a batched forward.
+        """
+        prompts = list(prompts)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(x) for x in seed]
+        if not prompts or len(seeds) != len(prompts):
+            raise ValueError(f"generate_batch needs at least one prompt and one seed per prompt (or one seed): got "
+                             f"{len(prompts)} prompts and {len(seeds)} seeds")
         chosen = get_preset(preset)
         outputs = None if outputs is None else tuple(outputs)
         wanted = self._check_outputs(outputs)
-        turns = self.prompt_turns(prompt)
-        encoded = self.encode_turns(turns)
-        speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
-        resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
-        segments = self.prompt_segments(encoded, chat, task)
-        prompt_ids = self.renderer(segments, where="prompt").input_ids
-        if prompt_ids.size == 0:
-            raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+        turns, ids, resolved = [], [], []
+        for n, prompt in enumerate(prompts):
+            where = f"prompt {n}: " if len(prompts) > 1 else ""
+            turns.append(self.prompt_turns(prompt))
+            encoded = self.encode_turns(turns[-1])
+            speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+            resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
+            segments = self.prompt_segments(encoded, chat, task)
+            ids.append(self.renderer(segments, where=f"prompt {n}").input_ids)
+            if ids[-1].size == 0:
+                raise ValueError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
-                                        text_only_stops=None if wanted["text"] else stop_ids)
-        decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, max_new_tokens or chosen.max_new_tokens, seed=seed)
-        answer, partial = self._split(constraint, prompt_ids, result)
-        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
+                                        text_only_stops=None if wanted[TEXT] else stop_ids)
+        decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
+        results = decoder.run_batch(ids, max_new_tokens or chosen.max_new_tokens, seeds, settings=resolved)
+        out = []
+        for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
+            answer, partial = self._split(constraint, p, r)
+            out.append(Generation(t, p, r, answer, partial, s, sd, chat, chosen.name))
+        return out
 
     def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
         """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
@@ -181,7 +174,7 @@ class Generator:
     def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
         rows = self.model.get_output_embeddings().weight.shape[0]
         t = self.table
-        available = {"text": True,
+        available = {TEXT: True,
                      IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
                      SPEECH: t.speech_codebook_size > 0 and max(t.speech_end_id, t.speech_end + 1) <= rows}
         available[VIDEO] = available[IMAGE]
@@ -228,9 +221,15 @@ class Generator:
         return segments, partial
 
     # --- decoding to files -----------------------------------------------------------------
+    def unclip_pipeline(self) -> tuple[Any, str]:
+        """The unCLIP pipeline for decoding images (built once) and where it came from."""
+        if self._unclip is None:
+            self._unclip = unclip_for(self.media)
+        return self._unclip
+
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
         if settings not in self._image_decoders:
-            pipeline, _ = self.media.unclip_pipeline()
+            pipeline, _ = self.unclip_pipeline()
             self._image_decoders[settings] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
         return self._image_decoders[settings]
 
@@ -249,7 +248,7 @@ class Generator:
         counts = {IMAGE: 0, SPEECH: 0, VIDEO: 0}
         for seg in generation.segments:
             if isinstance(seg, Text):
-                decoded.append(Decoded("text", text=seg.text))
+                decoded.append(Decoded(TEXT, text=seg.text))
                 continue
             kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
             counts[kind] += 1
@@ -281,35 +280,12 @@ class Generator:
         return item
 
     def write(self, generation: Generation, out_dir: str | os.PathLike,
-              unclip: UnclipSettings = DEFAULT_UNCLIP) -> "Written":
+              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Written:
         """Decode the answer and write ``transcript.md``, ``transcript.html`` and
         ``generation.json`` (ids, codes, settings) beside the media."""
-        from mio.generate.transcript import write_transcript
-
         decoded = self.decode(generation, out_dir, unclip)
-        info = {"model": self.name, "unclip": self.media.unclip_source, "unclip_settings": unclip}
+        info = {"model": self.name, "unclip": self._unclip[1] if self._unclip else None, "unclip_settings": unclip}
         return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
-
-
-@dataclass
-class Written:
-    """What :meth:`Generator.write` left: the transcript and the answer's decoded segments."""
-
-    transcript: Path  # transcript.md; the media files lie beside it
-    decoded: list[Decoded]
-
-    def answer(self) -> str:
-        """The answer as a reader wants it in a terminal: its text, and a line per media file
-        (its path) or per segment that was not decoded (why)."""
-        parts = []
-        for d in self.decoded:
-            if d.kind == "text":
-                parts.append(d.text)
-            elif d.file is not None:
-                parts.append(f"\n[{d.kind}: {self.transcript.parent / d.file}{' (' + d.note + ')' if d.note else ''}]\n")
-            else:
-                parts.append(f"\n[{d.kind}: {d.note}]\n")
-        return "".join(parts).strip()
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:

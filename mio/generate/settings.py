@@ -19,7 +19,9 @@ from typing import Any, Iterable, Mapping
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-MODES = ("text", "image", "video", "speech")
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
+
+MODES = (TEXT, IMAGE, VIDEO, SPEECH)
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,10 @@ class DecodeSettings:
 
 # Table 8 of the paper: text by beam search, media by nucleus sampling.
 TABLE8: dict[str, DecodeSettings] = {
-    "text": DecodeSettings(num_beams=5, do_sample=False, top_p=1.0),
-    "image": DecodeSettings(top_p=0.7),
-    "speech": DecodeSettings(top_p=0.7, repetition_penalty=1.15),
-    "video": DecodeSettings(top_p=0.7, repetition_penalty=1.15),
+    TEXT: DecodeSettings(num_beams=5, do_sample=False, top_p=1.0),
+    IMAGE: DecodeSettings(top_p=0.7),
+    SPEECH: DecodeSettings(top_p=0.7, repetition_penalty=1.15),
+    VIDEO: DecodeSettings(top_p=0.7, repetition_penalty=1.15),
 }
 
 
@@ -136,16 +138,16 @@ class Preset:
                                  f"{sorted(self.tasks)} (or leave the task out and name --outputs)")
             return task
         wanted = set(outputs or ())
-        media = wanted - {"text"}
+        media = wanted - {TEXT}
         if not media:
             return "text"
-        if "text" in wanted:  # text with images, video or speech: a visual story
+        if TEXT in wanted:  # text with images, video or speech: a visual story
             return "interleaved"
-        if media == {"speech"}:
+        if media == {SPEECH}:
             return "speech_to_speech" if speech_in_prompt else "speech_generation"
-        if media == {"image"}:
+        if media == {IMAGE}:
             return "image_generation"
-        if media == {"video"}:
+        if media == {VIDEO}:
             return "video_generation"
         return "interleaved"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mio.generate.generator import Decoded, Generation
+from mio.generate.results import Decoded, Generation
 from mio.generate.media import MediaFile
 from mio.segments import Image, Segment, Speech, Text, Video
 

@@ -17,7 +17,7 @@ from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import DatasetSpec, MixtureBatches
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
-from mio.vocab import VOCAB_FILE, VocabTable, extend_tokenizer
+from mio.vocab import VocabTable, extend_tokenizer, folder_table
 
 
 class MioDataModule(L.LightningDataModule):
@@ -90,11 +90,10 @@ class MioDataModule(L.LightningDataModule):
         """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
         if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
             return self.trainer.lightning_module.table
-        if self.extend_vocab:  # the text tokenizer of a text-only backbone: give it mio's tokens
-            return extend_tokenizer(tokenizer)
-        if (Path(self.backbone) / VOCAB_FILE).is_file():
-            return VocabTable.load(self.backbone)
-        return VocabTable.from_tokenizer(tokenizer)
+        table = folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
+        if self.extend_vocab:  # a text-only backbone's tokenizer: mio's tokens, as the model's tokenizer gets
+            extend_tokenizer(tokenizer, table)
+        return table
 
     # --- checks before any step ------------------------------------------------------------------
     def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> None:
