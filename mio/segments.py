@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from mio.vocab import IMAGE_PLACEHOLDER, VocabError, VocabTable
+from mio.vocab import BLOCK_MARKERS, VocabError, VocabTable
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,8 +112,8 @@ def text_form(segments: Sequence[Segment], table: VocabTable) -> str:
 class Draft:
     """A sample's segments made ready for the one batched tokenizer call that renders many.
 
-    ``text`` is the sample's text form with each media block written as ONE stand-in token (the
-    image placeholder): added tokens split the text before the tokenizer's normalizer and
+    ``text`` is the sample's text form with each media block written as ONE stand-in token (a
+    placeholder token of the table): added tokens split the text before the tokenizer's normalizer and
     pre-tokenizer run, so one added token in place of a block's added tokens leaves every text
     piece's tokenization as it is. The block's ids are spliced in where the stand-in's id lands.
     Without a stand-in (``blocks`` empty) the blocks are written in full.
@@ -164,10 +164,10 @@ class SegmentRenderer:
         the media tokens do (their added-token settings differ): blocks are then written in full."""
         decoder = self.tokenizer.added_tokens_decoder  # id -> AddedToken
         t = self.table
-        stand_in = t.specials[IMAGE_PLACEHOLDER]
+        stand_in = next((i for name, i in t.specials.items() if name not in BLOCK_MARKERS), None)  # a placeholder
         media = [t.image_begin, t.image_end, t.image_start, t.speech_begin, t.speech_end, t.speech_start]
         settings = {_splitting(decoder.get(i)) for i in [stand_in, *media]}
-        if len(settings) != 1 or None in settings:
+        if stand_in is None or len(settings) != 1 or None in settings:
             return None
         return self.names[stand_in - t.text_size], stand_in
 

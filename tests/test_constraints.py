@@ -96,8 +96,10 @@ def test_allowed_sets_match_the_reference_grammar(data, allow_image, allow_speec
 
 
 def _small_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer of SMALL's 20 text tokens ("t0".."t19"), extended with SMALL's tokens."""
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(SMALL.text_size)}, unk_token="t0"))
+    """A word-level tokenizer of SMALL's 20 text tokens ("t0".."t17" and ChatML's two markers), extended
+    with SMALL's tokens."""
+    words = [f"t{i}" for i in range(SMALL.text_size - 2)] + ["<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
     extend_tokenizer(tok, SMALL)

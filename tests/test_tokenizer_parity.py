@@ -4,6 +4,7 @@ backbones bring (tests/tokenizer_kinds.py); loss masks follow character spans; p
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -17,7 +18,7 @@ from mio.data.shards import StoredSample
 from mio.generate import Generator
 from mio.segments import Image, SegmentRenderer, Speech, Text, Video, canonical, parse, text_form
 from mio.templates import Turn, render_chat
-from mio.vocab import VocabTable, extend_tokenizer
+from mio.vocab import CHAT_MARKERS, VocabTable, extend_tokenizer, missing_chat_markers
 
 IMAGE_CODES, SPEECH_CODES = 64, 16  # small codebooks: parity does not depend on their size
 TEXT_ALPHABET = st.characters(codec="utf-8", exclude_categories=("Cs",))
@@ -49,7 +50,8 @@ class Kind(tuple):
 @pytest.fixture(scope="module", params=tokenizer_kinds.KINDS)
 def kind(request, tmp_path_factory):
     tok = tokenizer_kinds.build(request.param, tmp_path_factory.mktemp(request.param))
-    table = extend_tokenizer(tok, VocabTable.mio_default(len(tok), image_codebook_size=IMAGE_CODES,
+    text_size = len(tok) + len(missing_chat_markers(tok))  # ChatML's markers join the text vocabulary first
+    table = extend_tokenizer(tok, VocabTable.mio_default(text_size, image_codebook_size=IMAGE_CODES,
                                                          speech_codebook_size=SPEECH_CODES))
     return Kind((request.param, tok, table, SegmentRenderer(tok, table)))
 
@@ -142,3 +144,20 @@ def test_generation_prompts_with_the_ids_training_renders(kind):
     turns = [Turn("user", [Text("describe this: "), Image(np.arange(32) % IMAGE_CODES), Text(" a red cat")])]
     g = gen.generate(turns, max_new_tokens=1, outputs=["text"])
     assert g.prompt_ids.tolist() == tok(text_form(gen.prompt_segments(turns), table))["input_ids"]
+
+
+def test_chat_markers_are_one_token_each(kind, text_tokenizer):
+    """A tokenizer without ChatML's markers gets them when extended, one id each right after its text
+    vocabulary; an SFT conversation then renders each marker as that one token."""
+    _, tok, table, renderer = kind
+    start, end = tok.convert_tokens_to_ids(list(CHAT_MARKERS))
+    assert {start, end} == {table.text_size - 2, table.text_size - 1}
+    turns = [Turn("user", [Text("hi")]), Turn("assistant", [Text("hello")])]
+    ids = renderer(render_chat(turns)).input_ids.tolist()
+    assert ids.count(start) == 3 and ids.count(end) == 3 and ids[-1] == end  # system, user, assistant
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert not any("im_start" in p or "im_end" in p for p in pieces if p not in CHAT_MARKERS)
+    kept = copy.deepcopy(text_tokenizer)  # mio's tiny tokenizer has them: they keep their ids
+    before = kept.convert_tokens_to_ids(list(CHAT_MARKERS))
+    extend_tokenizer(kept)
+    assert kept.convert_tokens_to_ids(list(CHAT_MARKERS)) == before

@@ -283,7 +283,7 @@ class MixtureBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
                  context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
-                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256) -> None:
+                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256, pack: bool = True) -> None:
         super().__init__()
         self.specs = list(datasets)
         self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
@@ -292,6 +292,7 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         self.context_length, self.batch_size = context_length, batch_size
         self.buffer_size, self.pad_to_multiple_of, self.seed = buffer_size, pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.pack = pack  # False: one sample per row (the packer's setting)
         self.errors: Counter = Counter()
         self.packer: BestFitPacker | None = None  # the packer of the latest iteration (its stats)
 
@@ -330,7 +331,7 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         """Packs, each with the dataset of each of its sequences; the mixture sees what was
         released, per dataset, as it draws."""
         packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
-                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
+                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index, pack=self.pack)
         self.packer = packer
         released = np.zeros(len(self.specs), dtype=np.float64)
         origin: dict[bytes, list[int]] = {}  # ids of drawn sequences -> their datasets, in order

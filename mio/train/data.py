@@ -34,12 +34,15 @@ class MioDataModule(L.LightningDataModule):
         buffer_size: partially filled packs each row stream holds open (best fit).
         shuffle_buffer: samples each row stream shuffles over, per dataset.
         num_workers: DataLoader workers per rank; they must divide ``batch_size``.
+        pack: pack several samples into each row (default); ``false`` puts one sample in each row,
+            padded: for recurrent and hybrid backbones (Mamba, Jamba, ...), whose packed samples an
+            attention mask cannot keep apart (training refuses to pack them).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
-                 shuffle_buffer: int = 256) -> None:
+                 shuffle_buffer: int = 256, pack: bool = True) -> None:
         super().__init__()
         if not datasets:
             raise ValueError("data.datasets is empty: a stage needs at least one prepared dataset")
@@ -53,7 +56,7 @@ class MioDataModule(L.LightningDataModule):
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
-        self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.balance, self.shuffle_buffer, self.pack = balance, shuffle_buffer, pack
         self.mixture: MixtureBatches | None = None
         self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
         self.consumed = 0  # micro-batches this run's position is past: the data position
@@ -139,7 +142,7 @@ class MioDataModule(L.LightningDataModule):
         for d in self.datasets:
             self.dataset_folders(d)  # a glob matching nothing fails here, not in a worker
         self.mixture = MixtureBatches(self.datasets, self.root, tokenizer, table, self.context_length, self.batch_size,
-                                      self.buffer_size, pad, self.seed, self.balance, self.shuffle_buffer)
+                                      self.buffer_size, pad, self.seed, self.balance, self.shuffle_buffer, self.pack)
 
     def train_dataloader(self) -> RankBatches:
         assert self.mixture is not None, "setup() first"
@@ -169,7 +172,7 @@ class MioDataModule(L.LightningDataModule):
         """What fixes the global sample order: resuming needs all of it unchanged."""
         return {"rows": self.rows, "seed": self.seed, "context_length": self.context_length,
                 "buffer_size": self.buffer_size, "shuffle_buffer": self.shuffle_buffer, "balance": self.balance,
-                "datasets": [asdict(d) for d in self.datasets]}
+                "datasets": [asdict(d) for d in self.datasets], **({} if self.pack else {"pack": False})}
 
 
 def _spec_content(spec: dict[str, Any]) -> dict[str, Any] | None:
