@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-BENCHES = ("tokenizers", "packing", "data", "train", "generate")
+BENCHES = ("tokenizers", "packing", "data", "train", "generate", "prepare")
 
 
 def _log(msg: str) -> None:
@@ -32,9 +32,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mio.data.prepare import prepare
+    from mio.data.prepare import PrepareInterrupted, prepare
 
-    m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log)
+    try:
+        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
+        _log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
+        return 130
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:
         _log("this rank is done; the last rank to finish writes the merged manifest")
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--tokenizers", type=Path, default=None,
                     help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="start the --out dataset afresh (its shards, records and manifest are removed first)")
     pr.set_defaults(func=cmd_prepare)
     ins = sub.add_parser("inspect", help="a prepared dataset's figures and a few rendered samples")
     ins.add_argument("dir", type=Path)

@@ -85,22 +85,27 @@ class MioModule(L.LightningModule):
         keep = supervised_positions(batch["labels"])  # (B, L)
         return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=self.aux_coefficient > 0)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch)  # logits (N, V)
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The loss of every supervised token (N,) and where they are (B, L-1): what training and
+        validation both average over tokens; and an MoE backbone's router loss (else None)."""
+        out = self(batch)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
-        token_loss = torch.nn.functional.cross_entropy(out.logits.float(), targets[supervised],
-                                                       reduction="none")  # (N,)
+        token_loss = torch.nn.functional.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+        return token_loss, supervised, out.aux_loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        token_loss, supervised, aux_loss = self.token_losses(batch)  # (N,), (B, L-1), () or None
         stats = self._step_stats(token_loss.detach(), batch, supervised)  # (K,) summed over ranks
         # Every supervised token of the optimizer step's global batch weighs the same: the sum
         # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
         # averages gradients over ranks and Lightning divides by the accumulation count: undo both.
         n_step = stats[STATS.index("step_supervised")].clamp(min=1).float()
         loss = token_loss.sum() / n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        if out.aux_loss is not None:
+        if aux_loss is not None:
             # A mean over this micro-batch's real tokens: Lightning's and DDP's averaging is right for it.
-            loss = loss + self.aux_coefficient * out.aux_loss
-            self.log("train/aux_loss", out.aux_loss.detach(), batch_size=batch["input_ids"].shape[0])
+            loss = loss + self.aux_coefficient * aux_loss
+            self.log("train/aux_loss", aux_loss.detach(), batch_size=batch["input_ids"].shape[0])
         self._log_step(stats, batch["input_ids"].shape[0])
         return loss
 
@@ -148,6 +153,27 @@ class MioModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
             self.log("tok/s", metrics["train/tokens_per_sec"], prog_bar=True, logger=False, batch_size=1)
+
+    # --- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats: torch.Tensor | None = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        token_loss, supervised, _ = self.token_losses(batch)
+        stats = self._step_stats(token_loss, batch, supervised)  # (K,) summed over ranks
+        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` and ``val/loss_<modality>``: sums over the pass's tokens on every rank,
+        divided by their counts, as the training loss is."""
+        if self._val_stats is None:
+            return
+        figures = dict(zip(STATS, self._val_stats[:len(STATS)].tolist()))
+        metrics = {"val/loss": figures["loss_sum"] / figures["supervised"] if figures["supervised"] else float("nan")}
+        for name, (loss_sum, count, _) in zip(MODALITY_NAMES.values(), self._val_stats[len(STATS):].view(-1, 3).tolist()):
+            metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
+        self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def on_fit_start(self) -> None:
         # Before any batch is read: packed rows need a backbone whose samples the attention mask isolates.
