@@ -19,7 +19,7 @@ from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
 from mio.train.validation import ValBatches, hold_out
-from mio.vocab import VocabTable, extend_tokenizer, folder_table
+from mio.vocab import VocabTable, extend_tokenizer, folder_table, is_extended
 
 
 class MioDataModule(L.LightningDataModule):
@@ -110,7 +110,7 @@ class MioDataModule(L.LightningDataModule):
         if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
             return self.trainer.lightning_module.table
         table = folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
-        if self.extend_vocab:  # a text-only backbone's tokenizer: mio's tokens, as the model's tokenizer gets
+        if self.extend_vocab and not is_extended(tokenizer):  # a text-only backbone's: as the model's gets them
             extend_tokenizer(tokenizer, table)
         return table
 
