@@ -177,3 +177,30 @@ def test_template_sets_paper_and_mio_release():
         template_set("latex")
     with pytest.raises(ValueError, match="set data.templates for the whole stage"):
         MioDataModule([DatasetSpec("a", templates="mio-release")], templates="paper")
+
+
+def test_prompts_are_the_ids_the_release_gives(release):
+    """On the release's SentencePiece tokenizer, a chat prompt with an image and speech renders to
+    exactly the ids MIO's own code gives: its ChatML string, media written as token strings
+    (speech input as content codes), tokenized whole (MIO's tokenization_mio.py)."""
+    from mio.templates import SYSTEM_SPEECH, SYSTEM_STANDARD
+
+    folder, _ = release
+    gen = Generator(folder, device="cpu")
+    rng = np.random.default_rng(0)
+    image, speech = rng.integers(0, 8192, 32), rng.integers(0, 1024, (4, 5))
+
+    def mio_string(system: str, query: str) -> str:  # MIO_CHAT_TEMPLATE, add_generation_prompt
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+    image_str = "<image>" + "".join(f"<img{c}>" for c in image) + "</image>"
+    speech_str = "<spch>" + "".join(f"<spch{c}>" for c in speech[0]) + "</spch>"  # input: the content layer
+    g = gen.generate(["What is in  this picture?\n", Image(image), " And this: ", Speech(speech)], max_new_tokens=1,
+                     settings={"all": {"num_beams": 1, "do_sample": False}})
+    want = gen.tokenizer(mio_string(SYSTEM_STANDARD, f"What is in  this picture?\n{image_str} And this: {speech_str}"))
+    assert g.prompt_ids.tolist() == want["input_ids"]
+    tts = "The transcription is ``Good morning''. Please generate a speech according to the given transcription. " \
+          "Start with <spch>."
+    g = gen.generate(tts, task="tts", max_new_tokens=1, settings={"all": {"num_beams": 1, "do_sample": False}})
+    assert g.prompt_ids.tolist() == gen.tokenizer(mio_string(SYSTEM_SPEECH, tts))["input_ids"]
