@@ -190,7 +190,7 @@ def test_whole_path(name, tmp_path, tmp_path_factory):
     root = shared_root(tmp_path_factory)
     base = whole_path_base(name, tmp_path / "base")
     out = fit(tiny_args(root, tmp_path / "run", f"--model.backbone={base}", "--trainer.log_every_n_steps=1",
-                        steps=2, context=128))
+                        steps=1, context=128))
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # vanilla transformers, no mio code
     tok = AutoTokenizer.from_pretrained(out)
     table = VocabTable.load(out)
@@ -204,13 +204,13 @@ def test_whole_path(name, tmp_path, tmp_path_factory):
 
     answer = tmp_path / "answer"
     assert main(["generate", "--model", str(out), "--prompt", "a red cat", "--raw", "--out", str(answer),
-                 "--max-new-tokens", "12", "--device", "cpu", *GREEDY]) == 0
+                 "--max-new-tokens", "10", "--device", "cpu", *GREEDY]) == 0
     record = json.loads((answer / "generation.json").read_text())
     prompt = record["prompt_ids"]
     assert prompt == tok("a red cat")["input_ids"]  # the tokenizer's own ids, BOS as it adds it
     stop = Generator.from_loaded(model, tok, table, device="cpu").stop_ids_for(get_preset("paper"), chat=False)
     with torch.no_grad():
-        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, num_beams=1,
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, num_beams=1,
                                 logits_processor=[ModalityConstraint(table)], eos_token_id=stop,
                                 pad_token_id=stop[0])[0, len(prompt):].tolist()
     assert record["new_ids"] == theirs[:len(record["new_ids"])]

@@ -70,7 +70,7 @@ def expected_mask(segs, table, tok) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(segs=segment_lists(TEXT_ALPHABET))
 def test_render_equals_the_tokenizer_on_the_text_form(kind, segs):
     _, tok, table, renderer = kind
@@ -81,7 +81,7 @@ def test_render_equals_the_tokenizer_on_the_text_form(kind, segs):
 
 # Texts without "<": a text holding a media token's string renders as that token (as the tokenizer
 # does), so only texts without one can parse back to themselves.
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(segs=segment_lists(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="<")))
 def test_parse_inverts_render(kind, segs):
     name, tok, table, renderer = kind
