@@ -1,7 +1,7 @@
 """Any-to-any interleaved generation: prompt (text and media files, or chat turns) -> an
 answer of text, images, speech and video, decoded back to files.
 
-    gen = Generator("runs/demo/model")                     # or MIO's folder + tokenizers=...
+    gen = Generator("runs/demo/model")                     # or MIO's released folder as it ships
     out = gen.generate(["Describe this picture.", MediaFile.guess("cat.jpg")])
     gen.write(out, "answers/cat")                          # transcript.md, transcript.html, media
 """
