@@ -1,4 +1,4 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | generate | eval | export | bench.
+"""`mio`: demo | prepare | inspect | tokenize | fit | generate | eval | export | bench | plan.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
@@ -96,9 +96,15 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from mio.plan import plan_main
+
+    return plan_main(argv)
+
+
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
-                                                     "eval": cmd_eval}
+                                                     "eval": cmd_eval, "plan": cmd_plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="score a model on prepared eval data: mio eval MODEL --data DIR --tasks ... --out DIR",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
+    sub.add_parser("plan", help="a stage's memory per GPU under DDP and FSDP2: mio plan --config stages/X.yaml "
+                   "--gpus 8 32", add_help=False)
     return p
 
 

@@ -26,9 +26,16 @@ from mio.model.attention import (
     packed_attention_kwargs,
     pad_multiple,
 )
-from mio.train.loss import global_supervised_tokens, packed_loss
+from mio.model.forward import supervised_positions
+from mio.train.loss import micro_batch_loss, step_tokens, supervised_count, supervised_targets, token_cross_entropy
 
 VOCAB = 101
+
+
+def packed_loss(logits: torch.Tensor, labels: torch.Tensor, step_count: torch.Tensor) -> torch.Tensor:
+    """The training loss (mio/train/loss.py) of (B, L, V) logits: their supervised positions only."""
+    return micro_batch_loss(token_cross_entropy(logits[supervised_positions(labels)], supervised_targets(labels)),
+                            step_count)
 TOL = 1e-4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -79,7 +86,7 @@ def assert_packed_equals_alone(model: torch.nn.Module, reference: torch.nn.Modul
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], **packed_attention_kwargs(backend, batch)).logits
-        n_global = global_supervised_tokens([batch["labels"]])
+        n_global = step_tokens(supervised_count(batch["labels"]))
         packed = packed_loss(logits, batch["labels"], n_global)
         total, worst = 0.0, 0.0
         for row, start, n in per_sample_segments(batch):
@@ -114,7 +121,7 @@ def test_sdpa_packed_logits_and_loss_equal_per_sample(seed: int) -> None:
 def assert_packed_gradients_equal_alone(packed_model, alone_model, backend: str, batch: dict) -> None:  # noqa: ANN001
     """One backward over the packed batch and one per sample alone, both divided by the same global
     token count, give the same gradients."""
-    n_global = global_supervised_tokens([batch["labels"]])
+    n_global = step_tokens(supervised_count(batch["labels"]))
     logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs(backend, batch)).logits
     packed_loss(logits, batch["labels"], n_global).backward()
     for row, start, n in per_sample_segments(batch):
@@ -147,17 +154,21 @@ def test_flex_packed_logits_and_loss_equal_per_sample() -> None:
     assert_packed_equals_alone(model, reference, "flex", batch)
 
 
-@pytest.mark.parametrize("length", [1, 5, 256, 300])
-def test_block_mask_matches_dense_mask_and_torch_reference(length: int) -> None:
-    """Flex with our BlockMask equals SDPA with the dense mask; on whole blocks its tables are torch's own."""
+@pytest.mark.parametrize("length, window", [(1, None), (5, None), (256, None), (300, None), (256, 100), (300, 7)])
+def test_block_mask_matches_dense_mask_and_torch_reference(length: int, window: int | None) -> None:
+    """Flex with our BlockMask equals SDPA with the dense mask (sliding windows too); on whole blocks
+    its tables are torch's own."""
     rng = np.random.default_rng(length)
     cuts = np.sort(rng.choice(np.arange(1, length + 1), size=min(length, 6), replace=False))
     docs = np.full((2, length), -1, np.int64)
     for row, end in enumerate([cuts[-1], cuts[len(cuts) // 2]]):
         docs[row, :end] = np.searchsorted(cuts, np.arange(end), side="right")
     document_ids = torch.from_numpy(docs)
-    dense = dense_document_causal_mask(document_ids)  # (B, 1, L, L)
-    ours = document_causal_block_mask(document_ids)
+    dense = dense_document_causal_mask(document_ids, window)  # (B, 1, L, L)
+    if window is not None:  # the window: what a transformers sliding layer sees (q - k < window)
+        q_idx, k_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        assert torch.equal(dense, dense_document_causal_mask(document_ids) & (q_idx - k_idx < window))
+    ours = document_causal_block_mask(document_ids, window=window)
     if length % 128 == 0:
         reference = create_block_mask(lambda b, h, q, k: dense[b, 0, q, k], 2, None, length, length, device="cpu")
         assert torch.equal(ours.kv_num_blocks, reference.kv_num_blocks)
@@ -174,7 +185,7 @@ def test_flex_training_on_cpu_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="no backward on CPU"):
         packed_attention_kwargs("flex", batch)
     with pytest.raises(ValueError, match="unknown attention backend"):
-        packed_attention_kwargs("eager", batch)
+        packed_attention_kwargs("paged", batch)
 
 
 @torch.no_grad()
@@ -242,7 +253,7 @@ def test_flash_packed_equals_per_sample_on_gpu() -> None:
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed_model = tiny_llama(hf_attn_implementation("flash"), "cuda", torch.bfloat16)
     alone_model = tiny_llama(hf_attn_implementation("flash"), "cuda", torch.bfloat16)
-    n_global = global_supervised_tokens([batch["labels"]])
+    n_global = step_tokens(supervised_count(batch["labels"]))
     logits = packed_model(input_ids=batch["input_ids"], **packed_attention_kwargs("flash", batch)).logits
     packed_loss(logits, batch["labels"], n_global).backward()
     for row, start, n in per_sample_segments(batch):

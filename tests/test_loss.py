@@ -1,16 +1,23 @@
-"""The packed loss gives every supervised token of the global batch the same weight."""
+"""The training loss (mio/train/loss.py, what MioModule.training_step computes) gives every
+supervised token of the global batch the same weight, and the training loop reads the device
+back once per logged step, never per micro-batch."""
 
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mio.train.loss import global_supervised_tokens, packed_loss
+from mio.data.packing import BestFitPacker, TokenSample, collate_packs
+from mio.model.forward import supervised_positions
+from mio.train.cli import fit
+from mio.train.loss import micro_batch_loss, step_tokens, supervised_count, supervised_targets, token_cross_entropy
+from mio.train.module import MioModule
+from train_support import shared_root, tiny_args
 
 VOCAB = 53
 
@@ -20,18 +27,27 @@ def random_labels(generator: torch.Generator, rows: int, length: int) -> torch.T
     return labels.masked_fill(torch.rand(rows, length, generator=generator) < 0.4, -100)
 
 
-def test_single_micro_batch_equals_transformers_own_loss() -> None:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, step_count: torch.Tensor) -> torch.Tensor:
+    """The training loss of (B, L, V) logits: at their supervised positions only, as the model's own head gives them."""
+    return micro_batch_loss(token_cross_entropy(logits[supervised_positions(labels)], supervised_targets(labels)),
+                            step_count)
+
+
+def test_the_modules_loss_equals_transformers_own(tiny_base) -> None:
+    """MioModule's per-token losses (the model's own logits at the supervised positions) through
+    the loss functions give transformers' own mean loss of the same rows."""
+    module = MioModule(str(tiny_base), extend_vocab=True)
+    module.load_weights()
+    module.model.eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (3, 20), generator=g)
-    labels = random_labels(g, 3, 20)
+    samples = [TokenSample(ids.numpy(), lab.numpy()) for ids, lab in
+               zip(torch.randint(0, 300, (3, 20), generator=g), random_labels(g, 3, 20))]
+    batch = collate_packs(list(BestFitPacker(20, buffer_size=1)(samples)))  # one sample per row
     with torch.no_grad():
-        out = model(input_ids=ids, labels=labels)
-        ours = packed_loss(out.logits, labels, global_supervised_tokens([labels]))
-    assert torch.allclose(ours, out.loss, atol=1e-6)
+        token_loss, _, _ = module.token_losses(batch)
+        ours = micro_batch_loss(token_loss, step_tokens(supervised_count(batch["labels"])))
+        theirs = module.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-6)
 
 
 def test_gradient_accumulation_and_packing_do_not_change_a_token_weight() -> None:
@@ -44,33 +60,32 @@ def test_gradient_accumulation_and_packing_do_not_change_a_token_weight() -> Non
     labels[4:] = -100  # a micro-batch with no supervision at all
     labels[4, 5] = 7
 
-    whole = packed_loss(weight[ids], labels, global_supervised_tokens([labels]))
+    whole = loss_of(weight[ids], labels, step_tokens(supervised_count(labels)))
     (whole_grad,) = torch.autograd.grad(whole, weight)
 
     micro = [slice(0, 1), slice(1, 4), slice(4, 6)]
-    n_global = global_supervised_tokens([labels[s] for s in micro])
-    assert n_global == (labels[:, 1:] != -100).sum()
-    accumulated = sum(packed_loss(weight[ids[s]], labels[s], n_global) for s in micro)
+    n_step = step_tokens(sum(supervised_count(labels[s]) for s in micro))
+    assert n_step == (labels[:, 1:] != -100).sum()
+    accumulated = sum(loss_of(weight[ids[s]], labels[s], n_step) for s in micro)
     (acc_grad,) = torch.autograd.grad(accumulated, weight)
     assert torch.allclose(accumulated, whole, atol=1e-6)
     assert torch.allclose(acc_grad, whole_grad, atol=1e-7)
     # ...and both are the plain mean over all supervised tokens.
     reference = F.cross_entropy(weight[ids][:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(whole, reference, atol=1e-6)
+    # Lightning averages micro-batches and DDP ranks; `replicas` undoes exactly that.
+    assert torch.allclose(micro_batch_loss(torch.ones(3), 4, replicas=6), torch.tensor(4.5))
 
 
 def test_no_supervised_token_gives_zero_not_nan() -> None:
     logits = torch.randn(2, 5, VOCAB)
     labels = torch.full((2, 5), -100)
-    loss = packed_loss(logits, labels, global_supervised_tokens([labels]))
-    assert loss.item() == 0.0
+    assert loss_of(logits, labels, step_tokens(supervised_count(labels))).item() == 0.0
 
 
 def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="logits must be"):
-        packed_loss(torch.randn(2, 5, VOCAB), torch.zeros(2, 4, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="no micro-batches"):
-        global_supervised_tokens([])
+        token_cross_entropy(torch.randn(2, 5, VOCAB), torch.zeros(2, dtype=torch.long))
 
 
 def _count_on_rank(rank: int, world: int, port: int, results: mp.SimpleQueue) -> None:
@@ -79,7 +94,7 @@ def _count_on_rank(rank: int, world: int, port: int, results: mp.SimpleQueue) ->
         # Rank r holds r+1 micro-batches with 3 supervised targets each.
         labels = torch.full((1, 6), -100)
         labels[0, 1:4] = 1
-        results.put((rank, int(global_supervised_tokens([labels] * (rank + 1)))))
+        results.put((rank, int(step_tokens(sum(supervised_count(labels) for _ in range(rank + 1))))))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -97,3 +112,27 @@ def test_count_is_all_reduced_over_ranks() -> None:
         proc.join(timeout=60)
         assert proc.exitcode == 0
     assert dict(results.get() for _ in ranks) == {0: 9, 1: 9}  # 3 * (1 + 2) on every rank
+
+
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu")
+
+
+def test_one_device_read_per_logged_step(tmp_path_factory, tmp_path, monkeypatch) -> None:
+    """On a GPU, every read of a device tensor by the host stalls the stream: the training loop
+    (mio/train/) reads its figures back once per logged step, none per micro-batch."""
+    reads: list[str] = []
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, real=real, name=name, **kwargs):  # noqa: ANN001, ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if "/mio/train/" in caller:
+                reads.append(f"{name} from {caller.rsplit('/', 1)[1]}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    root = shared_root(tmp_path_factory)
+    fit(tiny_args(root, tmp_path, "--trainer.log_every_n_steps=2", "--trainer.accumulate_grad_batches=2",
+                  "--data.val_fraction=0", steps=4))
+    # Two logged steps (of 2 optimizer steps x 2 micro-batches each) and the closing data report.
+    assert len(reads) == 3, reads

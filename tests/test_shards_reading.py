@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from mio.bench.data import DATA_TYPES, STAGES, stage_datasets, write_synthetic
 from mio.data.pipeline import RankBatches, RankRows
-from mio.data.reading import (ERROR_REASONS, BatchTextEncoder, DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer,
-                              dataset_stream, epoch_samples, reader_rng, split_shards)
+from mio.data.reading import (ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer, dataset_stream,
+                              epoch_samples, reader_rng, split_shards)
 from mio.vocab import SPEECH_CODE
 from mio.vocab import VocabTable
 
@@ -60,9 +59,9 @@ def _directions(stream, n: int, table) -> list[bool]:
     return [_generates(s, table) for s in itertools.islice(stream, n)]
 
 
-def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_tokenizer, table):
+def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "image_text", samples=300, shard_size=100)
-    renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
+    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
 
     def run(slot: ReaderSlot, seed: int = 0) -> dict[tuple[int, str], bool]:
         stream = dataset_stream(shards, spec, renderer, slot, seed, 0, DataCounts(1), shuffle_buffer=16)
@@ -82,29 +81,22 @@ def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_t
     assert run(ReaderSlot(), seed=1) != a
 
 
-def test_video_text_generates_video_sixty_percent(tmp_path, text_tokenizer, table):
+def test_video_text_generates_video_sixty_percent(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "video_text", samples=500, shard_size=250)
-    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(text_tokenizer, table), ReaderSlot(), 0, 0,
+    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(mio_tokenizer, table), ReaderSlot(), 0, 0,
                             DataCounts(1))
     assert 0.54 < np.mean(_directions(stream, 1000, table)) < 0.66
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.text(max_size=200), min_size=1, max_size=8))
-def test_batch_text_encoder_equals_tokenizer(text_tokenizer, texts):
-    enc = BatchTextEncoder(text_tokenizer)
-    enc.prime(texts)
-    for t in texts:
-        assert enc(t).tolist() == text_tokenizer(t, add_special_tokens=False)["input_ids"]
-
-
-def test_rendering_in_blocks_equals_one_by_one(tmp_path, text_tokenizer, table):
+def test_rendering_in_blocks_equals_one_by_one(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "speech_text", samples=40, shard_size=40)
     samples = list(epoch_samples(shards, ReaderSlot(), 0, 0, DataCounts(1)))
-    renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
-    block = renderer.many(samples, spec, random.Random(5), Counter())
+    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
+    failed: list = []
+    block = renderer.many(samples, spec, random.Random(5), lambda sample, error: failed.append(sample.key))
+    assert not failed
     rng = random.Random(5)
-    single = [Renderer(text_tokenizer, table)(s, spec, rng) for s in samples]
+    single = [Renderer(mio_tokenizer, table)(s, spec, rng) for s in samples]
     assert all(np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
                for x, y in zip(block, single))
 
@@ -127,11 +119,11 @@ def read_batches(mixture: Mixture, rows: int, batches: int) -> tuple[list[dict],
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, text_tokenizer, table):
+def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, mio_tokenizer, table):
     """The full-size stage YAMLs' mixtures (weights, templates, context) in the reader's batches:
     the counts the training loop logs as train/share_*; the bench measures them over 200 steps."""
     _, specs, data = stage_datasets(stage, synthetic_root)
-    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, data["context_length"], data["buffer_size"])
+    mixture = Mixture(specs, synthetic_root, mio_tokenizer, table, data["context_length"], data["buffer_size"])
     batches, counts = read_batches(mixture, rows=1, batches=40)  # 40 packs of one row stream
     real = int(sum((b["document_ids"] >= 0).sum() for b in batches))
     assert counts.tokens.sum() == counts.kind_tokens.sum() == real  # every token of the batches, attributed once
@@ -147,17 +139,17 @@ def test_stage_mixture_shares_in_the_training_batches(stage, synthetic_root, tex
     assert speech_codes < counts.kind_tokens[SPEECH_CODE]  # transcripts are text
 
 
-def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, table):
+def test_sample_balance_misses_the_token_share(synthetic_root, mio_tokenizer, table):
     """Why the mixture balances tokens: balancing samples leaves speech-text far off its share."""
     _, specs, data = stage_datasets("3_speech", synthetic_root)
-    mixture = Mixture(specs, synthetic_root, text_tokenizer, table, data["context_length"], data["buffer_size"],
+    mixture = Mixture(specs, synthetic_root, mio_tokenizer, table, data["context_length"], data["buffer_size"],
                       balance="samples")
     _, counts = read_batches(mixture, rows=2, batches=10)
     assert abs(counts.kind_tokens[SPEECH_CODE] / counts.tokens.sum() - STAGES["3_speech"]) > 0.03
 
 
-def test_training_batches_are_packed(synthetic_root, text_tokenizer, table):
-    mixture = Mixture([DatasetSpec("image_text"), DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table,
+def test_training_batches_are_packed(synthetic_root, mio_tokenizer, table):
+    mixture = Mixture([DatasetSpec("image_text"), DatasetSpec("speech_text")], synthetic_root, mio_tokenizer, table,
                       context_length=1024)
     (batch,), _ = read_batches(mixture, rows=2, batches=1)
     assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 1024
@@ -165,10 +157,10 @@ def test_training_batches_are_packed(synthetic_root, text_tokenizer, table):
     with pytest.raises(ValueError, match="weight must be positive"):
         DatasetSpec("x", weight=0)
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        Mixture([DatasetSpec("missing")], synthetic_root, text_tokenizer, table, 64)
+        Mixture([DatasetSpec("missing")], synthetic_root, mio_tokenizer, table, 64)
 
 
-def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
+def test_damaged_shard_is_counted_not_fatal(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "text", samples=20, shard_size=10)
     data = Path(shards[1]).read_bytes()
     Path(shards[1]).write_bytes(data[: len(data) // 2])
@@ -179,8 +171,8 @@ def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
     assert counts.examples[(1, ERROR_REASONS.index("shard_truncated"))].startswith(shards[1])
 
 
-def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, text_tokenizer, table):
+def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, mio_tokenizer, table):
     # Speech-text samples are media samples: over the context they are dropped, never cut.
-    mixture = Mixture([DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table, context_length=8)
+    mixture = Mixture([DatasetSpec("speech_text")], synthetic_root, mio_tokenizer, table, context_length=8)
     with pytest.raises(ValueError, match="speech_text: 1000 samples in a row are longer than data.context_length=8"):
         next(mixture.rows(ReaderSlot()))

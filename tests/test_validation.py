@@ -46,10 +46,8 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
             "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
             # keep the best checkpoint by val/loss (beside resumable ones, which this test does not need)
             "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.every_n_epochs=1",
-            "--trainer.callbacks.monitor=val/loss",
-            "--trainer.callbacks.mode=min", "--trainer.callbacks.save_top_k=1", "--trainer.callbacks.filename=best",
-            "--trainer.callbacks.save_last=false"]
+            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.monitor=val/loss",
+            "--trainer.callbacks.mode=min"]
     fit(args)
     return root, out, args
 
@@ -124,7 +122,8 @@ def test_val_loss_is_the_token_mean_over_the_held_out_packs(stage):
 def test_a_stage_keeps_its_best_checkpoint_by_val_loss(stage):
     _, out, _ = stage
     rows = [r for r in metrics(out) if "val/loss" in r]
-    (best,) = sorted((out / "checkpoints").glob("best*.ckpt"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt"]
+    best = out / "checkpoints" / "best.ckpt"
     saved = torch.load(best, map_location="cpu", weights_only=True)
     best_row = min(rows, key=lambda r: r["val/loss"])
     assert saved["global_step"] == best_row["step"] + 1  # the CSV's step is 0-based

@@ -43,7 +43,8 @@ import torch
 
 from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.model.attention import BACKENDS, hf_attn_implementation, packed_attention_kwargs, pad_multiple
-from mio.train.loss import global_supervised_tokens, packed_loss
+from mio.model.forward import supervised_positions
+from mio.train.loss import micro_batch_loss, step_tokens, supervised_count, supervised_targets, token_cross_entropy
 from mio.vocab import IMAGE_CODE, SPEECH_CODE, TEXT_CODE
 
 VOCAB = 4096
@@ -170,14 +171,20 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _backward(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """The training loss (mio/train/loss.py) of (N, V) logits at the supervised positions, backward."""
+    token_loss = token_cross_entropy(logits, supervised_targets(labels))
+    micro_batch_loss(token_loss, step_tokens(supervised_count(labels))).backward()
+
+
 def _train_step_packed(model: torch.nn.Module, batch: dict, backend: str) -> None:
     logits = model(input_ids=batch["input_ids"], **packed_attention_kwargs(backend, batch)).logits
-    packed_loss(logits, batch["labels"], global_supervised_tokens([batch["labels"]])).backward()
+    _backward(logits[supervised_positions(batch["labels"])], batch["labels"])
 
 
 def _train_step_padded(model: torch.nn.Module, batch: dict) -> None:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    packed_loss(logits, batch["labels"], global_supervised_tokens([batch["labels"]])).backward()
+    _backward(logits[supervised_positions(batch["labels"])], batch["labels"])
 
 
 def _seconds(work: Callable[[], object], device: torch.device) -> float:

@@ -21,10 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -32,7 +31,7 @@ import webdataset as wds
 from mio.data.packing import BestFitPacker, Pack, TokenSample
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards, shard_sample_counts
 from mio.data.tars import ShardFailure, TarSamples
-from mio.segments import Segment, Text, TextEncoder, render
+from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
                            template_set)
 from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
@@ -248,89 +247,59 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
 RENDER_ERRORS = (VocabError, ConversationError, ValueError)
 
 
-class BatchTextEncoder(TextEncoder):
-    """A :class:`TextEncoder` that tokenizes the texts of many samples in one call.
+class Renderer:
+    """A stored sample -> a :class:`TokenSample` for the given dataset spec.
 
-    ``prime(texts)`` encodes every text not in the cache with the fast tokenizer's batch
-    encoder (no offsets: the costly part of a tokenizer call); ``__call__`` then answers from
-    that batch. The ids are the ones ``tokenizer(text, add_special_tokens=False)`` gives (a test
-    holds them equal); a slow tokenizer falls back to one call per text.
+    The ids are the backbone tokenizer's for the sample's text form (see
+    :class:`mio.segments.SegmentRenderer`); a pretraining sample ends with the tokenizer's EOS
+    token (supervised like its last segment), an SFT conversation with its last ``<|im_end|>``.
     """
 
-    def __init__(self, tokenizer: Any, cache_size: int = 4096, max_cached_chars: int = 96) -> None:
-        super().__init__(tokenizer, cache_size, max_cached_chars)
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self.batch_encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-        self.batch: dict[str, np.ndarray] = {}
-
-    def prime(self, texts: Iterable[str]) -> None:
-        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if self.batch_encode is None or not todo:
-            self.batch = {}
-            return
-        encoded = self.batch_encode(todo, add_special_tokens=False)
-        self.batch = {t: np.asarray(e.ids, dtype=np.int64) for t, e in zip(todo, encoded)}
-        for t in todo:
-            if len(t) <= self.max_cached_chars and len(self.cache) < self.cache_size:
-                self.cache[t] = self.batch[t]
-
-    def __call__(self, text: str) -> np.ndarray:
-        hit = self.batch.get(text)
-        return hit if hit is not None else super().__call__(text)
-
-
-class Renderer:
-    """A stored sample -> a :class:`TokenSample` for the given dataset spec."""
-
     def __init__(self, tokenizer: Any, table: VocabTable) -> None:
-        self.encode = BatchTextEncoder(tokenizer)
+        self.renderer = SegmentRenderer(tokenizer, table)
         self.table = table
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token
 
     def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-        return training_segments(sample, spec, rng)
+        segs, text_only = training_segments(sample, spec, rng)
+        if spec.format == "pretrain" and self.eos is not None and segs:
+            segs = [*segs, Text(self.eos, loss=segs[-1].loss)]
+        return segs, text_only
 
     def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
         return self.render(sample, *self.segments(sample, spec, rng))
 
     def render(self, sample: StoredSample, segs: list[Segment], text_only: bool) -> TokenSample:
-        r = render(segs, self.table, self.encode, bos_id=self.bos, eos_id=self.eos, where=sample.key)
+        return self._sample(sample, self.renderer(segs, where=sample.key), text_only)
+
+    def _sample(self, sample: StoredSample, r: Rendered, text_only: bool) -> TokenSample:
         return TokenSample(input_ids=r.input_ids, labels=r.labels, text_only=text_only,
                            modality=self.table.modality(r.input_ids), key=sample.key)
 
     def many(self, samples: Sequence[StoredSample], spec: DatasetSpec, rng: random.Random,
-             errors: Counter) -> list[TokenSample]:
+             on_error: Callable[[StoredSample, Exception], None]) -> list[TokenSample]:
         """Render a block of samples with one tokenizer call; draws are made in sample order,
-        so the result equals rendering them one by one. Failures are counted and left out."""
+        so the result equals rendering them one by one. A sample that fails goes to ``on_error``
+        and is left out."""
         drafts = []
         for sample in samples:
             try:
-                drafts.append((sample, *self.segments(sample, spec, rng)))
+                segs, text_only = self.segments(sample, spec, rng)
+                drafts.append((sample, self.renderer.draft(segs, where=sample.key), text_only))
             except RENDER_ERRORS as e:
-                errors[f"render:{type(e).__name__}"] += 1
-        self.encode.prime(s.text for _, segs, _ in drafts for s in segs if isinstance(s, Text))
-        out = []
-        for sample, segs, text_only in drafts:
-            try:
-                out.append(self.render(sample, segs, text_only))
-            except RENDER_ERRORS as e:
-                errors[f"render:{type(e).__name__}"] += 1
-        return out
+                on_error(sample, e)
+        rendered = self.renderer.finish([d for _, d, _ in drafts])
+        return [self._sample(sample, r, text_only) for (sample, _, text_only), r in zip(drafts, rendered)]
 
 
 class _RenderFailures:
-    """What ``Renderer.many`` counts its failures into (``errors[reason] += 1``): each failure
-    counted as ``render_failed`` against the dataset, the renderer's reason as the example."""
+    """``on_error`` of ``Renderer.many``: a sample that fails to render, counted against its dataset."""
 
-    def __init__(self, counts: DataCounts, dataset: int, name: str) -> None:
-        self.counts, self.dataset, self.name = counts, dataset, name
+    def __init__(self, counts: DataCounts, dataset: int) -> None:
+        self.counts, self.dataset = counts, dataset
 
-    def __getitem__(self, reason: str) -> int:
-        return 0
-
-    def __setitem__(self, reason: str, count: int) -> None:
-        self.counts.error(self.dataset, "render_failed", f"dataset {self.name}: {reason}")
+    def __call__(self, sample: StoredSample, error: Exception) -> None:
+        self.counts.error(self.dataset, "render_failed", f"{sample.key}: {type(error).__name__}: {error}")
 
 
 def error_summary(counts: DataCounts, dataset: int) -> str:
@@ -348,7 +317,7 @@ def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer,
     """One dataset's rendered samples for this slot, epoch after epoch, forever (rendered in
     blocks of ``render_block`` samples, one text tokenizer call per block), each naming its
     ``dataset``; what it reads and loses goes to ``counts``."""
-    failures = _RenderFailures(counts, dataset, spec.path)
+    failures = _RenderFailures(counts, dataset)
     for epoch in itertools.count():
         rng = reader_rng(seed, dataset, epoch, slot)
         order_rng = random.Random(f"shuffle:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
@@ -410,13 +379,14 @@ class Mixture:
 
     :meth:`rows` is the one path from shards to packs: the training reader
     (:mod:`mio.data.pipeline`), its tests and ``mio bench data`` all read it. ``shards``: each
-    dataset's shard list, where not the shards of its folder (or glob) under ``root``.
+    dataset's shard list, where not the shards of its folder (or glob) under ``root``; ``pack``:
+    False puts one sample in each row (the packer's setting).
     """
 
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
                  context_length: int, buffer_size: int = 64, pad_to_multiple_of: int = 1, seed: int = 0,
                  balance: str = "tokens", shuffle_buffer: int = 256,
-                 shards: Sequence[Sequence[str]] | None = None) -> None:
+                 shards: Sequence[Sequence[str]] | None = None, pack: bool = True) -> None:
         if balance not in ("tokens", "samples"):
             raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
         self.specs = list(datasets)
@@ -430,6 +400,7 @@ class Mixture:
         self.context_length, self.buffer_size = context_length, buffer_size
         self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.pack = pack  # False: one sample per row (the packer's setting)
 
     def rows(self, slot: ReaderSlot) -> Iterator[Row]:
         """Reader slot ``slot``'s packs, each with its counts. The mixture draws the sequences the
@@ -442,7 +413,7 @@ class Mixture:
                                                   self.shuffle_buffer, expected=expected), i, counts)
                    for i, (shards, spec, expected) in enumerate(zip(self.shards, self.specs, self.expected))]
         packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
-                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
+                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index, pack=self.pack)
         for pack in packer(balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)):
             lens = np.asarray(pack.seq_lens, dtype=np.int64)
             np.add.at(released, pack.datasets, lens if self.balance == "tokens" else 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from mio.train.checkpoint import Interrupted, find_last, requeued, resume_command
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
 
@@ -45,6 +46,11 @@ class MioCLI(LightningCLI):
         if trainer.enable_checkpointing is not False and not has_checkpoint:
             # Resumable by default: atomic checkpoints that hold the data position.
             trainer.callbacks = [*callbacks, {"class_path": "mio.train.checkpoint.AtomicCheckpoint"}]
+        trainer.enable_checkpointing = False  # Lightning's own ModelCheckpoint stays off beside mio's
+        # `last` (or a SLURM requeue, which restarts the same command): the newest checkpoint, if any.
+        if cfg.ckpt_path == "last" or (cfg.ckpt_path is None and requeued()):
+            last = find_last(Path(root) / "checkpoints")
+            cfg.ckpt_path = str(last) if last is not None else None
 
 
 def fit(argv: list[str]) -> Path:
@@ -65,6 +71,10 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"[mio] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[mio] {e}\n[mio] resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

@@ -1,57 +1,60 @@
-"""The packed-training loss: every supervised token of the global batch weighs the same.
+"""The training loss: every supervised token of the global batch weighs the same.
 
 Averaging per micro-batch (or per rank) would give a token in a sparsely supervised micro-batch
 more weight than one in a dense micro-batch, so packing and gradient accumulation would change
-what a sample contributes. Instead each micro-batch returns its cross-entropy SUM divided by the
-number of supervised tokens of the whole global batch (all micro-batches, all ranks); the
-micro-batch losses of one optimizer step then add up to the global token mean.
+what a sample contributes. Instead each micro-batch's loss is its cross-entropy SUM divided by the
+number of supervised tokens of its whole optimizer step (all micro-batches, all ranks); the
+micro-batch losses of one step then add up to the global token mean. ``MioModule.training_step``
+computes its loss with these functions, and the tests check them.
 
-Under DDP, which averages gradients over ranks, multiply the loss by the world size.
+Logits are the model's own, at the supervised positions only (``mio.model.forward``): (N, V) in
+row-major order, the order of :func:`supervised_targets`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from mio.data.packing import IGNORE_INDEX
 
 
 def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L-1) bool: the positions whose shifted label is supervised (the logit at t predicts label t+1)."""
-    return labels[:, 1:] != IGNORE_INDEX
+    """(N,): the supervised labels of a (B, L) batch in row-major order -- the token each kept
+    position predicts (the logit at t predicts the label at t+1)."""
+    shifted = labels[:, 1:]
+    return shifted[shifted != IGNORE_INDEX]
 
 
-def packed_loss(logits: torch.Tensor, labels: torch.Tensor, num_global_tokens: torch.Tensor | int) -> torch.Tensor:
-    """Cross-entropy of shifted logits summed over supervised tokens, divided by ``num_global_tokens``.
-
-    Args:
-        logits: (B, L, V), any float dtype (computed in float32).
-        labels: (B, L) aligned with the inputs (not shifted), -100 where unsupervised.
-        num_global_tokens: supervised tokens of the global batch (``global_supervised_tokens``);
-            0 is treated as 1 so a batch without supervision gives 0, not NaN.
-    """
-    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"packed_loss: logits must be (B, L, V) and labels (B, L), got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
-    vocab = logits.shape[-1]
-    shifted_logits = logits[:, :-1].reshape(-1, vocab).float()  # (B*(L-1), V)
-    shifted_labels = labels[:, 1:].reshape(-1)  # (B*(L-1),)
-    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    denominator = torch.as_tensor(num_global_tokens, dtype=torch.float32, device=total.device).clamp(min=1)
-    return total / denominator
+def supervised_count(labels: torch.Tensor) -> torch.Tensor:
+    """The number of supervised targets of a (B, L) batch (a tensor on its device: no host sync)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def global_supervised_tokens(labels_list: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Supervised (shifted) tokens over the micro-batches of one optimizer step, summed over ranks.
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) cross-entropy of each supervised token, computed in float32 from (N, V) logits of any dtype."""
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"token_cross_entropy: logits must be (N, V) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
-    All-reduced when torch.distributed is initialized, so every rank gets the same count.
-    """
-    if not labels_list:
-        raise ValueError("global_supervised_tokens: no micro-batches given")
-    count = sum(supervised_targets(labels).sum() for labels in labels_list).to(torch.int64)
+
+def step_tokens(count: torch.Tensor) -> torch.Tensor:
+    """This rank's supervised-token count of an optimizer step, summed over ranks when
+    torch.distributed is initialized (an all-reduce on the device, no host sync); float64."""
+    total = count.to(torch.float64).clone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
-    return count
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total
+
+
+def micro_batch_loss(token_loss: torch.Tensor, step_count: torch.Tensor | int, replicas: int = 1) -> torch.Tensor:
+    """A micro-batch's share of its step's token mean: ``token_loss.sum() / step_count * replicas``.
+
+    ``step_count``: supervised tokens of the whole optimizer step (:func:`step_tokens`); 0 counts
+    as 1, so a step without supervision gives 0, not NaN. ``replicas``: world size x gradient
+    accumulation, undoing DDP's mean over ranks and Lightning's over micro-batches (1 where the
+    caller sums the micro-batch losses itself).
+    """
+    count = torch.as_tensor(step_count, dtype=torch.float64, device=token_loss.device).clamp(min=1)
+    return (token_loss.sum() / count * replicas).to(token_loss.dtype)

@@ -11,21 +11,26 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
+from mio.model.attention import effective_backend, hf_attn_implementation
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
-from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
+from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
+                               supervised_positions)
+from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.data import DataReport
 from mio.train.flops import FlopCounts, peak_flops, sample_lengths
-from mio.vocab import MODALITY_NAMES
+from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
+from mio.train.sharding import FSDP2Strategy, full_state_dict
+from mio.vocab import MODALITY_NAMES, VocabTable
 
 # The training loop's own figures, per rank and summed over the micro-batches since the last
 # logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
 # each modality of MODALITY_NAMES. A logged step sums it over ranks (with the data report's
 # counts) in one reduction and reads it back in one host sync.
-STATS = ("loss_sum", "supervised", "real", "capacity", "flops")
+STATS = ("loss_sum", "supervised", "real", "capacity", "flops", "aux_loss", "micro_batches")
 
 
 class MioModule(L.LightningModule):
@@ -50,21 +55,15 @@ class MioModule(L.LightningModule):
                  lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.attn_backend = attn_backend
-        self.model, self.tokenizer, self.table = load_backbone(
-            backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
-        # --- LoRA (mio/model/lora.py): a frozen backbone, adapters and added-token rows train ---
-        if lora is not None:
-            if extend_vocab:
-                raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
-                                 "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
-            self.model = apply_lora(self.model, lora, self.table, backbone)
-        # --- end LoRA ---
-        if gradient_checkpointing:
-            # Non-reentrant: gradients reach every parameter, as DDP and FSDP expect.
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.model.config.use_cache = False
-        self.model.train()  # from_pretrained returns the model in eval mode
+        self.lora = lora
+        if lora is not None and extend_vocab:
+            raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
+                             "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
+        # The model's structure only, on the meta device: configure_model loads the weights (into
+        # shards, under FSDP2), so no process holds a copy it does not need.
+        self.model, self.tokenizer, self.table = self._build(weights=False)
+        self.attn_backend = effective_backend(self.model, attn_backend)  # eager where a family has no SDPA
+        self.aux_coefficient = router_aux_coefficient(self.model)  # MoE: the config's router loss weight
         self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
         self._peak_flops: float | None = None
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
@@ -74,41 +73,80 @@ class MioModule(L.LightningModule):
         self._micro = 0  # micro-batches of the current optimizer step done
         self._n_step = torch.ones(())  # supervised tokens of the current optimizer step, all ranks
 
+    def _build(self, weights: bool) -> tuple[Any, Any, VocabTable]:
+        """The backbone as this stage trains it: extended, with LoRA adapters, checkpointed layers."""
+        hp = self.hparams
+        # Random initialisation (the added rows, LoRA adapters) draws from the start of the run's
+        # seeded stream, whatever ran before: the same model under every strategy, and building
+        # the skeleton leaves the stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed())
+            model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
+                                                    attn_implementation=hf_attn_implementation(hp.attn_backend))
+            if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
+                model = apply_lora(model, self.lora, table, hp.backbone)
+        if hp.gradient_checkpointing:
+            # Non-reentrant: gradients reach every parameter, as DDP and FSDP expect.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()  # from_pretrained returns the model in eval mode
+        return model, tokenizer, table
+
+    def configure_model(self) -> None:
+        """Give the model its weights: under ``FSDP2Strategy`` shard it first, then global rank 0
+        reads the weights and broadcasts them into every rank's shards; otherwise load them here."""
+        if not any(p.is_meta for p in self.model.parameters()):
+            return  # done before (a second fit of this module)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard_and_load(self.model, lambda: self._build(weights=True)[0])
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ValueError("mio shards the model itself: use strategy class_path mio.train.sharding.FSDP2Strategy "
+                             "(stages/cluster/fsdp2_7b.yaml), not ModelParallelStrategy")
+        else:
+            self.load_weights()
+
+    def load_weights(self) -> None:
+        """Read the weights of the whole model into this process (unsharded training, tests)."""
+        self.model = self._build(weights=True)[0]
+
+    def cpu(self) -> "MioModule":
+        # Lightning's teardown moves the module to the CPU, also after an error that came before
+        # configure_model gave the skeleton its weights: nothing to move then, and the error stays.
+        if any(p.is_meta for p in self.model.parameters()):
+            return self
+        return super().cpu()
+
     def setup(self, stage: str) -> None:
-        # --- LoRA (mio/model/lora.py): FSDP wrap check, trainable-parameter report ---
-        check_strategy(self, self.trainer.strategy)
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
                 print(f"[mio] {line}", file=sys.stderr, flush=True)
-        # --- end LoRA ---
 
     # --- training -----------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Packed batch -> final hidden states (B, L, D), samples isolated by the backend."""
-        kwargs = packed_attention_kwargs(self.attn_backend, batch)
-        kwargs.setdefault("position_ids", batch["position_ids"])
-        return self.model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+    def forward(self, batch: dict[str, torch.Tensor]) -> SupervisedOutput:
+        """Packed batch -> the model's own logits (N, V) at the supervised positions (row-major; samples
+        isolated by the backend) and, for an MoE backbone, its router load-balancing loss."""
+        keep = supervised_positions(batch["labels"])  # (B, L)
+        return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=self.aux_coefficient > 0)
 
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The loss of every supervised token (N,) and where they are (B, L-1): what training and
-        validation both average over tokens."""
-        hidden = self(batch)  # (B, L, D)
+        validation both average over tokens; and an MoE backbone's router loss (else None)."""
+        out = self(batch)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
-        # The output layer runs on supervised positions only: the (B, L, V) logits of a
-        # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
-        return torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none"), supervised
+        return token_cross_entropy(out.logits, supervised_targets(batch["labels"])), supervised, out.aux_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_loss, supervised = self.token_losses(batch)  # (N,), (B, L-1)
+        token_loss, supervised, aux_loss = self.token_losses(batch)  # (N,), (B, L-1), () or None
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
-            self._n_step = self._all_reduce(batch["step_supervised"].to(self.device, torch.float64)).clamp(min=1)
-        # Every supervised token of the optimizer step's global batch weighs the same: the sum
-        # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
-        # averages gradients over ranks and Lightning divides by the accumulation count: undo both.
-        loss = token_loss.sum() / self._n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self._account(token_loss.detach(), batch, supervised)
+            self._n_step = step_tokens(batch["step_supervised"].to(self.device))
+        # Every supervised token of the optimizer step's global batch weighs the same (mio/train/loss.py).
+        loss = micro_batch_loss(token_loss, self._n_step, self.trainer.world_size * self.trainer.accumulate_grad_batches)
+        if aux_loss is not None:
+            # A mean over this micro-batch's real tokens: Lightning's and DDP's averaging is right for it.
+            loss = loss + self.aux_coefficient * aux_loss
+        self._account(token_loss.detach(), batch, supervised, aux_loss)
         return loss
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,10 +157,11 @@ class MioModule(L.LightningModule):
     def _data_report(self) -> DataReport | None:
         return getattr(getattr(self.trainer, "datamodule", None), "report", None)
 
-    def _account(self, token_loss: torch.Tensor, batch: dict[str, Any], supervised: torch.Tensor) -> None:
+    def _account(self, token_loss: torch.Tensor, batch: dict[str, Any], supervised: torch.Tensor,
+                 aux_loss: torch.Tensor | None) -> None:
         """Add the micro-batch's figures to the window (on the device, no sync; the data counts on
         the host); after the last micro-batch of a step that Lightning logs, log the window."""
-        stats = self._step_stats(token_loss, batch, supervised)
+        stats = self._step_stats(token_loss, batch, supervised, aux_loss)
         self._window = stats if self._window is None else self._window + stats
         report = self._data_report()
         if report is not None and "data" in batch:
@@ -133,14 +172,15 @@ class MioModule(L.LightningModule):
             self._log_window(batch["input_ids"].shape[0])
 
     @torch.no_grad()
-    def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor],
-                    supervised: torch.Tensor) -> torch.Tensor:
+    def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
+                    aux_loss: torch.Tensor | None = None) -> torch.Tensor:
         """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device."""
         modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
         flops = self.flop_counts.step_flops(sample_lengths(batch["document_ids"]), n_supervised)
-        values = [token_loss.sum(), n_supervised, real.sum(), real.numel(), flops]
+        values = [token_loss.sum(), n_supervised, real.sum(), real.numel(), flops,
+                  aux_loss.detach() if aux_loss is not None else 0.0, 1]
         for mid in MODALITY_NAMES:
             sel = modality == mid
             values += [token_loss[sel].sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
@@ -163,6 +203,8 @@ class MioModule(L.LightningModule):
         real = figures["real"]
         metrics = {"train/loss": figures["loss_sum"] / max(figures["supervised"], 1),
                    "train/packing_efficiency": real / max(figures["capacity"], 1)}
+        if self.aux_coefficient > 0:  # the router loss, a mean over the window's micro-batches (and ranks)
+            metrics["train/aux_loss"] = figures["aux_loss"] / max(figures["micro_batches"], 1)
         per_modality = np.asarray(stats[len(STATS):]).reshape(-1, 3)  # (modalities, 3)
         for name, (loss_sum, count, tokens) in zip(MODALITY_NAMES.values(), per_modality):
             # NaN when the window has none: a missing key would show the previous window's value.
@@ -190,7 +232,7 @@ class MioModule(L.LightningModule):
         self._val_stats: torch.Tensor | None = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        token_loss, supervised = self.token_losses(batch)
+        token_loss, supervised, _ = self.token_losses(batch)
         stats = self._step_stats(token_loss, batch, supervised)  # (K,) this rank's
         self._val_stats = stats if self._val_stats is None else self._val_stats + stats
 
@@ -206,6 +248,11 @@ class MioModule(L.LightningModule):
             metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
         self.log_dict(metrics, prog_bar=False, batch_size=1)
         self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
+
+    def on_fit_start(self) -> None:
+        # Before any batch is read: packed rows need a backbone whose samples the attention mask isolates.
+        if getattr(self.trainer.datamodule, "pack", True):
+            check_packing(self.model, self.attn_backend)
 
     def on_train_start(self) -> None:
         self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
@@ -258,7 +305,8 @@ class MioModule(L.LightningModule):
         out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / folder)
         self.output_path = out
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-        model = _unsharded(self)  # a collective under FSDP
+        # Under FSDP2 the full weights are gathered on rank 0 (a collective); otherwise the model has them.
+        state = full_state_dict(self.model) if isinstance(self.trainer.strategy, FSDP2Strategy) else None
         if not self.trainer.is_global_zero:
             return
         specs = dict(self.inherited_specs)
@@ -269,36 +317,13 @@ class MioModule(L.LightningModule):
                     raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
                                      f"one the backbone was trained with ({specs[kind]['path']})")
                 specs[kind] = _embed_spec(spec)
-        save_model_folder(model, self.tokenizer, self.table, out, tokenizer_specs=specs)
+        save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs, state_dict=state)
         report = self._data_report()
         if report is not None:  # the stage output records what it was trained on, and what was lost
             report.write(out)
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
-
-
-def _unsharded(module: MioModule) -> Any:
-    """The model with its full weights (on global rank 0) for saving: the module's own, or under
-    FSDP a copy built from the gathered full state dict (its parameters exist only as shards)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy = module.trainer.strategy
-    if not isinstance(strategy, FSDPStrategy):
-        return module.model
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-        state = strategy.model.state_dict()  # keys of the LightningModule: "model.<HF key>"
-    if not module.trainer.is_global_zero:
-        return None
-    with torch.device("meta"):
-        model = type(module.model)(module.model.config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
-    model.tie_weights()
-    return model
 
 
 def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
