@@ -317,7 +317,8 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
     segments are the samples and, after them in each row, the row's padding as one segment (so
     ``cu_seqlens[-1] == B*L``, as flash-attn's varlen kernel needs for the flattened batch);
     ``max_seqlen``: the longest segment, an int; ``one_sample_per_row``: whether no row holds more
-    than one sample (then a plain padding mask isolates them), a bool.
+    than one sample (then a plain padding mask isolates them), a bool; ``seq_lens``: (S,) int64, the
+    samples' lengths row by row (known here, so the training loop never asks the device for them).
     """
     if not packs:
         raise ValueError("collate_packs: no packs to collate")
@@ -329,6 +330,7 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
     document_ids = np.full((rows, length), PAD_DOCUMENT, np.int32)
     modality = np.full((rows, length), PAD_MODALITY, np.int8)
     segments: list[int] = []
+    lengths: list[int] = []
     for row, pack in enumerate(packs):
         n = len(pack.input_ids)
         input_ids[row, :n] = pack.input_ids
@@ -338,6 +340,7 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
         modality[row, :n] = pack.modality
         used = sum(pack.seq_lens)
         segments.extend(pack.seq_lens)
+        lengths.extend(pack.seq_lens)
         if used < length:
             segments.append(length - used)
     cu_seqlens = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
@@ -350,4 +353,5 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "max_seqlen": int(max(segments)),
         "one_sample_per_row": all(len(p.seq_lens) <= 1 for p in packs),
+        "seq_lens": torch.tensor(lengths, dtype=torch.int64),
     }

@@ -44,21 +44,13 @@ class FlopCounts:
         head = model.get_output_embeddings().weight.numel()
         return cls(body_params=body, head_params=head, layers=layers, attention_width=heads * head_dim)
 
-    def step_flops(self, seq_lens: torch.Tensor, supervised: int | torch.Tensor) -> float:
-        """Training FLOPs for samples of lengths ``seq_lens`` (1-D) with ``supervised`` targets."""
+    def step_flops(self, seq_lens: torch.Tensor, supervised: int | torch.Tensor) -> torch.Tensor:
+        """Training FLOPs (a float64 tensor on ``seq_lens``' device: no host sync) for samples of
+        lengths ``seq_lens`` (1-D) with ``supervised`` targets."""
         s = seq_lens.to(torch.float64)
-        tokens = float(s.sum())
-        attention = 6.0 * self.layers * self.attention_width * float((s * (s + 1)).sum())
-        return 6.0 * self.body_params * tokens + 6.0 * self.head_params * float(supervised) + attention
-
-
-def sample_lengths(document_ids: torch.Tensor) -> torch.Tensor:
-    """(S,) lengths of the samples of a packed batch, from its (B, L) document ids (-1 = padding)."""
-    rows, length = document_ids.shape
-    real = document_ids >= 0
-    # One id per (row, sample): samples of different rows never share an id.
-    ids = (torch.arange(rows, device=document_ids.device)[:, None] * (length + 1) + document_ids)[real]
-    return torch.unique_consecutive(ids, return_counts=True)[1]
+        n = torch.as_tensor(supervised, dtype=torch.float64, device=s.device)
+        attention = 6.0 * self.layers * self.attention_width * (s * (s + 1)).sum()
+        return 6.0 * self.body_params * s.sum() + 6.0 * self.head_params * n + attention
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

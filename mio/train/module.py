@@ -21,7 +21,7 @@ from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coeff
 from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.data import DataReport
-from mio.train.flops import FlopCounts, peak_flops, sample_lengths
+from mio.train.flops import FlopCounts, peak_flops
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
 from mio.train.sharding import FSDP2Strategy, full_state_dict
 from mio.vocab import MODALITY_NAMES, VocabTable
@@ -178,7 +178,7 @@ class MioModule(L.LightningModule):
         modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
-        flops = self.flop_counts.step_flops(sample_lengths(batch["document_ids"]), n_supervised)
+        flops = self.flop_counts.step_flops(batch["seq_lens"], n_supervised)
         values = [token_loss.sum(), n_supervised, real.sum(), real.numel(), flops,
                   aux_loss.detach() if aux_loss is not None else 0.0, 1]
         for mid in MODALITY_NAMES:
