@@ -62,7 +62,8 @@ def test_the_tiny_stage_three_logs_the_share_it_trained_on(root, tmp_path):
     Trained.batches = []
     every = 4
     fit(tiny_args(root, tmp_path, "--model.extend_vocab=true", f"--trainer.log_every_n_steps={every}",
-                  "--trainer.callbacks+=test_train_data.Trained", config="3_speech.yaml", steps=2 * every))
+                  "--trainer.callbacks+=test_train_data.Trained", config="3_speech.yaml", steps=2 * every,
+                  context=1024))
     rows = [r for r in csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()) if r["train/loss"]]
     assert len(rows) == 2
     run = DataCounts(4)
