@@ -362,7 +362,8 @@ def kind_tokens(pack: Pack) -> np.ndarray:
     """(3,) real tokens of the pack's text-only samples, samples with images and samples with speech."""
     lens = np.asarray(pack.seq_lens)
     starts = np.concatenate([[0], np.cumsum(lens[:-1])])
-    kinds = np.maximum.reduceat(pack.modality[:int(lens.sum())], starts).clip(min=TEXT_CODE)  # codes: text < image < speech
+    # A sample's kind is its highest modality code: text < image < speech.
+    kinds = np.maximum.reduceat(pack.modality[:int(lens.sum())], starts).clip(min=TEXT_CODE)
     return np.bincount(kinds, weights=lens, minlength=len(MODALITY_NAMES)).astype(np.int64)
 
 

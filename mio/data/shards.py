@@ -285,7 +285,8 @@ def shard_sample_counts(shards: Sequence[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for folder in sorted({Path(s).parent for s in shards}):
         if (folder / MANIFEST).is_file():
-            counts.update({str(folder / r["shard"]): int(r["samples"]) for r in read_manifest(folder).get("shards", [])})
+            listed = read_manifest(folder).get("shards", [])
+            counts.update({str(folder / r["shard"]): int(r["samples"]) for r in listed})
     return counts
 
 

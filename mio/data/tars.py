@@ -10,10 +10,10 @@ measured the whole training path over them at 1.02M packed tokens per second per
 with the hand-written reader, same machine, minutes apart): above the 1,000,000 floor, so no
 hand-written reader is kept.
 
-A shard that fails is never silent: the samples read before the failure are kept (the sample the
-failure cut short is dropped: ``group_by_keys`` only releases a sample once the next one starts),
-and ``on_failure`` gets a :class:`ShardFailure` naming the URL, the reason and the error. The
-default raises it, so a caller that does not count failures does not lose one.
+A shard that fails is never silent: the whole samples read before the failure are kept (the one
+the failure cut short is dropped; one whose next sample's first header arrived is whole, and
+kept), and ``on_failure`` gets a :class:`ShardFailure` naming the URL, the reason and the error.
+The default raises it, so a caller that does not count failures does not lose one.
 
 Writing is ``wds.TarWriter`` with fixed member metadata (times, mode, owners), so the same samples
 give the same bytes, and the same checksum in a manifest, on any machine and any rerun.
@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import webdataset as wds
 from webdataset.gopen import Pipe, set_options
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 # Fixed tar member metadata: shards are reproducible to the byte (checksums in the manifest).
 MEMBER_MTIME = 0
@@ -89,6 +89,17 @@ def _header_ok(block: bytes) -> bool:
     return stored == unsigned or stored == unsigned - 256 * sum(b >= 128 for b in block[:148] + block[156:])
 
 
+def _member_key(block: bytes) -> str | None:
+    """The sample key (WebDataset's: the name up to the first dot of its last part) of a regular
+    file's ustar header; None for an extension header (pax, GNU long name), whose name comes later."""
+    if block[156:157] not in (b"0", b"\0", b"7"):
+        return None
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345]:
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return base_plus_ext(name.decode("utf-8", "surrogateescape"))[0]
+
+
 def _member_blocks(block: bytes) -> int:
     """Bytes of the member data that follow a header, padded to whole blocks."""
     field = block[124:136]
@@ -113,6 +124,7 @@ class _ShardBytes:
         self.partial = b""  # the start of a header block that a read cut in two
         self.end: int | None = None  # offset of the end-of-archive (zero) block
         self.damage: str | None = None
+        self.key: str | None = None  # the sample key of the last member header read (None: not known)
         self.compressed: bool | None = None
 
     def read(self, size: int = -1) -> bytes:
@@ -142,6 +154,7 @@ class _ShardBytes:
             if not _header_ok(block):
                 self.damage = f"damaged member header at byte {self.header}"
                 return
+            self.key = _member_key(block)
             self.header += BLOCK + _member_blocks(block)
 
     def close(self) -> None:
@@ -170,16 +183,28 @@ class _ShardBytes:
 
 
 class _Members:
-    """The expander's members passed on to ``group_by_keys``, counted; at the shard's end the
-    archive must have ended whole, else the sample in progress never leaves ``group_by_keys``."""
+    """The expander's members passed on to ``group_by_keys``, counted. At the shard's end the
+    archive must have ended whole, else the sample in progress never leaves ``group_by_keys``; when
+    the stream breaks off inside a member whose header names the NEXT sample, the sample in
+    progress was whole: it is released (by the end-of-shard marker) before the error goes on."""
 
     def __init__(self, files: Iterable[dict[str, Any]], shard: _ShardBytes) -> None:
         self.files, self.shard, self.count = files, shard, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for f in self.files:
+        files, key = iter(self.files), None
+        while True:
+            try:
+                f = next(files)
+            except StopIteration:
+                return
+            except SHARD_ERRORS:
+                if key is not None and self.shard.key not in (None, key):
+                    yield {}  # the expander's end-of-shard marker: group_by_keys releases the whole sample
+                raise
             if f:
                 self.count += 1
+                key = base_plus_ext(f["fname"])[0]
             else:  # {}: the expander's end-of-shard marker, which releases the last sample
                 self.shard.check_end()
             yield f

@@ -105,11 +105,12 @@ class DataReport:
         return error_summary(counts, d)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"datasets": {name: {"samples_read": int(self.total.read[d]), "tokens_trained": int(self.total.tokens[d]),
-                                    "errors": {r: int(n) for r, n in zip(ERROR_REASONS, self.total.errors[d])},
-                                    "examples": {ERROR_REASONS[r]: self.examples[(i, r)]
-                                                 for (i, r) in sorted(self.examples) if i == d}}
-                             for d, name in enumerate(self.names)},
+        def dataset(d: int) -> dict[str, Any]:
+            return {"samples_read": int(self.total.read[d]), "tokens_trained": int(self.total.tokens[d]),
+                    "errors": {r: int(n) for r, n in zip(ERROR_REASONS, self.total.errors[d])},
+                    "examples": {ERROR_REASONS[r]: self.examples[(i, r)] for (i, r) in sorted(self.examples) if i == d}}
+
+        return {"datasets": {name: dataset(d) for d, name in enumerate(self.names)},
                 "max_error_fraction": self.max_error_fraction}
 
     def write(self, folder: Path | None = None) -> Path:

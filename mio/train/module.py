@@ -142,7 +142,8 @@ class MioModule(L.LightningModule):
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
             self._n_step = step_tokens(batch["step_supervised"].to(self.device))
         # Every supervised token of the optimizer step's global batch weighs the same (mio/train/loss.py).
-        loss = micro_batch_loss(token_loss, self._n_step, self.trainer.world_size * self.trainer.accumulate_grad_batches)
+        replicas = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        loss = micro_batch_loss(token_loss, self._n_step, replicas)
         if aux_loss is not None:
             # A mean over this micro-batch's real tokens: Lightning's and DDP's averaging is right for it.
             loss = loss + self.aux_coefficient * aux_loss
