@@ -16,6 +16,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mio.train.checkpoint import find_last
 from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
 
@@ -89,6 +90,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(root, tmp_path, monk
     folder = tmp_path / "checkpoints"
     assert saves[2].endswith("step=3.ckpt.partial")  # written under a temporary name
     assert os.readlink(folder / "last.ckpt") == "step=2.ckpt"
+    assert find_last(folder) == folder / "step=2.ckpt"
     assert not (folder / "step=3.ckpt").exists()
     state = torch.load(folder / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2 and state["MioDataModule"]["micro_batches"] == 2
@@ -98,3 +100,13 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(root, tmp_path, monk
     fit(tiny_args(root, tmp_path, *RESUMABLE, "--ckpt_path=last", steps=4))
     assert [line["step"] for line in ledger(tmp_path)] == [1, 2, 3, 4]
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=4.ckpt"]  # the partial one is gone
+
+
+def test_find_last_names_what_last_would_resume_or_none(tmp_path):
+    assert find_last(tmp_path / "missing") is None
+    assert find_last(tmp_path) is None
+    (tmp_path / "step=3.ckpt").write_bytes(b"a checkpoint")
+    os.symlink("step=3.ckpt", tmp_path / "last.ckpt")
+    assert find_last(tmp_path) == tmp_path / "step=3.ckpt"
+    (tmp_path / "step=3.ckpt").unlink()  # a link to a checkpoint that is gone resumes nothing
+    assert find_last(tmp_path) is None

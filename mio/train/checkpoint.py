@@ -23,6 +23,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 PARTIAL = ".partial"
+LAST = "last.ckpt"
+
+
+def find_last(dirpath: str | os.PathLike) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes from: the one ``<dirpath>/last.ckpt`` names
+    (mio's default ``dirpath`` is ``<trainer.default_root_dir>/checkpoints``), or None when there is
+    none -- no folder, no ``last.ckpt``, or a link to a checkpoint that is gone."""
+    link = Path(dirpath) / LAST
+    if not link.exists():  # follows the link: False for a dangling one
+        return None
+    return link.resolve() if link.is_symlink() else link
 
 
 class AtomicCheckpoint(ModelCheckpoint):
