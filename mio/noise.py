@@ -20,7 +20,7 @@ NOISE = re.compile("|".join((
     r"Tip: ",
     r"^Seed set to ",
     r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
-    r"new (lm_head|embeddings?) weights? will be initialized",
+    r"new (lm_head weights|embeddings) will be initialized",
     r" (is|are) deprecated",
 )))
 # The loggers that emit those messages (a filter on a logger sees the records it creates; these

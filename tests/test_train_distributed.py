@@ -73,8 +73,7 @@ def test_fsdp_stage_checkpoints_resumes_and_exports_full_weights(tmp_path_factor
     run = root / "runs" / "fsdp"
     args = tiny_args(root, run, "--config", str(ROOT / "stages" / "cluster" / "fsdp_7b.yaml"),
                      "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.num_nodes=1",
-                     "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-                     "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
+                     "--checkpoint.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
                      steps=2)
     fit(args)
     assert (run / "checkpoints" / "step=2.ckpt").is_dir() and (run / "checkpoints" / "last.ckpt").is_symlink()

@@ -22,8 +22,7 @@ from train_support import ledger, shared_root, tiny_args
 
 STEPS = 5
 # Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger.
-RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.enable_checkpointing=true",
-             "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--checkpoint.every_n_train_steps=1",
              "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 
 

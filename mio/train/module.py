@@ -17,7 +17,7 @@ from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_f
 from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.flops import FlopCounts, peak_flops, sample_lengths
-from mio.vocab import MODALITY_NAMES
+from mio.vocab import MODALITY_NAMES, VocabError
 
 # Per-step figures, summed over ranks in one all-reduce: a vector with these entries, then
 # (loss sum, supervised targets, real tokens) for each modality of MODALITY_NAMES.
@@ -47,8 +47,14 @@ class MioModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.attn_backend = attn_backend
-        self.model, self.tokenizer, self.table = load_backbone(
-            backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
+        try:
+            self.model, self.tokenizer, self.table = load_backbone(
+                backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
+        except VocabError as err:
+            what = ("drop model.extend_vocab: this backbone has mio's tokens already (a stage's output)" if extend_vocab
+                    else "a text-only backbone needs model.extend_vocab: true (as stage 1 has), or start from the "
+                         "output folder of a stage that extended it")
+            raise VocabError(f"model.backbone {backbone}: {err}; {what}") from err
         # --- LoRA (mio/model/lora.py): a frozen backbone, adapters and added-token rows train ---
         if lora is not None:
             if extend_vocab:
