@@ -19,7 +19,7 @@ import torch
 
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import ADAPTER_CONFIG, is_adapter_folder
-from mio.vocab import VOCAB_FILE, VocabTable
+from mio.vocab import VocabTable, folder_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: merging
@@ -70,12 +70,11 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         raise FileNotFoundError(f"{base}: the adapter's base model folder is missing (no config.json); pass --base")
     torch_dtype = resolve_dtype(dtype, base)
     model, tokenizer, table = load_backbone(base, dtype=torch_dtype)
-    if (adapter / VOCAB_FILE).is_file():
-        table = VocabTable.load(adapter)
-    if (adapter / "tokenizer_config.json").is_file():
+    if (adapter / "tokenizer_config.json").is_file():  # a LoRA stage saves its tokenizer and table beside the adapter
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(adapter, local_files_only=True)
+        table = folder_table(adapter, tokenizer)
     specs = load_tokenizer_specs(adapter) or load_tokenizer_specs(base)
 
     peft_model = PeftModel.from_pretrained(model, adapter).eval()

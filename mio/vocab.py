@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -22,14 +22,25 @@ FORMAT = "mio-vocab/1"
 
 IMAGE_BEGIN, IMAGE_END = "<image>", "</image>"
 SPEECH_BEGIN, SPEECH_END = "<spch>", "</spch>"
+BLOCK_MARKERS = (IMAGE_BEGIN, IMAGE_END, SPEECH_BEGIN, SPEECH_END)
+# Our names for the two placeholder tokens; MIO's release states their ids, not their names, and
+# nothing of mio needs them beyond keeping their ids out of the text vocabulary.
 IMAGE_PLACEHOLDER, SPEECH_PLACEHOLDER = "<image_placeholder>", "<speech_placeholder>"
 
 # MIO's released checkpoints fix these at V+0 .. V+5 in this order (DESIGN.md).
 MIO_SPECIAL_ORDER = (SPEECH_PLACEHOLDER, SPEECH_END, IMAGE_PLACEHOLDER, SPEECH_BEGIN, IMAGE_END, IMAGE_BEGIN)
+# The config.json fields of MIO's release that state where each special token is.
+MIO_CONFIG_IDS = {"speech_placeholder_id": SPEECH_PLACEHOLDER, "speech_eos_id": SPEECH_END,
+                  "image_placeholder_id": IMAGE_PLACEHOLDER, "speech_bos_id": SPEECH_BEGIN,
+                  "image_eos_id": IMAGE_END, "image_bos_id": IMAGE_BEGIN}
 
-# Per-token modality ids, used for per-modality loss and token shares.
-TEXT, IMAGE, SPEECH = 0, 1, 2
-MODALITY_NAMES = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
+# Modality names: one spelling and one meaning everywhere (segments, generation, metrics).
+TEXT, IMAGE, VIDEO, SPEECH = "text", "image", "video", "speech"
+# VocabTable.modality's per-token codes (int8 arrays behind per-modality losses and token
+# shares; video frames are image tokens): code i is the modality TOKEN_MODALITIES[i].
+TOKEN_MODALITIES = (TEXT, IMAGE, SPEECH)
+TEXT_CODE, IMAGE_CODE, SPEECH_CODE = range(len(TOKEN_MODALITIES))
+MODALITY_NAMES = dict(enumerate(TOKEN_MODALITIES))  # code -> name
 
 
 class VocabError(ValueError):
@@ -56,9 +67,9 @@ class VocabTable:
     format: str = field(default=FORMAT)
 
     def __post_init__(self) -> None:
-        missing = [t for t in MIO_SPECIAL_ORDER if t not in self.specials]
+        missing = [t for t in BLOCK_MARKERS if t not in self.specials]
         if missing:
-            raise VocabError(f"vocabulary table lacks special tokens {missing}")
+            raise VocabError(f"vocabulary table lacks the block markers {missing}")
         ranges = [(i, i + 1, t) for t, i in self.specials.items()]
         ranges += [(self.image_start, self.image_end_id, "image codes"),
                    (self.speech_start, self.speech_end_id, "speech codes")]
@@ -82,25 +93,30 @@ class VocabTable:
                    speech_codebook_size=speech_codebook_size, speech_layers=speech_layers)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "VocabTable":
-        """Derive the table from a tokenizer's added tokens (MIO's release ships no table file)."""
+    def from_tokenizer(cls, tokenizer: Any, config: Mapping[str, Any] | None = None) -> "VocabTable":
+        """The table of an extended tokenizer that ships no table file (MIO's release).
+
+        The special tokens' ids come from ``config`` (a model's config.json) where it states
+        them, as MIO's does (``text_vocab_size``, ``speech_bos_id``, ...); else from the
+        tokenizer's block markers (``<image>``, ``</image>``, ``<spch>``, ``</spch>``). The code
+        tokens are the tokenizer's ``<img{i}>`` and ``<spch{c + 1024*k}>`` runs.
+        """
         vocab: dict[str, int] = tokenizer.get_vocab()
-        missing = [t for t in MIO_SPECIAL_ORDER if t not in vocab]
-        if missing:
-            raise VocabError(f"tokenizer has no {missing} tokens: it was not extended for mio/MIO")
-        specials = {t: vocab[t] for t in MIO_SPECIAL_ORDER}
-        img = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(r"<img(\d+)>", t)))
-        spc = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(r"<spch(\d+)>", t)))
-        for name, toks in (("image", img), ("speech", spc)):
-            if not toks:
-                raise VocabError(f"tokenizer has no {name} code tokens")
-            codes, ids = zip(*toks)
-            if codes != tuple(range(len(codes))) or ids != tuple(range(ids[0], ids[0] + len(ids))):
-                raise VocabError(f"{name} code tokens are not one contiguous run of ids in code order")
-        speech_layers = 4 if len(spc) % 4 == 0 else 1
-        return cls(text_size=min(specials.values()), specials=specials, image_start=img[0][1],
-                   speech_start=spc[0][1], image_codebook_size=len(img),
-                   speech_codebook_size=len(spc) // speech_layers, speech_layers=speech_layers)
+        if config is not None and all(k in config for k in (*MIO_CONFIG_IDS, "text_vocab_size")):
+            specials, text_size = _specials_from_config(config, tokenizer, vocab)
+        else:
+            missing = [t for t in BLOCK_MARKERS if t not in vocab]
+            if missing:
+                raise VocabError(f"tokenizer has no {missing} tokens and the model's config states no special token "
+                                 "ids: it was not extended for mio/MIO")
+            specials = {t: vocab[t] for t in MIO_SPECIAL_ORDER if t in vocab}
+            text_size = min(specials.values())
+        img = _code_run(vocab, r"<img(\d+)>", "image")
+        spc = _code_run(vocab, r"<spch(\d+)>", "speech")
+        speech_layers = 4 if len(spc) % 4 == 0 else 1  # MIO's 4 RVQ layers of one codebook size each
+        return cls(text_size=text_size, specials=specials, image_start=img[0], speech_start=spc[0],
+                   image_codebook_size=len(img), speech_codebook_size=len(spc) // speech_layers,
+                   speech_layers=speech_layers)
 
     # --- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -206,11 +222,11 @@ class VocabTable:
         return (ids >= self.speech_start) & (ids < self.speech_end_id)
 
     def modality(self, ids: np.ndarray) -> np.ndarray:
-        """Per-token modality (TEXT, IMAGE or SPEECH) as int8; specials count as text."""
+        """Per-token modality codes (TEXT_CODE, IMAGE_CODE or SPEECH_CODE) as int8; specials count as text."""
         ids = np.asarray(ids)
-        out = np.full(ids.shape, TEXT, dtype=np.int8)
-        out[self.is_image(ids)] = IMAGE
-        out[self.is_speech(ids)] = SPEECH
+        out = np.full(ids.shape, TEXT_CODE, dtype=np.int8)
+        out[self.is_image(ids)] = IMAGE_CODE
+        out[self.is_speech(ids)] = SPEECH_CODE
         return out
 
     def describe(self, token_id: int) -> tuple[str, int, int]:
@@ -218,13 +234,13 @@ class VocabTable:
         if not 0 <= token_id < self.total_size:
             raise VocabError(f"token id {token_id} is outside the vocabulary (size {self.total_size})")
         if self.is_image(token_id):
-            return "image", 0, token_id - self.image_start
+            return IMAGE, 0, token_id - self.image_start
         if self.is_speech(token_id):
             layer, code = self.speech_codes(np.array([token_id]))
-            return "speech", int(layer[0]), int(code[0])
+            return SPEECH, int(layer[0]), int(code[0])
         if token_id in self.specials.values():
             return "special", 0, token_id
-        return "text", 0, token_id
+        return TEXT, 0, token_id
 
 
 def _check_range(codes: np.ndarray, size: int, what: str) -> None:
@@ -233,22 +249,89 @@ def _check_range(codes: np.ndarray, size: int, what: str) -> None:
         raise VocabError(f"{what} {int(bad.flat[0])} is outside its codebook [0, {size})")
 
 
+def _code_run(vocab: Mapping[str, int], pattern: str, name: str) -> list[int]:
+    """The ids of a tokenizer's code tokens in code order; they must be one contiguous run."""
+    found = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := re.fullmatch(pattern, t)))
+    if not found:
+        raise VocabError(f"tokenizer has no {name} code tokens")
+    codes, ids = zip(*found)
+    if codes != tuple(range(len(codes))) or ids != tuple(range(ids[0], ids[0] + len(ids))):
+        raise VocabError(f"{name} code tokens are not one contiguous run of ids in code order")
+    return list(ids)
+
+
+def _specials_from_config(config: Mapping[str, Any], tokenizer: Any, vocab: Mapping[str, int]) -> tuple[dict[str, int], int]:
+    """MIO's config.json fields -> ({token: id} of the 6 specials, text vocabulary size).
+
+    The placeholders keep whatever names the tokenizer gives their ids (the release does not
+    say them); a block marker the tokenizer knows must sit where the config says.
+    """
+    specials: dict[str, int] = {}
+    for field_name, ours in MIO_CONFIG_IDS.items():
+        i = int(config[field_name])
+        if ours in BLOCK_MARKERS:
+            if ours in vocab and vocab[ours] != i:
+                raise VocabError(f"config.json says {field_name} {i}, but the tokenizer has {ours} at id {vocab[ours]}")
+            specials[ours] = i
+        else:
+            name = tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None
+            specials[name if isinstance(name, str) and name not in specials else ours] = i
+    text_size = int(config["text_vocab_size"])
+    declared = config.get("num_new_special_tokens")
+    if declared is not None and int(declared) != len(set(specials.values())):
+        raise VocabError(f"config.json declares {declared} new special tokens but states the ids of "
+                         f"{len(set(specials.values()))}")
+    return specials, text_size
+
+
+def extension_table(tokenizer: Any) -> VocabTable:
+    """The table that extending a text-only backbone with this tokenizer gives (extend_backbone)."""
+    return VocabTable.mio_default(len(tokenizer))
+
+
+def is_extended(tokenizer: Any) -> bool:
+    """Whether a tokenizer already has mio's (or MIO's) code tokens. (Block markers alone do not
+    tell: some multimodal tokenizers have an ``<image>`` token of their own.)"""
+    vocab = tokenizer.get_vocab()
+    return "<img0>" in vocab or "<spch0>" in vocab
+
+
+def folder_table(folder: str | os.PathLike, tokenizer: Any, extend: bool = False) -> VocabTable:
+    """The vocabulary table of a model folder: the one rule every command uses.
+
+    1. the folder's ``mio_vocab.json`` (every folder mio writes has one);
+    2. an extended tokenizer (MIO's release): :meth:`VocabTable.from_tokenizer`, with the ids
+       the folder's ``config.json`` states;
+    3. a text-only backbone: with ``extend`` (a stage with ``model.extend_vocab: true``), the
+       table extending it will give; without, an error saying what to do.
+    """
+    path = Path(folder)
+    if (path / VOCAB_FILE).is_file():
+        return VocabTable.load(path)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    if is_extended(tokenizer) or (config is not None and "image_bos_id" in config):
+        return VocabTable.from_tokenizer(tokenizer, config)
+    if extend:
+        return extension_table(tokenizer)
+    raise VocabError(f"{path} is not extended with mio's tokens (no {VOCAB_FILE}, no <img0>/<spch0> tokens): set "
+                     "model.extend_vocab: true to extend it (stage 1), or start from a stage's output folder")
+
+
 def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
     """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
 
     New embedding rows (and output rows, when untied) start at the mean of the existing
     rows, through transformers' own ``mean_resizing``.
     """
-    vocab = tokenizer.get_vocab()
-    already = [t for t in MIO_SPECIAL_ORDER if t in vocab]
-    if already:
-        raise VocabError(f"tokenizer already has {already}: this backbone was extended before")
+    if is_extended(tokenizer):
+        raise VocabError("tokenizer already has mio's code tokens (<img0>, <spch0>): this backbone was extended before")
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != rows:
         raise VocabError(
             f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
             "mio extends both in step, so they must agree (resize the model to the tokenizer first)")
-    table = table or VocabTable.mio_default(len(tokenizer))
+    table = table or extension_table(tokenizer)
     if table.text_size != len(tokenizer):
         raise VocabError(f"vocabulary table starts at {table.text_size}, tokenizer has {len(tokenizer)} tokens")
     added = tokenizer.add_tokens(table.added_tokens())

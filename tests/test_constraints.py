@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
@@ -21,10 +21,13 @@ PER_IMAGE, MAX_FRAMES = 3, 5
 PADDED_VOCAB = SMALL.total_size + 3  # models often pad their output layer
 
 
-def reference_allowed(seq: list[int], t: VocabTable, allow_image: bool = True, allow_speech: bool = True) -> set[int]:
-    """The grammar walked token by token from the start (no shortcuts shared with the code)."""
-    mode, n, lens = TEXT, 0, []
+def reference_allowed(seq: list[int], t: VocabTable, allow_image: bool = True, allow_speech: bool = True,
+                      stops: list[int] | None = None) -> set[int]:
+    """The grammar walked token by token from the start (no shortcuts shared with the code).
+    ``stops``: an answer of media only, ending at one of these after a block."""
+    mode, n, lens, closed = TEXT, 0, [], False
     for tok in seq:
+        closed = mode != TEXT and tok in (t.image_end, t.speech_end)
         if mode == TEXT:
             if tok == t.image_begin:
                 mode, n = IMAGE, 0
@@ -46,7 +49,10 @@ def reference_allowed(seq: list[int], t: VocabTable, allow_image: bool = True, a
         return set(range(start, start + t.speech_codebook_size))
 
     if mode == TEXT:
-        return set(range(t.text_size)) | ({t.image_begin} if allow_image else set()) | ({t.speech_begin} if allow_speech else set())
+        begins = ({t.image_begin} if allow_image else set()) | ({t.speech_begin} if allow_speech else set())
+        if stops is None:
+            return set(range(t.text_size)) | begins
+        return begins | (set(stops) if closed else set())
     if mode == IMAGE:
         return set(range(t.image_start, t.image_end_id)) if n < PER_IMAGE else {t.image_end}
     last = t.speech_layers - 1
@@ -67,13 +73,18 @@ def allowed_set(c: ModalityConstraint, seq: list[int]) -> set[int]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), allow_image=st.booleans(), allow_speech=st.booleans(), length=st.integers(1, 70))
-def test_allowed_sets_match_the_reference_grammar(data, allow_image, allow_speech, length):
+@given(data=st.data(), allow_image=st.booleans(), allow_speech=st.booleans(), length=st.integers(1, 70),
+       media_only=st.booleans())
+def test_allowed_sets_match_the_reference_grammar(data, allow_image, allow_speech, length, media_only):
+    media_only = media_only and (allow_image or allow_speech)
+    stops = [0, 2] if media_only else None
     c = ModalityConstraint(SMALL, tokens_per_image=PER_IMAGE, max_speech_frames=MAX_FRAMES,
-                           allow_image=allow_image, allow_speech=allow_speech)
+                           allow_image=allow_image, allow_speech=allow_speech, text_only_stops=stops)
     seq = [data.draw(st.integers(0, SMALL.text_size - 1))]  # a text token to start from
     for _ in range(length):
-        want = reference_allowed(seq, SMALL, allow_image, allow_speech)
+        want = reference_allowed(seq, SMALL, allow_image, allow_speech, stops)
+        if seq[-1] in (stops or []):
+            break  # the answer ended
         assert allowed_set(c, seq) == want, seq
         seq.append(data.draw(st.sampled_from(sorted(want))))
     # Whatever the walk produced, its closed blocks parse; an open block can only be the last one.

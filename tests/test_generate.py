@@ -19,14 +19,15 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mio.generate.constraints import IMAGE, SPEECH, TEXT, VIDEO, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import LENGTH, STOP, Decoder
 from mio.generate.detok import UnclipSettings
 from mio.generate.generator import Generator
 from mio.generate.media import MediaFile, MediaTokenizers
-from mio.generate.settings import MODES, TABLE8, DecodeSettings, resolve_settings
+from mio.generate.settings import MODES, TABLE8, DecodeSettings, get_preset, resolve_settings
 from mio.segments import Image, Speech, Text, TextEncoder, Video, render
 from mio.templates import Turn
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)
 
@@ -83,6 +84,123 @@ def test_text_beam_search_equals_transformers(cache, early_stopping):
     assert {stopped for stopped, _ in lengths} == {STOP, LENGTH}
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_beam_search_through_media_blocks_equals_transformers(cache):
+    """One beam setting for every modality (MIO's release for image and speech generation): the
+    whole answer is one beam search under the constraint, transformers' own, token for token,
+    through the image and speech blocks."""
+    model, tok, table = media_model(seed=3, image_bias=4.0, speech_bias=4.0)
+    c = ModalityConstraint(table, max_speech_frames=3)
+    s = DecodeSettings(num_beams=3, do_sample=False, repetition_penalty=1.15)
+    prompt = [tok.bos_token_id, *tok("a cat")["input_ids"]]
+    seen = set()
+    for first in ([], [table.image_begin], [table.speech_begin]):
+        r = Decoder(model, c, uniform(s), model.generation_config.eos_token_id, use_cache=cache).run(prompt + first, 60)
+        assert same_as_hf(r.ids, hf_generate(model, prompt + first, c, s, 60, cache, 0), tok.pad_token_id)
+        assert r.beam_phases == 1 and r.modes == expected_modes(prompt + first, r.ids, c)
+        seen |= set(r.modes)
+    assert {IMAGE, SPEECH} <= seen
+
+
+def test_beam_phases_per_modality_keep_the_grammar():
+    """Different beam settings per modality: each block is its own beam search, ended by the
+    token that leaves it; the answer parses and re-renders to its ids."""
+    model, tok, table = media_model(seed=4, image_bias=5.0, speech_bias=4.0)
+    gen = Generator.from_loaded(model, tok, table)
+    beams = {TEXT: {"num_beams": 2}, IMAGE: {"num_beams": 3}, VIDEO: {"num_beams": 2}, SPEECH: {"num_beams": 2}}
+    g = gen.generate("a cat", chat=False, settings=beams, max_new_tokens=150, max_speech_frames=3)
+    c = ModalityConstraint(table)
+    assert g.result.modes == expected_modes(list(g.prompt_ids), g.result.ids, c)
+    media = [x for x in g.segments if not isinstance(x, Text)]
+    assert media and g.result.beam_phases >= 2 * len(media)  # a phase for each block and the text after it
+    ids = g.result.ids[:-1] if g.stopped == STOP else g.result.ids
+    if g.partial is None:
+        assert render(g.segments, table, TextEncoder(tok)).input_ids.tolist() == ids
+
+
+def test_presets_paper_and_mio_release():
+    from mio.generate.settings import PRESETS
+
+    paper, release = PRESETS["paper"], PRESETS["mio-release"]
+    assert paper.settings(paper.task_of("tts", None, False)) == TABLE8 and paper.max_new_tokens == 1024
+    want = {"text": (5, False, 1.0, 1.0), "image_generation": (5, False, 1.0, 1.15), "tts": (1, True, 0.7, 1.15),
+            "speech_generation": (5, False, 1.0, 2.0), "speech_to_speech": (5, False, 1.0, 1.15),
+            "video_generation": (1, True, 0.7, 1.15), "interleaved": (1, True, 0.7, 1.15)}
+    for task, (beams, sample, top_p, penalty) in want.items():
+        modes = release.settings(task)
+        assert len(set(modes.values())) == 1 and set(modes) == set(MODES)  # one setting for the whole answer
+        s = modes[TEXT]
+        assert (s.num_beams, s.do_sample, s.top_p, s.repetition_penalty, s.top_k, s.length_penalty) == \
+            (beams, sample, top_p, penalty, 0, 1.0), task
+    assert release.max_new_tokens == 512
+    assert release.task_of(None, None, False) == "text"
+    assert release.task_of(None, ["speech"], False) == "speech_generation"
+    assert release.task_of(None, ["speech"], True) == "speech_to_speech"
+    assert release.task_of(None, ["image"], False) == "image_generation"
+    assert release.task_of(None, ["text", "image"], False) == "interleaved"
+    assert release.task_of("descriptive_image_generation", None, False) == "image_generation"
+    with pytest.raises(ValueError, match="no settings for task 'poetry'"):
+        release.task_of("poetry", None, False)
+
+
+def test_mio_release_stops_where_the_release_does():
+    """Chat answers end at <|im_end|> only, raw ones at EOS only (MIO's infer.py: id 7 for
+    Instruct, EOS for Base); the paper preset stops at either."""
+    model, tok, table = media_model(seed=8, image_bias=-9.0, speech_bias=-9.0)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.bias[im_end] += 12.0  # the model wants to end its turn at once
+    gen = Generator.from_loaded(model, tok, table)
+    text1 = {"all": {"num_beams": 1, "do_sample": False}}
+    assert gen.stop_ids_for(get_preset("mio-release"), chat=True) == [im_end]
+    assert gen.stop_ids_for(get_preset("mio-release"), chat=False) == [tok.eos_token_id]
+    paper = gen.generate("hi", chat=False, settings=text1, max_new_tokens=6)
+    assert paper.stopped == STOP and paper.result.ids == [im_end]
+    release = gen.generate("hi", chat=False, preset="mio-release", settings=text1, max_new_tokens=6)
+    assert release.stopped == LENGTH and release.result.ids[0] == im_end and release.preset == "mio-release"
+    chat = gen.generate("hi", preset="mio-release", settings=text1, max_new_tokens=6)
+    assert chat.stopped == STOP and chat.result.ids == [im_end]
+
+
+def test_media_only_outputs_give_an_answer_of_media():
+    """--outputs speech: the answer is speech blocks and the stop token, never text."""
+    model, tok, table = media_model(seed=9, image_bias=6.0, speech_bias=0.0, stop_bias=2.0)
+    gen = Generator.from_loaded(model, tok, table)
+    for seed in range(3):
+        g = gen.generate("Say hello.", outputs=[SPEECH], settings={"all": {"num_beams": 1}}, max_new_tokens=40,
+                         max_speech_frames=2, seed=seed)
+        text = [i for i in g.result.ids if i < table.text_size and i not in gen.stop_ids]
+        assert text == [] and g.result.ids[0] == table.speech_begin
+        assert g.segments and all(isinstance(x, Speech) for x in g.segments)
+
+
+def test_max_new_tokens_is_bounded_by_positions_and_buffers_by_tokens_made():
+    """100,000,000 new tokens asked: the limit is capped at the positions (and said), and no
+    buffer is sized by the number asked."""
+    import tracemalloc
+
+    model, tok, table = media_model(seed=10, image_bias=-9.0, speech_bias=-9.0)
+    gen = Generator.from_loaded(model, tok, table)
+    text1 = {"all": {"num_beams": 1, "do_sample": False}}
+    prompt_len = len(gen.generate("hi", chat=False, settings=text1, max_new_tokens=1).prompt_ids)
+    model.config.max_position_embeddings = prompt_len + 7
+    g = gen.generate("hi", chat=False, settings=text1, max_new_tokens=100_000_000)
+    assert len(g.result.ids) <= 7 and g.result.notes == [
+        f"max_new_tokens 100000000 capped at 7: the prompt has {prompt_len} tokens and the model's positions "
+        f"allow {prompt_len + 7} (max_position_embeddings)"]
+    model.config.max_position_embeddings = prompt_len
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        gen.generate("hi", chat=False, settings=text1)
+    del model.config.max_position_embeddings  # a model without a position limit: memory follows the tokens made
+    with torch.no_grad():
+        model.lm_head.bias[tok.eos_token_id] += 20.0
+    tracemalloc.start()
+    g = gen.generate("hi", chat=False, settings=text1, max_new_tokens=100_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert g.stopped == STOP and peak < 20_000_000
+
+
 def expected_modes(prompt: list[int], ids: list[int], c: ModalityConstraint) -> list[str]:
     """The settings each new token should have been chosen with, from the ids alone."""
     t, out, seq = c.table, [], list(prompt)
@@ -128,8 +246,7 @@ def test_table8_defaults_and_overrides():
     assert (TABLE8[IMAGE].repetition_penalty, TABLE8[SPEECH].repetition_penalty, TABLE8[VIDEO].repetition_penalty) == (1.0, 1.15, 1.15)
     s = resolve_settings({"all": {"temperature": 0.5}, SPEECH: {"repetition_penalty": 2.0}})
     assert s[TEXT].temperature == 0.5 and s[SPEECH].repetition_penalty == 2.0 and s[SPEECH].top_p == 0.7
-    with pytest.raises(ValueError, match="text only"):
-        resolve_settings({IMAGE: {"num_beams": 2}})
+    assert resolve_settings({IMAGE: {"num_beams": 2}})[IMAGE] == DecodeSettings(num_beams=2, do_sample=False)
     with pytest.raises(ValueError, match="unknown decoding setting"):
         resolve_settings({TEXT: {"beams": 2}})
     with pytest.raises(ValueError, match="unknown modality"):
@@ -155,13 +272,13 @@ def build_prompt(kind: str, table) -> tuple[object, bool]:
 @given(seed=st.integers(0, 2**16), image_bias=st.floats(-2, 8), speech_bias=st.floats(-2, 8),
        stop_bias=st.floats(-2, 4), beams=st.integers(1, 3), text_sample=st.booleans(),
        top_p=st.floats(0.05, 1.0), penalty=st.floats(0.8, 1.6), max_new=st.integers(1, 140),
-       cache=st.booleans(), prompt_kind=st.sampled_from(PROMPTS))
+       cache=st.booleans(), prompt_kind=st.sampled_from(PROMPTS), media_beams=st.integers(1, 2))
 def test_property_every_answer_parses_and_decodes(seed, image_bias, speech_bias, stop_bias, beams, text_sample,
-                                                   top_p, penalty, max_new, cache, prompt_kind):
+                                                   top_p, penalty, max_new, cache, prompt_kind, media_beams):
     model, tok, table = media_model(seed=seed, image_bias=image_bias, speech_bias=speech_bias, stop_bias=stop_bias)
     gen = Generator.from_loaded(model, tok, table, tiny_media())
     text = {"num_beams": beams, "do_sample": text_sample and beams == 1}
-    media = {"top_p": top_p, "repetition_penalty": penalty}
+    media = {"top_p": top_p, "repetition_penalty": penalty, "num_beams": media_beams, "do_sample": media_beams == 1}
     prompt, chat = build_prompt(prompt_kind, table)
     g = gen.generate(prompt, chat=chat, max_new_tokens=max_new, use_cache=cache, seed=seed, max_speech_frames=5,
                      settings={TEXT: text, IMAGE: media, SPEECH: media, VIDEO: media})
@@ -204,7 +321,7 @@ def test_token_limit_inside_a_block_is_reported_not_decoded(tmp_path):
     gen = Generator.from_loaded(model, tok, table, tiny_media())
     g = gen.generate("Please generate an image of a cat: <image>", chat=False, max_new_tokens=5)
     assert g.stopped == LENGTH and g.segments == [] and g.partial.kind == IMAGE and g.partial.tokens == 5
-    md = gen.write(g, tmp_path, ONE_STEP).read_text()
+    md = gen.write(g, tmp_path, ONE_STEP).transcript.read_text()
     assert "after 5 codes" in md and not list(tmp_path.glob("*.png"))
     record = json.loads((tmp_path / "generation.json").read_text())
     assert record["partial"]["tokens"] == 5 and record["answer"][-1]["kind"] == "partial"
@@ -246,7 +363,7 @@ def test_chat_prompt_with_media_files_and_turns(tmp_path):
     turns = [Turn("user", [Text("hi")]), Turn("assistant", [Text("hello")]), Turn("user", [Text("draw")])]
     g2 = gen.generate(turns, max_new_tokens=2, settings={TEXT: {"num_beams": 1}})
     assert tok.decode(g2.prompt_ids.tolist()).count("<|im_start|>") == 5  # system, 3 turns, generation prompt
-    md = gen.write(g, tmp_path, ONE_STEP).read_text()
+    md = gen.write(g, tmp_path, ONE_STEP).transcript.read_text()
     assert "prompt/1_cat.jpg" in md and (tmp_path / "prompt" / "1_cat.jpg").is_file()
     html = (tmp_path / "transcript.html").read_text()
     assert '<img src="prompt/1_cat.jpg"' in html and "<audio controls" in html
@@ -259,7 +376,7 @@ def test_missing_detokenizer_is_a_reported_segment(tmp_path):
     gen = Generator.from_loaded(model, tok, table, MediaTokenizers({}))
     g = gen.generate("hello", chat=False, max_new_tokens=20, max_speech_frames=2, settings={TEXT: {"num_beams": 1}})
     assert any(isinstance(s, Speech) for s in g.segments)
-    md = gen.write(g, tmp_path, ONE_STEP).read_text()
+    md = gen.write(g, tmp_path, ONE_STEP).transcript.read_text()
     assert "not decoded: MissingTokenizerError" in md and "--tokenizers" in md
     assert not list(tmp_path.glob("*.wav"))
 

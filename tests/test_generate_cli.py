@@ -44,9 +44,16 @@ def test_cli_writes_transcript_with_decoded_images_and_audio(fit_folder, tmp_pat
                         "--max-speech-frames", "3", "--set", "text.num_beams=1", "--set", "text.do_sample=true",
                         "--seed", "3"])
     assert rc == 0, capsys.readouterr().err
-    assert capsys.readouterr().out.strip() == str(out / "transcript.md")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"transcript: {out / 'transcript.md'}"
     record = json.loads((out / "generation.json").read_text())
     kinds = [a["kind"] for a in record["answer"]]
+    # The answer is printed too: its text, and the path of every media file.
+    for a in record["answer"]:
+        if a["file"]:
+            assert any(f"[{a['kind']}: {out / a['file']}" in line for line in printed), (a, printed)
+        elif a["kind"] == "text" and a["text"].strip():
+            assert a["text"].strip().splitlines()[0] in "\n".join(printed)
     assert "image" in kinds and "speech" in kinds, kinds
     for a in record["answer"]:
         if a["kind"] in ("image", "speech", "video"):
@@ -119,7 +126,7 @@ def test_loading_mio_release_layout(tmp_path):
     # Without --tokenizers MIO's folder still generates; its media are reported, not decoded.
     bare = Generator(folder, device="cpu")
     g = bare.generate("Please generate a speech of hello: <spch>", chat=False, max_new_tokens=20, max_speech_frames=3)
-    md = bare.write(g, tmp_path / "bare").read_text()
+    md = bare.write(g, tmp_path / "bare").transcript.read_text()
     assert "not decoded" in md and "--tokenizers" in md
 
 
@@ -166,6 +173,6 @@ def test_unclip_of_the_wrong_size_is_reported_not_raised(fit_folder, tmp_path):
     tiny_unclip_pipeline(TinyUnclipConfig(embed_dim=16)).save_pretrained(wrong)
     gen = Generator(fit_folder, unclip=wrong, device="cpu")
     g = gen.generate("Please generate an image of a cat: <image>", chat=False, max_new_tokens=33)
-    md = gen.write(g, tmp_path / "o").read_text()
+    md = gen.write(g, tmp_path / "o").transcript.read_text()
     assert "not decoded: ValueError" in md and "16-d" in md
     assert isinstance(g.segments[0], Image) and not isinstance(g.segments[0], Text)

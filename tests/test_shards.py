@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
 import subprocess
-import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
 from hypothesis import given, settings, strategies as st
 
-from mio.data.reading import tar_members, tar_samples
 from mio.data.shards import (AtomicShardWriter, ShardError, StoredSample, decode_sample, encode_sample, file_sha256,
                              iter_shard, load_npy)
 from mio.segments import Image, Speech, Text, Video
@@ -119,54 +116,3 @@ def test_writer_leaves_nothing_on_error(tmp_path):
             w.write(_samples(1)[0])
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_lean_tar_reader_equals_tarfile(tmp_path):
-    """The pipeline's tar reader gives what tarfile gives, for ustar, pax and GNU long names."""
-    long = "d/" + "x" * 150 + ".json"
-    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
-        path = tmp_path / f"f{fmt}.tar"
-        members = [("a.json", b"{}"), ("a.m0.npy", bytes(range(256)) * 3), ("b.json", b"")]
-        if fmt != tarfile.USTAR_FORMAT:
-            members.append((long, b"[1]"))
-            members.append(("\u00e9t\u00e9.json", b"{}"))
-        with tarfile.open(path, "w", format=fmt) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        assert list(tar_members(str(path))) == members
-    errors: Counter = Counter()
-    samples = list(tar_samples([{"url": str(tmp_path / f"f{tarfile.USTAR_FORMAT}.tar")}], errors))
-    assert [s["__key__"] for s in samples] == ["a", "b"] and set(samples[0]) == {"__key__", "__url__", "json", "m0.npy"}
-
-
-def test_lean_tar_reader_counts_damage(tmp_path):
-    with AtomicShardWriter(tmp_path / "x.tar") as w:
-        for s in _samples(6):
-            w.write(s)
-    data = (tmp_path / "x.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
-    corrupt = bytearray(data)
-    corrupt[512 * 4 + 10] ^= 0xFF  # inside the third member's header: checksum mismatch
-    (tmp_path / "bad.tar").write_bytes(bytes(corrupt))
-    from collections import Counter
-
-    errors: Counter = Counter()
-    got = list(tar_samples([{"url": str(tmp_path / "cut.tar")}, {"url": str(tmp_path / "bad.tar")}], errors))
-    assert errors["bad_shard"] == 2
-    assert 1 <= len(got) < 6 + 1  # the samples before each damage, whole
-    for raw in got:
-        decode_sample(raw)
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.text(alphabet="abcxyz-0123456789.\u00e9", min_size=1, max_size=140), st.integers(0, 10**9))
-def test_tar_header_equals_tarfile(name, size):
-    from mio.data.shards import MEMBER_MODE, MEMBER_MTIME, MEMBER_OWNER, tar_header
-
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, MEMBER_MTIME, MEMBER_MODE
-    info.uname = info.gname = MEMBER_OWNER
-    fmt = tarfile.USTAR_FORMAT if len(name.encode()) <= 100 else tarfile.PAX_FORMAT
-    assert tar_header(name, size) == info.tobuf(fmt, "utf-8", "surrogateescape")

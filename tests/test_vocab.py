@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from mio.model.backbone import load_backbone
-from mio.vocab import MIO_SPECIAL_ORDER, VocabError, VocabTable, extend_backbone
+from mio.vocab import MIO_SPECIAL_ORDER, VocabError, VocabTable, extend_backbone, folder_table
 
 
 def test_mio_released_layout():
@@ -64,6 +64,47 @@ def test_extend_save_load_and_derive(tiny_base, tmp_path):
     assert VocabTable.from_tokenizer(tok) == table
     with pytest.raises(VocabError, match="extended before"):
         extend_backbone(model, tok)
+
+
+def test_one_rule_chooses_a_folders_table(tiny_base, tmp_path):
+    """folder_table: the table file; else an extended tokenizer (with MIO's config ids); else a
+    text-only base, which only a stage that extends may use."""
+    from transformers import AutoTokenizer
+
+    base_tok = AutoTokenizer.from_pretrained(tiny_base)
+    assert folder_table(tiny_base, base_tok, extend=True) == VocabTable.mio_default(len(base_tok))
+    with pytest.raises(VocabError, match="extend_vocab: true"):
+        folder_table(tiny_base, base_tok)
+    model, tok, table = load_backbone(tiny_base, extend=True)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert folder_table(tmp_path, tok) == table  # no table file: the tokenizer's added tokens
+    other = VocabTable(**{**table.to_dict(), "speech_layers": 1, "speech_codebook_size": 4096})
+    other.save(tmp_path)
+    assert folder_table(tmp_path, tok) == other  # a table file wins
+
+
+def test_mio_config_ids_not_token_names(tiny_base):
+    """MIO's config.json states the specials' ids; the placeholders may have any name (the
+    release never says theirs), and a block marker elsewhere than the config says is refused."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    v = len(tok)
+    tok.add_tokens(["<spch_pad>", "</spch>", "<img_pad>", "<spch>", "</image>", "<image>"]
+                   + [f"<img{i}>" for i in range(8192)] + [f"<spch{i}>" for i in range(4096)])
+    config = {"text_vocab_size": v, "num_new_special_tokens": 6, "speech_placeholder_id": v, "speech_eos_id": v + 1,
+              "image_placeholder_id": v + 2, "speech_bos_id": v + 3, "image_eos_id": v + 4, "image_bos_id": v + 5,
+              "vocab_size": v + 6 + 8192 + 4096}
+    table = VocabTable.from_tokenizer(tok, config)
+    default = VocabTable.mio_default(v)
+    assert (table.text_size, table.image_begin, table.image_end, table.speech_begin, table.speech_end,
+            table.image_start, table.speech_start, table.total_size) == \
+        (default.text_size, default.image_begin, default.image_end, default.speech_begin, default.speech_end,
+         default.image_start, default.speech_start, config["vocab_size"])
+    assert table.specials["<spch_pad>"] == v and table.specials["<img_pad>"] == v + 2
+    with pytest.raises(VocabError, match=f"says speech_eos_id {v + 5}, but the tokenizer has </spch> at id {v + 1}"):
+        VocabTable.from_tokenizer(tok, {**config, "image_bos_id": v + 1, "speech_eos_id": v + 5})
 
 
 def test_extend_refuses_mismatched_tokenizer(tiny_base):

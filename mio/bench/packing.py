@@ -44,13 +44,13 @@ import torch
 from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.model.attention import BACKENDS, hf_attn_implementation, packed_attention_kwargs, pad_multiple
 from mio.train.loss import global_supervised_tokens, packed_loss
+from mio.vocab import IMAGE_CODE, SPEECH_CODE, TEXT_CODE
 
 VOCAB = 4096
 IMAGE_BEGIN, IMAGE_END, SPEECH_BEGIN, SPEECH_END = 4, 5, 6, 7
 TEXT_IDS = (16, 2048)
 IMAGE_CODES = (2048, 3072)
 SPEECH_CODES = (3072, 4096)
-TEXT, IMAGE, SPEECH = 0, 1, 2
 
 # Stage II batch ratio: image-text 2, language 2, interleaved + video 6, speech-text 6.
 MIXTURE = {"image_text": 2, "language": 2, "interleaved": 4, "video_text": 2, "asr": 3, "tts": 3}
@@ -66,15 +66,15 @@ class _Builder:
         self.mod: list[np.ndarray] = []
 
     def text(self, n: int, supervised: bool) -> None:
-        self._add(self.rng.integers(*TEXT_IDS, n), supervised, TEXT)
+        self._add(self.rng.integers(*TEXT_IDS, n), supervised, TEXT_CODE)
 
     def image(self, supervised: bool) -> None:
         codes = self.rng.integers(*IMAGE_CODES, 32)
-        self._add(np.concatenate([[IMAGE_BEGIN], codes, [IMAGE_END]]), supervised, IMAGE)
+        self._add(np.concatenate([[IMAGE_BEGIN], codes, [IMAGE_END]]), supervised, IMAGE_CODE)
 
     def speech(self, n: int, supervised: bool) -> None:
         codes = self.rng.integers(*SPEECH_CODES, n)
-        self._add(np.concatenate([[SPEECH_BEGIN], codes, [SPEECH_END]]), supervised, SPEECH)
+        self._add(np.concatenate([[SPEECH_BEGIN], codes, [SPEECH_END]]), supervised, SPEECH_CODE)
 
     def _add(self, ids: np.ndarray, supervised: bool, modality: int) -> None:
         self.ids.append(ids.astype(np.int64))

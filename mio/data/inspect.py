@@ -77,11 +77,11 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         from transformers import AutoTokenizer
 
         from mio.data.reading import Renderer
-        from mio.vocab import VOCAB_FILE, VocabTable
+        from mio.vocab import folder_table
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
-        has_table = (Path(backbone) / VOCAB_FILE).is_file()  # a text-only base: MIO's default extension
-        renderer = Renderer(tok, VocabTable.load(backbone) if has_table else VocabTable.mio_default(len(tok)))
+        # A text-only base shows what a stage extending it (model.extend_vocab) would train on.
+        renderer = Renderer(tok, folder_table(backbone, tok, extend=True))
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):

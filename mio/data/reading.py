@@ -32,9 +32,10 @@ import webdataset as wds
 
 from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
+from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Segment, Text, TextEncoder, render
 from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
-from mio.vocab import IMAGE, SPEECH, TEXT, VocabError, VocabTable
+from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 
 @dataclass
@@ -113,104 +114,14 @@ def reader_rng(seed: int, dataset: int, epoch: int, slot: ReaderSlot) -> random.
     return random.Random(f"draws:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
 
 
-BLOCK = 512
+class CountShardFailures:
+    """``on_failure`` of the tar stage: a failed shard is counted (its samples before the failure are kept)."""
 
+    def __init__(self, errors: Counter) -> None:
+        self.errors = errors
 
-def _octal(field: bytes, where: str) -> int:
-    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for sizes over 8 GiB
-        return int.from_bytes(field[1:], "big")
-    digits = field.replace(b"\0", b" ").strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise ShardError(f"{where}: corrupt tar header (size field {field!r})") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[pos:pos + length].split(b" ", 1)[1].rstrip(b"\n").partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar shard, in order: a lean reader of the tar
-    format (ustar, pax and GNU long names; checksums verified) that costs a fraction of
-    ``tarfile``'s per-member overhead. Damage raises a ShardError naming the shard."""
-    stream = wds.gopen(url, "rb")
-    try:
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        while True:
-            header = stream.read(BLOCK)
-            if len(header) < BLOCK:
-                if header:
-                    raise ShardError(f"{url}: truncated tar header")
-                return  # no end-of-archive blocks: tolerated, like tar itself
-            if header == bytes(BLOCK):
-                return
-            stored = _octal(header[148:156], url)
-            if stored != sum(header[:148]) + 256 + sum(header[156:]):
-                raise ShardError(f"{url}: tar header checksum mismatch (corrupt shard)")
-            size = int(pax.get("size", _octal(header[124:136], url)))
-            data = stream.read(size)
-            if len(data) < size:
-                raise ShardError(f"{url}: truncated tar member")
-            stream.read(-size % BLOCK)
-            kind = header[156:157]
-            if kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                continue
-            if kind == b"x":
-                pax = _pax_records(data)
-                continue
-            name = pax.get("path") or long_name
-            if name is None:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-            long_name, pax = None, {}
-            if kind in (b"0", b"\0", b"7"):
-                yield name, data
-    finally:
-        stream.close()
-
-
-def tar_samples(urls: Iterable[dict[str, Any]], errors: Counter) -> Iterator[dict[str, Any]]:
-    """Shard URLs -> samples grouped by key (``__key__``, ``__url__``, one entry per member
-    extension), the grouping WebDataset's own tar stage does. A damaged shard keeps the
-    samples before the damage and counts ``bad_shard``."""
-    for item in urls:
-        url = item["url"]
-        sample: dict[str, Any] = {}
-        try:
-            for name, data in tar_members(url):
-                slash = name.rfind("/")
-                dot = name.find(".", slash + 1)
-                if dot < 0:
-                    continue
-                key, ext = name[:dot], name[dot + 1:]
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = data
-        except ShardError:
-            errors["bad_shard"] += 1
-            continue
-        if sample:
-            yield sample
-
-
-def _tar_stage(errors: Counter) -> Any:
-    def stage(urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return tar_samples(urls, errors)
-
-    return stage
+    def __call__(self, failure: ShardFailure) -> None:
+        self.errors["bad_shard"] += 1
 
 
 def _take(stride: int, offset: int) -> Any:
@@ -231,31 +142,19 @@ def _safe_decode(errors: Counter) -> Any:
     return stage
 
 
-def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int,
-                  errors: Counter) -> wds.DataPipeline:
+def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int, errors: Counter,
+                  shuffle_buffer: int = 0, order_rng: random.Random | None = None) -> wds.DataPipeline:
     """One epoch of one dataset as this slot sees it: a WebDataset pipeline of this slot's
-    shards (node and worker split) -> samples -> sample stride -> safe decode."""
+    shards (node and worker split) -> samples -> sample stride -> safe decode -> a shuffle
+    buffer of ``shuffle_buffer`` samples drawn with ``order_rng`` (0: in shard order)."""
     mine, stride, offset = split_shards(epoch_order(shards, seed, epoch), slot)
     return wds.DataPipeline(
         wds.SimpleShardList(mine),
-        _tar_stage(errors),
+        TarSamples(CountShardFailures(errors)),
         _take(stride, offset),
         _safe_decode(errors),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=order_rng or random.Random(0)),
     )
-
-
-def shuffled(samples: Iterable[StoredSample], buffer: int, rng: random.Random) -> Iterator[StoredSample]:
-    """A shuffle buffer: each sample leaves at a random time among the next ``buffer``."""
-    pool: list[StoredSample] = []
-    for s in samples:
-        if len(pool) < buffer:
-            pool.append(s)
-            continue
-        i = rng.randrange(buffer)
-        pool[i], s = s, pool[i]
-        yield s
-    rng.shuffle(pool)
-    yield from pool
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -361,7 +260,7 @@ def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer,
         rng = reader_rng(seed, dataset, epoch, slot)
         order_rng = random.Random(f"shuffle:{seed}:{dataset}:{epoch}:{slot.rank}:{slot.worker}")
         rendered = 0
-        samples = shuffled(epoch_samples(shards, slot, seed, epoch, errors), shuffle_buffer, order_rng)
+        samples = iter(epoch_samples(shards, slot, seed, epoch, errors, shuffle_buffer, order_rng))
         while block := list(itertools.islice(samples, render_block)):
             done = renderer.many(block, spec, rng, errors)
             failed = len(block) - len(done)
@@ -503,11 +402,10 @@ def measure_shares(mixture: MixtureBatches, batches: int, slot: ReaderSlot = Rea
         real = pack.modality[pack.modality >= 0]
         per_modality.update({int(m): int(c) for m, c in zip(*np.unique(real, return_counts=True))})
     total = int(per_dataset.sum())
-    names = {TEXT: "text", IMAGE: "image", SPEECH: "speech"}
     return {
         "tokens": total,
         "dataset_share": {s.path: float(per_dataset[i]) / max(total, 1) for i, s in enumerate(mixture.specs)},
-        "modality_share": {names[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
+        "modality_share": {MODALITY_NAMES[m]: c / max(total, 1) for m, c in sorted(per_modality.items())},
         "packing_efficiency": mixture.packer.stats.efficiency if mixture.packer else 0.0,
         "dropped_over_context": mixture.errors["over_context"],
     }

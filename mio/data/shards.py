@@ -19,22 +19,18 @@ import json
 import math
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from mio.data.tars import tar_samples, tar_writer
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "mio-segments/1"
-# Fixed tar member metadata: shards are reproducible to the byte (checksums in the manifest).
-MEMBER_MTIME = 0
-MEMBER_MODE = 0o444
-MEMBER_OWNER = "mio"
 
 
 class ShardError(ValueError):
@@ -54,9 +50,6 @@ class StoredSample:
 
     def all_segments(self) -> list[Segment]:
         return [s for t in self.turns for s in t.content] if self.turns is not None else list(self.segments)
-
-    def media_segments(self) -> list[Segment]:
-        return [s for s in self.all_segments() if not isinstance(s, Text)]
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -122,7 +115,6 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
 
 
 # --- decoding ---------------------------------------------------------------------------
-SAFE_EXTENSIONS = ("json", "npy")
 # The header np.save writes: {'descr': '<i2', 'fortran_order': False, 'shape': (4, 126), }
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][iu][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*\Z")
 _DTYPES: dict[bytes, np.dtype] = {}
@@ -208,70 +200,33 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
 
 
 # --- writing ----------------------------------------------------------------------------
-RECORD = 20 * 512  # tar's record size: archives are padded to a multiple of it
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """A ustar header for a regular file with the fixed member metadata (what
-    ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` gives, built directly: it is on the hot path)."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100 or size >= 8**11:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, MEMBER_MTIME, MEMBER_MODE
-        info.uname = info.gname = MEMBER_OWNER
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(_HEADER_TEMPLATE)
-    header[0:len(raw)] = raw
-    header[124:136] = b"%011o\0" % size
-    header[148:156] = b"%06o\0 " % (sum(header) - sum(header[148:156]) + 8 * 32)
-    return bytes(header)
-
-
-def _header_template() -> bytes:
-    info = tarfile.TarInfo("x")
-    info.size, info.mtime, info.mode = 0, MEMBER_MTIME, MEMBER_MODE
-    info.uname = info.gname = MEMBER_OWNER
-    buf = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
-    buf[0:100] = bytes(100)
-    return bytes(buf)
-
-
-_HEADER_TEMPLATE = _header_template()
-
-
 class AtomicShardWriter:
-    """Writes one shard: members go to ``.NAME.tmp`` beside it, which is flushed, fsynced and
-    renamed onto ``NAME`` only when the block exits cleanly. A reader or a restarted run never
-    sees a half-written shard; an interrupted one leaves at most a temporary file, which the
-    next writer of the same shard overwrites."""
+    """Writes one shard (through :func:`mio.data.tars.tar_writer`): members go to ``.NAME.tmp``
+    beside it, which is flushed, fsynced and renamed onto ``NAME`` only when the block exits
+    cleanly. A reader or a restarted run never sees a half-written shard; an interrupted one
+    leaves at most a temporary file, which the next writer of the same shard overwrites."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.count = 0
         self._file: Any = None
-        self._written = 0
+        self._tar: Any = None
 
     def __enter__(self) -> "AtomicShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp, "wb")
-        self._written = 0
+        self._tar = tar_writer(self._file)
         return self
 
     def write(self, sample: StoredSample) -> None:
-        assert self._file is not None, "use AtomicShardWriter as a context manager"
-        raw = encode_sample(sample)
-        for name in sorted(k for k in raw if k != "__key__"):
-            data = raw[name]
-            block = tar_header(f"{sample.key}.{name}", len(data)) + data + bytes(-len(data) % 512)
-            self._file.write(block)
-            self._written += len(block)
+        assert self._tar is not None, "use AtomicShardWriter as a context manager"
+        self._tar.write(encode_sample(sample))
         self.count += 1
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        assert self._file is not None
-        end = self._written + 1024  # two zero blocks end the archive; then pad to a whole record
-        self._file.write(bytes(1024 + -end % RECORD))
+        assert self._file is not None and self._tar is not None
+        self._tar.close()  # the end-of-archive blocks; the file stays open
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -326,9 +281,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def iter_shard(url: str) -> Iterator[StoredSample]:
-    """Every sample of one shard, in order (for inspection and tests)."""
-    import webdataset as wds  # imports torch: only readers pay for it
-
-    for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+    """Every sample of one shard, in order (for inspection and tests); a damaged shard raises."""
+    for raw in tar_samples([url]):
         yield decode_sample(raw)
-

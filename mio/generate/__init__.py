@@ -6,8 +6,8 @@
     gen.write(out, "answers/cat")
 
 constraints  the logits processor with the block grammar (a transformers LogitsProcessor)
-settings     per-modality decoding settings (paper, Table 8)
-decoding     the loop: settings switched at block boundaries, KV cache, beam search for text
+settings     per-modality decoding settings and the presets (paper's Table 8, MIO's release)
+decoding     the loop: settings switched at block boundaries, KV cache, beam search in any mode
 media        which tokenizers a model uses, prompt files -> codes
 detok        codes -> images (SEED + unCLIP), speech (WAV), video (GIF)
 generator    the Python API; transcript: the files it writes; cli: `mio generate`
@@ -24,6 +24,7 @@ _EXPORTS = {
     "ModalityConstraint": "mio.generate.constraints",
     "DecodeSettings": "mio.generate.settings",
     "TABLE8": "mio.generate.settings",
+    "PRESETS": "mio.generate.settings",
     "UnclipSettings": "mio.generate.detok",
 }
 __all__ = sorted(_EXPORTS)

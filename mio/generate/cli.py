@@ -5,7 +5,8 @@
 
 Media files go where the prompt names them ({image}, {speech}, {video} placeholders, filled
 in command-line order), else after the text, in command-line order. Writes transcript.md,
-transcript.html, generation.json and the decoded media into --out, and prints the .md path.
+transcript.html, generation.json and the decoded media into --out; prints the answer (its
+text, and the path of each media file) and then the transcript's path.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile
-from mio.generate.settings import overrides_from_strings
+from mio.generate.media import MediaFile
+from mio.generate.settings import PRESETS, overrides_from_strings
 from mio.segments import Text
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,14 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unclip", type=Path, default=None, help="a StableUnCLIPImg2ImgPipeline folder for decoding images")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues the prompt as it is")
     p.add_argument("--task", default=None,
-                   help="SFT task name; tts or speech_generation select MIO's speech-only system prompt")
+                   help="SFT task name; tts or speech_generation select MIO's speech-only system prompt; with "
+                        "--preset mio-release it picks the release's settings (text, image_generation, tts, "
+                        "speech_generation, speech_to_speech, video_generation, interleaved)")
     p.add_argument("--outputs", default=None,
                    help="comma-separated modalities the answer may contain, of text,image,speech,video "
-                        "(default: every one the model has tokens for)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+                        "(default: every one the model has tokens for); without text the answer is media only")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="decoding defaults: paper (Table 8: text by beam search, media sampled) or mio-release "
+                        "(MIO's infer.py: one setting per task for the whole answer, 512 new tokens, stop at "
+                        "<|im_end|> in chat and at EOS with --raw)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer in tokens (default: the preset's, 1024 or 512); capped at what the "
+                        "model's positions allow")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and the unCLIP noise")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODALITY.FIELD=VALUE",
-                   help="override a Table 8 setting, e.g. text.num_beams=1 or speech.repetition_penalty=1.2 "
+                   help="override a setting of the preset, e.g. text.num_beams=1 or speech.repetition_penalty=1.2 "
                         "(MODALITY: text, image, video, speech or all)")
     p.add_argument("--max-speech-frames", type=int, default=750, help="longest speech answer in frames (50 per second)")
     p.add_argument("--steps", type=int, default=20, help="unCLIP denoising steps")
@@ -102,13 +112,16 @@ def _run(args: argparse.Namespace) -> int:
     outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",") if o.strip()]
     gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device,
                     dtype=DTYPES[args.dtype] if args.dtype else None)
-    result = gen.generate(items, chat=not args.raw, task=args.task, max_new_tokens=args.max_new_tokens,
+    result = gen.generate(items, chat=not args.raw, task=args.task, preset=args.preset, max_new_tokens=args.max_new_tokens,
                           settings=overrides, outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
                           max_speech_frames=args.max_speech_frames)
-    path = gen.write(result, args.out, unclip)
+    for note in result.result.notes:
+        print(f"[mio] {note}", file=sys.stderr, flush=True)
+    written = gen.write(result, args.out, unclip)
     print(f"[mio] {len(result.result.ids)} new tokens in {result.result.seconds:.1f}s "
           f"({result.result.tokens_per_second:.1f}/s), stopped by {result.stopped}", file=sys.stderr, flush=True)
-    print(path)
+    print(written.answer() or "(empty answer)")
+    print(f"transcript: {written.transcript}")
     return 0
 
 

@@ -14,14 +14,14 @@ built once per vocabulary size and device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
-TEXT, IMAGE, VIDEO, SPEECH = "text", "image", "video", "speech"
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class BlockState:
     layer: int = -1  # speech: layer of the last code (-1 before the first)
     first_layer_len: int = 0  # speech: codes of layer 0
     video_frame: bool = False  # image: the block opens right after a closed image block
+    after_block: bool = False  # text: the last token closed a media block
 
     @property
     def mode(self) -> str:
@@ -43,19 +44,26 @@ class BlockState:
         return self.kind
 
 
+OUTSIDE, AFTER_BLOCK = BlockState(TEXT), BlockState(TEXT, after_block=True)
+
+
 class ModalityConstraint(LogitsProcessor):
     """Masks every token the grammar of interleaved sequences forbids next (HF LogitsProcessor)."""
 
     def __init__(self, table: VocabTable, tokens_per_image: int = 32, max_speech_frames: int = 750,
-                 allow_image: bool = True, allow_speech: bool = True) -> None:
+                 allow_image: bool = True, allow_speech: bool = True, text_only_stops: Sequence[int] | None = None) -> None:
+        """``text_only_stops``: outside media only these text tokens are allowed (an answer of media
+        only, which ends at one of them); None allows all text."""
         if tokens_per_image < 1 or max_speech_frames < 1:
             raise ValueError(f"tokens_per_image ({tokens_per_image}) and max_speech_frames ({max_speech_frames}) "
                              "must be positive")
+        if text_only_stops is not None and not (allow_image or allow_speech):
+            raise ValueError("an answer with neither text nor media cannot be generated")
         self.table = table
         self.tokens_per_image = tokens_per_image
         self.max_speech_frames = max_speech_frames
         self.allow_image, self.allow_speech = allow_image, allow_speech
-        self._specials = np.array([table.image_begin, table.image_end, table.speech_begin, table.speech_end])
+        self.text_only_stops = None if text_only_stops is None else sorted({int(i) for i in text_only_stops})
         self._biases: dict[tuple[int, str, torch.dtype], tuple[dict[str, int], torch.Tensor]] = {}
 
     # --- state ---------------------------------------------------------------------------
@@ -66,7 +74,8 @@ class ModalityConstraint(LogitsProcessor):
         marks = np.flatnonzero((row == t.image_begin) | (row == t.image_end)
                                | (row == t.speech_begin) | (row == t.speech_end))
         if marks.size == 0:
-            return BlockState(TEXT)
+            return OUTSIDE
+        after = AFTER_BLOCK if row[-1] in (t.image_end, t.speech_end) else OUTSIDE
         start = int(marks[-1])
         opener, body = row[start], row[start + 1:]
         # A begin token followed by anything but its codes was a literal mention in text
@@ -81,12 +90,12 @@ class ModalityConstraint(LogitsProcessor):
             counts = np.bincount(layers, minlength=t.speech_layers)
             layer = int(layers[-1])
             return BlockState(SPEECH, start, count=int(counts[layer]), layer=layer, first_layer_len=int(counts[0]))
-        return BlockState(TEXT)
+        return after
 
     def allowed_key(self, s: BlockState) -> str:
         """The name of the allowed set that follows state ``s`` (see :meth:`_allowed_masks`)."""
         if s.kind == TEXT:
-            return "outside"
+            return "after_block" if s.after_block else "outside"
         if s.kind == IMAGE:
             return "image" if s.count < self.tokens_per_image else "image_end"
         last = self.table.speech_layers - 1
@@ -105,16 +114,21 @@ class ModalityConstraint(LogitsProcessor):
         """(V,) bool masks of the tokens each allowed set holds, by name."""
         t = self.table
         ids = torch.arange(vocab, device=device)
-        outside = ids < t.text_size
+        begins = torch.zeros(vocab, dtype=torch.bool, device=device)
         if self.allow_image:
-            outside |= ids == t.image_begin
+            begins |= ids == t.image_begin
         if self.allow_speech:
-            outside |= ids == t.speech_begin
+            begins |= ids == t.speech_begin
+        if self.text_only_stops is None:
+            outside = after_block = begins | (ids < t.text_size)
+        else:  # media only: a media block first, then more blocks or a stop
+            outside = begins
+            after_block = begins | torch.isin(ids, torch.tensor(self.text_only_stops, device=device))
         layers = [(ids >= t.speech_start + k * t.speech_codebook_size) & (ids < t.speech_start + (k + 1) * t.speech_codebook_size)
                   for k in range(t.speech_layers)]
         speech_end = ids == t.speech_end
         after_layer0 = layers[1] if t.speech_layers > 1 else speech_end
-        allowed = {"outside": outside, "image": (ids >= t.image_start) & (ids < t.image_end_id),
+        allowed = {"outside": outside, "after_block": after_block, "image": (ids >= t.image_start) & (ids < t.image_end_id),
                    "image_end": ids == t.image_end, "speech_end": speech_end,
                    "after_layer0": after_layer0, "layer0_or_next": layers[0] | after_layer0}
         allowed.update({f"layer{k}": m for k, m in enumerate(layers)})
@@ -142,17 +156,35 @@ class ModalityConstraint(LogitsProcessor):
             return bias[rows[keys[0]]][None]  # (1, V)
         return bias.index_select(0, torch.tensor([rows[k] for k in keys], device=device))  # (B, V)
 
-    def keys(self, input_ids: torch.Tensor) -> list[str]:
-        """(B, L) ids -> the name of each row's allowed set. Rows whose last block marker closes
-        a block (or that have none) are outside media: found for all rows at once, so beams
-        writing text cost a few array passes, not one state derivation each."""
-        rows = input_ids.detach().cpu().numpy()
+    def states(self, rows: np.ndarray) -> list[BlockState]:
+        """(B, L) ids -> each row's state. Rows whose last block marker closes a block (or that
+        have none) are outside media: found for all rows at once, so beams writing text cost a
+        few array passes, not one state derivation each."""
         t = self.table
         opens = (rows == t.image_begin) | (rows == t.speech_begin)
         marks = opens | (rows == t.image_end) | (rows == t.speech_end)
         last = rows.shape[1] - 1 - np.argmax(marks[:, ::-1], axis=1)  # (B,) last marker, if any
         inside = marks.any(1) & opens[np.arange(len(rows)), last]
-        return [self.allowed_key(self.state(r)) if maybe else "outside" for r, maybe in zip(rows, inside)]
+        closed = (rows[:, -1] == t.image_end) | (rows[:, -1] == t.speech_end)
+        return [self.state(r) if maybe else AFTER_BLOCK if after else OUTSIDE
+                for r, maybe, after in zip(rows, inside, closed)]
+
+    def keys(self, input_ids: torch.Tensor) -> list[str]:
+        """(B, L) ids -> the name of each row's allowed set."""
+        return [self.allowed_key(s) for s in self.states(input_ids.detach().cpu().numpy())]
+
+    def mode_after(self, mode: str, last: int, token: int) -> str:
+        """The mode of the token after ``token``, for a row in ``mode`` whose last token is
+        ``last``: a begin token opens its block (an image right after ``</image>`` is a video
+        frame), an end token closes it, anything else stays where it is."""
+        t = self.table
+        if token == t.image_begin:
+            return VIDEO if last == t.image_end else IMAGE
+        if token == t.speech_begin:
+            return SPEECH
+        if token in (t.image_end, t.speech_end):
+            return TEXT
+        return mode
 
     def allowed(self, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
         """(B, L) ids so far -> (B, V) bool of tokens allowed next."""

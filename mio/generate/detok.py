@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from mio.generate.media import IMAGE, MIO_UNCLIP_DIR, MediaTokenizers, MissingTokenizerError, SpecSource
+from mio.generate.media import MIO_UNCLIP_DIR, MediaTokenizers, MissingTokenizerError, SpecSource
+from mio.vocab import IMAGE
 
 
 @dataclass(frozen=True)

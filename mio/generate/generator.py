@@ -9,62 +9,28 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
-from mio.generate.constraints import TEXT, ModalityConstraint
+from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, write_gif, write_wav
-from mio.generate.media import IMAGE, SPEECH, VIDEO, MediaFile, MediaTokenizers
-from mio.generate.settings import DecodeSettings, resolve_settings
+from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
+                                write_wav)
+from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.results import Decoded, Generation, PartialBlock, Written
+from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
+from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
 from mio.templates import Turn, content_only, render_chat
-from mio.vocab import VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
-OUTPUTS = ("text", IMAGE, SPEECH, VIDEO)
-
-
-@dataclass
-class PartialBlock:
-    """A media block the token limit cut off: reported, never decoded."""
-
-    kind: str  # image or speech
-    tokens: int  # codes generated inside the block
-    detail: str
-
-
-@dataclass
-class Generation:
-    turns: list[Turn]  # the prompt as the user gave it (media as files or codes)
-    prompt_ids: np.ndarray  # (P,) the rendered prompt
-    result: DecodeResult
-    segments: list[Segment]  # the answer's complete segments
-    partial: PartialBlock | None
-    settings: dict[str, DecodeSettings]
-    seed: int
-    chat: bool
-
-    @property
-    def stopped(self) -> str:
-        return self.result.stopped
-
-
-@dataclass
-class Decoded:
-    """One answer segment as written: text, or a media file, or why it was not decoded."""
-
-    kind: str  # text, image, speech, video or partial
-    text: str = ""
-    file: str | None = None  # relative to the output folder
-    note: str = ""
-    codes: list[Any] = field(default_factory=list)
+OUTPUTS = (TEXT, IMAGE, SPEECH, VIDEO)
 
 
 class Generator:
@@ -100,6 +66,7 @@ class Generator:
         self.encode_text = TextEncoder(tokenizer)
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
+        self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
         self._speech_decoder: SpeechDecoder | None = None
 
     # --- prompt ----------------------------------------------------------------------------
@@ -130,46 +97,73 @@ class Generator:
         return [content_only(x) for t in turns for x in t.content]
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, max_new_tokens: int = 1024,
+    def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, preset: str = "paper",
+                 max_new_tokens: int | None = None,
                  settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
                  outputs: Iterable[str] | None = None, seed: int = 0, use_cache: bool = True,
                  max_speech_frames: int = 750) -> Generation:
-        """Generate an answer. ``settings`` overrides Table 8 per modality (see
-        :func:`resolve_settings`); ``outputs`` limits which modalities the answer may contain
-        (default: every modality the model has tokens for)."""
-        allow = self._check_outputs(outputs)
-        resolved = resolve_settings(settings)
+        """Generate an answer.
+
+        ``preset`` names the decoding defaults (``paper``: Table 8; ``mio-release``: MIO's
+        ``infer.py``, one setting per task for the whole answer); ``settings`` overrides them per
+        modality (see :func:`resolve_settings`). ``outputs`` says which modalities the answer
+        may contain (default: every modality the model has tokens for); without ``text`` the
+        answer is media only. ``max_new_tokens`` defaults to the preset's and is capped at what
+        the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
+        speech-only system prompt (tts, speech_generation) and the release preset's task.
+        """
+        chosen = get_preset(preset)
+        outputs = None if outputs is None else tuple(outputs)
+        wanted = self._check_outputs(outputs)
         turns = self.prompt_turns(prompt)
         encoded = self.encode_turns(turns)
+        speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+        resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
         segments = self.prompt_segments(encoded, chat, task)
         bos = self.tokenizer.bos_token_id
         prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
         if prompt_ids.size == 0:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+        stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
-                                        allow_image=allow[IMAGE] or allow[VIDEO], allow_speech=allow[SPEECH])
-        decoder = Decoder(self.model, constraint, resolved, self.stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, max_new_tokens, seed=seed)
+                                        allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
+                                        text_only_stops=None if wanted[TEXT] else stop_ids)
+        decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
+        result = decoder.run(prompt_ids, max_new_tokens or chosen.max_new_tokens, seed=seed)
         answer, partial = self._split(constraint, prompt_ids, result)
-        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat)
+        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
+
+    def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
+        """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
+        ``<|im_end|>`` in a chat and the tokenizer's EOS without the chat template (``turn``)."""
+        if preset.stop == STOP_ANY:
+            return self.stop_ids
+        im_end = _im_end_id(self.tokenizer)
+        if chat and im_end is not None:
+            return [im_end]
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"{self.name}: the tokenizer has no EOS token for a {preset.name} answer to stop at")
+        return [int(self.tokenizer.eos_token_id)]
 
     def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
         rows = self.model.get_output_embeddings().weight.shape[0]
         t = self.table
-        available = {IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
+        available = {TEXT: True,
+                     IMAGE: t.image_codebook_size > 0 and max(t.image_end_id, t.image_end + 1) <= rows,
                      SPEECH: t.speech_codebook_size > 0 and max(t.speech_end_id, t.speech_end + 1) <= rows}
         available[VIDEO] = available[IMAGE]
         if outputs is None:
             return available
         wanted = set(outputs)
         unknown = wanted - set(OUTPUTS)
-        if unknown:
-            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}")
+        if unknown or not wanted:
+            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}" if unknown
+                             else f"no output modality given; expected some of {OUTPUTS}")
         for kind in (IMAGE, SPEECH, VIDEO):
             if kind in wanted and not available[kind]:
                 raise ValueError(f"{self.name}: {kind} output was requested but the model has no {kind} code tokens "
                                  f"(its output layer scores {rows} tokens)")
-        return {k: k in wanted for k in (IMAGE, SPEECH, VIDEO)}
+        return {k: k in wanted for k in OUTPUTS}
 
     def _split(self, constraint: ModalityConstraint, prompt_ids: np.ndarray,
                result: DecodeResult) -> tuple[list[Segment], PartialBlock | None]:
@@ -201,9 +195,15 @@ class Generator:
         return segments, partial
 
     # --- decoding to files -----------------------------------------------------------------
+    def unclip_pipeline(self) -> tuple[Any, str]:
+        """The unCLIP pipeline for decoding images (built once) and where it came from."""
+        if self._unclip is None:
+            self._unclip = unclip_for(self.media)
+        return self._unclip
+
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:
         if settings not in self._image_decoders:
-            pipeline, _ = self.media.unclip_pipeline()
+            pipeline, _ = self.unclip_pipeline()
             self._image_decoders[settings] = ImageDecoder(self.media.get(IMAGE), pipeline, settings)
         return self._image_decoders[settings]
 
@@ -222,7 +222,7 @@ class Generator:
         counts = {IMAGE: 0, SPEECH: 0, VIDEO: 0}
         for seg in generation.segments:
             if isinstance(seg, Text):
-                decoded.append(Decoded("text", text=seg.text))
+                decoded.append(Decoded(TEXT, text=seg.text))
                 continue
             kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
             counts[kind] += 1
@@ -254,14 +254,12 @@ class Generator:
         return item
 
     def write(self, generation: Generation, out_dir: str | os.PathLike,
-              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Path:
+              unclip: UnclipSettings = DEFAULT_UNCLIP) -> Written:
         """Decode the answer and write ``transcript.md``, ``transcript.html`` and
-        ``generation.json`` (ids, codes, settings) beside the media; returns the .md path."""
-        from mio.generate.transcript import write_transcript
-
+        ``generation.json`` (ids, codes, settings) beside the media."""
         decoded = self.decode(generation, out_dir, unclip)
-        info = {"model": self.name, "unclip": self.media.unclip_source, "unclip_settings": unclip}
-        return write_transcript(Path(out_dir), generation, decoded, info)
+        info = {"model": self.name, "unclip": self._unclip[1] if self._unclip else None, "unclip_settings": unclip}
+        return Written(write_transcript(Path(out_dir), generation, decoded, info), decoded)
 
 
 def _as_item(x: PromptItem) -> Segment | MediaFile:
@@ -281,7 +279,13 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+    im_end = _im_end_id(tokenizer)
+    if im_end is not None:
         ids.append(im_end)
     return sorted({int(i) for i in ids})
+
+
+def _im_end_id(tokenizer: Any) -> int | None:
+    """ChatML's turn end as one token, or None where the tokenizer does not have it."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None

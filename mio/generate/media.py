@@ -20,8 +20,8 @@ import numpy as np
 
 from mio.model.backbone import load_tokenizer_specs
 from mio.segments import Image, Segment, Speech, Video
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
-IMAGE, SPEECH, VIDEO = "image", "speech", "video"
 KINDS = (IMAGE, SPEECH, VIDEO)
 SPEC_KIND_TO_MODALITY = {"seed": IMAGE, "speechtokenizer": SPEECH, "video": VIDEO}
 
@@ -142,7 +142,6 @@ class MediaTokenizers:
         self.unclip = unclip
         self.problems = problems or {}
         self._built: dict[str, Any] = {}
-        self._unclip: tuple[Any, str] | None = None
 
     @classmethod
     def for_model(cls, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None,
@@ -181,19 +180,6 @@ class MediaTokenizers:
 
             self._built[kind] = build_tokenizer(self.specs[kind].spec)
         return self._built[kind]
-
-    def unclip_pipeline(self) -> tuple[Any, str]:
-        """The unCLIP pipeline for decoding images (built once) and where it came from."""
-        if self._unclip is None:
-            from mio.generate.detok import unclip_for
-
-            self._unclip = unclip_for(self)
-        return self._unclip
-
-    @property
-    def unclip_source(self) -> str | None:
-        """Where the unCLIP pipeline came from, once it is built."""
-        return self._unclip[1] if self._unclip is not None else None
 
     def encode(self, item: MediaFile) -> Segment:
         """A prompt file -> its segment (speech keeps every layer; templates cut input speech to

@@ -1,25 +1,32 @@
-"""Per-modality decoding settings (MIO paper, Table 8), overridable per call.
+"""Per-modality decoding settings and the presets they come from, overridable per call.
 
 The setting in force for a token is the one of the block it lies in: text outside media,
 image inside an ``<image>`` block, video inside an image block that follows a closed one
 (a video's second and later frames), speech inside ``<spch>``.
+
+Two presets: ``paper`` (the MIO paper's Table 8: text by beam search, media sampled) and
+``mio-release`` (the settings of MIO's released ``infer.py``: one setting for the whole
+answer, chosen by the task, 512 new tokens, and an answer that stops at ``<|im_end|>`` in
+chat and at EOS otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-MODES = ("text", "image", "video", "speech")
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
+
+MODES = (TEXT, IMAGE, VIDEO, SPEECH)
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How one modality's tokens are chosen: beam search (text only), greedy or sampling.
+    """How one modality's tokens are chosen: beam search, greedy or sampling.
 
     Field names and meanings are those of transformers' ``GenerationConfig``; ``top_k=0``
     switches top-k off, as MIO's released inference script does.
@@ -74,16 +81,95 @@ class DecodeSettings:
 
 # Table 8 of the paper: text by beam search, media by nucleus sampling.
 TABLE8: dict[str, DecodeSettings] = {
-    "text": DecodeSettings(num_beams=5, do_sample=False, top_p=1.0),
-    "image": DecodeSettings(top_p=0.7),
-    "speech": DecodeSettings(top_p=0.7, repetition_penalty=1.15),
-    "video": DecodeSettings(top_p=0.7, repetition_penalty=1.15),
+    TEXT: DecodeSettings(num_beams=5, do_sample=False, top_p=1.0),
+    IMAGE: DecodeSettings(top_p=0.7),
+    SPEECH: DecodeSettings(top_p=0.7, repetition_penalty=1.15),
+    VIDEO: DecodeSettings(top_p=0.7, repetition_penalty=1.15),
 }
+
+
+def _everywhere(s: DecodeSettings) -> dict[str, DecodeSettings]:
+    return {m: s for m in MODES}
+
+
+# MIO's released infer.py: one generation config per task, applied to the whole answer
+# (text and media alike); top_k 0 and length penalty 1.0 throughout.
+_GREEDY5 = dict(num_beams=5, do_sample=False, top_p=1.0)
+_SAMPLED = dict(num_beams=1, do_sample=True, top_p=0.7)
+RELEASE_TASKS: dict[str, dict[str, DecodeSettings]] = {
+    "text": _everywhere(DecodeSettings(**_GREEDY5, repetition_penalty=1.0)),
+    "image_generation": _everywhere(DecodeSettings(**_GREEDY5, repetition_penalty=1.15)),
+    "tts": _everywhere(DecodeSettings(**_SAMPLED, repetition_penalty=1.15)),
+    "speech_generation": _everywhere(DecodeSettings(**_GREEDY5, repetition_penalty=2.0)),
+    "speech_to_speech": _everywhere(DecodeSettings(**_GREEDY5, repetition_penalty=1.15)),
+    "video_generation": _everywhere(DecodeSettings(**_SAMPLED, repetition_penalty=1.15)),
+    "interleaved": _everywhere(DecodeSettings(**_SAMPLED, repetition_penalty=1.15)),
+}
+# SFT task families (mio.templates.PAIR_TASKS) whose answer is one of the release's tasks.
+TASK_ALIASES = {"descriptive_image_generation": "image_generation", "image_captioning": "text", "asr": "text",
+                "video_understanding": "text"}
+
+STOP_ANY, STOP_TURN = "any", "turn"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Decoding defaults by name: per-modality settings (per task where the source has them),
+    the new-token limit, and where an answer stops.
+
+    ``stop``: ``any`` stops at every EOS id and at ``<|im_end|>``; ``turn`` stops at
+    ``<|im_end|>`` with the chat template and at the tokenizer's EOS without it (MIO's
+    ``infer.py``: id 7 for Instruct, EOS for Base).
+    """
+
+    name: str
+    tasks: Mapping[str, Mapping[str, DecodeSettings]]  # task -> modality -> settings; "text" is the default task
+    max_new_tokens: int
+    stop: str
+
+    def task_of(self, task: str | None, outputs: Iterable[str] | None, speech_in_prompt: bool) -> str:
+        """The preset's task for a request: ``task`` when named, else what ``outputs`` asks for."""
+        if len(self.tasks) == 1:
+            return next(iter(self.tasks))
+        if task is not None:
+            task = TASK_ALIASES.get(task, task)
+            if task not in self.tasks:
+                raise ValueError(f"preset {self.name!r} has no settings for task {task!r}; known tasks: "
+                                 f"{sorted(self.tasks)} (or leave the task out and name --outputs)")
+            return task
+        wanted = set(outputs or ())
+        media = wanted - {TEXT}
+        if not media:
+            return "text"
+        if TEXT in wanted:  # text with images, video or speech: a visual story
+            return "interleaved"
+        if media == {SPEECH}:
+            return "speech_to_speech" if speech_in_prompt else "speech_generation"
+        if media == {IMAGE}:
+            return "image_generation"
+        if media == {VIDEO}:
+            return "video_generation"
+        return "interleaved"
+
+    def settings(self, task: str) -> dict[str, DecodeSettings]:
+        return dict(self.tasks[task])
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("paper", {"any": TABLE8}, max_new_tokens=1024, stop=STOP_ANY),
+    "mio-release": Preset("mio-release", RELEASE_TASKS, max_new_tokens=512, stop=STOP_TURN),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown decoding preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 def resolve_settings(overrides: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
                      base: Mapping[str, DecodeSettings] = TABLE8) -> dict[str, DecodeSettings]:
-    """Table 8, with whole settings or single fields replaced per modality.
+    """``base`` (Table 8 by default), with whole settings or single fields replaced per modality.
 
     ``{"text": {"num_beams": 1}}`` keeps text greedy; ``{"speech": DecodeSettings(...)}``
     replaces speech's settings; ``{"all": {...}}`` applies to every modality first.
@@ -99,9 +185,6 @@ def resolve_settings(overrides: Mapping[str, DecodeSettings | Mapping[str, Any]]
             out[mode] = _apply(out[mode], every, "all")
     for mode, value in overrides.items():
         out[mode] = _apply(out[mode], value, mode)
-    for mode in MODES[1:]:
-        if out[mode].num_beams > 1:
-            raise ValueError(f"{mode} tokens are sampled or greedy: beam search (num_beams > 1) is for text only")
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mio.generate.generator import Decoded, Generation
+from mio.generate.results import Decoded, Generation
 from mio.generate.media import MediaFile
 from mio.segments import Image, Segment, Speech, Text, Video
 
@@ -110,6 +110,7 @@ def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], 
         "seconds": round(r.seconds, 3),
         "tokens_per_second": round(r.tokens_per_second, 1),
         "seed": generation.seed,
+        "preset": generation.preset,
         "chat_template": generation.chat,
         "image_decoder": info.get("unclip"),
     }
@@ -119,8 +120,8 @@ def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], 
     for role, items in turns:
         md += [f"## {role}", "", "".join(_md(i) for i in items).strip(), ""]
     md += ["## answer", "", "".join(_md(i) for i in answer).strip() or "*(empty)*", ""]
-    md += ["## run", "", *[f"- {k}: {v}" for k, v in summary.items()], "",
-           "decoding settings per modality (paper, Table 8, with overrides):", "", "```json",
+    md += ["## run", "", *[f"- {k}: {v}" for k, v in summary.items()], *[f"- note: {n}" for n in r.notes], "",
+           f"decoding settings per modality (preset {generation.preset}, with overrides):", "", "```json",
            json.dumps(settings, indent=1), "```", ""]
     (out / "transcript.md").write_text("\n".join(md))
 
@@ -138,7 +139,7 @@ def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], 
 
     record = {"summary": summary, "settings": settings,
               "unclip_settings": dataclasses.asdict(info["unclip_settings"]) if info.get("unclip_settings") else None,
-              "prompt_ids": generation.prompt_ids.tolist(), "new_ids": r.ids, "modes": r.modes,
+              "prompt_ids": generation.prompt_ids.tolist(), "new_ids": r.ids, "modes": r.modes, "notes": r.notes,
               "partial": dataclasses.asdict(generation.partial) if generation.partial else None,
               "answer": [dataclasses.asdict(d) for d in decoded]}
     (out / "generation.json").write_text(json.dumps(record) + "\n")

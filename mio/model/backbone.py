@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
-from mio.vocab import VOCAB_FILE, VocabTable, extend_backbone
+from mio.vocab import VocabTable, extend_backbone, folder_table
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
@@ -85,12 +85,7 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                  attn_implementation=attn_implementation)
-    if extend:
-        table = extend_backbone(model, tokenizer)
-    elif (folder / VOCAB_FILE).is_file():
-        table = VocabTable.load(folder)
-    else:
-        table = VocabTable.from_tokenizer(tokenizer)
+    table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
         raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")

@@ -17,7 +17,7 @@ from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import DatasetSpec, MixtureBatches
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
-from mio.vocab import VOCAB_FILE, VocabTable
+from mio.vocab import VocabTable, folder_table
 
 
 class MioDataModule(L.LightningDataModule):
@@ -90,11 +90,7 @@ class MioDataModule(L.LightningDataModule):
         """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
         if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
             return self.trainer.lightning_module.table
-        if self.extend_vocab:
-            return VocabTable.mio_default(len(tokenizer))
-        if (Path(self.backbone) / VOCAB_FILE).is_file():
-            return VocabTable.load(self.backbone)
-        return VocabTable.from_tokenizer(tokenizer)
+        return folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
 
     # --- checks before any step ------------------------------------------------------------------
     def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> None:
