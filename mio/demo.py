@@ -93,6 +93,7 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
     for cfg in (STAGES / f"{name}.yaml" for name in DEMO_STAGES):
         t = time.perf_counter()
         log(f"stage {cfg.stem}: training from {backbone}")
+        shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
                         f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false"])
         stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})

@@ -40,6 +40,9 @@ from mio.train.data import MioDataModule
 from mio.train.module import MioModule
 
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
+# A ModelCheckpoint is Lightning's own kind: Lightning then adds no default one, and resolves
+# `--ckpt_path last` itself (its pruning spares the file a run resumed from: "last" names the link).
+LIGHTNING_CHECKPOINT = issubclass(AtomicCheckpoint, ModelCheckpoint)
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
 LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
 CSV_LOGGER, TENSORBOARD_LOGGER = "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger"
@@ -76,8 +79,7 @@ def complete_config(cfg: Namespace) -> Namespace:
         checkpoint.every_n_train_steps = max(1, (trainer.max_steps or 0) // CHECKPOINTS_PER_STAGE)
     if checkpoint.dirpath is None:
         checkpoint.dirpath = str(root / "checkpoints")
-    # Lightning adds its own ModelCheckpoint when this is true and none is listed.
-    trainer.enable_checkpointing = issubclass(AtomicCheckpoint, ModelCheckpoint)
+    trainer.enable_checkpointing = LIGHTNING_CHECKPOINT
     # --- loggers: CSV always (next to the stage's outputs), TensorBoard too when installed
     if trainer.logger in (None, True):
         import importlib.util
@@ -103,7 +105,8 @@ def check_resume(cfg: Namespace) -> None:
             raise ValueError(f"--ckpt_path last: no checkpoint to resume in {folder} (no last.ckpt there); this "
                              f"stage has not checkpointed yet, or checkpoint.dirpath / trainer.default_root_dir "
                              f"differ from the run's. Drop --ckpt_path to start the stage from the beginning")
-        cfg.ckpt_path = str(last)
+        if not LIGHTNING_CHECKPOINT:
+            cfg.ckpt_path = str(last)
     elif cfg.ckpt_path is None and last is not None and not _lightning_requeue(cfg):
         raise ValueError(f"{folder} holds the checkpoints of an earlier run of this stage (last: {last.name}): "
                          f"add --ckpt_path last to resume it, or delete {folder} (or choose another "
