@@ -113,6 +113,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from mio.eval.cli import eval_main
+
+    return eval_main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     from mio.export import export_main
 
@@ -120,7 +126,8 @@ def cmd_export(argv: list[str]) -> int:
 
 
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
-PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export}
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
+                                                     "eval": cmd_eval}
 
 
 def _mio_version() -> str:
@@ -189,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Parsed by their own code: `mio fit --help` and the others show their options.
     sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
     sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
+                   add_help=False)
+    sub.add_parser("eval", help="score a model on prepared eval data: mio eval MODEL --data DIR --tasks ... --out DIR",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
     return p

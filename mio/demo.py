@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from mio.data.prepare import prepare
-from mio.data.shards import StoredSample, iter_shard, list_shards
+from mio.data.shards import iter_shard, list_shards
+from mio.eval.metrics import exact_match
 from mio.generate.constraints import ModalityConstraint
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
 from mio.report import StageLog, final_loss, find_stages, packing_efficiency
@@ -120,19 +121,6 @@ def eval_examples(data_dir: Path) -> list[Example]:
     return examples
 
 
-def same(output: list[Any], target: list[Any]) -> bool:
-    """Exact match of the generated answer: texts compared stripped of outer spaces."""
-    if len(output) != len(target):
-        return False
-    for o, t in zip(output, target):
-        if isinstance(t, Text):
-            if not isinstance(o, Text) or o.text.strip() != t.text.strip():
-                return False
-        elif not o == t:
-            return False
-    return True
-
-
 @torch.inference_mode()
 def generate_answers(model_dir: Path, examples: list[Example], max_new_tokens: int = 96) -> None:
     """Greedy, modality-constrained answers to each example's prompt, parsed into segments."""
@@ -156,7 +144,7 @@ def generate_answers(model_dir: Path, examples: list[Example], max_new_tokens: i
         except ParseError as e:
             ex.error = str(e)
             continue
-        ex.exact = same(ex.output, ex.target)
+        ex.exact = exact_match(ex.output, ex.target)
 
 
 def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Path:

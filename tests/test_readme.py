@@ -60,8 +60,10 @@ def check_output(argv: list[str], out: str, err: str) -> None:
         assert (Path(last) / "config.json").is_file() or (Path(last) / "adapter_config.json").is_file()
     elif command == "export":
         assert (Path(option(argv, "--out")) / "config.json").is_file()
-    elif command == "generate":
-        assert (Path(option(argv, "--out")) / "transcript.md").is_file()
+    elif command == "generate":  # one prompt: --out/transcript.md; --prompts: one folder per prompt
+        assert any(Path(option(argv, "--out")).glob("**/transcript.md"))
+    elif command == "eval":
+        assert (Path(option(argv, "--out")) / "metrics.json").is_file() and isinstance(json.loads(last), dict)
     elif command == "report":
         assert Path(last) == Path(argv[2]) / "report.html" and "Loss per modality" in Path(last).read_text()
 
@@ -99,5 +101,5 @@ def test_readme_runs_as_written(tmp_path, monkeypatch, capsys):
             check_output(argv, out, err)
             ran.append(argv[1])
     # The path the issue names, whatever else the README grows.
-    assert {"tokenize", "prepare", "inspect", "fit", "export", "generate", "report", "bench", "python"} <= set(ran)
+    assert {"tokenize", "prepare", "inspect", "fit", "export", "generate", "eval", "report", "bench", "python"} <= set(ran)
     assert sum(1 for _ in ran if _ == "generate") >= 3

@@ -2,6 +2,12 @@
 
     mio generate --model runs/demo/model --prompt "What is in this picture?" --image cat.jpg --out answers/cat
     mio generate --model MIO-7B-Instruct --tokenizers MIO-checkpoints --prompt "Say hello." --task tts --out hi
+    mio generate --model runs/demo/model --prompts prompts.jsonl --batch-size 8 --out answers/
+
+With --prompts, each line of the JSONL file is one prompt, ``{"prompt": "What is this? {image}",
+"image": ["cat.jpg"], "id": "cat"}`` (media paths relative to the file; ``id`` names the answer's
+folder under --out, default the line number), and the prompts are generated --batch-size at a
+time with the same settings; each answer goes where a single prompt's would.
 
 Media files go where the prompt names them ({image}, {speech}, {video} placeholders, filled
 in command-line order), else after the text, in command-line order. Writes transcript.md,
@@ -12,6 +18,7 @@ text, and the path of each media file) and then the transcript's path.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -35,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in (IMAGE, SPEECH, VIDEO):
         p.add_argument(f"--{kind}", dest="media", action="append", default=[], type=lambda f, k=kind: MediaFile(k, Path(f)),
                        metavar="FILE", help=f"a {kind} file of the prompt (repeatable)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="a JSONL file of prompts (instead of --prompt and media flags), generated in batches")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts of --prompts decoded together")
     p.add_argument("--out", type=Path, required=True, help="folder for the transcript and the decoded media")
     p.add_argument("--tokenizers", type=Path, default=None,
                    help="tokenizer specs (*.yaml) and/or MIO's checkpoint tree; replaces the specs the model folder records")
@@ -99,29 +109,75 @@ def generate_main(argv: list[str]) -> int:
         return 2
 
 
+def prompts_file(path: Path) -> list[tuple[str, list[Text | MediaFile]]]:
+    """``--prompts`` lines -> (answer folder name, prompt items), every line checked first."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path} does not exist")
+    out: list[tuple[str, list[Text | MediaFile]]] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not a JSON object: {err}") from None
+        if not isinstance(row, dict) or set(row) - {"prompt", "id", IMAGE, SPEECH, VIDEO}:
+            raise ValueError(f"{where}: a prompt line is an object with prompt, id, image, speech, video (lists of "
+                             f"files); got {line[:80]!r}")
+        media = [MediaFile(k, path.parent / f) for k in (IMAGE, SPEECH, VIDEO)
+                 for f in ([row[k]] if isinstance(row.get(k), str) else row.get(k, []))]
+        try:
+            items = prompt_items(str(row.get("prompt", "")), media)
+            for item in items:
+                if isinstance(item, MediaFile):
+                    item.check()
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+        name = str(row.get("id", f"{len(out) + 1:04d}"))
+        if not name or "/" in name or name in (".", "..") or name in {o[0] for o in out}:
+            raise ValueError(f"{where}: id {name!r} must be a unique, non-empty folder name")
+        out.append((name, items))
+    if not out:
+        raise ValueError(f"--prompts {path} holds no prompt")
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     from mio.generate.detok import UnclipSettings
     from mio.generate.generator import Generator
 
-    items = prompt_items(args.prompt, args.media)
-    for item in items:
-        if isinstance(item, MediaFile):
-            item.check()
+    if args.prompts is not None and (args.prompt or args.media):
+        raise ValueError("give either --prompts FILE or --prompt and media files, not both")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.prompts is not None:
+        jobs = prompts_file(args.prompts)
+    else:
+        jobs = [("", prompt_items(args.prompt, args.media))]
+        for item in jobs[0][1]:
+            if isinstance(item, MediaFile):
+                item.check()
     unclip = UnclipSettings(steps=args.steps, guidance_scale=args.guidance, noise_level=args.noise_level, seed=args.seed)
     overrides = overrides_from_strings(args.overrides)
     outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",") if o.strip()]
     gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device,
                     dtype=DTYPES[args.dtype] if args.dtype else None)
-    result = gen.generate(items, chat=not args.raw, task=args.task, preset=args.preset, max_new_tokens=args.max_new_tokens,
-                          settings=overrides, outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
-                          max_speech_frames=args.max_speech_frames)
-    for note in result.result.notes:
-        print(f"[mio] {note}", file=sys.stderr, flush=True)
-    written = gen.write(result, args.out, unclip)
-    print(f"[mio] {len(result.result.ids)} new tokens in {result.result.seconds:.1f}s "
-          f"({result.result.tokens_per_second:.1f}/s), stopped by {result.stopped}", file=sys.stderr, flush=True)
-    print(written.answer() or "(empty answer)")
-    print(f"transcript: {written.transcript}")
+    for i in range(0, len(jobs), args.batch_size):
+        chunk = jobs[i:i + args.batch_size]
+        results = gen.generate_batch([items for _, items in chunk], chat=not args.raw, task=args.task,
+                                     preset=args.preset, max_new_tokens=args.max_new_tokens, settings=overrides,
+                                     outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
+                                     max_speech_frames=args.max_speech_frames)
+        for (name, _), result in zip(chunk, results):
+            for note in result.result.notes:
+                print(f"[mio] {note}", file=sys.stderr, flush=True)
+            written = gen.write(result, args.out / name, unclip)
+            print(f"[mio] {name + ': ' if name else ''}{len(result.result.ids)} new tokens in "
+                  f"{result.result.seconds:.1f}s ({result.result.tokens_per_second:.1f}/s), stopped by "
+                  f"{result.stopped}", file=sys.stderr, flush=True)
+            print(written.answer() or "(empty answer)")
+            print(f"transcript: {written.transcript}")
     return 0
 
 

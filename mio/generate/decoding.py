@@ -17,10 +17,21 @@ stopping rule), so with one setting for every modality the loop reproduces
 
 Memory follows the tokens made, never the requested limit: id buffers grow by doubling, and
 the limit itself is capped at what the model's positions allow.
+
+The loop decodes a batch of sequences at once (one sequence is a batch of one): each keeps its
+own constraint state, per-modality settings, token limit and random generator (seeded per
+sequence, so its tokens do not depend on its batch). The model sees one row per sequence, or
+``num_beams`` rows while it is in a beam phase, left-padded, with one attention mask and one
+KV cache; a finished sequence's rows leave the batch, so it stops costing compute. Rows whose
+next input is longer than one token (prompts; a beam phase's chosen hypothesis) are padded on
+the left within the step's input; tokens a row no longer stands on (padding, abandoned beams)
+stay in the cache masked out, and hold the row's first token, which the repetition penalty
+already counts.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -76,69 +87,156 @@ def bound_new_tokens(model: Any, prompt_len: int, requested: int) -> tuple[int, 
 
 
 class TokenBuffer:
-    """(R, length) token ids, on the host (for the state machine) and on the model's device.
+    """(R, length) token ids on the host (for the state machine); room grows by doubling, so
+    memory follows the tokens made, never a requested limit."""
 
-    Room grows by doubling, so memory follows the tokens made, never a requested limit.
-    """
-
-    def __init__(self, rows: np.ndarray, device: torch.device) -> None:
+    def __init__(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.int64)  # (R, L)
         self.length = rows.shape[1]
         self.host = np.zeros((rows.shape[0], max(64, 2 * self.length)), dtype=np.int64)
         self.host[:, :self.length] = rows
-        self.dev = torch.tensor(self.host, device=device)  # a copy: reordering one must not reorder the other
-
-    def _reserve(self, n: int) -> None:
-        if self.length + n <= self.host.shape[1]:
-            return
-        capacity = max(2 * self.host.shape[1], self.length + n)
-        host = np.zeros((self.host.shape[0], capacity), dtype=np.int64)
-        host[:, :self.length] = self.host[:, :self.length]
-        dev = torch.zeros(host.shape, dtype=torch.long, device=self.dev.device)
-        dev[:, :self.length] = self.dev[:, :self.length]
-        self.host, self.dev = host, dev
-
-    def ids(self) -> torch.Tensor:
-        """(R, length) on the device."""
-        return self.dev[:, :self.length]
 
     def rows(self) -> np.ndarray:
-        """(R, length) on the host."""
+        """(R, length)."""
         return self.host[:, :self.length]
 
-    def append(self, tokens: np.ndarray, on_device: torch.Tensor | None = None) -> None:
-        """(R, k) tokens after every row; ``on_device``: the same tokens already on the device."""
+    def append(self, tokens: np.ndarray) -> None:
+        """(R, k) tokens after every row."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(self.host.shape[0], -1)
         n = tokens.shape[1]
-        self._reserve(n)
+        if self.length + n > self.host.shape[1]:
+            host = np.zeros((self.host.shape[0], max(2 * self.host.shape[1], self.length + n)), dtype=np.int64)
+            host[:, :self.length] = self.host[:, :self.length]
+            self.host = host
         self.host[:, self.length:self.length + n] = tokens
-        self.dev[:, self.length:self.length + n] = (on_device.view(-1, n) if on_device is not None
-                                                   else torch.from_numpy(tokens).to(self.dev.device))
         self.length += n
 
-    def reorder(self, order: torch.Tensor) -> None:
+    def reorder(self, order: np.ndarray) -> None:
         """Rows become rows ``order`` (beam search keeping its best continuations)."""
-        self.host[:, :self.length] = self.host[order.cpu().numpy(), :self.length]
-        self.dev[:, :self.length] = self.dev[order, :self.length]
+        self.host[:, :self.length] = self.host[order, :self.length]
+
+
+class _Rows:
+    """The model's side of the batch: (R, T) columns of ids and attention mask on the device,
+    each row's next position and first token, and the KV cache. Column t is the same step for
+    every row; a row's real tokens are its columns with mask 1."""
+
+    def __init__(self, model: Any, device: torch.device, use_cache: bool) -> None:
+        self.model, self.device, self.use_cache = model, device, use_cache
+        # transformers' generate passes positions only to models whose forward takes them.
+        self.positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.ids = torch.zeros((0, 64), dtype=torch.long, device=device)  # (R, capacity)
+        self.mask = torch.zeros((0, 64), dtype=torch.long, device=device)  # (R, capacity)
+        self.length = 0  # T: columns in use
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)  # (R,) real tokens so far
+        self.filler = torch.zeros(0, dtype=torch.long, device=device)  # (R,) first token of each row
+        self.cache: Any = None
+
+    def token_ids(self) -> torch.Tensor:
+        """(R, T) ids; masked columns hold the row's first token."""
+        return self.ids[:, :self.length]
+
+    def select(self, index: list[int]) -> None:
+        """Rows become rows ``index`` (kept, reordered, repeated or dropped), cache included."""
+        if index == list(range(self.ids.shape[0])):
+            return
+        idx = torch.tensor(index, dtype=torch.long, device=self.device)
+        self.ids, self.mask, self.pos, self.filler = self.ids[idx], self.mask[idx], self.pos[idx], self.filler[idx]
+        if self.cache is not None:
+            self.cache.reorder_cache(idx)
+
+    def forget(self, row: int, column: int) -> None:
+        """Row ``row`` no longer stands on its columns from ``column`` on (an abandoned beam phase)."""
+        self.mask[row, column:self.length] = 0
+        self.ids[row, column:self.length] = self.filler[row]
+        self.pos[row] = self.mask[row, :self.length].sum()
+
+    def _reserve(self, n: int) -> None:
+        if self.length + n <= self.ids.shape[1]:
+            return
+        capacity = max(2 * self.ids.shape[1], self.length + n)
+        for name in ("ids", "mask"):
+            old = getattr(self, name)
+            new = torch.zeros((old.shape[0], capacity), dtype=torch.long, device=self.device)
+            new[:, :self.length] = old[:, :self.length]
+            setattr(self, name, new)
+
+    def feed(self, new: list[list[int]]) -> torch.Tensor:
+        """Append each row's new tokens (left-padded to the longest) and run the model: (R, V)
+        float32 scores of every row's next token."""
+        rows, k = len(new), max(len(t) for t in new)
+        if self.ids.shape[0] == 0:  # the first call: the prompts
+            self.ids = torch.zeros((rows, max(64, 2 * k)), dtype=torch.long, device=self.device)
+            self.mask = torch.zeros_like(self.ids)
+            self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.filler = torch.tensor([t[0] for t in new], dtype=torch.long, device=self.device)
+        if k == 1:
+            chunk = torch.tensor(new, dtype=torch.long, device=self.device)  # (R, 1)
+            chunk_mask = torch.ones_like(chunk)
+            chunk_pos = self.pos[:, None].clone()
+        else:
+            chunk = self.filler[:, None].repeat(1, k)  # (R, k)
+            chunk_mask = torch.zeros_like(chunk)
+            chunk_pos = torch.zeros_like(chunk)
+            for i, tokens in enumerate(new):
+                n = len(tokens)
+                chunk[i, k - n:] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+                chunk_mask[i, k - n:] = 1
+                chunk_pos[i, k - n:] = self.pos[i] + torch.arange(n, device=self.device)
+        self.pos += chunk_mask.sum(1)
+        self._reserve(k)
+        self.ids[:, self.length:self.length + k] = chunk
+        self.mask[:, self.length:self.length + k] = chunk_mask
+        self.length += k
+        mask = self.mask[:, :self.length]
+        if self.use_cache:
+            kwargs = {"position_ids": chunk_pos} if self.positions else {}
+            out = self.model(input_ids=chunk, attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1, **kwargs)
+            self.cache = out.past_key_values
+        else:
+            kwargs = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if self.positions else {}
+            out = self.model(input_ids=self.token_ids(), attention_mask=mask, use_cache=False, logits_to_keep=1,
+                             **kwargs)
+        return out.logits[:, -1].float()
 
 
 @dataclass
-class _Stream:
-    """The sequence being decoded, the scores of its next token and the model's cache."""
+class _Sequence:
+    """One sequence of the batch: its ids, settings, limit, random generator and result; in a
+    beam phase it stands on ``num_beams`` rows of the batch, else on one."""
 
     buf: TokenBuffer  # (1, length)
-    logits: torch.Tensor  # (1, V) float32 scores of the next token
-    cache: Any  # the model's KV cache, None without one
+    settings: dict[str, DecodeSettings]
+    limit: int  # new tokens at most
+    generator: torch.Generator
     result: DecodeResult = field(default_factory=lambda: DecodeResult([], [], LENGTH))
+    phase: "_BeamPhase | None" = None
+    width: int = 1  # rows of the batch it stands on
 
     def append(self, tokens: Sequence[int], modes: Sequence[str]) -> None:
         self.buf.append(np.asarray(tokens, dtype=np.int64)[None])
         self.result.ids.extend(int(t) for t in tokens)
         self.result.modes.extend(modes)
 
+    @property
+    def done(self) -> bool:
+        return self.result.stopped == STOP or len(self.result.ids) >= self.limit
+
+
+@dataclass
+class _Step:
+    """What a sequence does next: the batch rows (its own, by index) its next rows continue,
+    each row's new tokens, and the column from which a row forgets its past (None: keeps it)."""
+
+    rows: list[int]
+    tokens: list[list[int]]
+    forget_from: int | None = None
+
 
 class Decoder:
-    """Runs the loop for one model, one constraint and one set of per-modality settings."""
+    """Runs the loop for one model, one constraint and one set of per-modality settings (which
+    a batch may replace per sequence)."""
 
     def __init__(self, model: Any, constraint: ModalityConstraint, settings: dict[str, DecodeSettings],
                  stop_ids: Sequence[int], use_cache: bool = True) -> None:
@@ -148,67 +246,124 @@ class Decoder:
         self.stop_ids = sorted({int(i) for i in stop_ids})
         self.use_cache = use_cache
         self.device = next(model.parameters()).device
-        self._penalties = {m: s.penalties() for m, s in settings.items()}
-        self._warpers = {m: s.warpers() for m, s in settings.items()}
+        self._processors: dict[DecodeSettings, tuple[Any, Any]] = {}
 
-    # --- model calls -------------------------------------------------------------------------
-    def _forward(self, new: torch.Tensor, full: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """Scores of the next token after ``full`` (B, L), whose last ``new`` (B, k) ids are not yet cached."""
-        if self.use_cache:
-            out = self.model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].float(), out.past_key_values
-        out = self.model(input_ids=full, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1].float(), None
+    def _penalties(self, cfg: DecodeSettings) -> Any:
+        return self._procs(cfg)[0]
+
+    def _warpers(self, cfg: DecodeSettings) -> Any:
+        return self._procs(cfg)[1]
+
+    def _procs(self, cfg: DecodeSettings) -> tuple[Any, Any]:
+        if cfg not in self._processors:
+            self._processors[cfg] = (cfg.penalties(), cfg.warpers())
+        return self._processors[cfg]
 
     # --- the loop ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, seed: int = 0) -> DecodeResult:
         """Decode after ``prompt_ids``; ``max_new_tokens`` is capped at what the model's positions
         allow (the cap is reported in the result's ``notes``)."""
-        prompt = np.asarray(prompt_ids, dtype=np.int64)
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise ValueError(f"the prompt must be a non-empty 1-D sequence of ids, got shape {prompt.shape}")
-        max_new_tokens, note = bound_new_tokens(self.model, prompt.size, max_new_tokens)
-        start = time.perf_counter()
-        buf = TokenBuffer(prompt[None], self.device)
-        logits, cache = self._forward(buf.ids(), buf.ids(), None)
-        s = _Stream(buf, logits, cache)
-        s.result.forward_passes = 1
-        if note:
-            s.result.notes.append(note)
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        while len(s.result.ids) < max_new_tokens and s.result.stopped != STOP:
-            state = self.constraint.state(s.buf.rows()[0])
-            if self.settings[state.mode].num_beams > 1:
-                self._beam_phase(s, state, max_new_tokens - len(s.result.ids))
-            else:
-                self._single_step(s, state, max_new_tokens, generator)
-        s.result.seconds = time.perf_counter() - start
-        return s.result
+        return self.run_batch([prompt_ids], max_new_tokens, [seed])[0]
 
-    def _single_step(self, s: _Stream, state: BlockState, max_new_tokens: int, generator: torch.Generator) -> None:
+    @torch.inference_mode()
+    def run_batch(self, prompts: Sequence[Sequence[int] | np.ndarray], max_new_tokens: int, seeds: Sequence[int],
+                  settings: Sequence[dict[str, DecodeSettings]] | None = None) -> list[DecodeResult]:
+        """Decode after each prompt at once; ``seeds`` and ``settings`` (default: the decoder's)
+        are per sequence. A sequence's tokens are those :meth:`run` gives it alone."""
+        if not prompts or len(seeds) != len(prompts) or (settings is not None and len(settings) != len(prompts)):
+            raise ValueError(f"a batch needs at least one prompt and one seed (and settings) per prompt: got "
+                             f"{len(prompts)} prompts, {len(seeds)} seeds")
+        start = time.perf_counter()
+        seqs = []
+        for i, ids in enumerate(prompts):
+            prompt = np.asarray(ids, dtype=np.int64)
+            if prompt.ndim != 1 or prompt.size == 0:
+                raise ValueError(f"the prompt must be a non-empty 1-D sequence of ids, got shape {prompt.shape}")
+            limit, note = bound_new_tokens(self.model, prompt.size, max_new_tokens)
+            seq = _Sequence(TokenBuffer(prompt[None]), dict(settings[i] if settings is not None else self.settings),
+                            limit, torch.Generator(device=self.device).manual_seed(int(seeds[i])))
+            seq.result.notes += [note] if note else []
+            seq.result.forward_passes = 1
+            seqs.append(seq)
+        rows = _Rows(self.model, self.device, self.use_cache)
+        logits = rows.feed([s.buf.rows()[0].tolist() for s in seqs])  # (R, V)
+        live = seqs
+        while live:
+            index: list[int] = []
+            new: list[list[int]] = []
+            forget: list[tuple[int, int]] = []
+            kept = []
+            offset = 0
+            ids = rows.token_ids()
+            for s in live:
+                width = s.width
+                step = self._advance(s, logits[offset:offset + width], ids[offset:offset + width], rows.length)
+                if step is None:
+                    s.result.seconds = time.perf_counter() - start
+                else:
+                    if step.forget_from is not None:
+                        forget += [(len(index) + j, step.forget_from) for j in range(len(step.rows))]
+                    index += [offset + r for r in step.rows]
+                    new += step.tokens
+                    s.width = len(step.rows)
+                    kept.append(s)
+                offset += width
+            live = kept
+            if not live:
+                break
+            rows.select(index)
+            for row, column in forget:
+                rows.forget(row, column)
+            logits = rows.feed(new)
+            for s in live:
+                s.result.forward_passes += 1
+        return [s.result for s in seqs]
+
+    def _advance(self, s: _Sequence, logits: torch.Tensor, ids: torch.Tensor, column: int) -> _Step | None:
+        """Choose ``s``'s next token(s) from the scores of its rows (``logits`` (W, V), ``ids``
+        (W, T)); None when the sequence is done. ``column``: the batch's next column."""
+        if s.phase is None:
+            if s.done:
+                return None
+            state = self.constraint.state(s.buf.rows()[0])
+            if s.settings[state.mode].num_beams == 1:
+                return self._single_step(s, state, logits, ids)
+            s.phase = _BeamPhase(self, s, state, column)
+        step = s.phase.advance(logits, ids)
+        if step is not None:
+            return step
+        # The phase ended: the sequence goes on with its best hypothesis.
+        phase, s.phase = s.phase, None
+        best = phase.best()
+        s.result.beam_phases += 1
+        s.append(best, self._modes_of(phase.mode, phase.last, best))
+        if best[-1] in self.stop_ids:
+            s.result.stopped = STOP
+        if s.done:
+            return None
+        # It ended on a change of mode: one row goes on, its beam tokens forgotten, the chosen
+        # hypothesis run through the model.
+        return _Step([0], [best], forget_from=phase.column)
+
+    def _single_step(self, s: _Sequence, state: BlockState, logits: torch.Tensor, ids: torch.Tensor) -> _Step | None:
         mode = state.mode
-        cfg = self.settings[mode]
-        ids = s.buf.ids()
-        scores = self._penalties[mode](ids, s.logits)
+        cfg = s.settings[mode]
+        scores = self._penalties(cfg)(ids, logits)
         scores = scores + self.constraint.bias([self.constraint.allowed_key(state)], scores.shape[-1], scores.device,
                                                scores.dtype)
         if cfg.do_sample:
-            probs = torch.softmax(self._warpers[mode](ids, scores), dim=-1)
-            token = int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])
+            probs = torch.softmax(self._warpers(cfg)(ids, scores), dim=-1)
+            token = int(torch.multinomial(probs, num_samples=1, generator=s.generator)[0, 0])
         else:
             token = int(scores.argmax(-1)[0])
         s.append([token], [mode])
         if mode == TEXT and token in self.stop_ids:
             s.result.stopped = STOP
-            return
-        if len(s.result.ids) < max_new_tokens:
-            s.logits, s.cache = self._forward(s.buf.ids()[:, -1:], s.buf.ids(), s.cache)
-            s.result.forward_passes += 1
+        return None if s.done else _Step([0], [[token]])
 
-    def _phase_modes(self, cfg: DecodeSettings) -> set[str]:
+    def _phase_modes(self, settings: dict[str, DecodeSettings], cfg: DecodeSettings) -> set[str]:
         """The modes a beam phase with settings ``cfg`` may run through."""
-        return {m for m, other in self.settings.items() if other == cfg}
+        return {m for m, other in settings.items() if other == cfg}
 
     def _ends(self, states: list[BlockState], last: np.ndarray, beam: np.ndarray, token: np.ndarray,
               inside: set[str]) -> np.ndarray:
@@ -219,71 +374,6 @@ class Decoder:
                          self.constraint.mode_after(states[b].mode, int(last[b]), int(t)) not in inside
                          for b, t in zip(beam, token)], dtype=bool)
 
-    def _beam_phase(self, s: _Stream, state: BlockState, budget: int) -> None:
-        """Beam search until its best hypothesis ends; the stream then continues with it.
-
-        Mirrors transformers' ``_beam_search`` for one sequence: log-softmax, processors, the
-        top ``K`` continuations of all beams, hypotheses kept only from the top ``num_beams``,
-        length-normalised scores, and its early-stopping rule.
-        """
-        mode = state.mode
-        cfg = self.settings[mode]
-        inside = self._phase_modes(cfg)
-        B, L0, V = cfg.num_beams, s.buf.length, s.logits.shape[-1]
-        # Tokens that can end a hypothesis besides the stop tokens: block markers into or out
-        # of modes with other settings (none when every mode has these settings, as in HF).
-        enders = 0 if inside == set(self.settings) else 2
-        K = max(2, 1 + len(self.stop_ids) + enders) * B
-        beams = TokenBuffer(np.repeat(s.buf.rows(), B, axis=0), self.device)  # (B, L0 + step)
-        running = torch.full((B,), -1e9, device=self.device)
-        running[0] = 0.0  # only the first beam's continuations count at the first step
-        logits = s.logits.expand(B, V)
-        cache = s.cache
-        if cache is not None:
-            cache.batch_repeat_interleave(B)
-        pool: list[tuple[float, list[int]]] = []  # finished hypotheses (score, tokens), best first
-        improvable = True
-        for step in range(budget):
-            cur = L0 + step
-            logp = torch.log_softmax(logits, dim=-1)
-            logp = self._penalties[mode](beams.ids(), logp)
-            rows = beams.rows()
-            states = self.constraint.states(rows)
-            logp = logp + self.constraint.bias([self.constraint.allowed_key(x) for x in states], V, self.device,
-                                               logp.dtype)
-            top_v, top_i = (logp + running[:, None]).view(-1).topk(K)  # (K,)
-            beam, token = top_i // V, top_i % V
-            ends = self._ends(states, rows[:, -1], beam.cpu().numpy(), token.cpu().numpy(), inside)
-            ends = torch.from_numpy(ends | (step + 1 >= budget)).to(self.device)  # (K,)
-            if improvable and not (len(pool) >= B and cfg.early_stopping):
-                scale = float(step + 1) ** cfg.length_penalty
-                for i in torch.nonzero(ends[:B]).flatten().tolist():
-                    pool.append((float(top_v[i]) / scale, rows[int(beam[i]), L0:].tolist() + [int(token[i])]))
-                pool = sorted(pool, key=lambda h: -h[0])[:B]
-            keep = (top_v - ends.float() * 1e9).topk(B).indices  # the best unfinished continuations
-            running = top_v[keep] - ends[keep].float() * 1e9
-            best_possible = float(running[0]) / float(step + 1) ** cfg.length_penalty
-            improvable = improvable and (len(pool) < B or best_possible > min(h[0] for h in pool))
-            if not improvable or (len(pool) >= B and cfg.early_stopping) or bool(ends.all()):
-                break
-            order = beam[keep]
-            beams.reorder(order)
-            beams.append(token[keep].cpu().numpy()[:, None], token[keep])
-            if cache is not None:
-                cache.reorder_cache(order)
-            logits, cache = self._forward(beams.ids()[:, -1:], beams.ids(), cache)
-            s.result.forward_passes += 1
-        best = pool[0][1]
-        s.result.beam_phases += 1
-        s.append(best, self._modes_of(mode, int(s.buf.rows()[0, -1]), best))
-        if best[-1] in self.stop_ids:
-            s.result.stopped = STOP
-            return
-        if len(best) >= budget:
-            return
-        # The phase ended on a change of mode: continue from the chosen hypothesis alone.
-        s.logits, s.cache = self._continue_from(cache, L0, beams.length, s)
-
     def _modes_of(self, mode: str, last: int, tokens: list[int]) -> list[str]:
         """The mode each of ``tokens`` was chosen in, the first in ``mode`` after ``last``."""
         modes = []
@@ -292,12 +382,71 @@ class Decoder:
             mode, last = self.constraint.mode_after(mode, last, t), t
         return modes
 
-    def _continue_from(self, cache: Any, prefix: int, cached: int, s: _Stream) -> tuple[torch.Tensor, Any]:
-        """The beams' cache (``cached`` tokens) cut back to the shared prefix, one row kept, and
-        the chosen hypothesis run through the model."""
-        new = s.buf.ids()[:, prefix:]
-        if cache is not None:
-            cache.crop(prefix - cached)
-            cache.batch_select_indices(torch.tensor([0], device=self.device))
-        s.result.forward_passes += 1
-        return self._forward(new, s.buf.ids(), cache)
+
+class _BeamPhase:
+    """One sequence's beam search, step by step, until its best hypothesis ends.
+
+    Mirrors transformers' ``_beam_search`` for one sequence: log-softmax, processors, the top
+    ``K`` continuations of all beams, hypotheses kept only from the top ``num_beams``,
+    length-normalised scores, and its early-stopping rule.
+    """
+
+    def __init__(self, dec: Decoder, s: _Sequence, state: BlockState, column: int) -> None:
+        self.dec = dec
+        self.mode = state.mode
+        self.cfg = s.settings[self.mode]
+        self.inside = dec._phase_modes(s.settings, self.cfg)
+        self.beams_n = self.cfg.num_beams
+        self.prefix = s.buf.length  # L0: the sequence's length when the phase began
+        self.last = int(s.buf.rows()[0, -1])
+        self.budget = s.limit - len(s.result.ids)
+        self.column = column  # the batch column of the phase's first token
+        # Tokens that can end a hypothesis besides the stop tokens: block markers into or out
+        # of modes with other settings (none when every mode has these settings, as in HF).
+        enders = 0 if self.inside == set(s.settings) else 2
+        self.k = max(2, 1 + len(dec.stop_ids) + enders) * self.beams_n
+        self.beams = TokenBuffer(np.repeat(s.buf.rows(), self.beams_n, axis=0))  # (B, L0 + step)
+        self.running = torch.full((self.beams_n,), -1e9, device=dec.device)
+        self.running[0] = 0.0  # only the first beam's continuations count at the first step
+        self.pool: list[tuple[float, list[int]]] = []  # finished hypotheses (score, tokens), best first
+        self.improvable = True
+        self.step = 0
+
+    def best(self) -> list[int]:
+        return self.pool[0][1]
+
+    def advance(self, logits: torch.Tensor, ids: torch.Tensor) -> _Step | None:
+        """One step over the beams' scores ((1, V) at the first step, then (B, V)); None when
+        the phase ends (its best hypothesis is then :meth:`best`)."""
+        dec, cfg, B = self.dec, self.cfg, self.beams_n
+        first = self.step == 0
+        V = logits.shape[-1]
+        if first:
+            logits, ids = logits.expand(B, V), ids.expand(B, ids.shape[1])
+        logp = torch.log_softmax(logits, dim=-1)
+        logp = dec._penalties(cfg)(ids, logp)
+        rows = self.beams.rows()
+        states = dec.constraint.states(rows)
+        logp = logp + dec.constraint.bias([dec.constraint.allowed_key(x) for x in states], V, dec.device, logp.dtype)
+        top_v, top_i = (logp + self.running[:, None]).view(-1).topk(self.k)  # (K,)
+        beam, token = top_i // V, top_i % V
+        ends = dec._ends(states, rows[:, -1], beam.cpu().numpy(), token.cpu().numpy(), self.inside)
+        ends = torch.from_numpy(ends | (self.step + 1 >= self.budget)).to(dec.device)  # (K,)
+        if self.improvable and not (len(self.pool) >= B and cfg.early_stopping):
+            scale = float(self.step + 1) ** cfg.length_penalty
+            for i in torch.nonzero(ends[:B]).flatten().tolist():
+                self.pool.append((float(top_v[i]) / scale, rows[int(beam[i]), self.prefix:].tolist() + [int(token[i])]))
+            self.pool = sorted(self.pool, key=lambda h: -h[0])[:B]
+        keep = (top_v - ends.float() * 1e9).topk(B).indices  # the best unfinished continuations
+        self.running = top_v[keep] - ends[keep].float() * 1e9
+        best_possible = float(self.running[0]) / float(self.step + 1) ** cfg.length_penalty
+        self.improvable = self.improvable and (len(self.pool) < B or best_possible > min(h[0] for h in self.pool))
+        if not self.improvable or (len(self.pool) >= B and cfg.early_stopping) or bool(ends.all()):
+            return None
+        order = beam[keep].cpu().numpy()
+        tokens = token[keep].cpu().numpy()
+        self.beams.reorder(order)
+        self.beams.append(tokens[:, None])
+        self.step += 1
+        rows_of = [0] * B if first else order.tolist()  # at the first step every beam stands on the one row
+        return _Step(rows_of, [[int(t)] for t in tokens])

@@ -112,26 +112,53 @@ class Generator:
         the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
         speech-only system prompt (tts, speech_generation) and the release preset's task.
         """
+        return self.generate_batch([prompt], chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
+                                   settings=settings, outputs=outputs, seed=seed, use_cache=use_cache,
+                                   max_speech_frames=max_speech_frames)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, chat: bool = True, task: str | None = None,
+                       preset: str = "paper", max_new_tokens: int | None = None,
+                       settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
+                       outputs: Iterable[str] | None = None, seed: int | Sequence[int] = 0, use_cache: bool = True,
+                       max_speech_frames: int = 750) -> list[Generation]:
+        """Answers to several prompts, decoded together (the keywords are :meth:`generate`'s).
+
+        Each prompt keeps its own constraint state and settings (a preset may choose settings
+        by what the prompt holds) and is seeded on its own (``seed``: one for every prompt, or
+        one per prompt): answer ``i`` is what ``generate(prompts[i], seed=...)`` gives, up to
+        the float rounding of a batched forward.
+        """
+        prompts = list(prompts)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(x) for x in seed]
+        if not prompts or len(seeds) != len(prompts):
+            raise ValueError(f"generate_batch needs at least one prompt and one seed per prompt (or one seed): got "
+                             f"{len(prompts)} prompts and {len(seeds)} seeds")
         chosen = get_preset(preset)
         outputs = None if outputs is None else tuple(outputs)
         wanted = self._check_outputs(outputs)
-        turns = self.prompt_turns(prompt)
-        encoded = self.encode_turns(turns)
-        speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
-        resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
-        segments = self.prompt_segments(encoded, chat, task)
-        bos = self.tokenizer.bos_token_id
-        prompt_ids = render(segments, self.table, self.encode_text, bos_id=bos, where="prompt").input_ids
-        if prompt_ids.size == 0:
-            raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+        turns, ids, resolved = [], [], []
+        for n, prompt in enumerate(prompts):
+            where = f"prompt {n}: " if len(prompts) > 1 else ""
+            turns.append(self.prompt_turns(prompt))
+            encoded = self.encode_turns(turns[-1])
+            speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+            resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
+            segments = self.prompt_segments(encoded, chat, task)
+            ids.append(render(segments, self.table, self.encode_text, bos_id=self.tokenizer.bos_token_id,
+                              where="prompt").input_ids)
+            if ids[-1].size == 0:
+                raise ValueError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
-        decoder = Decoder(self.model, constraint, resolved, stop_ids, use_cache=use_cache)
-        result = decoder.run(prompt_ids, max_new_tokens or chosen.max_new_tokens, seed=seed)
-        answer, partial = self._split(constraint, prompt_ids, result)
-        return Generation(turns, prompt_ids, result, answer, partial, resolved, seed, chat, chosen.name)
+        decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
+        results = decoder.run_batch(ids, max_new_tokens or chosen.max_new_tokens, seeds, settings=resolved)
+        out = []
+        for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
+            answer, partial = self._split(constraint, p, r)
+            out.append(Generation(t, p, r, answer, partial, s, sd, chat, chosen.name))
+        return out
 
     def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
         """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
