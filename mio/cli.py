@@ -39,9 +39,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mio.data.prepare import prepare
+    from mio.data.prepare import PrepareInterrupted, prepare
 
-    m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log)
+    try:
+        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
+        _log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
+        return 130
     _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:
         _log("this rank is done; the last rank to finish writes the merged manifest")
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--tokenizers", type=Path, default=None,
                     help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="start the --out dataset afresh (its shards, records and manifest are removed first)")
     ins = command("inspect", cmd_inspect, "a prepared dataset's figures and a few rendered samples",
                   "Prints the manifest's figures, skips by reason and samples as stored and as trained.\n"
                   "With --verify, exits 1 when a shard is missing or differs from the manifest's checksum.")

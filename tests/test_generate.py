@@ -23,10 +23,11 @@ from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import LENGTH, STOP, Decoder
 from mio.generate.detok import UnclipSettings
 from mio.generate.generator import Generator
-from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.media import MediaFile
 from mio.generate.settings import MODES, TABLE8, DecodeSettings, get_preset, resolve_settings
 from mio.segments import Image, Speech, Text, TextEncoder, Video, render
 from mio.templates import Turn
+from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)

@@ -19,7 +19,8 @@ import torch
 
 from mio.generate.cli import generate_main, prompt_items
 from mio.generate.generator import Generator
-from mio.generate.media import MIO_SPEECH_DIR, MIO_UNCLIP_DIR, MediaFile
+from mio.generate.media import MediaFile
+from mio.tokenizers.media_tokenizers import MIO_SPEECH_DIR, MIO_UNCLIP_DIR
 from mio.segments import Image, Speech, Text
 from mio.vocab import MIO_SPECIAL_ORDER, VocabTable
 

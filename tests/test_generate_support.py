@@ -45,7 +45,7 @@ def text_tokenizer() -> Any:
 @functools.cache
 def tiny_media() -> Any:
     """MediaTokenizers over the tiny SEED and SpeechTokenizer specs, both already built."""
-    from mio.generate.media import MediaTokenizers, SpecSource
+    from mio.tokenizers.media_tokenizers import MediaTokenizers, SpecSource
     from mio.vocab import IMAGE, SPEECH
 
     media = MediaTokenizers({IMAGE: SpecSource(str(TINY_SEED), str(TINY_SEED)),

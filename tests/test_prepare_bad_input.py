@@ -3,7 +3,6 @@ stops the run with an error naming it; the manifest's counts add up (samples + s
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -14,9 +13,11 @@ import pytest
 import soundfile as sf
 from PIL import Image as PILImage
 
-from mio.data.prepare import MediaTokenizers, prepare
+from mio.data.prepare import prepare, recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
+
+from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"
@@ -45,7 +46,7 @@ def _added_up(m: dict) -> None:
 
 
 def _codes(tokenizer_kind: str, recipe: Path):
-    return MediaTokenizers(Recipe.load(recipe), TINY).get(tokenizer_kind, "test")
+    return recipe_tokenizers(Recipe.load(recipe), TINY, local_rank=0).get(tokenizer_kind)
 
 
 @pytest.fixture(scope="module")
@@ -162,22 +163,15 @@ def test_stereo_is_averaged_and_resampled(speech_run):
     assert stored["clip pcm16.wav"].shape == (4, 50)
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_truncated_tar_shard_in_input(tmp_path):
     jpg = PHOTO.read_bytes()
     good = [(f"{i:04d}", {"jpg": jpg, "txt": f"photo {i}".encode()}) for i in range(3)]
-    _tar(tmp_path / "a.tar", good + [("0003", {"jpg": jpg, "txt": b"caf\xe9"})])
-    _tar(tmp_path / "b.tar", [(f"1{i:03d}", {"jpg": jpg, "txt": f"more {i}".encode()}) for i in range(4)])
+    write_tar(tmp_path / "a.tar", good + [("0003", {"jpg": jpg, "txt": b"caf\xe9"})])
+    write_tar(tmp_path / "b.tar", [(f"1{i:03d}", {"jpg": jpg, "txt": f"more {i}".encode()}) for i in range(4)])
     data = (tmp_path / "b.tar").read_bytes()
-    (tmp_path / "b.tar").write_bytes(data[: int(len(data) * 0.6)])  # cut inside the third sample
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmembers()[5].offset_data + 2
+    (tmp_path / "b.tar").write_bytes(data[:cut])  # cut inside the third sample's last member
     recipe = _recipe(tmp_path, "data_type: image_text\ninput: {format: tar, paths: '*.tar'}\n"
                                "fields: {image: jpg, text: txt}\ntokenizers: {image: seed.yaml}\n")
     m = prepare(recipe, tmp_path / "out", tokenizer_dir=TINY)
@@ -199,12 +193,14 @@ def test_empty_input_stops_with_its_name(tmp_path):
         prepare(recipe, tmp_path / "out2")
 
 
-def test_all_rows_bad_stops_after_writing_the_manifest(tmp_path):
-    (tmp_path / "rows.jsonl").write_text("not json\nnor this\n")
+def test_all_rows_bad_stops_and_leaves_nothing_that_blocks_the_fix(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"body": "a"}\n{"body": "b", "id": 2}\n')
     recipe = _recipe(tmp_path, "data_type: text\ninput: rows.jsonl\n")
-    with pytest.raises(ValueError, match="no sample survived.*bad_json"):
+    with pytest.raises(ValueError, match=r"no sample survived.*missing_field.*no field 'text'; its keys: body, id"):
         prepare(recipe, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == {"bad_json": 2}
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    recipe.write_text("data_type: text\ninput: rows.jsonl\nfields: {text: body}\n")  # the fix
+    assert prepare(recipe, tmp_path / "out")["samples"] == 2
 
 
 def test_recipe_errors_name_the_problem(tmp_path):

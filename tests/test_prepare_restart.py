@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from mio.data import prepare as prepare_module
+from mio.data.lock import LOCK
 from mio.data.prepare import prepare, resolve_ranks, unit_owner
-from mio.data.shards import MANIFEST, file_sha256, iter_shard, list_shards
+from mio.data.shards import MANIFEST, iter_shard, list_shards
+
+from prepare_support import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"
@@ -39,13 +42,6 @@ def _recipe(folder: Path, shard_size: int, pattern: str = "part*.jsonl") -> Path
     return path
 
 
-def _snapshot(out: Path) -> dict[str, str]:
-    """Every shard's checksum plus the manifest: what 'the same output' means."""
-    files = {p.name: file_sha256(p) for p in out.glob("*.tar")}
-    files[MANIFEST] = json.dumps(json.loads((out / MANIFEST).read_text()), sort_keys=True)
-    return files
-
-
 def test_killed_run_restarts_to_the_same_output(tmp_path):
     _text_input(tmp_path, parts=1, rows=10000)
     recipe = _recipe(tmp_path, shard_size=100)
@@ -65,8 +61,13 @@ def test_killed_run_restarts_to_the_same_output(tmp_path):
     assert 5 <= done < 100, f"the kill should land mid-run ({done} shards written)"
     assert not (out / MANIFEST).exists()
 
-    restarted = prepare(recipe, out)
-    assert _snapshot(out) == _snapshot(tmp_path / "ref")
+    records = len(list((out / ".units").glob("*.json")))
+    assert (out / LOCK).is_file()  # SIGKILL left the lock behind: its process is gone, so it is stale
+    said = []
+    restarted = prepare(recipe, out, progress=said.append)
+    assert any("removed a stale lock" in line and f"pid {child.pid}" in line for line in said), said
+    assert any(f"{records} units already done" in line for line in said), said
+    assert snapshot(out) == snapshot(tmp_path / "ref")
     assert restarted["samples"] == reference["samples"]
     keys = [s.key for shard in list_shards(out) for s in iter_shard(shard)]
     assert len(keys) == len(set(keys)) == reference["samples"]  # nothing lost, nothing twice
@@ -78,7 +79,7 @@ def test_rerun_skips_finished_units(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, shard_size=100)
     first = prepare(recipe, tmp_path / "out")
     calls = []
-    monkeypatch.setattr(prepare_module, "process_batch", lambda *a: calls.append(a) or [])
+    monkeypatch.setattr(prepare_module, "submit_batch", lambda *a: calls.append(a))
     again = prepare(recipe, tmp_path / "out")
     assert calls == [] and again == first
 
@@ -87,22 +88,22 @@ def test_an_error_mid_unit_loses_nothing(tmp_path, monkeypatch):
     _text_input(tmp_path, parts=1, rows=1000)
     recipe = _recipe(tmp_path, shard_size=100)
     prepare(recipe, tmp_path / "ref")
-    real = prepare_module.process_batch
+    real = prepare_module.complete_batch
     batches = []
 
-    def failing(ctx, rows):
-        batches.append(len(rows))
+    def failing(ctx, batch):
+        batches.append(len(batch.rows))
         if len(batches) == 5:  # inside the third unit
             raise KeyboardInterrupt
-        return real(ctx, rows)
+        return real(ctx, batch)
 
-    monkeypatch.setattr(prepare_module, "process_batch", failing)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(prepare_module, "complete_batch", failing)
+    with pytest.raises(KeyboardInterrupt, match="2 units .* run the same command to resume"):
         prepare(recipe, tmp_path / "out")
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
-    monkeypatch.setattr(prepare_module, "process_batch", real)
+    monkeypatch.setattr(prepare_module, "complete_batch", real)
     prepare(recipe, tmp_path / "out")
-    assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "ref")
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 
 
 def test_changed_recipe_refuses_to_mix(tmp_path):
@@ -124,7 +125,7 @@ def test_two_ranks_equal_one(tmp_path, parts, rows, shard_size):
     assert first["merged"] is False and first["samples"] > 0
     second = prepare(recipe, tmp_path / "two", rank=0, world_size=2)
     assert "merged" not in second
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
     owners = {unit_owner(p, c, parts, 2) for p in range(parts) for c in range(rows // shard_size + 1)}
     assert owners == {0, 1}
 
@@ -134,15 +135,17 @@ def test_concurrent_ranks_from_torchrun_env(tmp_path):
     recipe = _recipe(tmp_path, shard_size=100)
     prepare(recipe, tmp_path / "one")
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+    for rank in range(2):  # the variables torchrun sets: the two ranks are one job and share the folder's lock
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "29511", "TORCHELASTIC_RUN_ID": "test-job"}
         procs.append(subprocess.Popen([sys.executable, "-m", "mio.cli", "prepare", str(recipe), "--out",
                                        str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-2000:]
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
 def test_rank_environment(monkeypatch):
@@ -174,7 +177,7 @@ def test_media_two_ranks_equal_one(tmp_path):
     prepare(recipe, tmp_path / "one", tokenizer_dir=TINY)
     for rank in (0, 1):
         prepare(recipe, tmp_path / "two", tokenizer_dir=TINY, rank=rank, world_size=2)
-    assert _snapshot(tmp_path / "two") == _snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
 
 
 def test_out_folder_of_another_dataset_is_refused(tmp_path):

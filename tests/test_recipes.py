@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from mio.data.prepare import prepare
 from mio.data.recipe import Recipe
 from mio.data.shards import file_sha256, iter_shard, list_shards
 from mio.segments import Image, Speech, Text, Video
+
+from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"
@@ -122,18 +122,9 @@ def _run(recipe: Path, tmp: Path) -> tuple[dict, list]:
     return m, _stored(tmp / "out")
 
 
-def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_img2dataset_shards(tmp_path):
     for s in range(2):
-        _tar(tmp_path / f"{s:05d}.tar", [
+        write_tar(tmp_path / f"{s:05d}.tar", [
             (f"{s}{i:04d}", {"jpg": PHOTOS[s * 3 + i].read_bytes(), "txt": f"photo {s} {i}".encode(),
                              "json": json.dumps({"caption": f"photo {s} {i}", "url": "x"}).encode()})
             for i in range(2)] + [(f"{s}9999", {"jpg": PHOTOS[9].read_bytes(),
@@ -145,7 +136,7 @@ def test_img2dataset_shards(tmp_path):
 
 
 def test_urls_list_of_shards(tmp_path):
-    _tar(tmp_path / "a.tar", [("k1", {"png": b"", "txt": b"empty image"}), ("k2", {"jpg": PHOTOS[0].read_bytes(),
+    write_tar(tmp_path / "a.tar", [("k1", {"png": b"", "txt": b"empty image"}), ("k2", {"jpg": PHOTOS[0].read_bytes(),
                                                                                    "txt": b"astronaut"})])
     (tmp_path / "list.txt").write_text(f"# shards\nfile://{tmp_path / 'a.tar'}\n")
     raw = yaml.safe_load((RECIPES / "image_text_img2dataset.yaml").read_text())
@@ -190,18 +181,29 @@ def test_refinedweb_parquet(tmp_path):
 
 
 def test_obelics_parquet(tmp_path):
+    """A dead link drops the image, not the document (counted by reason); drop_document restores
+    the all-or-nothing rule."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "images").mkdir()
     shutil.copy(PHOTOS[2], tmp_path / "images" / "p.jpg")
     pq.write_table(pa.table({
-        "texts": [["An intro paragraph about photos.", None, "A closing remark."], ["Remote image:", None]],
-        "images": [[None, "p.jpg", None], [None, "https://example.org/x.jpg"]]}), tmp_path / "train-0.parquet")
-    m, stored = _run(_edited("interleaved_obelics", tmp_path, str(tmp_path / "train-*.parquet"), tmp_path / "images"),
-                     tmp_path)
-    assert m["skipped"] == {"remote_media": 1}
+        "texts": [["An intro paragraph about photos.", None, "A closing remark."],
+                  ["A long paragraph about a remote picture.", None, None, "Its end."], ["Short:", None]],
+        "images": [[None, "p.jpg", None], [None, "https://example.org/x.jpg", "gone.jpg", None],
+                   [None, "https://example.org/y.jpg"]]}), tmp_path / "train-0.parquet")
+    recipe = _edited("interleaved_obelics", tmp_path, str(tmp_path / "train-*.parquet"), tmp_path / "images")
+    m, stored = _run(recipe, tmp_path)
+    assert m["skipped"] == {"text_too_short": 1} and m["dropped_media"] == {"missing_file": 1, "remote_media": 1}
     assert [type(s).__name__ for s in stored[0].segments] == ["Text", "Image", "Text"]
+    assert [s.text for s in stored[1].segments] == ["A long paragraph about a remote picture.", "Its end."]
+    raw = yaml.safe_load(recipe.read_text())
+    raw["filters"]["bad_media_in_document"] = "drop_document"
+    recipe.write_text(yaml.safe_dump(raw))
+    shutil.rmtree(tmp_path / "out")
+    m, stored = _run(recipe, tmp_path)
+    assert m["skipped"] == {"remote_media": 1, "text_too_short": 1} and m["dropped_media"] == {} and len(stored) == 1
 
 
 def test_mmc4_jsonl(tmp_path):

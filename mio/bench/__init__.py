@@ -1,7 +1,8 @@
 """Benchmarks: `mio bench <part>`, each in ``mio/bench/<part>.py`` as ``bench_<part>(**sizes)``.
 
 ``SECONDS``: how long each takes at its default sizes on the project's reference machine (2 CPU
-cores, no GPU, measured with other work running), announced before it starts.
+cores, no GPU; measured while other work loaded it 6-12 deep, so a quiet machine is faster),
+announced before it starts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import inspect
 from types import ModuleType
 from typing import Any, Callable
 
-SECONDS = {"tokenizers": 370, "packing": 90, "data": 25, "train": 150, "generate": 75}
+SECONDS = {"tokenizers": 370, "packing": 90, "data": 25, "train": 680, "generate": 75, "prepare": 120}
 
 
 def bench_module(part: str) -> ModuleType:

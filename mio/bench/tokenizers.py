@@ -17,6 +17,14 @@ Figures (CPU threads of this machine, or the GPU when present):
 - ``speech_tiny_audio_s_per_s`` / ``speech_full_audio_s_per_s``: seconds of audio encoded (4 RVQ
   layers) per second, tiny spec and full-size SpeechTokenizer (the released config, random
   weights); 1.0 is real time.
+- ``cpu_by_batch``: the full-size SEED (images per second, preprocessing included) and
+  SpeechTokenizer (audio seconds per second, 4 s clips) at batch 1, 16 and 64 on the CPU, each
+  one timed call after a warm-up at batch 1; ``..._batch64_over_batch1`` is what batching buys.
+  With a GPU, ``cuda_bf16_by_batch`` gives the same on the GPU in bfloat16 (SEED in bf16 weights,
+  SpeechTokenizer under bf16 autocast: its LSTM and convolutions).
+
+On a 2-core CPU the full-size figures take several minutes (the SEED ViT-g/14 alone is about
+a billion parameters; batch 64 is 64 of its forwards).
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from speechtokenizer import SpeechTokenizer
 
 from mio.tokenizers import ImageTokenizer, SpeechCodec, build_tokenizer, load_spec
 from mio.tokenizers.image import random_weights_seed_quantizer
-from mio.tokenizers.seed import SeedConfig
+from mio.tokenizers.seed import SeedConfig, SeedQuantizer
 from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
 from mio.tokenizers.speech import random_speech_weights, synthetic_speechlike
 
@@ -45,21 +54,28 @@ RELEASED_SPEECH_CONFIG = {
 }
 
 
+BATCHES = (1, 16, 64)
+
+
 def bench_tokenizers(
     repeats: int = 3,
     tiny_images: int = 64,
     full_batch: int = 1,
     tiny_audio_s: float = 60.0,
     full_audio_s: float = 4.0,
+    batches: tuple[int, ...] = BATCHES,
 ) -> dict:
     device = resolve_device("auto")
     tiny_image = build_tokenizer(SPECS / "tiny" / "seed.yaml")
     tiny_speech = build_tokenizer(SPECS / "tiny" / "speechtokenizer.yaml")
-    full_image = full_size_image_tokenizer(device)
+    spec = load_spec(SPECS / "seed.yaml")
+    seed = full_size_seed(spec)
+    full_image = ImageTokenizer(seed, interpolation=spec["interpolation"], device=device,
+                                dtype=resolve_dtype(spec.get("dtype"), device))
     vit_s, after_s = vit_floor(full_image, full_batch, repeats)
-    del full_image  # 4.6 GB of float32 weights
-    full_speech = SpeechCodec(random_speech_weights(RELEASED_SPEECH_CONFIG, 0), RELEASED_SPEECH_CONFIG, device=device)
-    return {
+    speech_model = random_speech_weights(RELEASED_SPEECH_CONFIG, 0)
+    full_speech = SpeechCodec(speech_model, RELEASED_SPEECH_CONFIG, device=device)
+    result = {
         "bench": "tokenizers",
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -73,15 +89,42 @@ def bench_tokenizers(
         "speech_tiny_audio_s_per_s": round(audio_s_per_s(tiny_speech, tiny_audio_s, repeats), 2),
         "speech_full_audio_s_per_s": round(audio_s_per_s(full_speech, full_audio_s, repeats), 3),
     }
+    # the same weights, moved: one copy of the 4.6 GB SEED at a time
+    models = (seed, spec["interpolation"], speech_model, RELEASED_SPEECH_CONFIG)
+    result["cpu_by_batch"] = by_batch_figures(*models, torch.device("cpu"), torch.float32, batches)
+    if torch.cuda.is_available():
+        result["cuda_bf16_by_batch"] = by_batch_figures(*models, torch.device("cuda"), torch.bfloat16, batches)
+    return result
 
 
-def full_size_image_tokenizer(device: torch.device) -> ImageTokenizer:
+def full_size_seed(spec: dict) -> SeedQuantizer:
     """The real SEED spec's architecture with random weights (its codebook as drawn: the lookup
     costs the same whatever the rows hold)."""
-    spec = load_spec(SPECS / "seed.yaml")
-    model = random_weights_seed_quantizer(SeedConfig.from_dict(spec["model"]), seed=0)
-    return ImageTokenizer(model, interpolation=spec["interpolation"], device=device,
-                          dtype=resolve_dtype(spec.get("dtype"), device))
+    return random_weights_seed_quantizer(SeedConfig.from_dict(spec["model"]), seed=0)
+
+
+def by_batch_figures(seed: SeedQuantizer, interpolation: str, speech: SpeechTokenizer, speech_config: dict,
+                     device: torch.device, dtype: torch.dtype, batches: tuple[int, ...]) -> dict[str, object]:
+    """SEED images/s and SpeechTokenizer audio-s/s per batch size on one device and dtype."""
+    image = ImageTokenizer(seed, interpolation=interpolation, device=device, dtype=dtype)  # moves the weights
+    codec = SpeechCodec(speech, speech_config, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    images, speech_s = {}, {}
+    with autocast:
+        for b in batches:
+            image.batch_size = codec.batch_size = b
+            pictures = bench_images(b)
+            clips = [c.numpy() for c in synthetic_speechlike(b, 4 * codec.sample_rate, codec.sample_rate,
+                                                             seeded_generator(b))]
+            if b == batches[0]:  # warm-up
+                image.encode(pictures), codec.encode(clips)
+            images[str(b)] = round(b / timed(lambda: image.encode(pictures)), 4)
+            speech_s[str(b)] = round(4.0 * b / timed(lambda: codec.encode(clips)), 3)
+    first, last = str(batches[0]), str(batches[-1])
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "seed_images_per_s": images, "speech_audio_s_per_s": speech_s,
+            f"seed_batch{last}_over_batch{first}": round(images[last] / images[first], 3),
+            f"speech_batch{last}_over_batch{first}": round(speech_s[last] / speech_s[first], 3)}
 
 
 def bench_images(n: int, size: int = 256) -> list[Image.Image]:

@@ -11,7 +11,12 @@ in the training process, Lightning's loop, the per-step figures and logging.
 thread and in process CPU seconds: on a shared machine the CPU time a run takes for its tokens is
 what it costs, while its wall time also counts the other processes (the wall-clock rates are
 reported beside it). Each side runs ``repeats`` times, alternating, and keeps its best
-steady-state rate (after ``warmup`` steps). Where a GPU is present, the same is measured in wall
+steady-state rate (after ``warmup`` steps).
+
+``validation_cost_share_at_1pct``: what validating on 1% of a stage's tokens costs, as a share of
+the stage's time (goal: at most 0.02). One more `mio fit` run validates once on ``val_packs``
+packs after its last step; the seconds per validated token (a first pass, which also reads,
+renders and packs its packs) over the seconds per trained token of the same run, times 0.01. Where a GPU is present, the same is measured in wall
 time for a 1B-class Llama with flash attention in bf16, with MFU.
 """
 
@@ -63,6 +68,25 @@ class Stopwatch(L.Callback):
         self.tokens = 0
         self.clock = Clock()
         self.mfu: list[float] = []
+        self.val_seconds = 0.0  # validation inside the timed window
+        self.val_tokens = 0
+        self._val_start = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._val_start = time.process_time() if pl_module.device.type == "cpu" else time.perf_counter()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,  # noqa: ANN001
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            scored = (batch["labels"] != -100).any(1)  # (B,) rows with something to score (not the padding rows)
+            self.val_tokens += int((batch["document_ids"][scored] >= 0).sum())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        if not trainer.sanity_checking:
+            now = time.process_time() if pl_module.device.type == "cpu" else time.perf_counter()
+            self.val_seconds += now - self._val_start
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
         _sync(pl_module.device)
@@ -75,7 +99,8 @@ class Stopwatch(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         result = {"tokens": self.tokens, "seconds": self.clock.seconds(),
-                  "mfu": sum(self.mfu) / len(self.mfu) if self.mfu else None}
+                  "mfu": sum(self.mfu) / len(self.mfu) if self.mfu else None,
+                  "val_seconds": self.val_seconds, "val_tokens": self.val_tokens}
         (Path(trainer.default_root_dir) / "stopwatch.json").write_text(json.dumps(result))
 
 
@@ -112,6 +137,26 @@ def run_fit(args: list[str], out: Path) -> tuple[dict[str, float], float | None]
     fit(args)
     result = json.loads((out / "stopwatch.json").read_text())
     return {k: result["tokens"] / s for k, s in result["seconds"].items()}, result["mfu"]
+
+
+def validation_cost(base: Path, data: Path, out: Path, steps: int, warmup: int, context: int, rows: int,
+                    gpu: bool, val_packs: int) -> dict[str, Any]:
+    """A `mio fit` run that validates once, after its last step (the pass reads its packs too)."""
+    from mio.train.cli import fit
+
+    datasets = ", ".join(f"{{path: {name}, weight: {w}}}" for name, w in MIXTURE.items())
+    every = warmup + steps
+    fit(stage_args(base, data, out, steps, warmup, context, rows, gpu) + [
+        f"--data.val_datasets=[{datasets}]", f"--data.val_packs={val_packs}", f"--trainer.val_check_interval={every}",
+        "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0"])
+    r = json.loads((out / "stopwatch.json").read_text())
+    clock = "wall" if gpu else "cpu"
+    train_seconds = r["seconds"][clock] - r["val_seconds"]
+    per_val_token, per_train_token = r["val_seconds"] / r["val_tokens"], train_seconds / r["tokens"]
+    return {"validation_packs_per_pass": val_packs, "validation_tokens": r["val_tokens"],
+            "validation_seconds_per_token_over_training": round(per_val_token / per_train_token, 4),
+            "validation_cost_share_at_1pct": round(0.01 * per_val_token / per_train_token, 5),
+            "target_validation_cost_share_at_1pct_max": 0.02}
 
 
 def fit_batches(base: Path, data: Path, n: int, context: int, rows: int) -> list[dict[str, Any]]:
@@ -195,6 +240,7 @@ def measure(base: Path, data: Path, runs: Path, steps: int, warmup: int, context
         "flop_counts": counts.__dict__,
         "tokens_per_step": int(sum(int((b["document_ids"] >= 0).sum()) for b in batches) / len(batches)),
     }
+    result.update(validation_cost(base, data, runs / "val", steps, warmup, context, rows, gpu, val_packs=2 * rows))
     peak = peak_flops(device, "bf16-mixed" if gpu else "32-true")
     if peak:
         result["mfu"] = max(m for m in mfu if m is not None) if any(m is not None for m in mfu) else None

@@ -1,106 +1,104 @@
-"""Loading and checking media before tokenization; every failure is a counted SkipSample.
+"""Prepare's media loading: :mod:`mio.media` decodes (the one decoder of every command); here the
+recipe's filters apply and every failure becomes a counted SkipSample.
 
-Images come out as RGB (palette, alpha, CMYK and 16-bit images converted; transparency
-composited on white), speech as mono float32 at the codec's rate (channels averaged, resampled,
-optionally a window of a long recording), videos as a local file path for the video tokenizer.
+Images come out as upright RGB, speech as mono float32 at the codec's rate (optionally a window
+of a long recording: the unit's open recordings are kept in :class:`Recordings`, so a LibriVox
+chapter cut into sixty Libriheavy windows is opened once and only its windows are decoded),
+videos as a local file path for the video tokenizer.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
 
 from mio.data.recipe import Filters
 from mio.data.sources import MediaRef, SkipSample
+from mio.media import AudioFile, MediaError, MediaFileMissing, Window, read_audio, read_image
 
 
-def read_bytes(ref: MediaRef) -> bytes:
+def _source(ref: MediaRef) -> bytes | Path:
     if ref.data is not None:
-        data = ref.data
-    else:
-        assert ref.path is not None
-        if not ref.path.is_file():
-            raise SkipSample("missing_file", f"{ref.name}: {ref.kind} file not found")
-        data = ref.path.read_bytes()
-    if not data:
-        raise SkipSample("empty_file", f"{ref.name}: {ref.kind} file is empty (0 bytes)")
-    return data
-
-
-def to_rgb(im: PILImage.Image) -> PILImage.Image:
-    """Any PIL mode -> RGB; transparency is composited on white (what a viewer shows)."""
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        im = PILImage.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PILImage.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+        return ref.data
+    assert ref.path is not None
+    return ref.path
 
 
 def load_image(ref: MediaRef, filters: Filters, paired: bool) -> PILImage.Image:
-    """Decode fully (a truncated file fails here, not in the tokenizer), then the pair filters."""
-    data = read_bytes(ref)
+    """Decode fully (a truncated file fails here, not in the tokenizer), then the pair filters,
+    on the original size when the source recorded one."""
     try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
-        raise SkipSample("unreadable_image", f"{ref.name}: image cannot be decoded ({e})") from None
-    w, h = rgb.size
+        rgb = read_image(_source(ref), ref.name)
+    except (MediaError, MediaFileMissing) as e:
+        raise SkipSample(e.reason, str(e)) from None
+    w, h = ref.original_size or rgb.size
+    what = f"{w}x{h}" + (" (original size)" if ref.original_size else "")
     if paired and min(w, h) < filters.min_image_side:
-        raise SkipSample("image_too_small", f"{ref.name}: {w}x{h} is below {filters.min_image_side}px")
+        raise SkipSample("image_too_small", f"{ref.name}: {what} is below {filters.min_image_side}px")
     if paired and max(w, h) / max(min(w, h), 1) > filters.max_aspect_ratio:
-        raise SkipSample("aspect_ratio", f"{ref.name}: {w}x{h} has an aspect ratio over {filters.max_aspect_ratio:g}:1")
+        raise SkipSample("aspect_ratio", f"{ref.name}: {what} has an aspect ratio over {filters.max_aspect_ratio:g}:1")
     return rgb
 
 
-def load_speech(ref: MediaRef, sample_rate: int, max_seconds: float | None) -> np.ndarray:
-    """(T,) float32 mono at ``sample_rate``; a clip over ``max_seconds`` is refused from its
-    header before it is decoded."""
-    data = read_bytes(ref)
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, total = f.samplerate, f.frames
-            start = int(round((ref.start or 0.0) * rate))
-            frames = total - start if ref.duration is None else int(round(ref.duration * rate))
-            if start < 0 or start + frames > total or frames < 0:
-                raise SkipSample("bad_field", f"{ref.name}: window start={ref.start}s duration={ref.duration}s lies "
-                                              f"outside the recording ({total / rate:.2f}s)")
-            seconds = frames / rate
-            if max_seconds is not None and seconds > max_seconds:
-                raise SkipSample("speech_too_long", f"{ref.name}: {seconds:.2f}s is over {max_seconds:g}s")
-            f.seek(start)
-            wave = f.read(frames, dtype="float32", always_2d=True)  # (T, C)
-    except SkipSample:
-        raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise SkipSample("unreadable_audio", f"{ref.name}: audio cannot be decoded ({e})") from None
-    if wave.shape[0] < frames:
-        raise SkipSample("unreadable_audio", f"{ref.name}: audio is truncated: its header announces "
-                                             f"{frames} frames, it holds {wave.shape[0]}")
-    if wave.shape[0] == 0:
-        raise SkipSample("empty_audio", f"{ref.name}: audio has no samples")
-    mono = wave.mean(axis=1)  # (T,)
-    if not np.isfinite(mono).all():
-        raise SkipSample("unreadable_audio", f"{ref.name}: audio holds NaN or infinite samples")
-    if rate != sample_rate:
-        import torch
-        import torchaudio.functional as AF
+def speech_window(ref: MediaRef) -> Window:
+    return Window(ref.start or 0.0, ref.duration)
 
-        mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, sample_rate).numpy()
-    return mono.astype(np.float32)
+
+class Recordings:
+    """The audio files one unit has open: each file is opened once, and each of its windows is
+    read by seeking (only the window's frames are decoded). At most ``max_open`` stay open;
+    readers of one file take turns."""
+
+    def __init__(self, max_open: int = 16) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[Path, tuple[AudioFile | SkipSample, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, ref: MediaRef, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+        """(T,) float32 mono of the ref's window; a SkipSample says why not."""
+        try:
+            if ref.data is not None:  # a tar member: its bytes are at hand
+                return read_audio(ref.data, ref.name, sample_rate, speech_window(ref), max_seconds)
+            entry, lock = self._entry(ref)
+            if isinstance(entry, SkipSample):
+                raise entry
+            with lock:
+                return entry.read(sample_rate, speech_window(ref), max_seconds)
+        except (MediaError, MediaFileMissing) as e:
+            raise SkipSample(e.reason, str(e)) from None
+
+    def _entry(self, ref: MediaRef) -> tuple[AudioFile | SkipSample, threading.Lock]:
+        assert ref.path is not None
+        with self._lock:
+            if ref.path in self._open:
+                self._open.move_to_end(ref.path)
+                return self._open[ref.path]
+            try:
+                entry: AudioFile | SkipSample = AudioFile(ref.path, ref.name)
+            except (MediaError, MediaFileMissing) as e:
+                entry = SkipSample(e.reason, str(e))  # every window of a bad file is refused alike
+            self._open[ref.path] = (entry, threading.Lock())
+            while len(self._open) > self.max_open:
+                old, old_lock = self._open.popitem(last=False)[1]
+                if isinstance(old, AudioFile):
+                    with old_lock:
+                        old.close()
+            return self._open[ref.path]
+
+    def close(self) -> None:
+        with self._lock:
+            for entry, lock in self._open.values():
+                if isinstance(entry, AudioFile):
+                    with lock:
+                        entry.close()
+            self._open.clear()
 
 
 class VideoFile:
@@ -115,12 +113,12 @@ class VideoFile:
         if self.ref.data is None:
             assert self.ref.path is not None
             if not self.ref.path.is_file():
-                raise SkipSample("missing_file", f"{self.ref.name}: video file not found")
+                raise SkipSample("missing_file", f"video file {self.ref.name} does not exist")
             if self.ref.path.stat().st_size == 0:
-                raise SkipSample("empty_file", f"{self.ref.name}: video file is empty (0 bytes)")
+                raise SkipSample("empty_file", f"video file {self.ref.name} is empty (0 bytes)")
             return self.ref.path
         if not self.ref.data:
-            raise SkipSample("empty_file", f"{self.ref.name}: video member is empty (0 bytes)")
+            raise SkipSample("empty_file", f"video file {self.ref.name} is empty (0 bytes)")
         suffix = os.path.splitext(self.ref.name)[1] or ".mp4"
         fd, self.tmp = tempfile.mkstemp(suffix=suffix, prefix="mio-video-")
         with os.fdopen(fd, "wb") as fh:

@@ -310,10 +310,13 @@ class MixtureBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
                  context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
-                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256) -> None:
+                 seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256,
+                 shards: Sequence[Sequence[str]] | None = None) -> None:
+        """``shards``: each dataset's shards, when not all of its folder's (validation holds some out)."""
         super().__init__()
         self.specs = list(datasets)
-        self.shards = [list_shards(Path(root) / s.path) for s in self.specs]
+        self.shards = ([list(x) for x in shards] if shards is not None
+                       else [list_shards(Path(root) / s.path) for s in self.specs])
         self.renderer = Renderer(tokenizer, table)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.context_length, self.batch_size = context_length, batch_size

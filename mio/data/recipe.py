@@ -25,6 +25,8 @@ from mio.templates import DATA_TYPES
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
 LAYOUTS = ("segments", "obelics", "mmc4", "llava")
 MEDIA_KINDS = ("image", "speech", "video")
+BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
+JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
 
 # Default field names per data type; a recipe's `fields` overrides any of them.
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
@@ -37,8 +39,6 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "video_interleaved": {"segments": "segments"},
     "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
 }
-# Optional fields (may be absent from a row without dropping it).
-OPTIONAL_FIELDS = ("start", "duration", "task", "language")
 
 
 @dataclass
@@ -49,6 +49,14 @@ class Filters:
     ``min_image_side`` px are dropped. Speech over ``max_speech_seconds`` is dropped (null:
     keep all). Samples with fewer than ``min_text_chars`` characters of text are dropped.
     ``languages``: keep only rows whose ``fields.language`` value is listed (empty: keep all).
+    The pair filters judge the image's original size when the source records it
+    (``fields.original_size``: img2dataset resizes and pads, and records the original).
+
+    ``bad_media_in_document``: in an interleaved document (OBELICS, MMC4, video documents), a
+    media item that cannot be used (dead link, missing or unreadable file) is dropped and counted
+    by reason while the document keeps its text (``drop_media``), or drops the whole document
+    (``drop_document``: with a fraction p of links alive, a document of k images survives with
+    probability p^k). A document left without media and under ``min_text_chars`` is skipped.
     """
 
     min_image_side: int = 224
@@ -56,6 +64,7 @@ class Filters:
     max_speech_seconds: float | None = 15.0
     min_text_chars: int = 1
     languages: list[str] = field(default_factory=list)
+    bad_media_in_document: str = "drop_media"
 
 
 @dataclass
@@ -68,11 +77,14 @@ class InputSpec:
     grouped by name stem, like WebDataset), tar (local tar shards or URLs WebDataset can open:
     http(s), pipe:, ...), urls (text files listing tar shard URLs, one a line). ``media_root``:
     the folder relative media paths in rows resolve against (default: each input file's folder).
+    ``allow_missing``: a local input that does not exist is skipped, counted and listed in the
+    manifest, instead of stopping the run (a partial download of a brace range).
     """
 
     paths: list[str]
     format: str = "auto"
     media_root: str | None = None
+    allow_missing: bool = False
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "InputSpec":
@@ -80,13 +92,17 @@ class InputSpec:
             raw = {"paths": raw}
         if not isinstance(raw, dict) or "paths" not in raw:
             raise ValueError(f"recipe {where}: `input` must be a path, a list of paths or a mapping with `paths`")
-        unknown = set(raw) - {"paths", "format", "media_root"}
+        known = ("paths", "format", "media_root", "allow_missing")
+        unknown = set(raw) - set(known)
         if unknown:
-            raise ValueError(f"recipe {where}: unknown input keys {sorted(unknown)}; known: paths, format, media_root")
+            raise ValueError(f"recipe {where}: unknown input keys {sorted(unknown)}; known: {', '.join(known)}")
         paths = raw["paths"] if isinstance(raw["paths"], list) else [raw["paths"]]
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise ValueError(f"recipe {where}: input paths must be non-empty strings, got {raw['paths']!r}")
-        spec = cls([str(p) for p in paths], str(raw.get("format", "auto")), raw.get("media_root"))
+        if not isinstance(raw.get("allow_missing", False), bool):
+            raise ValueError(f"recipe {where}: input.allow_missing must be true or false, got {raw['allow_missing']!r}")
+        spec = cls([str(p) for p in paths], str(raw.get("format", "auto")), raw.get("media_root"),
+                   raw.get("allow_missing", False))
         if spec.format == "auto":
             spec.format = guess_format(paths[0], where)
         if spec.format not in INPUT_FORMATS:
@@ -95,6 +111,8 @@ class InputSpec:
 
 
 def guess_format(path: str, where: str) -> str:
+    if path.lower().endswith(JSONL_ARCHIVES):  # MMC4, JourneyDB as published
+        return "jsonl"
     name = path.lower().removesuffix(".gz")
     for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv"),
                         (".parquet", "parquet"), (".tar", "tar"), (".txt", "urls")):
@@ -117,6 +135,7 @@ class Recipe:
     layout: str = "segments"
     tokenizers: dict[str, str] = field(default_factory=dict)
     filters: Filters = field(default_factory=Filters)
+    image_first: bool = False  # llava layout: the image opens its turn, as LLaVA's training code puts it
     shard_size: int = 1000
     batch_size: int = 32
     workers: int = 4
@@ -164,6 +183,14 @@ class Recipe:
             raise ValueError(f"recipe {where}: tokenizers has unknown kinds {bad}; known: {MEDIA_KINDS}")
         if not isinstance(self.fields, dict) or not all(isinstance(v, str) for v in self.fields.values()):
             raise ValueError(f"recipe {where}: fields must map names to strings, got {self.fields!r}")
+        if self.filters.bad_media_in_document not in BAD_MEDIA_POLICIES:
+            raise ValueError(f"recipe {where}: filters.bad_media_in_document must be one of {BAD_MEDIA_POLICIES}, "
+                             f"got {self.filters.bad_media_in_document!r}")
+        if "original_size" in self.fields and len(self.fields["original_size"].split(",")) != 2:
+            raise ValueError(f"recipe {where}: fields.original_size must name two fields, WIDTH,HEIGHT "
+                             f"(e.g. json.original_width,json.original_height); got {self.fields['original_size']!r}")
+        if self.image_first and self.layout != "llava":
+            raise ValueError(f"recipe {where}: image_first applies to layout llava only")
         if self.filters.languages and "language" not in self.fields:
             raise ValueError(f"recipe {where}: filters.languages needs fields.language (the row's language field)")
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import io
 import json
 import os
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import braceexpand
 
 from mio.data.recipe import Recipe
+from mio.data.tars import ShardFailure, shard_samples
 from mio.segments import Text
 
 
@@ -39,6 +42,7 @@ class Part:
     locator: str  # local path or URL
     format: str
     media_base: Path | None  # relative media paths in rows resolve here
+    missing: bool = False  # a local input that does not exist (kept only under input.allow_missing)
 
     def stat(self) -> list[int] | None:
         """(size, mtime_ns) of a local file part: a rerun refuses to mix shards of a changed input."""
@@ -48,12 +52,19 @@ class Part:
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]
 
+    def size(self) -> int | None:
+        """Bytes of a local file part (progress weighs parts by it); None for URLs and folders."""
+        p = Path(self.locator)
+        return p.stat().st_size if self.format != "folder" and p.is_file() else None
+
 
 @dataclass
 class Row:
     where: str  # "file.jsonl:12", "shard.tar:key", ...
     parse: Callable[[], dict[str, Any]]  # raises SkipSample
     base: Path | None
+    read: float | None = None  # the fraction of its part read so far (progress), when the reader knows it
+    input_failure: bool = False  # the reader's own failure (missing input, input that broke off): retried on rerun
 
     def fields(self) -> dict[str, Any]:
         return self.parse()
@@ -64,54 +75,77 @@ def _is_url(s: str) -> bool:
 
 
 def list_parts(recipe: Recipe) -> list[Part]:
-    """The input's parts in a fixed order (each pattern expanded and sorted, in recipe order)."""
+    """The input's parts in a fixed order (each pattern expanded and sorted, in recipe order).
+
+    A local input that does not exist (a name of a brace range, a glob matching nothing, a path
+    in a URL list) stops the run with an error naming it, unless ``input.allow_missing`` is set:
+    then it stays a part that yields one counted ``missing_file`` row."""
     spec = recipe.input
     where = f"recipe {recipe.path}"
     locators: list[str] = []
+    missing: list[str] = []
     for pattern in spec.paths:
         if _is_url(pattern):
             locators += list(braceexpand.braceexpand(pattern))
             continue
-        found: list[str] = []
         for expanded in braceexpand.braceexpand(os.path.expanduser(pattern)):
             full = str(recipe.resolve(expanded))
-            found += sorted(glob.glob(full)) if glob.has_magic(full) else ([full] if os.path.exists(full) else [])
-        if not found:
-            raise FileNotFoundError(f"{where}: input {pattern!r} matches no file (resolved against {recipe.path.parent})")
-        locators += found
+            found = sorted(glob.glob(full)) if glob.has_magic(full) else [full] if os.path.exists(full) else []
+            locators += found or [full]
+            missing += [] if found else [full]
     fmt = spec.format
     if fmt == "urls":
-        locators, fmt = _read_url_lists(locators, where), "tar"
+        present = [f for f in locators if f not in missing]
+        urls, absent = _read_url_lists(present, where)
+        locators, fmt = urls + [m for m in missing], "tar"
+        missing += absent
+    if missing and not spec.allow_missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise FileNotFoundError(
+            f"{where}: {len(missing)} of {len(locators)} inputs are missing: {shown}. Fetch them or fix `input.paths`; "
+            f"or set `input.allow_missing: true` to skip them (each is then counted and listed in the manifest)")
     media_root = recipe.resolve(spec.media_root) if spec.media_root else None
+    if media_root is not None and not media_root.is_dir():
+        raise FileNotFoundError(f"{where}: input.media_root {media_root} is not a folder (relative media paths of "
+                                f"the rows start there)")
     parts = []
     for i, loc in enumerate(locators):
-        if fmt == "folder" and not os.path.isdir(loc):
+        if fmt == "folder" and loc not in missing and not os.path.isdir(loc):
             raise ValueError(f"{where}: input format is folder, but {loc} is not a folder")
         base = media_root or (None if _is_url(loc) else (Path(loc) if fmt == "folder" else Path(loc).parent))
         rel = loc if _is_url(loc) else os.path.relpath(loc, recipe.path.parent)
         name = loc if rel.startswith("..") else rel  # beside the recipe: short; elsewhere: absolute
-        parts.append(Part(i, name, loc, fmt, base))
+        parts.append(Part(i, name, loc, fmt, base, missing=loc in missing))
     return parts
 
 
-def _read_url_lists(files: list[str], where: str) -> list[str]:
-    urls = []
+def _read_url_lists(files: list[str], where: str) -> tuple[list[str], list[str]]:
+    """The shards that URL list files name -> (every shard, the local ones that do not exist)."""
+    urls: list[str] = []
+    absent: list[str] = []
     for f in files:
         for line in Path(f).read_text().splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if _is_url(line):
-                urls += list(braceexpand.braceexpand(line))
+                found = list(braceexpand.braceexpand(line))
+                absent += [u for u in found if u.startswith("file://") and not os.path.exists(u[len("file://"):])]
             else:
-                urls += [str((Path(f).parent / p).resolve()) for p in braceexpand.braceexpand(line)]
-    if not urls:
+                found = [str((Path(f).parent / p).resolve()) for p in braceexpand.braceexpand(line)]
+                absent += [p for p in found if not os.path.exists(p)]
+            urls += found
+    if files and not urls:
         raise ValueError(f"{where}: the URL list(s) {files} name no shard")
-    return urls
+    return urls, absent
 
 
 # --- rows per format ----------------------------------------------------------------------
 def iter_rows(part: Part) -> Iterator[Row]:
+    if part.missing:
+        detail = f"{part.name}: input file is missing (skipped: input.allow_missing is set)"
+        return iter([Row(f"{part.name}:start", lambda: _raise("missing_file", detail), part.media_base,
+                         input_failure=True)])
     readers = {"jsonl": _jsonl_rows, "json": _json_array_rows, "csv": _csv_rows, "tsv": _csv_rows,
                "parquet": _parquet_rows, "folder": _folder_rows, "tar": _tar_rows}
     return readers[part.format](part)
@@ -132,17 +166,48 @@ def _parse_json_line(raw: bytes, where: str) -> dict[str, Any]:
 
 
 def _jsonl_rows(part: Part) -> Iterator[Row]:
-    opener = gzip.open if part.locator.endswith(".gz") else open
+    """JSON lines: plain, .gz, and as releases publish them, one .jsonl inside a .zip (MMC4) or a
+    .tgz / .tar.gz (JourneyDB). A truncated or corrupt compressed file keeps the rows read
+    before the damage and ends with one counted ``truncated_input`` row."""
+    size = os.path.getsize(part.locator)
+    lineno = 0
     try:
-        with opener(part.locator, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                where = f"{part.name}:{lineno}"
-                yield Row(where, lambda raw=raw, where=where: _parse_json_line(raw, where), part.media_base)
-    except (OSError, EOFError) as e:  # a truncated .gz: what was read stays, the tail is one counted row
-        where, detail = f"{part.name}:end", f"{part.name}: input ends early ({e})"
-        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base)
+        with open(part.locator, "rb") as raw:
+            for member, lines in _jsonl_members(part.locator, raw):
+                prefix = f"{part.name}:{member}" if member else part.name
+                for lineno, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{prefix}:{lineno}"
+                    yield Row(where, lambda line=line, where=where: _parse_json_line(line, where), part.media_base,
+                              read=raw.tell() / max(size, 1))
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        where, detail = f"{part.name}:end", f"{part.name}: input ends early after line {lineno} ({e})"
+        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base, input_failure=True)
+
+
+JSONL_MEMBERS = (".jsonl", ".jsonl.gz")
+
+
+def _jsonl_members(locator: str, raw: IO[bytes]) -> Iterator[tuple[str | None, IO[bytes]]]:
+    """(member name or None, a binary file of its lines) for each JSON-lines file that a
+    (compressed) input holds; an archive's other members (a README) are not rows."""
+    name = locator.lower()
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(raw) as zf:
+            for member in sorted(n for n in zf.namelist() if n.endswith(JSONL_MEMBERS)):
+                with zf.open(member) as fh:
+                    yield member, gzip.GzipFile(fileobj=fh) if member.endswith(".gz") else fh
+    elif name.endswith((".tgz", ".tar.gz")):
+        with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            for info in tar:
+                fh = tar.extractfile(info) if info.isreg() and info.name.endswith(JSONL_MEMBERS) else None
+                if fh is not None:
+                    yield info.name, fh
+    elif name.endswith(".gz"):
+        yield None, gzip.GzipFile(fileobj=raw)
+    else:
+        yield None, raw
 
 
 def _json_array_rows(part: Part) -> Iterator[Row]:
@@ -159,7 +224,7 @@ def _json_array_rows(part: Part) -> Iterator[Row]:
     for i, row in enumerate(rows):
         where = f"{part.name}:[{i}]"
         yield Row(where, lambda row=row, where=where: row if isinstance(row, dict) else
-                  _raise("bad_json", f"{where}: row is not an object"), part.media_base)
+                  _raise("bad_json", f"{where}: row is not an object"), part.media_base, read=(i + 1) / len(rows))
 
 
 def _raise(reason: str, detail: str) -> dict[str, Any]:
@@ -168,12 +233,15 @@ def _raise(reason: str, detail: str) -> dict[str, Any]:
 
 def _csv_rows(part: Part) -> Iterator[Row]:
     delimiter = "\t" if part.format == "tsv" else ","
-    opener = gzip.open if part.locator.endswith(".gz") else open
-    with opener(part.locator, "rt", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    size = os.path.getsize(part.locator)
+    with open(part.locator, "rb") as raw:
+        binary = gzip.GzipFile(fileobj=raw) if part.locator.endswith(".gz") else raw
+        fh = io.TextIOWrapper(binary, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.DictReader(fh, delimiter=delimiter)
         for row in reader:
             where = f"{part.name}:{reader.line_num}"
-            yield Row(where, lambda row=row, where=where: _checked_csv_row(row, where), part.media_base)
+            yield Row(where, lambda row=row, where=where: _checked_csv_row(row, where), part.media_base,
+                      read=raw.tell() / max(size, 1))
 
 
 def _checked_csv_row(row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -195,12 +263,12 @@ def _parquet_rows(part: Part) -> Iterator[Row]:
         pf = pq.ParquetFile(part.locator)
     except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
         raise ValueError(f"{part.name}: not a readable parquet file: {e}") from None
-    index = 0
+    index, total = 0, max(pf.metadata.num_rows, 1)
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             where = f"{part.name}:row {index}"
-            yield Row(where, lambda row=row: row, part.media_base)
             index += 1
+            yield Row(where, lambda row=row: row, part.media_base, read=index / total)
 
 
 def _key_and_ext(name: str) -> tuple[str, str] | None:
@@ -222,52 +290,29 @@ def _folder_rows(part: Part) -> Iterator[Row]:
             ke = _key_and_ext(rel)
             if ke is not None:
                 groups.setdefault(ke[0], {})[ke[1]] = root / rel
-    for key in sorted(groups):
+    for i, key in enumerate(sorted(groups)):
         members = groups[key]
         where = f"{part.name}/{key}"
-        yield Row(where, lambda members=members: dict(members), part.media_base)
+        yield Row(where, lambda members=members: dict(members), part.media_base, read=(i + 1) / len(groups))
 
 
 def _tar_rows(part: Part) -> Iterator[Row]:
-    """Samples of a tar shard, grouped by key like WebDataset; a truncated or corrupt shard
-    keeps the samples before the damage and ends with one counted ``truncated_input`` row."""
-    import webdataset as wds
-
-    try:
-        stream = wds.gopen(part.locator, "rb")
-    except Exception as e:  # gopen raises plain Exception / OSError for unreachable URLs
-        raise FileNotFoundError(f"{part.name}: cannot open input shard: {e}") from None
-    current: dict[str, Any] = {}
-    key = None
-
-    def flush() -> Row:
-        members, where = dict(current), f"{part.name}:{key}"
-        return Row(where, lambda: members, part.media_base)
-
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                ke = _key_and_ext(info.name)
-                if ke is None:
-                    continue
-                if ke[0] != key and key is not None:
-                    yield flush()
-                    current = {}
-                key = ke[0]
-                fh = tar.extractfile(info)
-                current[ke[1]] = fh.read() if fh is not None else b""
-                if len(current[ke[1]]) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short")
-        if key is not None:
-            yield flush()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        where = f"{part.name}:{key or 'start'}"
-        detail = f"{where}: shard is truncated or corrupt after this key ({e}); the samples before it are kept"
-        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base)
-    finally:
-        stream.close()
+    """Samples of a tar shard (a local file, ``http(s)://``, ``pipe:``, ...) read through mio's one
+    tar stage. A shard that fails keeps the samples before the failure and ends with one counted
+    row naming the URL and the error: ``missing_file`` when nothing could be read (a missing file,
+    an HTTP 404, a command that failed at once), ``truncated_input`` when it broke off."""
+    failures: list[ShardFailure] = []
+    for sample in shard_samples(part.locator, on_failure=failures.append):
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield Row(f"{part.name}:{sample['__key__']}", lambda members=members: members, part.media_base)
+    for f in failures:
+        if f.reason == "unreadable":
+            reason, where, what = "missing_file", f"{part.name}:start", "could not be read"
+        else:
+            reason, where, what = "truncated_input", f"{part.name}:end", f"broke off after {f.members} members"
+        detail = f"{part.name}: input shard {what} ({f.error}); the {f.samples} samples before it are kept"
+        yield Row(where, lambda reason=reason, detail=detail: _raise(reason, detail), part.media_base,
+                  input_failure=True)
 
 
 # --- field lookup ---------------------------------------------------------------------------
@@ -299,7 +344,8 @@ class _Missing(dict):
 
 def lookup(values: dict[str, Any], spec: str, where: str, required: bool = True) -> Any:
     """A field of a row: ``a.b.0`` walks nested JSON (and json members of tar/folder rows);
-    ``{a}/{b}.mp4`` formats from top-level fields; ``x;y`` takes the first present."""
+    ``{a}/{b}.mp4`` formats from top-level fields; ``x;y`` takes the first present. A required
+    field that matches nothing is a ``missing_field`` skip that lists the keys the row has."""
     for alt in spec.split(";"):
         if "{" in alt:
             try:
@@ -310,8 +356,32 @@ def lookup(values: dict[str, Any], spec: str, where: str, required: bool = True)
         if value is not None:
             return value
     if required:
-        raise SkipSample("missing_field", f"{where}: row has no field {spec!r}")
+        raise SkipSample("missing_field", f"{where}: row has no field {spec!r}; {_keys_of(values, spec, where)} "
+                                          f"(set `fields` in the recipe to the row's names)")
     return None
+
+
+def _keys_of(values: dict[str, Any], spec: str, where: str) -> str:
+    """The keys of the row, or of the deepest object its first alternative's path reaches."""
+    first = spec.split(";")[0]
+    names = [] if "{" in first else first.split(".")
+    path: list[str] = []
+    value: Any = values
+    for i in range(len(names) - 1, 0, -1):  # the longest prefix that resolves
+        found = _walk(values, names[:i], where)
+        if found is not None:
+            path, value = names[:i], found
+            break
+    if isinstance(value, (bytes, Path)):
+        try:
+            value = _parse_member_json(value, where)
+        except SkipSample:
+            return f"{'.'.join(path)} is not JSON"
+    if not isinstance(value, dict):
+        return f"{'.'.join(path)} is a {type(value).__name__}, not an object"
+    keys = sorted(map(str, value))
+    shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+    return f"{'.'.join(path) + ' has' if path else 'its'} keys: {shown or '(none)'}"
 
 
 def as_text(value: Any, where: str, name: str) -> str:
@@ -344,6 +414,8 @@ class MediaRef:
     text: str | None = None  # the paired text (a video tokenizer may choose its key frames by it)
     start: float | None = None  # seconds into the recording (long-form speech, e.g. Libriheavy)
     duration: float | None = None
+    original_size: tuple[int, int] | None = None  # (w, h) before a downloader resized it (img2dataset)
+    failed: SkipSample | None = None  # a document's media item that cannot be used (dropped or fatal: recipe)
 
 
 def as_media(value: Any, kind: str, base: Path | None, where: str, name: str) -> MediaRef:
@@ -371,6 +443,19 @@ def _seconds(values: dict[str, Any], spec: str | None, where: str, name: str) ->
         return float(v)
     except (TypeError, ValueError):
         raise SkipSample("bad_field", f"{where}: {name} must be seconds, got {v!r}") from None
+
+
+def _original_size(values: dict[str, Any], spec: str, where: str) -> tuple[int, int] | None:
+    """``fields.original_size: WIDTH,HEIGHT`` (two field specs, checked by the recipe); None when
+    the row lacks them."""
+    size = [lookup(values, x.strip(), where, required=False) for x in spec.split(",")]
+    if any(v is None for v in size):
+        return None
+    try:
+        w, h = (int(float(v)) for v in size)
+    except (TypeError, ValueError):
+        raise SkipSample("bad_field", f"{where}: original size {size} is not two numbers") from None
+    return (w, h) if w > 0 and h > 0 else None
 
 
 # --- drafts ---------------------------------------------------------------------------------
@@ -407,6 +492,8 @@ def draft_row(recipe: Recipe, row: Row) -> Draft:
         text = as_text(lookup(values, f["text"], where), where, "text")
         ref = as_media(lookup(values, f[kind], where), kind, row.base, where, f[kind])
         ref.text = text
+        if kind == "image" and "original_size" in f:
+            ref.original_size = _original_size(values, f["original_size"], where)
         if kind == "speech":
             ref.start = _seconds(values, f.get("start"), where, "start")
             ref.duration = _seconds(values, f.get("duration"), where, "duration")
@@ -422,13 +509,23 @@ def draft_row(recipe: Recipe, row: Row) -> Draft:
     return Draft(where, [], turns=turns, task=task)
 
 
-def _item(d: Any, base: Path | None, where: str) -> Item:
+def _document_media(value: Any, kind: str, base: Path | None, where: str, name: str) -> MediaRef:
+    """A document's media item; one that cannot be used is kept with its failure, and the
+    recipe's ``filters.bad_media_in_document`` drops either it or the document."""
+    try:
+        return as_media(value, kind, base, where, name)
+    except SkipSample as s:
+        return MediaRef(kind, f"{where}: {value!r}", failed=s)
+
+
+def _item(d: Any, base: Path | None, where: str, document: bool = False) -> Item:
     if not isinstance(d, dict):
         raise SkipSample("bad_field", f"{where}: segment {d!r} is not an object")
     aliases = {"image": "image", "speech": "speech", "audio": "speech", "video": "video"}
+    media = _document_media if document else as_media
     for key, kind in aliases.items():
         if d.get(key) is not None:
-            return as_media(d[key], kind, base, where, key)
+            return media(d[key], kind, base, where, key)
     if d.get("text") is not None:
         return Text(as_text(d["text"], where, "text"))
     raise SkipSample("unknown_segment", f"{where}: segment {d} has none of text/image/speech/audio/video")
@@ -444,7 +541,7 @@ def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[st
         items: list[Item] = []
         for t, im in zip(texts, images):
             if im is not None:
-                items.append(as_media(im, "image", row.base, where, "images"))
+                items.append(_document_media(im, "image", row.base, where, "images"))
             elif t is not None:
                 items.append(Text(as_text(t, where, "texts")))
         return items
@@ -458,7 +555,7 @@ def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[st
             if not isinstance(info, dict) or "image_name" not in info or "matched_text_index" not in info:
                 raise SkipSample("bad_field", f"{where}: mmc4 image_info entries need image_name and matched_text_index")
             before.setdefault(int(info["matched_text_index"]), []).append(
-                as_media(info["image_name"], "image", row.base, where, "image_name"))
+                _document_media(info["image_name"], "image", row.base, where, "image_name"))
         items = []
         for i, s in enumerate(sentences):
             items += before.get(i, [])
@@ -467,7 +564,7 @@ def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[st
     segs = lookup(values, f["segments"], where)
     if not isinstance(segs, list) or not segs:
         raise SkipSample("bad_field", f"{where}: {f['segments']} must be a non-empty list of segments")
-    return [_item(d, row.base, where) for d in segs]
+    return [_item(d, row.base, where, document=True) for d in segs]
 
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -489,9 +586,14 @@ def _conversation(recipe: Recipe, values: dict[str, Any], row: Row,
             text = as_text(m.get("value", ""), where, "value")
             items: list[Item] = []
             if "<image>" in text and image is not None:
-                before, _, after = text.partition("<image>")
-                items += ([Text(before)] if before.strip() else []) + [as_media(image, "image", row.base, where, "image")]
-                text = after.lstrip("\n")
+                ref = as_media(image, "image", row.base, where, "image")
+                if recipe.image_first:  # LLaVA's own training code: "<image>\n" + the turn without it
+                    items.append(ref)
+                    text = text.replace("<image>", "").strip()
+                else:
+                    before, _, after = text.partition("<image>")
+                    items += ([Text(before)] if before.strip() else []) + [ref]
+                    text = after.lstrip("\n")
             if text:
                 items.append(Text(text))
             turns.append((LLAVA_ROLES[m["from"]], items))

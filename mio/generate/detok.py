@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from mio.generate.media import MIO_UNCLIP_DIR, MediaTokenizers, MissingTokenizerError, SpecSource
+from mio.tokenizers.media_tokenizers import MIO_UNCLIP_DIR, MediaTokenizers, MissingTokenizerError, SpecSource
 from mio.vocab import IMAGE
 
 

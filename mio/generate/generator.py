@@ -19,13 +19,14 @@ from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, DecodeResult, Decoder
 from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
                                 write_wav)
-from mio.generate.media import MediaFile, MediaTokenizers
+from mio.generate.media import MediaFile
 from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
 from mio.templates import Turn, content_only, render_chat
+from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
@@ -87,7 +88,7 @@ class Generator:
             for x in t.content:
                 if isinstance(x, MediaFile):
                     x.check()
-        return [Turn(t.role, [self.media.encode(x) if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
+        return [Turn(t.role, [self.media.encode_file(x.kind, x.path).segment() if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
 
     def prompt_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None) -> list[Segment]:
         """Turns of code segments -> what the model reads: ChatML with MIO's system prompt, or the

@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from mio.media import read_image, to_rgb
 from mio.tokenizers.checkpoints import load_seed_checkpoint
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
 from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
@@ -138,18 +139,11 @@ class ImageTokenizer:
 
 
 def open_image(image: ImageInput) -> Image.Image:
-    """A PIL image or a path -> RGB PIL image; missing or unreadable files name the file."""
+    """A PIL image (taken as the caller's pixels) or a file (decoded by mio.media: upright by its
+    EXIF orientation) -> RGB PIL image; missing or unreadable files name the file."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated or corrupt file fails here, naming it
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"image file {path} cannot be decoded: {err}") from err
+        return to_rgb(image)
+    return read_image(Path(image), str(image))
 
 
 # ---------------------------------------------------------------------- tiny random tokenizers

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from torch import nn
 from speechtokenizer import SpeechTokenizer
 
+from mio.media import read_audio
 from mio.tokenizers.spec import resolve_checkpoints, resolve_device, seeded_generator
 
 # The package's constructor reads these keys; a tiny spec must give them all.
@@ -94,8 +93,9 @@ class SpeechCodec:
     # ------------------------------------------------------------------ audio
 
     def load_audio(self, path: str | os.PathLike) -> np.ndarray:
-        """Read an audio file -> (T,) float32 mono at `sample_rate` (channels averaged)."""
-        return load_audio(path, self.sample_rate)
+        """Read an audio file -> (T,) float32 mono at `sample_rate` (mio.media: channels averaged,
+        resampled, truncated files refused)."""
+        return read_audio(Path(path), str(path), self.sample_rate)
 
     def refusal(self, wave: np.ndarray) -> str | None:
         """Why a clip may not be used for pretraining (None if it may): empty or over max_seconds."""
@@ -169,52 +169,6 @@ class SpeechCodec:
             raise ValueError(f"{name}: the waveform holds NaN or infinite samples")
         frames = math.ceil(w.shape[0] / self.hop_length)
         return np.pad(w, (0, frames * self.hop_length - w.shape[0]))
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Any libsndfile-readable file -> (T,) float32 mono at `sample_rate`."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"audio file {p} does not exist")
-    try:
-        with sf.SoundFile(p) as f:
-            expected, rate = f.frames, f.samplerate
-            data = f.read(dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"audio file {p} cannot be decoded: {err}") from err
-    truncated = wav_truncation(p)
-    if data.shape[0] < expected or truncated:
-        raise ValueError(f"audio file {p} is truncated: {truncated or f'{data.shape[0]} of {expected} frames'}")
-    if data.shape[0] == 0:
-        raise ValueError(f"audio file {p} is empty (0 samples)")
-    mono = torch.from_numpy(data.mean(axis=1))  # (T,)
-    if rate != sample_rate:
-        mono = AF.resample(mono, rate, sample_rate)
-    return mono.numpy().astype(np.float32)
-
-
-def wav_truncation(path: Path) -> str | None:
-    """For a RIFF/WAVE file, say how its data chunk falls short of the size its header declares.
-
-    libsndfile quietly reads what is there, so a cut-off download would pass as a shorter clip.
-    Streamed WAVs that declare an unknown size (0 or 0xFFFFFFFF) are not judged.
-    """
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        size = path.stat().st_size
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            declared = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                available = size - f.tell()
-                if declared in (0, 0xFFFFFFFF) or available >= declared:
-                    return None
-                return f"its header declares {declared} bytes of samples, the file holds {available}"
-            f.seek(declared + (declared & 1), 1)  # chunks are word-aligned
 
 
 def load_speech_checkpoint(config_path: Path, ckpt_path: Path) -> tuple[dict[str, Any], SpeechTokenizer]:

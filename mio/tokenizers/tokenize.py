@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator
 
-from mio.tokenizers.image import ImageTokenizer
-from mio.tokenizers.speech import SpeechCodec
+from mio.tokenizers.media_tokenizers import MediaTokenizers
 
 
 def tokenize_cli(spec: str, files: list[str]) -> Iterator[dict[str, Any]]:
@@ -14,27 +12,17 @@ def tokenize_cli(spec: str, files: list[str]) -> Iterator[dict[str, Any]]:
 
     A file that cannot be tokenized yields `{"file": ..., "error": ...}` and the others go on.
     """
-    from mio.tokenizers import build_tokenizer
-
-    tok = build_tokenizer(spec)
+    media, kind = MediaTokenizers.from_spec(spec)
+    media.get(kind)  # a bad spec stops here, before any file
     for name in files:
         try:
-            yield {"file": name, **_tokenize_one(tok, Path(name))}
+            enc = media.encode_file(kind, name)
         except (OSError, ValueError) as err:
             yield {"file": name, "error": str(err)}
-
-
-def _tokenize_one(tok: Any, path: Path) -> dict[str, Any]:
-    if isinstance(tok, ImageTokenizer):
-        return {"kind": "image", "codes": tok.encode([path])[0].tolist()}
-    if isinstance(tok, SpeechCodec):
-        wave = tok.load_audio(path)
-        codes = tok.encode([wave], names=[f"audio file {path}"])[0]
-        return {
-            "kind": "speech",
-            "seconds": round(wave.shape[0] / tok.sample_rate, 3),
-            "frames": int(codes.shape[1]),
-            "codes": codes.tolist(),  # (num_layers, frames): layer 0 = content
-        }
-    frames, images = tok.key_frames(path, None)
-    return {"kind": "video", "frames": frames, "codes": tok.image.encode(images).tolist()}
+            continue
+        record: dict[str, Any] = {"file": name, "kind": kind}
+        if enc.seconds is not None:
+            record.update(seconds=round(enc.seconds, 3), frames=int(enc.codes.shape[1]))  # codes (layers, frames)
+        if enc.frame_numbers is not None:
+            record["frames"] = enc.frame_numbers
+        yield {**record, "codes": enc.codes.tolist()}

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from mio.tokenizers.image import ImageTokenizer
+from mio.tokenizers.spec import check_kind, load_spec
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,14 @@ class VideoTokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], where: str, base: Path) -> "VideoTokenizer":
-        from mio.tokenizers import build_tokenizer
-
         image_spec = spec.get("image")
         if image_spec is None:
             raise ValueError(f"tokenizer spec {where}: `image` (the SEED spec for the frames) is required")
-        if not isinstance(image_spec, dict):
-            image_spec = base / image_spec
-        image = build_tokenizer(image_spec)
-        if not isinstance(image, ImageTokenizer):
+        image_where = "<dict>" if isinstance(image_spec, dict) else str(base / image_spec)
+        parsed = image_spec if isinstance(image_spec, dict) else load_spec(base / image_spec)
+        if check_kind(parsed, image_where) != "seed":
             raise ValueError(f"tokenizer spec {where}: `image` must be a SEED (kind: seed) spec")
+        image = ImageTokenizer.from_spec(parsed, image_where)
         fields = KeyFramePolicy.__dataclass_fields__
         unknown = set(spec) - set(fields) - {"kind", "image"}
         if unknown:

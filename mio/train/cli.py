@@ -22,6 +22,7 @@ stage folder that holds checkpoints is refused rather than silently starting ove
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -58,7 +59,12 @@ class ConfigError(ValueError):
 
 
 def _class_path(entry: Any) -> str:
-    return str(entry.get("class_path", "")) if hasattr(entry, "get") else type(entry).__qualname__
+    return str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
+
+
+def _init_arg(entry: Any, name: str) -> Any:
+    init_args = entry.get("init_args") if hasattr(entry, "get") else None
+    return init_args.get(name) if hasattr(init_args, "get") else None
 
 
 def complete_config(cfg: Namespace) -> Namespace:
@@ -67,9 +73,10 @@ def complete_config(cfg: Namespace) -> Namespace:
     trainer, checkpoint = cfg.trainer, cfg.checkpoint
     root = Path(trainer.default_root_dir or ".")
     callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [c for c in [trainer.callbacks] if c]
-    if any(_class_path(c) == CHECKPOINT for c in callbacks):
-        raise ConfigError(f"trainer.callbacks lists {CHECKPOINT}: mio adds it itself; set its options under "
-                          f"`checkpoint:` instead (e.g. --checkpoint.every_n_train_steps=100)")
+    if any(_class_path(c) == CHECKPOINT and not _init_arg(c, "monitor") for c in callbacks):
+        # A second periodic one would write the same files; one keeping the best by a metric may be listed.
+        raise ConfigError(f"trainer.callbacks lists {CHECKPOINT} without a monitor: mio adds the periodic one "
+                          f"itself; set its options under `checkpoint:` instead (e.g. --checkpoint.every_n_train_steps=100)")
     # --- checkpoints: always mio's own (the `checkpoint:` group), never Lightning's default one
     if trainer.enable_checkpointing is False:  # the user's "no checkpoints": the callback writes none
         checkpoint.every_n_train_steps = 0
@@ -82,8 +89,6 @@ def complete_config(cfg: Namespace) -> Namespace:
     trainer.enable_checkpointing = LIGHTNING_CHECKPOINT
     # --- loggers: CSV always (next to the stage's outputs), TensorBoard too when installed
     if trainer.logger in (None, True):
-        import importlib.util
-
         trainer.logger = [Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(root), name="logs"))]
         if importlib.util.find_spec("tensorboard") is not None:
             trainer.logger.append(Namespace(class_path=TENSORBOARD_LOGGER,

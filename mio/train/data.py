@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import glob
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import yaml
 from transformers import AutoTokenizer
 
 from mio.data.pipeline import RankBatches, RankRows
-from mio.data.reading import DatasetSpec, MixtureBatches
+from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
+from mio.train.validation import ValBatches, hold_out
 from mio.vocab import VocabTable, folder_table
 
 
@@ -34,13 +36,24 @@ class MioDataModule(L.LightningDataModule):
         buffer_size: partially filled packs each row stream holds open (best fit).
         shuffle_buffer: samples each row stream shuffles over, per dataset.
         num_workers: DataLoader workers per rank; they must divide ``batch_size``.
+        val_datasets: held-out datasets to validate on (the same form as ``datasets``), or
+        val_fraction: the share of each dataset's shards held out for validation (whole shards,
+            the same ones on every run and rank; training never reads them).
+        val_packs: packs of ``context_length`` tokens per validation pass: the same packs every
+            pass and on any number of processes. Validation runs every
+            ``trainer.val_check_interval`` training batches (with ``check_val_every_n_epoch: null``).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
-                 shuffle_buffer: int = 256) -> None:
+                 shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
+                 val_packs: int = 16) -> None:
         super().__init__()
+        if val_datasets and val_fraction:
+            raise ValueError("give data.val_datasets or data.val_fraction, not both")
+        if val_packs < 1:
+            raise ValueError(f"data.val_packs must be positive, got {val_packs}")
         if not datasets:
             raise ValueError("data.datasets is empty: a stage needs at least one prepared dataset")
         if context_length < 8:
@@ -54,7 +67,9 @@ class MioDataModule(L.LightningDataModule):
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.val_datasets, self.val_fraction, self.val_packs = list(val_datasets or []), val_fraction, val_packs
         self.mixture: MixtureBatches | None = None
+        self.val_mixture: MixtureBatches | None = None
         self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
         self.consumed = 0  # micro-batches this run's position is past: the data position
 
@@ -132,8 +147,42 @@ class MioDataModule(L.LightningDataModule):
         self.rows = self.batch_size * world
         for d in self.datasets:
             self.dataset_folders(d)  # a glob matching nothing fails here, not in a worker
-        self.mixture = MixtureBatches(self.datasets, self.root, tokenizer, table, self.context_length, self.batch_size,
-                                      self.buffer_size, pad, self.seed, self.balance, self.shuffle_buffer)
+        train_shards, val_specs, val_shards = self.split()
+        if val_specs and self.trainer is not None and not isinstance(self.trainer.val_check_interval, int):
+            raise ValueError("validation data is set (data.val_fraction / data.val_datasets) but "
+                             "trainer.val_check_interval is not a number of training batches: the training stream "
+                             "has no epochs, so set e.g. trainer.val_check_interval: 500 and "
+                             "trainer.check_val_every_n_epoch: null")
+        settings = (tokenizer, table, self.context_length, self.batch_size, self.buffer_size, pad, self.seed,
+                    self.balance, self.shuffle_buffer)
+        self.mixture = MixtureBatches(self.datasets, self.root, *settings, shards=train_shards)
+        if val_specs:
+            self.val_mixture = MixtureBatches(val_specs, self.root, *settings, shards=val_shards)
+
+    def split(self) -> tuple[list[list[str]] | None, list[DatasetSpec], list[list[str]] | None]:
+        """(training shards per dataset, validation datasets, their shards): with ``val_fraction``,
+        whole shards held out of every dataset that has more than one (a one-shard dataset trains
+        whole, and is named on stderr); else all shards, and ``val_datasets``."""
+        if not self.val_fraction:
+            return None, self.val_datasets, None
+        train, val_specs, held, whole = [], [], [], []
+        for spec in self.datasets:
+            shards = list_shards(Path(self.root) / spec.path)
+            if len(shards) == 1:
+                train.append(shards)
+                whole.append(spec.path)
+                continue
+            kept, out = hold_out(shards, self.val_fraction, self.seed, spec.path)
+            train.append(kept)
+            val_specs.append(spec)
+            held.append(out)
+        if not val_specs:
+            raise ValueError(f"data.val_fraction {self.val_fraction}: every dataset has one shard, so none can hold "
+                             f"shards out; prepare them with a smaller shard_size, or give data.val_datasets")
+        if whole and (self.trainer is None or self.trainer.is_global_zero):
+            print(f"[mio] validation: {', '.join(whole)} (one shard each) train whole and are not validated",
+                  file=sys.stderr, flush=True)
+        return train, val_specs, held
 
     def train_dataloader(self) -> RankBatches:
         assert self.mixture is not None, "setup() first"
@@ -142,6 +191,20 @@ class MioDataModule(L.LightningDataModule):
         rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> ValBatches | Iterator[Any]:
+        """This rank's share of the validation packs (none without validation data)."""
+        if self.val_mixture is None:
+            return iter(())  # nothing to validate (an empty list would make Lightning warn)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return self.val_batches(rank, world)
+
+    def val_batches(self, rank: int, world: int) -> ValBatches:
+        """Rank ``rank`` of ``world``'s micro-batches of every validation pass (setup() first)."""
+        mixture = self.val_mixture
+        assert mixture is not None, "setup() first, with data.val_datasets or data.val_fraction"
+        return ValBatches(lambda: (pack for pack, _ in mixture.packs(ReaderSlot())), self.val_packs, self.batch_size,
+                          rank, world, mixture.pad_id)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Counted as the batch enters a training step (the loader prefetches ahead of that).
@@ -161,9 +224,12 @@ class MioDataModule(L.LightningDataModule):
 
     def _order(self) -> dict[str, Any]:
         """What fixes the global sample order: resuming needs all of it unchanged."""
-        return {"rows": self.rows, "seed": self.seed, "context_length": self.context_length,
-                "buffer_size": self.buffer_size, "shuffle_buffer": self.shuffle_buffer, "balance": self.balance,
-                "datasets": [asdict(d) for d in self.datasets]}
+        order = {"rows": self.rows, "seed": self.seed, "context_length": self.context_length,
+                 "buffer_size": self.buffer_size, "shuffle_buffer": self.shuffle_buffer, "balance": self.balance,
+                 "datasets": [asdict(d) for d in self.datasets]}
+        if self.val_fraction:  # it chooses the shards training reads
+            order["val_fraction"] = self.val_fraction
+        return order
 
 
 def _spec_content(spec: dict[str, Any]) -> dict[str, Any] | None:

@@ -88,14 +88,19 @@ class MioModule(L.LightningModule):
         kwargs.setdefault("position_ids", batch["position_ids"])
         return self.model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of every supervised token (N,) and where they are (B, L-1): what training and
+        validation both average over tokens."""
         hidden = self(batch)  # (B, L, D)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
         # The output layer runs on supervised positions only: the (B, L, V) logits of a
         # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
         logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
-        token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (N,)
+        return torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none"), supervised
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        token_loss, supervised = self.token_losses(batch)  # (N,), (B, L-1)
         stats = self._step_stats(token_loss.detach(), batch, supervised)  # (K,) summed over ranks
         # Every supervised token of the optimizer step's global batch weighs the same: the sum
         # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
@@ -149,6 +154,27 @@ class MioModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
             self.log("tok/s", metrics["train/tokens_per_sec"], prog_bar=True, logger=False, batch_size=1)
+
+    # --- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats: torch.Tensor | None = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        token_loss, supervised = self.token_losses(batch)
+        stats = self._step_stats(token_loss, batch, supervised)  # (K,) summed over ranks
+        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` and ``val/loss_<modality>``: sums over the pass's tokens on every rank,
+        divided by their counts, as the training loss is."""
+        if self._val_stats is None:
+            return
+        figures = dict(zip(STATS, self._val_stats[:len(STATS)].tolist()))
+        metrics = {"val/loss": figures["loss_sum"] / figures["supervised"] if figures["supervised"] else float("nan")}
+        for name, (loss_sum, count, _) in zip(MODALITY_NAMES.values(), self._val_stats[len(STATS):].view(-1, 3).tolist()):
+            metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
+        self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def on_train_start(self) -> None:
         self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
