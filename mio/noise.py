@@ -2,9 +2,10 @@
 
 Dropped: Lightning's accelerator lines ("GPU available: ...") and advertisements ("Tip: ..."),
 its "Seed set to" line (the stage config records the seed), transformers' notice on how resized
-embeddings are initialised and its deprecation notices, the "Loading weights" / "Writing model
-shards" progress bars, and deprecation warnings raised inside the dependencies (DeprecationWarning,
-FutureWarning): nothing a user of mio can act on. Everything else a dependency logs or warns shows.
+embeddings are initialised, its deprecation notices and its note that image processors fall back
+to PIL without torchvision, the "Loading weights" / "Writing model shards" progress bars, and
+deprecation warnings raised inside the dependencies (DeprecationWarning, FutureWarning): nothing
+a user of mio needs to act on. Everything else a dependency logs or warns shows.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ NOISE = re.compile("|".join((
     r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
     r"new (lm_head weights|embeddings) will be initialized",
     r" (is|are) deprecated",
+    r"requires torchvision \(not installed\); falling back",  # transformers' image processors work without it
 )))
 # The loggers that emit those messages (a filter on a logger sees the records it creates; these
 # are set up before the libraries are imported, which would be slow for commands not needing them).
 EMITTERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-            "lightning.fabric.utilities.seed", "transformers.modeling_utils", "transformers.utils.generic")
+            "lightning.fabric.utilities.seed", "transformers.modeling_utils", "transformers.utils.generic",
+            "transformers.utils.import_utils")
 
 
 class NoiseFilter(logging.Filter):
