@@ -12,22 +12,21 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
-from mio.eval.metrics import exact_match
-from mio.generate.constraints import ModalityConstraint
-from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
+from mio.eval.report import metrics_table
+from mio.eval.run import EvalSettings, Row, evaluate
+from mio.generate.generator import Generator
+from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
 from mio.report import StageLog, final_loss, find_stages, packing_efficiency
 from mio.report import write_report as write_training_report
-from mio.segments import Image, ParseError, Speech, Text, TextEncoder, parse, render
-from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD, render_chat
+from mio.segments import Image, Speech, Text
+from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "data_recipes" / "demo"
@@ -41,6 +40,14 @@ TINY_TOKENIZERS = REPO / "tokenizers" / "tiny"
 # The three figures the demo must reach (issue: at least 90% each).
 EVAL_TASKS = {"image_generation": "caption_to_image_exact", "image_captioning": "image_to_caption_exact",
               "asr": "asr_exact"}
+# `mio eval` at the end: greedy answers to the SFT prompts of these tasks (image_qa scored by VQA accuracy too).
+EVAL = EvalSettings(tasks=(*EVAL_TASKS, "image_qa"), max_new_tokens=96, batch_size=8,
+                    decode={"all": {"num_beams": 1, "do_sample": False}})
+# Stages 1-3 validate on the shard of image-text, speech-text and text pairs they hold out
+# (data.val_fraction of the tiny stages). The demo's evaluation needs every SFT conversation
+# trained, so SFT validates on the pairs as conversations, which it does not train on.
+STAGE_OVERRIDES = {"4_sft": ["--data.val_fraction=0", "--data.val_datasets=[{path: image_text, format: sft, tasks: "
+                                                      "[image_captioning]}, {path: speech_text, format: sft, tasks: [asr]}]"]}
 
 
 def check_bundle() -> None:
@@ -96,55 +103,11 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
         log(f"stage {cfg.stem}: training from {backbone}")
         shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
-                        f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false"])
+                        f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false",
+                        *STAGE_OVERRIDES.get(cfg.stem, [])])
         stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})
         log(f"stage {cfg.stem}: done in {stages[-1]['seconds']}s -> {backbone}")
     return backbone, stages
-
-
-@dataclass
-class Example:
-    task: str
-    prompt: list[Any]
-    target: list[Any]
-    output: list[Any] = field(default_factory=list)
-    exact: bool = False
-    error: str = ""
-
-
-def eval_examples(data_dir: Path) -> list[Example]:
-    examples = []
-    for shard in list_shards(data_dir / "sft"):
-        for s in iter_shard(shard):
-            if s.task in EVAL_TASKS and s.turns is not None:
-                examples.append(Example(s.task, s.turns[:-1], s.turns[-1].content))
-    return examples
-
-
-@torch.inference_mode()
-def generate_answers(model_dir: Path, examples: list[Example], max_new_tokens: int = 96) -> None:
-    """Greedy, modality-constrained answers to each example's prompt, parsed into segments."""
-    model, tokenizer, table = load_backbone(model_dir)
-    model.eval()
-    encode = TextEncoder(tokenizer)
-    constraint = ModalityConstraint(table)
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    for ex in examples:
-        segs = render_chat(ex.prompt, task=ex.task, add_generation_prompt=True)
-        ids = render(segs, table, encode, bos_id=tokenizer.bos_token_id).input_ids
-        prompt = torch.from_numpy(ids)[None]
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, logits_processor=[constraint], eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = out[0, prompt.shape[1]:].tolist()
-        while new and new[-1] in stop:
-            new.pop()
-        try:
-            ex.output = parse(new, table, tokenizer)
-        except ParseError as e:
-            ex.error = str(e)
-            continue
-        ex.exact = exact_match(ex.output, ex.target)
 
 
 def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Path:
@@ -162,21 +125,19 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(final, model_dir)
-    examples = eval_examples(data_dir)
-    log(f"generating {len(examples)} answers with {model_dir}")
-    generate_answers(model_dir, examples)
-    summary: dict[str, Any] = {}
-    for task, key in EVAL_TASKS.items():
-        sel = [e for e in examples if e.task == task]
-        summary[key] = sum(e.exact for e in sel) / len(sel) if sel else 0.0
+    log(f"mio eval of {model_dir} on {data_dir / 'sft'}")
+    metrics, rows = evaluate(Generator(model_dir), [data_dir / "sft"], EVAL, out / "eval", log)
+    summary: dict[str, Any] = {key: metrics["tasks"].get(task, {}).get("exact", 0.0) for task, key in EVAL_TASKS.items()}
     logs = find_stages([out / s["stage"] for s in stages])
+    summary["val_loss"] = logs[-1].last("val/loss")
+    summary["eval"] = metrics["tasks"]
     summary["packing_efficiency"] = packing_efficiency(logs)
     summary["final_loss"] = final_loss(logs)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stages"] = [{"stage": s["stage"], "seconds": s["seconds"]} for s in stages]
     summary["datasets"] = {k: {"samples": m["samples"], "skipped": m["skipped"]} for k, m in manifests.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(out / "report.html", summary, stages, examples, data_dir, logs)
+    write_report(out / "report.html", summary, stages, rows, metrics, data_dir, logs)
     return out / "report.html"
 
 
@@ -217,21 +178,22 @@ def _show(segs: list[Any], photos: dict[bytes, str], clips: dict[str, str]) -> s
     return " ".join(parts)
 
 
-def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any]], examples: list[Example],
-                 data_dir: Path, logs: list[StageLog]) -> None:
-    """The training report of the four stages (mio/report.py) with the demo's figures and its
-    generations next to their targets."""
+def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any]], answers: list[Row],
+                 metrics: dict[str, Any], data_dir: Path, logs: list[StageLog]) -> None:
+    """The training report of the four stages (mio/report.py) with the demo's figures, its
+    evaluation and its generations next to their targets."""
     photos, clips = _media_index(data_dir)
     rows = []
-    for e in examples:
-        prompt = [x for t in e.prompt for x in t.content]
-        target_text = "".join(x.text for x in e.target if isinstance(x, Text)).strip()
+    for a in answers:
+        prompt = [x for t in a.item.prompt for x in t.content]
+        target = a.item.references[0]
+        target_text = "".join(x.text for x in target if isinstance(x, Text)).strip()
         audio = ""
-        if e.task == "asr" and target_text in clips:
+        if a.item.task == "asr" and target_text in clips:
             audio = f'<audio controls src="{_data_uri(SAMPLES / clips[target_text], "audio/wav")}"></audio>'
-        shown = _show(e.output, photos, clips) if not e.error else f"<code>{html.escape(e.error)}</code>"
-        rows.append(f"<tr><td>{e.task}</td><td>{_show(prompt, photos, clips)}{audio}</td><td>{shown}</td>"
-                    f"<td>{_show(e.target, photos, clips)}</td><td>{'yes' if e.exact else 'NO'}</td></tr>")
+        rows.append(f"<tr><td>{a.item.task}</td><td>{_show(prompt, photos, clips)}{audio}</td>"
+                    f"<td>{_show(a.generation.segments, photos, clips)}</td><td>{_show(target, photos, clips)}</td>"
+                    f"<td>{'yes' if a.scores['exact'] else 'NO'}</td></tr>")
     figures = "".join(f"<tr><td>{k}</td><td>{v:.3f}</td></tr>" for k, v in summary.items() if isinstance(v, float))
     stage_rows = "".join(f"<tr><td>{s['stage']}</td><td>{s['seconds']}</td></tr>" for s in stages)
     intro = f"""<p>Bundled photos and spoken clips were tokenized by the tiny SEED and SpeechTokenizer twins, written as
@@ -240,6 +202,7 @@ generations of the final model on its memorised pairs. Tiny tokenizers have rand
 bundled photo whose codes the model produced.</p>
 <h2>Figures</h2><table>{figures}</table>
 <h2>Seconds per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>"""
-    extra = f"""<h2>Generations</h2><table><tr><th>task</th><th>prompt</th><th>generated</th><th>target</th><th>exact</th></tr>
+    extra = f"""<h2>Evaluation (<code>mio eval</code>; every answer in eval/report.html)</h2>{metrics_table(metrics)}
+<h2>Generations</h2><table><tr><th>task</th><th>prompt</th><th>generated</th><th>target</th><th>exact</th></tr>
 {''.join(rows)}</table>"""
     write_training_report(path, logs, title="mio demo: a tiny any-to-any model, end to end", intro=intro, extra=extra)

@@ -5,9 +5,10 @@ is one stage folder, several given in order, or a folder whose subfolders are st
 chain of a pipeline, such as `mio demo`'s run folder, in name order). A resumed stage has one log
 version per start; a later version replaces the earlier one's steps from where it resumed.
 
-The page: figures per stage (steps, final loss, packing efficiency, token shares, throughput),
-then curves over the optimizer steps of the stages in sequence: loss, loss per modality, learning
-rate, token share per modality and real tokens per second.
+The page: figures per stage (steps, final training and validation loss, packing efficiency, token
+shares, throughput), then curves over the optimizer steps of the stages in sequence: loss (and
+validation loss), loss per modality, learning rate, token share per modality and real tokens per
+second.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from mio.vocab import MODALITY_NAMES
 
 METRICS = "logs/version_*/metrics.csv"
-LOSS, PACKING, TOKENS_PER_S = "train/loss", "train/packing_efficiency", "train/tokens_per_sec"
+LOSS, VAL_LOSS = "train/loss", "val/loss"
+PACKING, TOKENS_PER_S = "train/packing_efficiency", "train/tokens_per_sec"
 MODALITIES = tuple(MODALITY_NAMES.values())
 
 
@@ -104,6 +106,7 @@ def final_loss(stages: list[StageLog]) -> float:
 
 def stage_figures(stage: StageLog) -> dict[str, float]:
     figures = {"steps": stage.rows[-1]["step"] + 1 if stage.rows else 0.0, "final loss": stage.last(LOSS),
+               "final validation loss": stage.last(VAL_LOSS),
                "packing efficiency": stage.mean(PACKING), "real tokens/s": stage.mean(TOKENS_PER_S)}
     figures |= {f"{m} share": stage.mean(f"train/share_{m}") for m in MODALITIES}
     if stage.lr_key:
@@ -112,10 +115,11 @@ def stage_figures(stage: StageLog) -> dict[str, float]:
 
 
 # --- page --------------------------------------------------------------------------------------
-def _plot(stages: list[StageLog], metrics: dict[str, str], ylabel: str, log: bool = False) -> str:
+def _plot(stages: list[StageLog], metrics: dict[str, str], ylabel: str, log: bool = False,
+          dashed: str | None = None) -> str:
     """Curves over the stages in sequence on one step axis, a base64 PNG ("" when nothing was
-    logged). One metric: a line per stage, labelled by stage; several (label -> metric): a
-    colour per metric."""
+    logged). One metric: a line per stage, labelled by stage, and ``dashed`` (validation) in
+    the stage's colour; several (label -> metric): a colour per metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +136,9 @@ def _plot(stages: list[StageLog], metrics: dict[str, str], ylabel: str, log: boo
             ax.plot([offset + x for x in steps], values, color=f"C{i if len(metrics) == 1 else j}",
                     label=None if name in labelled else name)
             labelled.add(name)
+        steps, values = stage.series(dashed) if dashed else ([], [])
+        if steps:
+            ax.plot([offset + x for x in steps], values, "o--", color=f"C{i}", label=f"{stage.name} validation")
         if stage.rows:
             offset += stage.rows[-1]["step"] + 1
             if i < len(stages) - 1:
@@ -169,7 +176,8 @@ def _fmt(value: float | None) -> str:
 def curves(stages: list[StageLog]) -> str:
     """The curves section of a report, as HTML."""
     lr = next((s.lr_key for s in stages if s.lr_key), None)
-    plots = [("Loss", _plot(stages, {"loss": LOSS}, "loss (supervised tokens)", log=True)),
+    plots = [("Loss (lines: training; dashed: validation on held-out data)",
+              _plot(stages, {"loss": LOSS}, "loss (supervised tokens)", log=True, dashed=VAL_LOSS)),
              ("Loss per modality", _plot(stages, {m: f"train/loss_{m}" for m in MODALITIES}, "loss", log=True)),
              ("Learning rate", _plot(stages, {"learning rate": lr}, "learning rate") if lr else ""),
              ("Token shares", _plot(stages, {m: f"train/share_{m}" for m in MODALITIES}, "share of real tokens")),

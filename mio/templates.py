@@ -2,6 +2,11 @@
 
 Templates turn a sample's segments into the segments the model trains on. Directions are
 drawn with the caller's random generator, so the data pipeline re-draws them every epoch.
+
+Two template sets (:data:`TEMPLATE_SETS`), chosen by a stage (``data.templates``): ``paper``
+(the paper's wording, Appendix C) and ``mio-release`` (MIO's released code: captions quoted
+LaTeX-style, ``...'' , and its SFT instructions for TTS, image and video generation), so that
+continued training from MIO's weights sees the prompts MIO was trained with.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -31,11 +36,12 @@ DATA_TYPES = ("image_text", "text", "interleaved", "video_text", "video_interlea
 # Probability of the generation direction (text -> media) per pair type (paper, Sec. 3).
 GENERATION_PROB = {"image_text": 0.5, "video_text": 0.6, "speech_text": 0.5}
 
-_PLACEHOLDER = re.compile(r"\{(image|video|speech|text)\}")
+_PLACEHOLDER = re.compile(r"\{(image|video|speech|media|text)\}")
 
 
 def fill_template(template: str, text: str, media: Segment) -> list[Segment]:
-    """Split a template at its placeholders and put the text and the media segment in."""
+    """Split a template at its placeholders and put the text and the media segment in
+    (``{image}``, ``{video}``, ``{speech}`` and ``{media}`` all stand for the media segment)."""
     out: list[Segment] = []
     pos = 0
     for m in _PLACEHOLDER.finditer(template):
@@ -56,7 +62,7 @@ def content_only(seg: Segment) -> Segment:
 
 
 def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.Random,
-                      asr_template: str = "asr") -> list[Segment]:
+                      asr_template: str = "asr", templates: TemplateSet | None = None) -> list[Segment]:
     """A stored sample's segments -> the segments one pretraining step sees.
 
     Pairs (media, text) get a template and a random direction; documents pass as they are,
@@ -72,7 +78,7 @@ def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.R
         else:
             name = "tts" if generate else asr_template
             media = media if generate else content_only(media)
-        return fill_template(PRETRAIN_TEMPLATES[name], text, media)
+        return fill_template((templates or PAPER).pretrain[name], text, media)
     if data_type in ("text", "interleaved", "video_interleaved"):
         return [content_only(s) for s in segments]
     raise ValueError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
@@ -167,23 +173,58 @@ def _with_loss(seg: Segment, loss: bool) -> Segment:
     return Speech(seg.codes, loss=loss)
 
 
-# Instructions that turn a (media, text) pair into a conversation of an SFT task family;
-# the captioning and ASR wording is MIO's own (its infer.py).
-PAIR_TASKS: dict[str, tuple[str, str]] = {
-    "image_captioning": ("Please provide an accurate and detailed description of this image.\n", "media_in"),
-    "descriptive_image_generation": ("Please generate an image of the following description.\n", "media_out"),
-    "asr": ("Please transcribe this speech.\n", "media_in"),
-    "tts": ("Please read the following text aloud.\n", "media_out"),
-    "video_understanding": ("Please describe the following video.\n", "media_in"),
-    "video_generation": ("Please generate a video for the following description.\n", "media_out"),
+# The user turns that make a (media, text) pair a conversation of an SFT task family: with
+# ``{media}`` the media is the question and the text the answer; with ``{text}`` the text asks
+# for the media. The captioning and ASR wording is MIO's own (its infer.py).
+PAIR_TASKS: dict[str, str] = {
+    "image_captioning": "Please provide an accurate and detailed description of this image.\n{media}",
+    "descriptive_image_generation": "Please generate an image of the following description.\n{text}",
+    "asr": "Please transcribe this speech.\n{media}",
+    "tts": "Please read the following text aloud.\n{text}",
+    "video_understanding": "Please describe the following video.\n{media}",
+    "video_generation": "Please generate a video for the following description.\n{text}",
 }
 
 
-def pair_conversation(task: str, media: Segment, text: str) -> list[Turn]:
+@dataclass(frozen=True)
+class TemplateSet:
+    """The wording a stage trains with: pretraining templates and the SFT pair tasks' user turns."""
+
+    name: str
+    pretrain: Mapping[str, str]
+    pair_tasks: Mapping[str, str]
+
+
+PAPER = TemplateSet("paper", PRETRAIN_TEMPLATES, PAIR_TASKS)
+# MIO's released infer.py: generation prompts quote the caption ``...'' (Base), and its
+# Instruct prompts for image generation, TTS and video generation.
+MIO_RELEASE = TemplateSet(
+    "mio-release",
+    {**PRETRAIN_TEMPLATES,
+     "image_generation": "Please generate an image of ``{text}'': {image}",
+     "video_generation": "Please generate a video for ``{text}'': {video}",
+     "tts": "Please generate a speech of ``{text}'': {speech}"},
+    {**PAIR_TASKS,
+     "descriptive_image_generation": "Please generate an image according to the caption.\n{text}",
+     "tts": "The transcription is ``{text}''. Please generate a speech according to the given transcription. "
+            "Start with <spch>.",
+     "video_generation": "Please generate a video for ``{text}''"})
+TEMPLATE_SETS: dict[str, TemplateSet] = {s.name: s for s in (PAPER, MIO_RELEASE)}
+
+
+def template_set(name: str) -> TemplateSet:
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[name]
+
+
+def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER) -> list[Turn]:
     """A (media, text) pair -> a two-turn conversation of the given SFT task family."""
-    if task not in PAIR_TASKS:
-        raise ValueError(f"unknown pair task {task!r}; expected one of {sorted(PAIR_TASKS)}")
-    instruction, direction = PAIR_TASKS[task]
-    if direction == "media_in":
-        return [Turn("user", [Text(instruction), media]), Turn("assistant", [Text(text)])]
-    return [Turn("user", [Text(instruction + text)]), Turn("assistant", [media])]
+    if task not in templates.pair_tasks:
+        raise ValueError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
+    template = templates.pair_tasks[task]
+    if "{media}" in template:
+        before, _, after = template.partition("{media}")
+        question = ([Text(before)] if before else []) + [media] + ([Text(after)] if after else [])
+        return [Turn("user", question), Turn("assistant", [Text(text)])]
+    return [Turn("user", [Text(template.replace("{text}", text))]), Turn("assistant", [media])]

@@ -85,8 +85,7 @@ def test_text_beam_search_equals_transformers(cache, early_stopping):
     assert {stopped for stopped, _ in lengths} == {STOP, LENGTH}
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_beam_search_through_media_blocks_equals_transformers(cache):
+def test_beam_search_through_media_blocks_equals_transformers(cache=True):
     """One beam setting for every modality (MIO's release for image and speech generation): the
     whole answer is one beam search under the constraint, transformers' own, token for token,
     through the image and speech blocks."""

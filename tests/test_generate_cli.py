@@ -1,31 +1,25 @@
-"""`mio generate` end to end, loading MIO's release layout, and bad input.
+"""`mio generate` end to end, and bad input.
 
 A model folder as `mio fit` leaves it (tokenizer specs recorded) needs no flag but --model to
-decode its answer; MIO's layout (no table file, no specs) is read from the tokenizer's added
-tokens and decodes with --tokenizers pointing at MIO's checkpoint tree.
+decode its answer. MIO's release layout: tests/test_mio_release.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-import torch
 
-from mio.generate.cli import generate_main, prompt_items
+from mio.generate.cli import generate_main
 from mio.generate.generator import Generator
 from mio.generate.media import MediaFile
-from mio.tokenizers.media_tokenizers import MIO_SPEECH_DIR, MIO_UNCLIP_DIR
-from mio.segments import Image, Speech, Text
-from mio.vocab import MIO_SPECIAL_ORDER, VocabTable
+from mio.generate.prompt import prompt_items
+from mio.segments import Image, Text
+from mio.vocab import VocabTable
 
-from test_generate_support import (SAMPLES, TINY_SEED, TINY_SPEECH, one_thread, save_media_model,  # noqa: F401
-                                   text_tokenizer, tiny_media, tiny_unclip)
+from test_generate_support import SAMPLES, one_thread, save_media_model, text_tokenizer  # noqa: F401
 
 CAT = SAMPLES / "images" / "cat.jpg"
 CLIP = SAMPLES / "speech" / "clip01.wav"
@@ -71,64 +65,6 @@ def test_cli_writes_transcript_with_decoded_images_and_audio(fit_folder, tmp_pat
     # The prompt: the image where {image} stood, the clip after the text.
     items = prompt_items("Look at {image} and listen:", [MediaFile("image", CAT), MediaFile("speech", CLIP)])
     assert [type(i).__name__ for i in items] == ["Text", "MediaFile", "Text", "MediaFile"]
-
-
-def mio_layout_folder(out: Path) -> tuple[Path, int]:
-    """A tiny model and tokenizer laid out exactly as MIO's release: the text vocabulary, then
-    the 6 specials at V..V+5, then <img0..8191>, then <spch0..4095>; no mio files beside them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = copy.deepcopy(text_tokenizer())
-    v = len(tok)
-    tok.add_tokens(list(MIO_SPECIAL_ORDER) + [f"<img{i}>" for i in range(8192)] + [f"<spch{i}>" for i in range(4096)])
-    assert tok.convert_tokens_to_ids(["<speech_placeholder>", "</spch>", "<image_placeholder>", "<spch>", "</image>",
-                                      "<image>", "<img0>", "<spch0>"]) == [v, v + 1, v + 2, v + 3, v + 4, v + 5, v + 6, v + 6 + 8192]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out, v
-
-
-def mio_tree(out: Path) -> Path:
-    """MIO's checkpoint tree with tiny weights: SpeechTokenizer/, stable-diffusion-2-1-unclip/,
-    and (no tiny SEED in MIO's file format) a SEED spec file beside them."""
-    codec = tiny_media().get("speech")
-    (out / MIO_SPEECH_DIR).mkdir(parents=True)
-    import yaml
-
-    config = yaml.safe_load(TINY_SPEECH.read_text())["model"]
-    (out / MIO_SPEECH_DIR / "config.json").write_text(json.dumps(config))
-    torch.save(codec.model.state_dict(), out / MIO_SPEECH_DIR / "SpeechTokenizer.pt")
-    tiny_unclip().save_pretrained(out / MIO_UNCLIP_DIR)
-    shutil.copyfile(TINY_SEED, out / "seed.yaml")
-    return out
-
-
-def test_loading_mio_release_layout(tmp_path):
-    folder, v = mio_layout_folder(tmp_path / "MIO-7B-Instruct")
-    tree = mio_tree(tmp_path / "MIO")
-    gen = Generator(folder, tokenizers=tree, device="cpu")
-    assert gen.table.to_dict() == VocabTable.mio_default(v).to_dict()
-    assert gen.tokenizer.convert_tokens_to_ids("<|im_end|>") in gen.stop_ids  # a chat answer ends at ChatML's turn end
-    g = gen.generate("Please generate a speech of hello: <spch>", chat=False, max_new_tokens=20, max_speech_frames=3)
-    speech = next(s for s in g.segments if isinstance(s, Speech))
-    gen.write(g, tmp_path / "speech")
-    wave, sr = sf.read(tmp_path / "speech" / "speech_1.wav", dtype="float32")
-    reference = tiny_media().get("speech").decode(speech.codes)  # the weights the tree was saved from
-    assert sr == 16000 and np.abs(wave - np.clip(reference, -1, 1)).max() < 2 / 32768
-    g = gen.generate("Please generate an image of a cat: <image>", chat=False, max_new_tokens=33)
-    assert isinstance(g.segments[0], Image)
-    gen.write(g, tmp_path / "image")
-    record = json.loads((tmp_path / "image" / "generation.json").read_text())
-    assert record["summary"]["image_decoder"] == str(tree / MIO_UNCLIP_DIR)
-    assert (tmp_path / "image" / "image_1.png").is_file()
-    # Without --tokenizers MIO's folder still generates; its media are reported, not decoded.
-    bare = Generator(folder, device="cpu")
-    g = bare.generate("Please generate a speech of hello: <spch>", chat=False, max_new_tokens=20, max_speech_frames=3)
-    md = bare.write(g, tmp_path / "bare").transcript.read_text()
-    assert "not decoded" in md and "--tokenizers" in md
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

@@ -44,9 +44,13 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
         deadline = time.time() + 120
         while len(list(out.glob(".units/*.json"))) < 3 and time.time() < deadline and child.poll() is None:
             time.sleep(0.02)
+        # Frozen mid-run (on a loaded machine it would otherwise finish its 120 units before this
+        # process is done checking the lock): the SIGINT below is then taken with most units left.
+        child.send_signal(signal.SIGSTOP)
         with pytest.raises(FolderLocked, match=f"being written by another `mio prepare`.*pid {child.pid}"):
             prepare(recipe, out)  # this process is another job
         child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGCONT)
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:

@@ -4,6 +4,7 @@ step, the figures per stage computed from the logged rows, the page written."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from mio.cli import main
 from mio.report import find_stages, packing_efficiency, read_metrics, stage_figures
 
 FIELDS = ["step", "train/loss", "train/loss_text", "train/loss_image", "train/loss_speech", "train/share_text",
-          "train/share_image", "train/share_speech", "train/packing_efficiency", "train/tokens_per_sec", "lr-AdamW/pg1"]
+          "train/share_image", "train/share_speech", "train/packing_efficiency", "train/tokens_per_sec", "lr-AdamW/pg1",
+          "val/loss"]
 
 
 def write_log(stage: Path, version: int, rows: list[dict[str, float]]) -> None:
@@ -44,13 +46,14 @@ def test_a_resumed_stage_merges_its_log_versions_by_step(tmp_path):
 
 def test_figures_and_page_of_a_chain_of_stages(tmp_path, capsys):
     write_log(tmp_path / "1_alignment", 0, [r for s in range(4) for r in step_rows(s, 5.0 - s)])
-    write_log(tmp_path / "4_sft", 0, [r for s in range(2) for r in step_rows(s, 3.0 - s)])
+    write_log(tmp_path / "4_sft", 0, [r for s in range(2) for r in step_rows(s, 3.0 - s)] + [{"step": 1, "val/loss": 2.5}])
     (tmp_path / "data").mkdir()  # not a stage: left out
     stages = find_stages([tmp_path])
     assert [s.name for s in stages] == ["1_alignment", "4_sft"]
     figures = stage_figures(stages[0])
     assert figures["steps"] == 4 and figures["final loss"] == 2.0 and figures["final lr"] == 1e-3 / 4
     assert figures["packing efficiency"] == pytest.approx(0.515) and figures["image share"] == 0.75
+    assert math.isnan(figures["final validation loss"]) and stage_figures(stages[1])["final validation loss"] == 2.5
     assert packing_efficiency(stages) == pytest.approx((0.5 + 0.51 + 0.52 + 0.53 + 0.5 + 0.51) / 6)
     assert main(["report", str(tmp_path)]) == 0
     page = Path(capsys.readouterr().out.strip())

@@ -90,6 +90,27 @@ def test_uniform_fallback_without_cuts(video_tok: VideoTokenizer, tmp_path: Path
     assert frames == [6, 18, 31, 43]  # middles of 4 equal stretches of 50 frames
 
 
+def test_release_frames_one_per_scene_uncapped_and_every_tenth_without_cuts(video_tok: VideoTokenizer,
+                                                                            three_scenes: Path, tmp_path: Path) -> None:
+    """`selection: mio-release`: MIO's released frames (scenedetect's middle frame of every scene,
+    however many; with no cut every (total // 10)-th frame), not the paper's 4..8."""
+    release = VideoTokenizer(video_tok.image, KeyFramePolicy(selection="mio-release"))
+    scenes, _ = video_tok.detect_scenes(three_scenes)
+    frames, _ = release.key_frames(three_scenes, " ".join(["word"] * 100))  # the text does not matter
+    assert frames == [s + (e - s) // 2 for s, e in scenes] and len(frames) == 3  # below the paper's minimum of 4
+    many = tmp_path / "ten_scenes.mp4"
+    palette = [(10, 20, 160), (250, 230, 40)]
+    write_video(many, [(palette[i % 2], "stripes" if i % 4 < 2 else "box") for i in range(10)], seconds=0.8)
+    scenes, _ = video_tok.detect_scenes(many)
+    assert len(release.key_frames(many)[0]) == len(scenes) > 8  # over the paper's cap of 8
+    still = tmp_path / "one_scene.mp4"
+    write_video(still, [((40, 160, 40), "box")], seconds=2.0)
+    assert release.key_frames(still)[0] == list(range(0, 50, 5))  # 50 frames: every 5th
+    assert release.encode(still).shape == (10, 32)
+    with pytest.raises(ValueError, match="selection"):
+        KeyFramePolicy(selection="every-frame")
+
+
 def test_frame_count_policy() -> None:
     policy = KeyFramePolicy()
     assert policy.frame_count("", 1) == 4

@@ -34,7 +34,8 @@ from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Segment, Text, TextEncoder, render
-from mio.templates import PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat
+from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
+                           template_set)
 from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 
@@ -52,6 +53,7 @@ class DatasetSpec:
     format: str = "pretrain"
     tasks: list[str] = field(default_factory=list)
     asr_template: str = "asr"
+    templates: str = "paper"  # the stage's template set (data.templates), set by the DataModule
 
     def __post_init__(self) -> None:
         if self.format not in ("pretrain", "sft"):
@@ -61,6 +63,7 @@ class DatasetSpec:
         unknown = [t for t in self.tasks if t not in PAIR_TASKS]
         if unknown:
             raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+        template_set(self.templates)
 
 
 # --- who reads what -----------------------------------------------------------------------
@@ -170,10 +173,10 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
         text = "".join(s.text for s in sample.segments if isinstance(s, Text))
         if len(media) != 1:
             raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
-        return render_chat(pair_conversation(task, media[0], text), task=task), False
+        return render_chat(pair_conversation(task, media[0], text, template_set(spec.templates)), task=task), False
     if sample.turns is not None:
         raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
-    segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template)
+    segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template, template_set(spec.templates))
     return segs, all(isinstance(s, Text) for s in segs)
 
 

@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise FileNotFoundError(f"--data {folder} is not a folder (a prepared dataset from mio prepare)")
     generator = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device)
-    metrics = evaluate(generator, args.data, settings, args.out)
+    metrics, _ = evaluate(generator, args.data, settings, args.out)
     print(json.dumps(metrics))
     return 0
 

@@ -1,8 +1,8 @@
 """`mio eval`'s work: answer every item of an eval set with a model, score the answers with the
 paper's metrics, and write what a reader checks them against.
 
-    from mio.eval import EvalSettings, evaluate
-    metrics = evaluate(Generator("runs/sft/model"), ["data/coco_val"], EvalSettings(tasks=("image_captioning",)), "eval/")
+    from mio.eval.run import EvalSettings, evaluate
+    metrics, rows = evaluate(Generator("runs/sft/model"), ["data/coco_val"], EvalSettings(tasks=("image_captioning",)), "eval/")
 
 Leaves in the output folder ``generations.jsonl`` (one row per item: prompt, answer, references,
 scores), ``metrics.json`` (per task) and ``report.html`` (both as tables), and ``media/`` with the
@@ -113,8 +113,9 @@ def answer_batch(generator: Generator, prompts: Sequence[Any], settings: EvalSet
 
 
 def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: EvalSettings,
-             out: str | os.PathLike, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Answer, score and write; returns the metrics (also ``out/metrics.json``)."""
+             out: str | os.PathLike, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[Row]]:
+    """Answer, score and write; returns the metrics (also ``out/metrics.json``) and every item's
+    answer with its scores."""
     log = log or _log
     start = time.perf_counter()
     out = Path(out)
@@ -142,7 +143,7 @@ def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: 
         metrics["not_computed"].update({f"{task}/{k}": v for k, v in not_computed.items()})
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(out, rows, metrics)
-    return metrics
+    return metrics, rows
 
 
 class _Scorers:

@@ -9,6 +9,7 @@ constraints  the logits processor with the block grammar (a transformers LogitsP
 settings     per-modality decoding settings and the presets (paper's Table 8, MIO's release)
 decoding     the loop: settings switched at block boundaries, KV cache, beam search in any mode
 media        which tokenizers a model uses, prompt files -> codes
+prompt       the prompt syntax: where a prompt's media files go ({image}, <image_placeholder_0>)
 detok        codes -> images (SEED + unCLIP), speech (WAV), video (GIF)
 generator    the Python API; transcript: the files it writes; cli: `mio generate`
 """

@@ -9,9 +9,10 @@ With --prompts, each line of the JSONL file is one prompt, ``{"prompt": "What is
 folder under --out, default the line number), and the prompts are generated --batch-size at a
 time with the same settings; each answer goes where a single prompt's would.
 
-Media files go where the prompt names them ({image}, {speech}, {video} placeholders, filled
-in command-line order), else after the text, in command-line order. Writes transcript.md,
-transcript.html, generation.json and the decoded media into --out; prints the answer (its
+Media files go where the prompt names them: {image}, {speech}, {video} take the next file of
+their kind in command-line order; MIO's <image_placeholder_0>, <speech_placeholder_1> name a
+file by its index among the files of its kind. Files the prompt does not name follow the text.
+Writes transcript.md, transcript.html, generation.json and the decoded media into --out; prints the answer (its
 text, and the path of each media file) and then the transcript's path.
 """
 
@@ -19,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from mio.generate.media import MediaFile
+from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS, overrides_from_strings
 from mio.segments import Text
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
-PLACEHOLDER = re.compile(r"\{(image|speech|video)\}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="model folder (ours, or MIO's release layout)")
-    p.add_argument("--prompt", default="", help="the user's text; {image}/{speech}/{video} mark where files go")
+    p.add_argument("--prompt", default="", help="the user's text; {image}/{speech}/{video} or MIO's "
+                   "<image_placeholder_N>/<speech_placeholder_N> mark where files go")
     for kind in (IMAGE, SPEECH, VIDEO):
         p.add_argument(f"--{kind}", dest="media", action="append", default=[], type=lambda f, k=kind: MediaFile(k, Path(f)),
                        metavar="FILE", help=f"a {kind} file of the prompt (repeatable)")
@@ -77,27 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model weights' type (default: bfloat16 on CUDA, float32 on CPU)")
     return p
-
-
-def prompt_items(text: str, media: list[MediaFile]) -> list[Text | MediaFile]:
-    """Fill {image}/{speech}/{video} placeholders in order; the other files follow the text."""
-    queues = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
-    items: list[Text | MediaFile] = []
-    pos = 0
-    for m in PLACEHOLDER.finditer(text):
-        if not queues[m.group(1)]:
-            raise ValueError(f"the prompt has more {{{m.group(1)}}} placeholders than --{m.group(1)} files")
-        if m.start() > pos:
-            items.append(Text(text[pos:m.start()]))
-        items.append(queues[m.group(1)].pop(0))
-        pos = m.end()
-    if pos < len(text):
-        items.append(Text(text[pos:]))
-    placed = {id(x) for x in items}
-    items += [m for m in media if id(m) not in placed]
-    if not items:
-        raise ValueError("nothing to generate from: give --prompt and/or media files")
-    return items
 
 
 def generate_main(argv: list[str]) -> int:

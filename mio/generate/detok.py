@@ -103,7 +103,8 @@ def tiny_unclip_pipeline(cfg: TinyUnclipConfig) -> Any:
 
 def load_unclip_pipeline(folder: str | os.PathLike, device: torch.device | None = None,
                          dtype: torch.dtype | None = None) -> Any:
-    """MIO's ``stable-diffusion-2-1-unclip`` (or any saved ``StableUnCLIPImg2ImgPipeline``) from disk."""
+    """MIO's ``stable-diffusion-2-1-unclip`` (or any saved ``StableUnCLIPImg2ImgPipeline``) from disk,
+    in ``dtype`` (default: float16 on CUDA, as MIO runs it; float32 on CPU)."""
     from diffusers import StableUnCLIPImg2ImgPipeline
 
     path = Path(folder)
@@ -116,7 +117,8 @@ def load_unclip_pipeline(folder: str | os.PathLike, device: torch.device | None 
     return pipe
 
 
-def unclip_for(media: MediaTokenizers) -> tuple[Any, str]:
+def unclip_for(media: MediaTokenizers, device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> tuple[Any, str]:
     """The unCLIP pipeline that goes with a model's image tokenizer -> (pipeline, where it came from).
 
     In order: an explicit folder (``--unclip`` or the tokenizers tree's), the image spec's
@@ -124,7 +126,7 @@ def unclip_for(media: MediaTokenizers) -> tuple[Any, str]:
     for a tiny (seeded) SEED spec, and ``<root>/stable-diffusion-2-1-unclip`` of a real one.
     """
     if media.unclip is not None:
-        return load_unclip_pipeline(media.unclip), str(media.unclip)
+        return load_unclip_pipeline(media.unclip, device, dtype), str(media.unclip)
     if IMAGE not in media.specs:
         raise MissingTokenizerError(media.why_missing(IMAGE))
     source: SpecSource = media.specs[IMAGE]
@@ -135,12 +137,12 @@ def unclip_for(media: MediaTokenizers) -> tuple[Any, str]:
         return tiny_unclip_pipeline(cfg), f"a tiny random unCLIP pipeline (seed {cfg.seed}) from {source.origin}"
     if entry is not None:
         folder = source.base_dir() / str(entry)
-        return load_unclip_pipeline(folder), str(folder)
+        return load_unclip_pipeline(folder, device, dtype), str(folder)
     if "seed" in spec:
         cfg = TinyUnclipConfig(embed_dim=_seed_embed_dim(spec), seed=int(spec["seed"]))
         return tiny_unclip_pipeline(cfg), f"a tiny random unCLIP pipeline (seed {cfg.seed}) for the tiny SEED of {source.origin}"
     folder = source.base_dir() / MIO_UNCLIP_DIR
-    return load_unclip_pipeline(folder), str(folder)
+    return load_unclip_pipeline(folder, device, dtype), str(folder)
 
 
 def _seed_embed_dim(spec: dict[str, Any]) -> int:

@@ -40,13 +40,15 @@ class Generator:
     def __init__(self, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None, *,
                  unclip: str | os.PathLike | None = None, device: str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        """``dtype`` defaults to bfloat16 on CUDA (a 7B model in float32 would double its memory), float32 on CPU."""
+        """``dtype`` defaults to bfloat16 on CUDA (a 7B model in float32 would double its memory), float32
+        on CPU; the unCLIP pipeline loads in ``dtype`` when it is given (else float16 on CUDA)."""
         folder = Path(model_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} does not exist")
         on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         model, tokenizer, table = load_backbone(folder, dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32))
         self._setup(model, tokenizer, table, MediaTokenizers.for_model(folder, tokenizers, unclip), str(folder), device)
+        self.unclip_dtype = dtype
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers | None = None,
@@ -59,6 +61,8 @@ class Generator:
     def _setup(self, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers, name: str,
                device: str | None) -> None:
         target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = target
+        self.unclip_dtype: torch.dtype | None = None
         self.model = model.to(target).eval()
         self.tokenizer = tokenizer
         self.table = table
@@ -111,7 +115,8 @@ class Generator:
         may contain (default: every modality the model has tokens for); without ``text`` the
         answer is media only. ``max_new_tokens`` defaults to the preset's and is capped at what
         the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
-        speech-only system prompt (tts, speech_generation) and the release preset's task.
+        speech-only system prompt (tts, speech_generation; also used for a speech-only answer)
+        and the release preset's task.
         """
         return self.generate_batch([prompt], chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
                                    settings=settings, outputs=outputs, seed=seed, use_cache=use_cache,
@@ -137,6 +142,10 @@ class Generator:
         chosen = get_preset(preset)
         outputs = None if outputs is None else tuple(outputs)
         wanted = self._check_outputs(outputs)
+        if task is None and outputs is not None and set(outputs) == {SPEECH}:
+            system_task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt ("voice" mode)
+        else:
+            system_task = task
         turns, ids, resolved = [], [], []
         for n, prompt in enumerate(prompts):
             where = f"prompt {n}: " if len(prompts) > 1 else ""
@@ -144,7 +153,7 @@ class Generator:
             encoded = self.encode_turns(turns[-1])
             speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
             resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
-            segments = self.prompt_segments(encoded, chat, task)
+            segments = self.prompt_segments(encoded, chat, system_task)
             ids.append(render(segments, self.table, self.encode_text, bos_id=self.tokenizer.bos_token_id,
                               where="prompt").input_ids)
             if ids[-1].size == 0:
@@ -154,7 +163,8 @@ class Generator:
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
         decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
-        results = decoder.run_batch(ids, max_new_tokens or chosen.max_new_tokens, seeds, settings=resolved)
+        limit = chosen.max_new_tokens if max_new_tokens is None else max_new_tokens
+        results = decoder.run_batch(ids, limit, seeds, settings=resolved)
         out = []
         for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
             answer, partial = self._split(constraint, p, r)
@@ -226,7 +236,7 @@ class Generator:
     def unclip_pipeline(self) -> tuple[Any, str]:
         """The unCLIP pipeline for decoding images (built once) and where it came from."""
         if self._unclip is None:
-            self._unclip = unclip_for(self.media)
+            self._unclip = unclip_for(self.media, self.device, self.unclip_dtype)
         return self._unclip
 
     def image_decoder(self, settings: UnclipSettings) -> ImageDecoder:

@@ -29,7 +29,7 @@ class Shown:
     file: str | None = None
 
 
-def prompt_items(generation: Generation, out: Path) -> list[tuple[str, list[Shown]]]:
+def shown_turns(generation: Generation, out: Path) -> list[tuple[str, list[Shown]]]:
     """The prompt's turns for display; media files are copied into ``out/prompt/``."""
     turns = []
     copied = 0
@@ -100,7 +100,7 @@ def _html(item: Shown) -> str:
 
 def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], info: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    turns = prompt_items(generation, out)
+    turns = shown_turns(generation, out)
     answer = answer_items(decoded)
     r = generation.result
     summary = {

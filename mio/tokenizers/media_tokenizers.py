@@ -6,10 +6,11 @@ Where the specs come from:
 
 - `mio prepare`: the recipe's `tokenizers:` entries (or the same file names in `--tokenizers DIR`);
 - `mio tokenize`: the one `--spec`;
-- `mio generate`: what a model folder made by `mio fit` records (``mio_tokenizers.json``), each
-  kind replaceable by ``--tokenizers DIR``. DIR may hold spec files (``*.yaml``), MIO's released
-  checkpoint tree (``seed-tokenizer-2/``, ``SpeechTokenizer/``, ``stable-diffusion-2-1-unclip/``),
-  or both. MIO's own model folders record nothing, so they need ``--tokenizers``.
+- `mio generate`: what a model folder made by `mio fit` records (``mio_tokenizers.json``), then
+  MIO's released checkpoint tree (``seed-tokenizer-2/``, ``SpeechTokenizer/``,
+  ``stable-diffusion-2-1-unclip/``) inside the model folder (the release ships it there), each
+  kind replaceable by ``--tokenizers DIR``. DIR may hold spec files (``*.yaml``), the checkpoint
+  tree, or both. Prompt speech is not held to the pretraining length limit.
 
 Built tokenizers are shared by every MediaTokenizers of the process with the same spec content
 (the demo prepares seven recipes over the same specs; generation tests build many generators).
@@ -96,7 +97,9 @@ class MediaTokenizers:
 
     def __init__(self, specs: dict[str, SpecSource], unclip: Path | None = None,
                  problems: dict[str, str] | None = None, *, missing_hint: str | None = None,
-                 local_rank: int = 0) -> None:
+                 local_rank: int = 0, limit_speech: bool = True) -> None:
+        """``limit_speech``: refuse clips over the speech spec's ``max_seconds`` (a pretraining
+        data filter); generation reads prompts of any length."""
         unknown = set(specs) - set(MODALITIES)
         if unknown:
             raise ValueError(f"unknown media kinds {sorted(unknown)}; expected {MODALITIES}")
@@ -106,6 +109,7 @@ class MediaTokenizers:
         self.missing_hint = missing_hint or ("no {kind} tokenizer is known for this model (its folder records none); "
                                              "pass --tokenizers DIR with a {kind} spec or MIO's checkpoint tree")
         self.local_rank = local_rank
+        self.limit_speech = limit_speech
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -117,21 +121,32 @@ class MediaTokenizers:
     @classmethod
     def for_model(cls, model_dir: str | os.PathLike, tokenizers: str | os.PathLike | None = None,
                   unclip: str | os.PathLike | None = None) -> "MediaTokenizers":
+        """A model's tokenizers for generation: the specs its folder records (a folder `mio fit`
+        wrote), then MIO's checkpoint folders inside it (the release's layout), then
+        ``tokenizers`` (spec files or a checkpoint tree, per modality), then an ``unclip`` folder."""
         specs, problems = recorded_specs(Path(model_dir))
-        found_unclip = None
+        own = release_tree(Path(model_dir))
+        specs = {**own.specs, **specs}
+        found_unclip, release = own.unclip, own.release
         if tokenizers is not None:
-            extra, found_unclip = specs_in_dir(Path(tokenizers))
-            specs.update(extra)
-            for kind in extra:
-                problems.pop(kind, None)
+            extra = specs_in_dir(Path(tokenizers))
+            specs.update(extra.specs)
+            found_unclip, release = extra.unclip or found_unclip, release or extra.release
+        for kind in specs:
+            problems.pop(kind, None)
         if VIDEO not in specs and IMAGE in specs:  # video is key frames through the image tokenizer
-            specs[VIDEO] = SpecSource({"kind": "video", "image": specs[IMAGE].spec}, specs[IMAGE].origin)
+            video: dict[str, Any] = {"kind": "video", "image": specs[IMAGE].spec}
+            if release:  # MIO's model reads videos as its release cuts them
+                video["selection"] = "mio-release"
+            specs[VIDEO] = SpecSource(video, specs[IMAGE].origin)
         if unclip is not None:
             found_unclip = Path(unclip)
             if not (found_unclip / "model_index.json").is_file():
                 raise FileNotFoundError(f"unCLIP folder {found_unclip} has no model_index.json (a diffusers "
                                         "StableUnCLIPImg2ImgPipeline folder is expected)")
-        return cls(specs, found_unclip, problems)
+        return cls(specs, found_unclip, problems, limit_speech=False, missing_hint=(
+            "no {kind} tokenizer is known for this model (its folder records no spec and holds no "
+            f"{MIO_SEED_DIR}/ or {MIO_SPEECH_DIR}/); pass --tokenizers DIR with a {{kind}} spec or MIO's checkpoint tree"))
 
     # --- lookup ----------------------------------------------------------------------------
     def why_missing(self, kind: str) -> str:
@@ -165,7 +180,7 @@ class MediaTokenizers:
             return EncodedFile(kind, np.asarray(tok.encode([read_image(p, str(p))])[0]))
         if kind == SPEECH:
             wave = read_audio(p, str(p), tok.sample_rate)  # (T,)
-            codes = tok.encode([wave], names=[f"audio file {p}"])[0]
+            codes = tok.encode([wave], names=[f"audio file {p}"], limit_length=self.limit_speech)[0]
             return EncodedFile(kind, np.asarray(codes), seconds=wave.shape[0] / tok.sample_rate)
         frame_numbers, frames = tok.key_frames(p, None)
         return EncodedFile(kind, np.asarray(tok.image.encode(frames)), frame_numbers=frame_numbers)
@@ -190,29 +205,47 @@ def recorded_specs(model_dir: Path) -> tuple[dict[str, SpecSource], dict[str, st
     return specs, problems
 
 
-def specs_in_dir(folder: Path) -> tuple[dict[str, SpecSource], Path | None]:
-    """Spec files and MIO's checkpoint folders in ``folder`` -> (sources, unCLIP folder or None)."""
+@dataclass
+class Found:
+    """Tokenizers found in a folder: specs by modality, the unCLIP pipeline folder, and whether
+    any of it is MIO's released checkpoint tree."""
+
+    specs: dict[str, SpecSource]
+    unclip: Path | None = None
+    release: bool = False
+
+
+def release_tree(folder: Path) -> Found:
+    """MIO's checkpoint folders in ``folder``: its release ships them inside the model repository.
+    SEED's architecture is the release's (fixed in its code, not in a file): the spec's defaults."""
+    specs: dict[str, SpecSource] = {}
+    if (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
+        specs[IMAGE] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
+                                   "vit": f"{MIO_SEED_DIR}/eva_vit_g.pth"}, str(folder / MIO_SEED_DIR))
+    if (folder / MIO_SPEECH_DIR / "config.json").is_file():
+        specs[SPEECH] = SpecSource({"kind": "speechtokenizer", "root": str(folder), "config": f"{MIO_SPEECH_DIR}/config.json",
+                                    "checkpoint": f"{MIO_SPEECH_DIR}/SpeechTokenizer.pt"}, str(folder / MIO_SPEECH_DIR))
+    unclip = folder / MIO_UNCLIP_DIR
+    found_unclip = unclip if (unclip / "model_index.json").is_file() else None
+    return Found(specs, found_unclip, release=bool(specs) or found_unclip is not None)
+
+
+def specs_in_dir(folder: Path) -> Found:
+    """Spec files (``*.yaml``) and MIO's checkpoint folders in a ``--tokenizers`` folder; a spec
+    file wins over the checkpoint folder of its modality."""
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizers folder {folder} does not exist")
+    tree = release_tree(folder)
     specs: dict[str, SpecSource] = {}
     for path in sorted(folder.glob("*.yaml")):
         kind = MODALITY_OF_SPEC_KIND[load_spec(path)["kind"]]
         if kind in specs:
             raise ValueError(f"{folder} holds two {kind} tokenizer specs: {specs[kind].origin} and {path}")
         specs[kind] = SpecSource(str(path), str(path))
-    if IMAGE not in specs and (folder / MIO_SEED_DIR / "seed_quantizer.pt").is_file():
-        specs[IMAGE] = SpecSource({"kind": "seed", "root": str(folder), "quantizer": f"{MIO_SEED_DIR}/seed_quantizer.pt",
-                                     "vit": f"{MIO_SEED_DIR}/eva_vit_g.pth"}, str(folder / MIO_SEED_DIR))
-    if SPEECH not in specs and (folder / MIO_SPEECH_DIR / "config.json").is_file():
-        specs[SPEECH] = SpecSource({"kind": "speechtokenizer", "root": str(folder),
-                                      "config": f"{MIO_SPEECH_DIR}/config.json",
-                                      "checkpoint": f"{MIO_SPEECH_DIR}/SpeechTokenizer.pt"}, str(folder / MIO_SPEECH_DIR))
-    unclip = folder / MIO_UNCLIP_DIR
-    unclip = unclip if (unclip / "model_index.json").is_file() else None
-    if not specs and unclip is None:
+    if not specs and not tree.release:
         raise ValueError(f"tokenizers folder {folder} holds neither tokenizer specs (*.yaml) nor MIO's checkpoint "
                          f"folders ({MIO_SEED_DIR}/, {MIO_SPEECH_DIR}/, {MIO_UNCLIP_DIR}/)")
-    return specs, unclip
+    return Found({**tree.specs, **specs}, tree.unclip, tree.release)
 
 
 def _select_device(local_rank: int) -> None:

@@ -97,12 +97,13 @@ class SpeechCodec:
         resampled, truncated files refused)."""
         return read_audio(Path(path), str(path), self.sample_rate)
 
-    def refusal(self, wave: np.ndarray) -> str | None:
-        """Why a clip may not be used for pretraining (None if it may): empty or over max_seconds."""
+    def refusal(self, wave: np.ndarray, limit_length: bool = True) -> str | None:
+        """Why a clip may not be used for pretraining (None if it may): empty or over max_seconds
+        (``limit_length=False``: any length, as for a prompt)."""
         if wave.size == 0:
             return "the clip is empty (0 samples)"
         seconds = wave.shape[-1] / self.sample_rate
-        if self.max_seconds is not None and seconds > self.max_seconds:
+        if limit_length and self.max_seconds is not None and seconds > self.max_seconds:
             return (
                 f"the clip lasts {seconds:.2f} s, over the {self.max_seconds:g} s limit "
                 f"(MIO drops longer speech from pretraining)"
@@ -111,15 +112,17 @@ class SpeechCodec:
 
     # ------------------------------------------------------------------ encode / decode
 
-    def encode(self, waves: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Mono waveforms at `sample_rate` -> per clip (num_layers, frames) int64 codes.
+    def encode(self, waves: Sequence[np.ndarray], names: Sequence[str] | None = None,
+               limit_length: bool = True) -> list[np.ndarray]:
+        """Mono waveforms at `sample_rate` -> per clip (num_layers, frames) int64 codes; clips over
+        `max_seconds` are refused unless ``limit_length`` is False (generation's prompts).
 
         Each clip is zero-padded to whole frames (frames = ceil(T / hop)). Clips are batched
         only with clips of the same padded length: the encoder's bidirectional LSTM would
         otherwise see another clip's padding, and a clip's codes would depend on its batch.
         """
         names = list(names) if names is not None else [f"clip {i}" for i in range(len(waves))]
-        padded = [self._checked_padded(w, name) for w, name in zip(waves, names)]
+        padded = [self._checked_padded(w, name, limit_length) for w, name in zip(waves, names)]
         codes: list[np.ndarray | None] = [None] * len(padded)
         by_length: dict[int, list[int]] = {}
         for i, w in enumerate(padded):
@@ -158,11 +161,11 @@ class SpeechCodec:
             wave = self.model.decode(c[:, None, :].to(self.device))  # (1, 1, frames * hop)
         return wave[0, 0].float().cpu().numpy()
 
-    def _checked_padded(self, wave: np.ndarray, name: str) -> np.ndarray:
+    def _checked_padded(self, wave: np.ndarray, name: str, limit_length: bool) -> np.ndarray:
         w = np.asarray(wave, dtype=np.float32)
         if w.ndim != 1:
             raise ValueError(f"{name}: expected a mono (T,) waveform, got shape {w.shape}")
-        reason = self.refusal(w)
+        reason = self.refusal(w, limit_length)
         if reason:
             raise ValueError(f"{name}: {reason}")
         if not np.isfinite(w).all():

@@ -1,13 +1,17 @@
 """VideoTokenizer: a video -> key frames -> 32 SEED codes per frame, (F, 32).
 
-Key frames follow the MIO paper: scene cuts from PySceneDetect's content detector, one frame from
-the middle of each scene, and uniform sampling when the detector finds no cut.  How many frames:
+Key frames follow the MIO paper (`selection: paper`, the default): scene cuts from PySceneDetect's
+content detector, one frame from the middle of each scene, and uniform sampling when the detector
+finds no cut.  How many frames:
 
 * with a paired text (video-text pairs): 4 to 8, one per `words_per_frame` words of the text;
 * without one (interleaved video): one per scene, clamped to the same 4..8.
 
 When the scenes are fewer than the frames wanted, the extra frames go where the video is least
 covered (farthest from the frames already chosen); when they are more, scenes are taken evenly.
+
+`selection: mio-release` cuts as MIO's released inference code does: one middle frame per detected
+scene, with no cap; with no cut, every (total // 10)-th frame from the first.
 Frames are decoded with PyAV, and the detector runs on PyAV too, so frame numbers agree.
 """
 
@@ -25,6 +29,8 @@ from PIL import Image
 from mio.tokenizers.image import ImageTokenizer
 from mio.tokenizers.spec import check_kind, load_spec
 
+SELECTIONS = ("paper", "mio-release")
+
 
 @dataclass(frozen=True)
 class KeyFramePolicy:
@@ -33,8 +39,11 @@ class KeyFramePolicy:
     words_per_frame: int = 8
     threshold: float = 27.0  # ContentDetector's default: HSV change that counts as a cut
     min_scene_len: int = 15  # frames; shorter scenes merge into their neighbour
+    selection: str = "paper"  # or "mio-release": MIO's released frames (see the module's docstring)
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"video frame selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"need 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if self.words_per_frame < 1:
@@ -77,8 +86,10 @@ class VideoTokenizer:
         """The chosen frame numbers and the frames themselves."""
         p = Path(path)
         scenes, total = self.detect_scenes(p)
-        n = self.policy.frame_count(text, len(scenes))
-        indices = choose_frames(scenes, total, n)
+        if self.policy.selection == "mio-release":
+            indices = release_frames(scenes, total)
+        else:
+            indices = choose_frames(scenes, total, self.policy.frame_count(text, len(scenes)))
         return indices, read_frames(p, indices)
 
     def detect_scenes(self, path: Path) -> tuple[list[tuple[int, int]], int]:
@@ -121,6 +132,14 @@ def choose_frames(scenes: list[tuple[int, int]], total: int, n: int) -> list[int
         gap = np.abs(frames[:, None] - np.asarray(chosen)[None, :]).min(axis=1)  # (total,)
         chosen.append(int(gap.argmax()))  # farthest from every chosen frame; ties: the earliest
     return sorted(chosen)
+
+
+def release_frames(scenes: list[tuple[int, int]], total: int) -> list[int]:
+    """MIO's released frames: PySceneDetect's middle frame of every scene (``save_images`` with one
+    image: ``start + len // 2``), however many; with no cut, frames 0, k, 2k, ... for k = total // 10."""
+    if len(scenes) < 2:  # no cut (a detector may report the whole video as one scene)
+        return list(range(0, total, max(1, total // 10)))
+    return [s + (e - s) // 2 for s, e in scenes]
 
 
 def count_frames(path: Path) -> int:

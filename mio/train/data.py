@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +18,7 @@ from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import DatasetSpec, MixtureBatches, ReaderSlot
 from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
+from mio.templates import template_set
 from mio.train.validation import ValBatches, hold_out
 from mio.vocab import VocabTable, folder_table
 
@@ -42,13 +43,15 @@ class MioDataModule(L.LightningDataModule):
         val_packs: packs of ``context_length`` tokens per validation pass: the same packs every
             pass and on any number of processes. Validation runs every
             ``trainer.val_check_interval`` training batches (with ``check_val_every_n_epoch: null``).
+        templates: the template set every dataset of the stage is rendered with: ``paper`` (the
+            paper's wording) or ``mio-release`` (MIO's released prompts, for training on from MIO).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
-                 val_packs: int = 16) -> None:
+                 val_packs: int = 16, templates: str = "paper") -> None:
         super().__init__()
         if val_datasets and val_fraction:
             raise ValueError("give data.val_datasets or data.val_fraction, not both")
@@ -62,12 +65,19 @@ class MioDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
         if balance not in ("tokens", "samples"):
             raise ValueError(f"data.balance must be 'tokens' or 'samples', got {balance!r}")
-        self.datasets, self.root = datasets, root
+        template_set(templates)
+        for d in [*datasets, *(val_datasets or [])]:
+            if d.templates not in ("paper", templates):
+                raise ValueError(f"dataset {d.path} names template set {d.templates!r}: set data.templates for the "
+                                 "whole stage instead")
+        self.datasets = [replace(d, templates=templates) for d in datasets]
+        self.root = root
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
-        self.val_datasets, self.val_fraction, self.val_packs = list(val_datasets or []), val_fraction, val_packs
+        self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
+        self.val_fraction, self.val_packs = val_fraction, val_packs
         self.mixture: MixtureBatches | None = None
         self.val_mixture: MixtureBatches | None = None
         self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
@@ -176,12 +186,10 @@ class MioDataModule(L.LightningDataModule):
             train.append(kept)
             val_specs.append(spec)
             held.append(out)
-        if not val_specs:
-            raise ValueError(f"data.val_fraction {self.val_fraction}: every dataset has one shard, so none can hold "
-                             f"shards out; prepare them with a smaller shard_size, or give data.val_datasets")
         if whole and (self.trainer is None or self.trainer.is_global_zero):
-            print(f"[mio] validation: {', '.join(whole)} (one shard each) train whole and are not validated",
-                  file=sys.stderr, flush=True)
+            what = "no validation: every dataset" if not val_specs else ", ".join(whole)
+            print(f"[mio] data.val_fraction: {what} (one shard each) trains whole and is not validated; prepare "
+                  f"with a smaller shard_size to hold shards out", file=sys.stderr, flush=True)
         return train, val_specs, held
 
     def train_dataloader(self) -> RankBatches:

@@ -1,0 +1,50 @@
+"""The prompt syntax of `mio generate`: where a prompt's media files go in its text."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from mio.generate.media import MediaFile
+from mio.segments import Text
+from mio.vocab import IMAGE, SPEECH, VIDEO
+
+# {image}: the next image file; <image_placeholder_0>: the first image file (MIO's release syntax).
+PLACEHOLDER = re.compile(r"\{(image|speech|video)\}|<(image|speech)_placeholder_(\d+)>")
+
+
+def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile]:
+    """A prompt's text and its files -> the items in reading order.
+
+    ``{image}``, ``{speech}``, ``{video}`` take the next file of that kind not yet placed;
+    ``<image_placeholder_N>`` / ``<speech_placeholder_N>`` (MIO's ``infer.py``) take the N-th
+    file of that kind, counting from 0. Files the text does not name follow it, in order.
+    """
+    by_kind = {k: [m for m in media if m.kind == k] for k in (IMAGE, SPEECH, VIDEO)}
+    placed: set[int] = set()
+    items: list[Text | MediaFile] = []
+    pos = 0
+    for m in PLACEHOLDER.finditer(text):
+        kind = m.group(1) or m.group(2)
+        if m.group(1):
+            free = [f for f in by_kind[kind] if id(f) not in placed]
+            if not free:
+                raise ValueError(f"the prompt has more {{{kind}}} placeholders than {kind} files (--{kind})")
+            chosen = free[0]
+        else:
+            index = int(m.group(3))
+            if index >= len(by_kind[kind]):
+                raise ValueError(f"the prompt names {m.group(0)} but only {len(by_kind[kind])} {kind} file(s) were "
+                                 f"given (--{kind}); the placeholders count from 0")
+            chosen = by_kind[kind][index]
+        if m.start() > pos:
+            items.append(Text(text[pos:m.start()]))
+        items.append(chosen)
+        placed.add(id(chosen))
+        pos = m.end()
+    if pos < len(text):
+        items.append(Text(text[pos:]))
+    items += [m for m in media if id(m) not in placed]
+    if not items:
+        raise ValueError("nothing to generate from: give a prompt and/or media files")
+    return items
