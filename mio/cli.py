@@ -99,8 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kwargs = sizes(args.part, args.set)
     seconds = BENCH_SECONDS[args.part]
     took = f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds} s"
-    at = "at these sizes it may differ" if kwargs else "at its default sizes"
-    _log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores {at}; "
+    sized = " (at its default sizes; --set changed some)" if kwargs else ""
+    _log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
          f"the figures are the JSON object on the last line")
     print(json.dumps(bench_function(args.part)(**kwargs)))
     return 0
