@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from mio.vocab import VocabError, VocabTable
+from mio.vocab import BLOCK_MARKERS, VocabError, VocabTable
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,74 +67,195 @@ class Rendered:
         return np.where(self.loss_mask, self.input_ids, -100)
 
 
-class TextEncoder:
-    """Text -> ids through a Hugging Face tokenizer, caching short strings.
-
-    Templates and chat markup repeat the same few short strings in every sample, so a
-    bounded cache of short strings takes most tokenizer calls off the data pipeline's path.
-    """
-
-    def __init__(self, tokenizer: Any, cache_size: int = 4096, max_cached_chars: int = 96) -> None:
-        self.tokenizer = tokenizer
-        self.cache: dict[str, np.ndarray] = {}
-        self.cache_size = cache_size
-        self.max_cached_chars = max_cached_chars
-
-    def __call__(self, text: str) -> np.ndarray:
-        hit = self.cache.get(text)
-        if hit is not None:
-            return hit
-        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-        if len(text) <= self.max_cached_chars and len(self.cache) < self.cache_size:
-            self.cache[text] = ids
-        return ids
-
-
-def segment_ids(seg: Segment, table: VocabTable, encode: TextEncoder, where: str = "sample") -> np.ndarray:
-    """One segment -> its token ids (1-D int64)."""
-    if isinstance(seg, Text):
-        return encode(seg.text)
+# --- segments -> ids ---------------------------------------------------------------------------
+def segment_ids(seg: Segment, table: VocabTable, where: str = "sample") -> np.ndarray:
+    """A media segment -> its token ids (1-D int64): the block markers around its codes."""
     if isinstance(seg, Image):
-        return _image_block(seg.codes, table, where)
+        codes = np.asarray(seg.codes)
+        if codes.ndim != 1:
+            raise VocabError(f"{where}: image codes must be 1-D, got shape {codes.shape}")
+        return _image_blocks(codes[None], table, where)
     if isinstance(seg, Video):
         frames = np.asarray(seg.frames)
         if frames.ndim != 2 or frames.shape[0] == 0:
             raise VocabError(f"{where}: video frames must be a non-empty (F, codes) array, got shape {frames.shape}")
-        return np.concatenate([_image_block(f, table, where) for f in frames])
+        return _image_blocks(frames, table, where)
     if isinstance(seg, Speech):
         codes = np.asarray(seg.codes)
         if codes.ndim != 2 or codes.shape[1] == 0:
             raise VocabError(f"{where}: speech codes must be a non-empty (layers, frames) array, got shape {codes.shape}")
-        body = table.speech_ids(codes, where).reshape(-1)  # layer-major: a1..an b1..bn ...
-        return np.concatenate([[table.speech_begin], body, [table.speech_end]]).astype(np.int64)
+        out = np.empty(codes.size + 2, dtype=np.int64)
+        out[0], out[-1] = table.speech_begin, table.speech_end
+        out[1:-1] = table.speech_ids(codes, where).reshape(-1)  # layer-major: a1..an b1..bn ...
+        return out
     raise VocabError(f"{where}: unknown segment type {type(seg).__name__}")
 
 
-def _image_block(codes: np.ndarray, table: VocabTable, where: str) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 1:
-        raise VocabError(f"{where}: image codes must be 1-D, got shape {codes.shape}")
-    return np.concatenate([[table.image_begin], table.image_ids(codes, where), [table.image_end]]).astype(np.int64)
+def _image_blocks(frames: np.ndarray, table: VocabTable, where: str) -> np.ndarray:
+    """(F, C) image codes -> F blocks ``<image> codes </image>``, one after another (F * (C+2),)."""
+    out = np.empty((frames.shape[0], frames.shape[1] + 2), dtype=np.int64)
+    out[:, 0], out[:, -1] = table.image_begin, table.image_end
+    out[:, 1:-1] = table.image_ids(frames, where)
+    return out.reshape(-1)
 
 
-def render(segments: Sequence[Segment], table: VocabTable, encode: TextEncoder,
-           bos_id: int | None = None, eos_id: int | None = None, where: str = "sample") -> Rendered:
-    """Segments -> ids and loss mask. BOS is never supervised; EOS follows the last segment's loss."""
-    pieces: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    if bos_id is not None:
-        pieces.append(np.array([bos_id], dtype=np.int64))
-        masks.append(np.zeros(1, dtype=bool))
-    for seg in segments:
-        ids = segment_ids(seg, table, encode, where)
-        pieces.append(ids)
-        masks.append(np.full(len(ids), seg.loss, dtype=bool))
-    if eos_id is not None:
-        pieces.append(np.array([eos_id], dtype=np.int64))
-        masks.append(np.full(1, bool(segments) and segments[-1].loss, dtype=bool))
-    if not pieces:
-        return Rendered(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
-    return Rendered(np.concatenate(pieces), np.concatenate(masks))
+def text_form(segments: Sequence[Segment], table: VocabTable) -> str:
+    """The string a sample stands for: its texts, and each media block written as its token
+    strings (``<image><img12>...</image>``). Rendering gives exactly ``tokenizer(text_form)``."""
+    names = table.added_tokens()
+    return "".join(seg.text if isinstance(seg, Text) else
+                   "".join(names[i - table.text_size] for i in segment_ids(seg, table).tolist())
+                   for seg in segments)
+
+
+@dataclass
+class Draft:
+    """A sample's segments made ready for the one batched tokenizer call that renders many.
+
+    ``text`` is the sample's text form with each media block written as ONE stand-in token (a
+    placeholder token of the table): added tokens split the text before the tokenizer's normalizer and
+    pre-tokenizer run, so one added token in place of a block's added tokens leaves every text
+    piece's tokenization as it is. The block's ids are spliced in where the stand-in's id lands.
+    Without a stand-in (``blocks`` empty) the blocks are written in full.
+    """
+
+    segments: Sequence[Segment]
+    text: str
+    blocks: list[np.ndarray]  # ids of each media block, in order, when a stand-in writes them
+    lengths: list[int]  # characters of each segment in ``text``
+    loss: list[bool]  # each segment's loss flag
+    where: str
+
+    @property
+    def uniform(self) -> bool:
+        """Every character has the same loss flag (pretraining samples): no offsets needed."""
+        return all(self.loss) or not any(self.loss)
+
+
+class SegmentRenderer:
+    """Segments -> token ids and loss mask, exactly as the tokenizer encodes their text form.
+
+    ``render(segments)`` equals ``tokenizer(text_form(segments))["input_ids"]`` (property-tested
+    on SentencePiece, byte-level and split-regex BPE tokenizers), BOS included: the tokenizer's own
+    special-token handling is used, never a second rule. Loss masks follow character spans:
+    a token is supervised when any character it covers belongs to a supervised segment (a token
+    that covers no character counts as covering the one at its position); tokens the tokenizer
+    adds itself (BOS) are never supervised. So a token straddling unsupervised and supervised
+    text is supervised: the model learns to produce all of the supervised text.
+
+    Many samples render with one tokenizer call: :meth:`draft` each, then :meth:`finish` them.
+    """
+
+    def __init__(self, tokenizer: Any, table: VocabTable) -> None:
+        self.tokenizer, self.table = tokenizer, table
+        self.names = table.added_tokens()  # (added id - text_size) -> token string
+        probe = [table.image_begin, table.image_start, table.speech_end_id - 1, table.total_size - 1]
+        got = tokenizer.convert_tokens_to_ids([self.names[i - table.text_size] for i in probe])
+        if got != probe:
+            raise VocabError(f"the text tokenizer ({len(tokenizer)} tokens) does not hold mio's tokens at the ids of "
+                             f"the vocabulary table (ids {probe}, tokenizer {got}): use the extended backbone's "
+                             "tokenizer, or extend it first (mio.vocab.extend_tokenizer)")
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a `tokenizers` Tokenizer, when there is one
+        self.backend = None if backend is None or getattr(tokenizer, "split_special_tokens", False) else backend
+        self.stand_in = self._stand_in()
+
+    def _stand_in(self) -> tuple[str, int] | None:
+        """The token that stands in for a media block, or None when it would not split text as
+        the media tokens do (their added-token settings differ): blocks are then written in full."""
+        decoder = self.tokenizer.added_tokens_decoder  # id -> AddedToken
+        t = self.table
+        stand_in = next((i for name, i in t.specials.items() if name not in BLOCK_MARKERS), None)  # a placeholder
+        media = [t.image_begin, t.image_end, t.image_start, t.speech_begin, t.speech_end, t.speech_start]
+        settings = {_splitting(decoder.get(i)) for i in [stand_in, *media]}
+        if stand_in is None or len(settings) != 1 or None in settings:
+            return None
+        return self.names[stand_in - t.text_size], stand_in
+
+    def draft(self, segments: Sequence[Segment], where: str = "sample", in_full: bool = False) -> Draft:
+        """Check and map the media of one sample (a bad code raises a VocabError naming ``where``)."""
+        stand_in = None if in_full else self.stand_in
+        pieces: list[str] = []
+        blocks: list[np.ndarray] = []
+        for seg in segments:
+            if isinstance(seg, Text):
+                pieces.append(seg.text)
+                continue
+            ids = segment_ids(seg, self.table, where)
+            if stand_in is None:
+                pieces.append("".join(self.names[i - self.table.text_size] for i in ids.tolist()))
+            else:
+                pieces.append(stand_in[0])
+                blocks.append(ids)
+        return Draft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
+                     where)
+
+    def finish(self, drafts: Sequence[Draft]) -> list[Rendered]:
+        """Render drafted samples with one batched tokenizer call (two when some need offsets)."""
+        out: list[Rendered] = [EMPTY] * len(drafts)
+        for mixed in (False, True):
+            todo = [i for i, d in enumerate(drafts) if d.uniform != mixed]
+            if todo:
+                encodings = self._encode([drafts[i].text for i in todo], offsets=mixed)
+                for i, encoding in zip(todo, encodings):
+                    out[i] = self._assemble(drafts[i], *encoding)
+        return out
+
+    def __call__(self, segments: Sequence[Segment], where: str = "sample") -> Rendered:
+        return self.finish([self.draft(segments, where)])[0]
+
+    def _encode(self, texts: list[str], offsets: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(ids, mask of the tokens the tokenizer added, (n, 2) character offsets or None) per text."""
+        if self.backend is not None:
+            encode = self.backend.encode_batch if offsets else self.backend.encode_batch_fast
+            return [(np.asarray(e.ids, dtype=np.int64), np.asarray(e.special_tokens_mask, dtype=bool),
+                     np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) if offsets else None)
+                    for e in encode(texts, add_special_tokens=True)]
+        if offsets:  # a Python tokenizer: ids yes, character offsets no
+            raise VocabError(f"{type(self.tokenizer).__name__} gives no character offsets, which the loss mask of a "
+                             "sample with supervised and unsupervised text (SFT) needs; use a fast (tokenizers-"
+                             "backed) tokenizer")
+        enc = self.tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True)
+        return [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool), None)
+                for i, m in zip(enc["input_ids"], enc["special_tokens_mask"])]
+
+    def _assemble(self, draft: Draft, ids: np.ndarray, added: np.ndarray, offsets: np.ndarray | None) -> Rendered:
+        if offsets is None:  # every character has one flag
+            mask = ~added if any(draft.loss) else np.zeros(len(ids), dtype=bool)
+        else:
+            mask = _span_mask(draft, offsets) & ~added
+        if not draft.blocks:
+            return Rendered(ids, mask)
+        at = ids == self.stand_in[1]  # type: ignore[index]
+        if int(at.sum()) != len(draft.blocks):  # the text itself holds the stand-in's string
+            full = self.draft(draft.segments, draft.where, in_full=True)
+            return self._assemble(full, *self._encode([full.text], offsets=not full.uniform)[0])
+        counts = np.ones(len(ids), dtype=np.int64)
+        counts[at] = [len(b) for b in draft.blocks]
+        input_ids = np.repeat(ids, counts)
+        input_ids[np.repeat(at, counts)] = np.concatenate(draft.blocks)
+        return Rendered(input_ids, np.repeat(mask, counts))
+
+
+EMPTY = Rendered(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+
+
+def _splitting(token: Any) -> tuple[bool, ...] | None:
+    """The settings of an added token that decide how it splits text (None: not an added token)."""
+    if token is None:
+        return None
+    return token.normalized, token.lstrip, token.rstrip, token.single_word
+
+
+def _span_mask(draft: Draft, offsets: np.ndarray) -> np.ndarray:
+    """(n,) bool: tokens covering a character of a supervised segment (offsets (n, 2) into draft.text)."""
+    length = len(draft.text)
+    if length == 0:
+        return np.zeros(len(offsets), dtype=bool)
+    per_char = np.repeat(np.asarray(draft.loss, dtype=bool), draft.lengths)  # (length,)
+    before = np.concatenate([[0], np.cumsum(per_char)])  # supervised characters before each offset
+    start = np.minimum(offsets[:, 0], length - 1)
+    end = np.maximum(offsets[:, 1], start + 1)
+    return before[end] > before[start]
 
 
 class ParseError(VocabError):
@@ -147,21 +268,28 @@ class ParseError(VocabError):
 
 def parse(ids: Sequence[int] | np.ndarray, table: VocabTable, tokenizer: Any,
           tokens_per_image: int = 32) -> list[Segment]:
-    """Token ids -> segments, the inverse of :func:`render` on its canonical form.
+    """Token ids -> segments, the inverse of :class:`SegmentRenderer` on its canonical form.
 
-    Consecutive image blocks become one :class:`Video`; speech blocks give (1, T) codes when
-    they hold content codes only and (L, T) when they hold L layers in order, each as long as
-    the first. Raises :class:`ParseError` on anything else.
+    Tokens the tokenizer puts before any text (BOS) are dropped. Consecutive image blocks become
+    one :class:`Video`; speech blocks give (1, T) codes when they hold content codes only and
+    (L, T) when they hold L layers in order, each as long as the first. Each text becomes the
+    string the tokenizer encodes to its ids, in its place (see :class:`TextDecoder`). Raises
+    :class:`ParseError` on anything else.
     """
     ids = np.asarray(ids, dtype=np.int64)
+    decode = TextDecoder(tokenizer)
     out: list[Segment] = []
     frames: list[np.ndarray] = []
-    i, n = 0, len(ids)
-    text_start = 0
+    first = len(decode.leading) if ids[:len(decode.leading)].tolist() == decode.leading else 0
+    i = text_start = first
+    n = len(ids)
 
     def flush_text(end: int) -> None:
         if end > text_start:
-            out.append(Text(tokenizer.decode(ids[text_start:end].tolist())))
+            after = int(ids[text_start - 1]) if text_start > first else None  # a block's end token
+            text = decode(ids[text_start:end].tolist(), after)
+            if text:
+                out.append(Text(text))
 
     def flush_frames() -> None:
         if len(frames) == 1:
@@ -197,6 +325,53 @@ def parse(ids: Sequence[int] | np.ndarray, table: VocabTable, tokenizer: Any,
         i += 1
     flush_text(n)
     return out
+
+
+class TextDecoder:
+    """Text ids -> the string the tokenizer encodes to exactly those ids, in their place.
+
+    ``tokenizer.decode`` alone is not that: a SentencePiece decoder strips one leading space
+    from what it decodes (the dummy prefix), right at the start of a text but wrong after an
+    added token when the tokenizer prepends the prefix only at the start (``legacy: false``).
+    So each run of ordinary tokens between added tokens is decoded, and the decoded string or
+    the string with that space put back is chosen by which one encodes to the run again after
+    the token before it. Where neither does (a tokenizer that does not round-trip), the decoded
+    string is kept.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        probe = tokenizer("a", add_special_tokens=True, return_special_tokens_mask=True)
+        flags = probe["special_tokens_mask"]
+        self.leading: list[int] = probe["input_ids"][:flags.index(0) if 0 in flags else len(flags)]
+
+    def __call__(self, ids: list[int], after: int | None = None) -> str:
+        """``after``: the added token right before ``ids`` (None: they start the text)."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self.added:
+                out += [self._run(run, after), self.added[i]]
+                run, after = [], i
+            else:
+                run.append(i)
+        out.append(self._run(run, after))
+        return "".join(out)
+
+    def _run(self, run: list[int], after: int | None) -> str:
+        if not run:
+            return ""
+        text = self.tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for candidate in (text, " " + text):
+            if self._encode(candidate, after) == run:
+                return candidate
+        return text
+
+    def _encode(self, text: str, after: int | None) -> list[int]:
+        if after is None:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.added[after] + text, add_special_tokens=False)["input_ids"][1:]
 
 
 def _expect(pred: Any, ids: np.ndarray, offset: int, what: str) -> np.ndarray:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tokenizers import AddedToken
 
 VOCAB_FILE = "mio_vocab.json"
 FORMAT = "mio-vocab/1"
 
 IMAGE_BEGIN, IMAGE_END = "<image>", "</image>"
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # ChatML's turn markers (SFT, generation's stop)
 SPEECH_BEGIN, SPEECH_END = "<spch>", "</spch>"
 BLOCK_MARKERS = (IMAGE_BEGIN, IMAGE_END, SPEECH_BEGIN, SPEECH_END)
 # Our names for the two placeholder tokens; MIO's release states their ids, not their names, and
@@ -284,9 +286,16 @@ def _specials_from_config(config: Mapping[str, Any], tokenizer: Any, vocab: Mapp
     return specials, text_size
 
 
+def missing_chat_markers(tokenizer: Any) -> list[str]:
+    """ChatML's markers the tokenizer lacks (Llama 2, Mistral, Gemma, GPT-2... have none; Yi, Qwen have both)."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in CHAT_MARKERS if t not in vocab]
+
+
 def extension_table(tokenizer: Any) -> VocabTable:
-    """The table that extending a text-only backbone with this tokenizer gives (extend_backbone)."""
-    return VocabTable.mio_default(len(tokenizer))
+    """The table that extending a text-only backbone with this tokenizer gives (extend_backbone): mio's
+    tokens after the text vocabulary, which first gains the chat markers it lacks."""
+    return VocabTable.mio_default(len(tokenizer) + len(missing_chat_markers(tokenizer)))
 
 
 def is_extended(tokenizer: Any) -> bool:
@@ -318,20 +327,19 @@ def folder_table(folder: str | os.PathLike, tokenizer: Any, extend: bool = False
                      "model.extend_vocab: true to extend it (stage 1), or start from a stage's output folder")
 
 
-def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
-    """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
+def extend_tokenizer(tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+    """Add mio's tokens to a text tokenizer, in place (``extend_backbone`` without the model).
 
-    New embedding rows (and output rows, when untied) start at the mean of the existing
-    rows, through transformers' own ``mean_resizing``.
+    A tokenizer without ChatML's ``<|im_start|>`` / ``<|im_end|>`` first gets them as added special
+    tokens (one id each, right after its vocabulary), so SFT renders each as one token and
+    generation can stop at ``<|im_end|>``; a tokenizer that has them keeps their ids.
     """
     if is_extended(tokenizer):
         raise VocabError("tokenizer already has mio's code tokens (<img0>, <spch0>): this backbone was extended before")
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != rows:
-        raise VocabError(
-            f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
-            "mio extends both in step, so they must agree (resize the model to the tokenizer first)")
     table = table or extension_table(tokenizer)
+    markers = missing_chat_markers(tokenizer)
+    if markers:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in markers], special_tokens=True)
     if table.text_size != len(tokenizer):
         raise VocabError(f"vocabulary table starts at {table.text_size}, tokenizer has {len(tokenizer)} tokens")
     added = tokenizer.add_tokens(table.added_tokens())
@@ -342,5 +350,22 @@ def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None)
     want = [table.image_begin, table.image_start, table.speech_start]
     if got != want:
         raise VocabError(f"tokenizer placed {probe} at {got}, the table says {want}")
+    return table
+
+
+
+def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+    """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
+
+    New embedding rows (and output rows, when untied) start at the mean of the existing
+    rows, through transformers' own ``mean_resizing``.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        raise VocabError(
+            f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; mio extends both in "
+            "step, so they must agree: if the rows past the tokenizer's ids are padding (some families round their "
+            "vocabulary up), resize the model to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))")
+    table = extend_tokenizer(tokenizer, table)
     model.resize_token_embeddings(table.total_size, mean_resizing=True)
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -32,6 +33,16 @@ def text_tokenizer():
     from mio.model.backbone import train_text_tokenizer
 
     return train_text_tokenizer(CORPUS * 4, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def mio_tokenizer(text_tokenizer):
+    """The tiny text tokenizer extended with mio's tokens (at VocabTable.mio_default(len(text_tokenizer)))."""
+    from mio.vocab import extend_tokenizer
+
+    tok = copy.deepcopy(text_tokenizer)
+    extend_tokenizer(tok)
+    return tok
 
 
 @pytest.fixture(scope="session")

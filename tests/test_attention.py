@@ -147,17 +147,21 @@ def test_flex_packed_logits_and_loss_equal_per_sample() -> None:
     assert_packed_equals_alone(model, reference, "flex", batch)
 
 
-@pytest.mark.parametrize("length", [1, 5, 256, 300])
-def test_block_mask_matches_dense_mask_and_torch_reference(length: int) -> None:
-    """Flex with our BlockMask equals SDPA with the dense mask; on whole blocks its tables are torch's own."""
+@pytest.mark.parametrize("length, window", [(1, None), (5, None), (256, None), (300, None), (256, 100), (300, 7)])
+def test_block_mask_matches_dense_mask_and_torch_reference(length: int, window: int | None) -> None:
+    """Flex with our BlockMask equals SDPA with the dense mask (sliding windows too); on whole blocks
+    its tables are torch's own."""
     rng = np.random.default_rng(length)
     cuts = np.sort(rng.choice(np.arange(1, length + 1), size=min(length, 6), replace=False))
     docs = np.full((2, length), -1, np.int64)
     for row, end in enumerate([cuts[-1], cuts[len(cuts) // 2]]):
         docs[row, :end] = np.searchsorted(cuts, np.arange(end), side="right")
     document_ids = torch.from_numpy(docs)
-    dense = dense_document_causal_mask(document_ids)  # (B, 1, L, L)
-    ours = document_causal_block_mask(document_ids)
+    dense = dense_document_causal_mask(document_ids, window)  # (B, 1, L, L)
+    if window is not None:  # the window: what a transformers sliding layer sees (q - k < window)
+        q_idx, k_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        assert torch.equal(dense, dense_document_causal_mask(document_ids) & (q_idx - k_idx < window))
+    ours = document_causal_block_mask(document_ids, window=window)
     if length % 128 == 0:
         reference = create_block_mask(lambda b, h, q, k: dense[b, 0, q, k], 2, None, length, length, device="cpu")
         assert torch.equal(ours.kv_num_blocks, reference.kv_num_blocks)
@@ -174,7 +178,7 @@ def test_flex_training_on_cpu_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="no backward on CPU"):
         packed_attention_kwargs("flex", batch)
     with pytest.raises(ValueError, match="unknown attention backend"):
-        packed_attention_kwargs("eager", batch)
+        packed_attention_kwargs("paged", batch)
 
 
 @torch.no_grad()

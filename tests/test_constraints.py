@@ -8,10 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from mio.generate.constraints import ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
-from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, extend_tokenizer
 
 from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
@@ -90,12 +92,21 @@ def test_allowed_sets_match_the_reference_grammar(data, allow_image, allow_speec
     # Whatever the walk produced, its closed blocks parse; an open block can only be the last one.
     state = c.state(np.asarray(seq))
     complete = seq if state.kind == TEXT else seq[:state.start]
-    parse(complete, SMALL, _Detok(), tokens_per_image=PER_IMAGE)
+    parse(complete, SMALL, SMALL_TOKENIZER, tokens_per_image=PER_IMAGE)
 
 
-class _Detok:
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(map(str, ids))
+def _small_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of SMALL's 20 text tokens ("t0".."t17" and ChatML's two markers), extended
+    with SMALL's tokens."""
+    words = [f"t{i}" for i in range(SMALL.text_size - 2)] + ["<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
+    extend_tokenizer(tok, SMALL)
+    return tok
+
+
+SMALL_TOKENIZER = _small_tokenizer()
 
 
 def test_batch_rows_get_their_own_sets():
@@ -163,6 +174,6 @@ def test_parse_rejects_what_the_constraint_forbids():
     t = SMALL
     bad = [t.speech_begin, t.speech_start + t.speech_codebook_size, t.speech_end]  # layer 1 before layer 0
     with pytest.raises(ParseError):
-        parse(bad, t, _Detok())
+        parse(bad, t, SMALL_TOKENIZER)
     c = ModalityConstraint(t)
     assert t.speech_start + t.speech_codebook_size not in allowed_set_for(c, t, [1, t.speech_begin])

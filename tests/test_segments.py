@@ -1,25 +1,17 @@
-"""Segments <-> token ids: render/parse inverse (hypothesis), loss masks, templates, ChatML."""
+"""Segments <-> token ids: loss masks, parse errors, templates, ChatML (render/parse parity on every
+tokenizer kind: test_tokenizer_parity.py)."""
 
+import copy
 import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mio.segments import Image, ParseError, Speech, Text, TextEncoder, Video, canonical, parse, render
+from mio.segments import Image, ParseError, SegmentRenderer, Speech, Text, Video, parse, text_form
 from mio.templates import (PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD, ConversationError, Turn,
                            fill_template, pair_conversation, pretrain_segments, render_chat)
-from mio.vocab import VocabError, VocabTable
+from mio.vocab import VocabError, VocabTable, extend_tokenizer
 
-TEXT_ALPHABET = st.characters(codec="utf-8", exclude_categories=("Cs",))
-texts = st.text(TEXT_ALPHABET, min_size=1, max_size=20).filter(lambda s: "<" not in s)
-images = st.lists(st.integers(0, 8191), min_size=32, max_size=32).map(lambda c: Image(np.array(c)))
-videos = st.integers(2, 4).flatmap(lambda f: st.lists(st.integers(0, 8191), min_size=32 * f, max_size=32 * f)
-                                   .map(lambda c: Video(np.array(c).reshape(f, 32))))
-speeches = st.tuples(st.sampled_from([1, 4]), st.integers(1, 12)).flatmap(
-    lambda lt: st.lists(st.integers(0, 1023), min_size=lt[0] * lt[1], max_size=lt[0] * lt[1])
-    .map(lambda c: Speech(np.array(c).reshape(lt))))
-segment_lists = st.lists(st.one_of(texts.map(Text), images, videos, speeches), max_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +19,19 @@ def table(text_tokenizer):
     return VocabTable.mio_default(len(text_tokenizer))
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-@given(segs=segment_lists)
-def test_parse_inverts_render(segs, table, text_tokenizer):
-    r = render(segs, table, TextEncoder(text_tokenizer))
-    assert r.input_ids.shape == r.loss_mask.shape
-    assert parse(r.input_ids, table, text_tokenizer) == canonical(segs)
+@pytest.fixture(scope="module")
+def renderer(text_tokenizer, table):
+    tok = copy.deepcopy(text_tokenizer)
+    extend_tokenizer(tok, table)
+    return SegmentRenderer(tok, table)
 
 
-def test_loss_mask_follows_segments(table, text_tokenizer):
-    enc = TextEncoder(text_tokenizer)
+def test_loss_mask_follows_segments(renderer, table):
+    tok = renderer.tokenizer
     img = Image(np.arange(32))
-    r = render([Text("hello", loss=False), img, Text(" world")], table, enc, bos_id=1, eos_id=2)
-    n_hello = len(enc("hello"))
-    assert r.input_ids[0] == 1 and not r.loss_mask[0]
+    r = renderer([Text("hello", loss=False), img, Text(" world")])
+    n_hello = len(tok("hello", add_special_tokens=False)["input_ids"])
+    assert r.input_ids[0] == tok.bos_token_id and not r.loss_mask[0]  # the tokenizer's BOS, never supervised
     assert not r.loss_mask[1:1 + n_hello].any()
     block = r.input_ids[1 + n_hello:1 + n_hello + 34]
     assert block[0] == table.image_begin and block[-1] == table.image_end
@@ -49,9 +40,9 @@ def test_loss_mask_follows_segments(table, text_tokenizer):
     assert np.array_equal(r.labels, np.where(r.loss_mask, r.input_ids, -100))
 
 
-def test_speech_output_is_layer_major(table, text_tokenizer):
+def test_speech_output_is_layer_major(renderer, table):
     codes = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]])
-    ids = render([Speech(codes)], table, TextEncoder(text_tokenizer)).input_ids
+    ids = renderer([Speech(codes)]).input_ids[1:]  # after BOS
     assert ids[0] == table.speech_begin and ids[-1] == table.speech_end
     expected = [table.speech_start + k * 1024 + c for k in range(4) for c in codes[k]]
     assert ids[1:-1].tolist() == expected
@@ -64,16 +55,16 @@ def test_speech_output_is_layer_major(table, text_tokenizer):
     (lambda t: [5, t.image_start, 6], "outside a media block"),
     (lambda t: [t.speech_begin, t.speech_start], "</spch>"),
 ])
-def test_parse_errors_name_position(bad, message, table, text_tokenizer):
+def test_parse_errors_name_position(bad, message, table, renderer):
     with pytest.raises(ParseError, match=message):
-        parse(bad(table), table, text_tokenizer)
+        parse(bad(table), table, renderer.tokenizer)
 
 
-def test_bad_segments_are_named(table, text_tokenizer):
+def test_bad_segments_are_named(renderer):
     with pytest.raises(VocabError, match="clip7: image code 9000"):
-        render([Image(np.full(32, 9000))], table, TextEncoder(text_tokenizer), where="clip7")
+        renderer([Image(np.full(32, 9000))], where="clip7")
     with pytest.raises(VocabError, match="unknown segment type"):
-        render(["not a segment"], table, TextEncoder(text_tokenizer))  # type: ignore[list-item]
+        renderer([Text("a"), "not a segment"])  # type: ignore[list-item]
 
 
 def test_pretrain_templates_cover_the_paper():
@@ -97,19 +88,18 @@ def test_directions_are_drawn_with_the_papers_odds():
         assert sp.codes.shape[0] == (4 if isinstance(segs[-1], Speech) else 1)  # ASR input: content only
 
 
-def test_chatml_supervises_assistant_only(table, text_tokenizer):
+def test_chatml_supervises_assistant_only(renderer, table):
     speech = Speech(np.arange(8).reshape(4, 2))
     turns = [Turn("user", [Text("say it"), speech]), Turn("assistant", [Text("ok "), speech])]
     segs = render_chat(turns, task="tts")
     assert segs[1].text == SYSTEM_SPEECH
-    r = render(segs, table, TextEncoder(text_tokenizer))
-    spans = [(s, len(render([s], table, TextEncoder(text_tokenizer)).input_ids)) for s in segs]
-    pos = 0
-    for seg, n in spans:
-        assert r.loss_mask[pos:pos + n].all() == seg.loss and r.loss_mask[pos:pos + n].any() == seg.loss
-        pos += n
-    supervised = [s for s in segs if s.loss]
-    assert supervised[-1] == Text("<|im_end|>")
+    r = renderer(segs)
+    runs = np.split(np.arange(len(r.input_ids)), np.flatnonzero(np.diff(r.loss_mask.astype(int))) + 1)
+    supervised = [run for run in runs if r.loss_mask[run[0]]]
+    assert len(supervised) == 1  # one assistant turn: its content and its <|im_end|>, nothing else
+    assistant = [s for s in segs if s.loss]
+    assert assistant[-1] == Text("<|im_end|>")
+    assert renderer.tokenizer.decode(r.input_ids[supervised[0]]) == text_form(assistant, table)
     user_speech = [s for s in segs if isinstance(s, Speech)][0]
     assert user_speech.codes.shape == (1, 2) and not user_speech.loss  # input speech: content only
     assert render_chat(turns)[1].text == SYSTEM_STANDARD

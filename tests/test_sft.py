@@ -94,9 +94,10 @@ def test_only_assistant_tokens_carry_labels(sft):
     ids, labels = sample.input_ids, sample.labels
     want, roles = expected_labels(ids, tok)
     assert roles == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
-    # Token by token; the sample's closing EOS follows its last segment (the final <|im_end|>).
-    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
-    np.testing.assert_array_equal(labels[:-1], want[:-1])
+    # Token by token; the sample ends with its last <|im_end|>, supervised, and no EOS after it.
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids[-1] == im_end and labels[-1] == im_end and tok.eos_token_id not in ids
+    np.testing.assert_array_equal(labels, want)
     assert ids[0] == tok.bos_token_id and labels[0] == -100
     # Speech as input is its content layer; as output all four layers, layer after layer.
     user_ids = table.speech_start + user_speech[0]
@@ -214,7 +215,7 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
     families.write_text(yaml.safe_dump({"data": {"datasets": full_lora_stage()["data"]["datasets"]}}))
     assert main(["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), "--config", str(families),
                  f"--model.backbone={ext}",
-                 f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=8",
+                 f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=12",
                  "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                  "--trainer.callbacks+=test_sft.FrozenBaseCheck"]) == 0
     printed = capfd.readouterr()

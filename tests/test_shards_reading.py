@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mio.bench.data import write_synthetic
-from mio.data.reading import (BatchTextEncoder, DatasetSpec, MixtureBatches, ReaderSlot, Renderer, dataset_stream,
+from mio.data.reading import (DatasetSpec, MixtureBatches, ReaderSlot, Renderer, dataset_stream,
                               epoch_samples, measure_shares, reader_rng, split_shards)
 from mio.vocab import VocabTable
 
@@ -57,9 +57,9 @@ def _directions(stream, n: int, table) -> list[bool]:
     return [_generates(s, table) for s in itertools.islice(stream, n)]
 
 
-def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_tokenizer, table):
+def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "image_text", samples=300, shard_size=100)
-    renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
+    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
 
     def run(slot: ReaderSlot, seed: int = 0) -> dict[tuple[int, str], bool]:
         stream = dataset_stream(shards, spec, renderer, slot, seed, 0, Counter(), shuffle_buffer=16)
@@ -79,29 +79,20 @@ def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, text_t
     assert run(ReaderSlot(), seed=1) != a
 
 
-def test_video_text_generates_video_sixty_percent(tmp_path, text_tokenizer, table):
+def test_video_text_generates_video_sixty_percent(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "video_text", samples=500, shard_size=250)
-    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(text_tokenizer, table), ReaderSlot(), 0, 0,
+    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(mio_tokenizer, table), ReaderSlot(), 0, 0,
                             Counter())
     assert 0.54 < np.mean(_directions(stream, 1000, table)) < 0.66
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.text(max_size=200), min_size=1, max_size=8))
-def test_batch_text_encoder_equals_tokenizer(text_tokenizer, texts):
-    enc = BatchTextEncoder(text_tokenizer)
-    enc.prime(texts)
-    for t in texts:
-        assert enc(t).tolist() == text_tokenizer(t, add_special_tokens=False)["input_ids"]
-
-
-def test_rendering_in_blocks_equals_one_by_one(tmp_path, text_tokenizer, table):
+def test_rendering_in_blocks_equals_one_by_one(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "speech_text", samples=40, shard_size=40)
     samples = list(epoch_samples(shards, ReaderSlot(), 0, 0, Counter()))
-    renderer, spec = Renderer(text_tokenizer, table), DatasetSpec(str(tmp_path))
+    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
     block = renderer.many(samples, spec, random.Random(5), Counter())
     rng = random.Random(5)
-    single = [Renderer(text_tokenizer, table)(s, spec, rng) for s in samples]
+    single = [Renderer(mio_tokenizer, table)(s, spec, rng) for s in samples]
     assert all(np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
                for x, y in zip(block, single))
 
@@ -123,10 +114,10 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_mixture_speech_share(stage, synthetic_root, text_tokenizer, table):
+def test_stage_mixture_speech_share(stage, synthetic_root, mio_tokenizer, table):
     weights, target = STAGES[stage]
     specs = [DatasetSpec(name, weight=w) for name, w in weights.items()]
-    mixture = MixtureBatches(specs, synthetic_root, text_tokenizer, table, context_length=2800, batch_size=4)
+    mixture = MixtureBatches(specs, synthetic_root, mio_tokenizer, table, context_length=2800, batch_size=4)
     shares = measure_shares(mixture, batches=30, skip_batches=4)
     assert abs(shares["dataset_share"]["speech_text"] - target) <= 0.02, shares
     for name, w in weights.items():  # every dataset near its share, not only speech
@@ -135,28 +126,28 @@ def test_stage_mixture_speech_share(stage, synthetic_root, text_tokenizer, table
     assert shares["modality_share"]["speech"] < shares["dataset_share"]["speech_text"]  # transcripts are text
 
 
-def test_sample_balance_misses_the_token_share(synthetic_root, text_tokenizer, table):
+def test_sample_balance_misses_the_token_share(synthetic_root, mio_tokenizer, table):
     """Why the mixture balances tokens: balancing samples leaves speech-text far off its share."""
     weights, target = STAGES["III"]
     specs = [DatasetSpec(name, weight=w) for name, w in weights.items()]
-    mixture = MixtureBatches(specs, synthetic_root, text_tokenizer, table, 2800, 4, balance="samples")
+    mixture = MixtureBatches(specs, synthetic_root, mio_tokenizer, table, 2800, 4, balance="samples")
     shares = measure_shares(mixture, batches=15)
     assert abs(shares["dataset_share"]["speech_text"] - target) > 0.03
 
 
-def test_mixture_batches_are_packed(synthetic_root, text_tokenizer, table):
+def test_mixture_batches_are_packed(synthetic_root, mio_tokenizer, table):
     mixture = MixtureBatches([DatasetSpec("image_text"), DatasetSpec("speech_text")], synthetic_root,
-                             text_tokenizer, table, context_length=1024, batch_size=2)
+                             mio_tokenizer, table, context_length=1024, batch_size=2)
     batch = next(iter(mixture))
     assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 1024
     assert set(batch) >= {"input_ids", "labels", "position_ids", "document_ids"}
     with pytest.raises(ValueError, match="weight must be positive"):
         DatasetSpec("x", weight=0)
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        MixtureBatches([DatasetSpec("missing")], synthetic_root, text_tokenizer, table, 64, 1)
+        MixtureBatches([DatasetSpec("missing")], synthetic_root, mio_tokenizer, table, 64, 1)
 
 
-def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
+def test_damaged_shard_is_counted_not_fatal(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "text", samples=20, shard_size=10)
     data = Path(shards[1]).read_bytes()
     Path(shards[1]).write_bytes(data[: len(data) // 2])
@@ -165,9 +156,9 @@ def test_damaged_shard_is_counted_not_fatal(tmp_path, text_tokenizer, table):
     assert errors["bad_shard"] == 1 and 10 <= len(keys) < 20
 
 
-def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, text_tokenizer, table):
+def test_dataset_longer_than_the_context_is_an_error_not_a_hang(synthetic_root, mio_tokenizer, table):
     # Speech-text samples are media samples: over the context they are dropped, never cut.
-    mixture = MixtureBatches([DatasetSpec("speech_text")], synthetic_root, text_tokenizer, table,
+    mixture = MixtureBatches([DatasetSpec("speech_text")], synthetic_root, mio_tokenizer, table,
                              context_length=8, batch_size=1)
     with pytest.raises(ValueError, match="speech_text: 1000 samples in a row are longer than data.context_length=8"):
         next(iter(mixture))

@@ -32,7 +32,7 @@ import webdataset as wds
 from mio.data.reading import DatasetSpec, MixtureBatches
 from mio.data.shards import AtomicShardWriter, StoredSample, list_shards
 from mio.segments import Image, Segment, Speech, Text, Video
-from mio.vocab import VocabTable
+from mio.vocab import extend_tokenizer
 
 WORDS = ("the a cat dog rocket launch pad sky galaxy coffee cup red white warm window market morning "
          "music piano evening bread rain road car door quiet slowly bright small large water tree bird "
@@ -137,21 +137,22 @@ def bench_data(samples_per_type: int = 2000, shard_size: int = 500, seconds: flo
         for data_type in DATA_TYPES:
             shards += write_synthetic(root / data_type, data_type, samples_per_type, shard_size)
         tokenizer = text_tokenizer_for(root)
-        table = VocabTable.mio_default(len(tokenizer))
+        table = extend_tokenizer(tokenizer)
         # Equal sample shares: the pipeline reads the same mix of samples as the floor does.
         specs = [DatasetSpec(name) for name in DATA_TYPES]
         mixture = MixtureBatches(specs, root, tokenizer, table, context_length, batch_size,
                                  balance="samples", seed=0)
         tokenizer_seconds = [0.0]
-        batch_encode = mixture.renderer.encode.batch_encode
+        segment_renderer = mixture.renderer.renderer
+        encode = segment_renderer._encode
 
         def timed_encode(texts: list[str], **kw: Any) -> Any:
             t = time.process_time()
-            out = batch_encode(texts, **kw)
+            out = encode(texts, **kw)
             tokenizer_seconds[0] += time.process_time() - t
             return out
 
-        mixture.renderer.encode.batch_encode = timed_encode
+        segment_renderer._encode = timed_encode
         batches = iter(mixture)
         for _ in range(warmup_batches):  # fills the shuffle buffers and the packer's open packs
             next(batches)

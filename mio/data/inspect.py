@@ -77,11 +77,14 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         from transformers import AutoTokenizer
 
         from mio.data.reading import Renderer
-        from mio.vocab import folder_table
+        from mio.vocab import extend_tokenizer, folder_table, is_extended
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
         # A text-only base shows what a stage extending it (model.extend_vocab) would train on.
-        renderer = Renderer(tok, folder_table(backbone, tok, extend=True))
+        table = folder_table(backbone, tok, extend=True)
+        if not is_extended(tok):
+            extend_tokenizer(tok, table)
+        renderer = Renderer(tok, table)
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):
@@ -94,7 +97,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
             else:
                 body = describe_segments(s.segments)
             lines.append(f"- {s.key}: {body}")
-            segs, _ = training_segments(s, spec, rng)
+            segs, _ = renderer.segments(s, spec, rng) if renderer is not None else training_segments(s, spec, rng)
             lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
                 ts = renderer.render(s, segs, False)

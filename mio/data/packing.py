@@ -165,6 +165,8 @@ class BestFitPacker:
         block_boundaries: ``input_ids -> (k, 2)`` [start, end) spans of media blocks that a cut may
             not split (see ``media_block_spans``). None: the runs of non-text ``modality`` are the
             blocks, and a text-only sample without ``modality`` may be cut anywhere.
+        pack: False puts every sequence in a pack of its own, released at once (one sample per row,
+            padded): for backbones whose samples an attention mask cannot isolate (recurrent state).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class BestFitPacker:
         pad_id: int = 0,
         seed: int = 0,
         block_boundaries: BlockSpans | None = None,
+        pack: bool = True,
     ) -> None:
         if context_length < 1 or buffer_size < 1 or pad_to_multiple_of < 1:
             raise ValueError(
@@ -187,6 +190,7 @@ class BestFitPacker:
         self.pad_id = pad_id
         self.seed = seed
         self.block_boundaries = block_boundaries
+        self.pack = pack
         self.stats = PackingStats(context_length=context_length)
         # Positions of a full-length sample; every sequence's position ids are a prefix of it.
         self._positions = np.arange(context_length + pad_to_multiple_of, dtype=np.int64)
@@ -198,6 +202,9 @@ class BestFitPacker:
         opened = 0
         for seq in self.sequences(samples):
             n = len(seq.input_ids)
+            if not self.pack:
+                yield self._emit(_OpenPack(n, [seq]))
+                continue
             slot = bisect.bisect_left(frees, (n, -1))  # the tightest gap that fits
             if slot < len(frees):
                 free, number = frees.pop(slot)
@@ -306,7 +313,8 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
     ``cu_seqlens``: (S+1,) int32 offsets of the segments of the flattened (B*L,) batch, where the
     segments are the samples and, after them in each row, the row's padding as one segment (so
     ``cu_seqlens[-1] == B*L``, as flash-attn's varlen kernel needs for the flattened batch);
-    ``max_seqlen``: the longest segment, an int.
+    ``max_seqlen``: the longest segment, an int; ``one_sample_per_row``: whether no row holds more
+    than one sample (then a plain padding mask isolates them), a bool.
     """
     if not packs:
         raise ValueError("collate_packs: no packs to collate")
@@ -338,4 +346,5 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
         "modality": torch.from_numpy(modality),
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "max_seqlen": int(max(segments)),
+        "one_sample_per_row": all(len(p.seq_lens) <= 1 for p in packs),
     }

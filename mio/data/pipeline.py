@@ -33,7 +33,8 @@ def row_stream(mixture: MixtureBatches, stream: int, streams: int) -> Iterator[P
     """Row stream ``stream`` of ``streams``: reader slot ``stream`` of the mixture, packed (each
     pack names its samples' keys)."""
     packer = BestFitPacker(mixture.context_length, buffer_size=mixture.buffer_size, pad_id=mixture.pad_id,
-                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream)
+                           pad_to_multiple_of=mixture.pad_to_multiple_of, seed=mixture.seed + stream,
+                           pack=mixture.pack)
     return packer(d.sample for d in mixture.draws(ReaderSlot(rank=stream, world=streams)))
 
 

@@ -33,7 +33,7 @@ import webdataset as wds
 from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.data.tars import ShardFailure, TarSamples
-from mio.segments import Segment, Text, TextEncoder, render
+from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
                            template_set)
 from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
@@ -183,54 +183,32 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
 RENDER_ERRORS = (VocabError, ConversationError, ValueError)
 
 
-class BatchTextEncoder(TextEncoder):
-    """A :class:`TextEncoder` that tokenizes the texts of many samples in one call.
+class Renderer:
+    """A stored sample -> a :class:`TokenSample` for the given dataset spec.
 
-    ``prime(texts)`` encodes every text not in the cache with the fast tokenizer's batch
-    encoder (no offsets: the costly part of a tokenizer call); ``__call__`` then answers from
-    that batch. The ids are the ones ``tokenizer(text, add_special_tokens=False)`` gives (a test
-    holds them equal); a slow tokenizer falls back to one call per text.
+    The ids are the backbone tokenizer's for the sample's text form (see
+    :class:`mio.segments.SegmentRenderer`); a pretraining sample ends with the tokenizer's EOS
+    token (supervised like its last segment), an SFT conversation with its last ``<|im_end|>``.
     """
 
-    def __init__(self, tokenizer: Any, cache_size: int = 4096, max_cached_chars: int = 96) -> None:
-        super().__init__(tokenizer, cache_size, max_cached_chars)
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self.batch_encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-        self.batch: dict[str, np.ndarray] = {}
-
-    def prime(self, texts: Iterable[str]) -> None:
-        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if self.batch_encode is None or not todo:
-            self.batch = {}
-            return
-        encoded = self.batch_encode(todo, add_special_tokens=False)
-        self.batch = {t: np.asarray(e.ids, dtype=np.int64) for t, e in zip(todo, encoded)}
-        for t in todo:
-            if len(t) <= self.max_cached_chars and len(self.cache) < self.cache_size:
-                self.cache[t] = self.batch[t]
-
-    def __call__(self, text: str) -> np.ndarray:
-        hit = self.batch.get(text)
-        return hit if hit is not None else super().__call__(text)
-
-
-class Renderer:
-    """A stored sample -> a :class:`TokenSample` for the given dataset spec."""
-
     def __init__(self, tokenizer: Any, table: VocabTable) -> None:
-        self.encode = BatchTextEncoder(tokenizer)
+        self.renderer = SegmentRenderer(tokenizer, table)
         self.table = table
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token
 
     def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-        return training_segments(sample, spec, rng)
+        segs, text_only = training_segments(sample, spec, rng)
+        if spec.format == "pretrain" and self.eos is not None and segs:
+            segs = [*segs, Text(self.eos, loss=segs[-1].loss)]
+        return segs, text_only
 
     def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
         return self.render(sample, *self.segments(sample, spec, rng))
 
     def render(self, sample: StoredSample, segs: list[Segment], text_only: bool) -> TokenSample:
-        r = render(segs, self.table, self.encode, bos_id=self.bos, eos_id=self.eos, where=sample.key)
+        return self._sample(sample, self.renderer(segs, where=sample.key), text_only)
+
+    def _sample(self, sample: StoredSample, r: Rendered, text_only: bool) -> TokenSample:
         return TokenSample(input_ids=r.input_ids, labels=r.labels, text_only=text_only,
                            modality=self.table.modality(r.input_ids), key=sample.key)
 
@@ -241,17 +219,12 @@ class Renderer:
         drafts = []
         for sample in samples:
             try:
-                drafts.append((sample, *self.segments(sample, spec, rng)))
+                segs, text_only = self.segments(sample, spec, rng)
+                drafts.append((sample, self.renderer.draft(segs, where=sample.key), text_only))
             except RENDER_ERRORS as e:
                 errors[f"render:{type(e).__name__}"] += 1
-        self.encode.prime(s.text for _, segs, _ in drafts for s in segs if isinstance(s, Text))
-        out = []
-        for sample, segs, text_only in drafts:
-            try:
-                out.append(self.render(sample, segs, text_only))
-            except RENDER_ERRORS as e:
-                errors[f"render:{type(e).__name__}"] += 1
-        return out
+        rendered = self.renderer.finish([d for _, d, _ in drafts])
+        return [self._sample(sample, r, text_only) for (sample, _, text_only), r in zip(drafts, rendered)]
 
 
 def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer, slot: ReaderSlot, seed: int,
@@ -314,8 +287,9 @@ class MixtureBatches(torch.utils.data.IterableDataset):
     def __init__(self, datasets: Sequence[DatasetSpec], root: str | os.PathLike, tokenizer: Any, table: VocabTable,
                  context_length: int, batch_size: int, buffer_size: int = 64, pad_to_multiple_of: int = 1,
                  seed: int = 0, balance: str = "tokens", shuffle_buffer: int = 256,
-                 shards: Sequence[Sequence[str]] | None = None) -> None:
-        """``shards``: each dataset's shards, when not all of its folder's (validation holds some out)."""
+                 shards: Sequence[Sequence[str]] | None = None, pack: bool = True) -> None:
+        """``shards``: each dataset's shards, when not all of its folder's (validation holds some out);
+        ``pack``: False puts one sample in each row (the packer's setting)."""
         super().__init__()
         self.specs = list(datasets)
         self.shards = ([list(x) for x in shards] if shards is not None
@@ -325,6 +299,7 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         self.context_length, self.batch_size = context_length, batch_size
         self.buffer_size, self.pad_to_multiple_of, self.seed = buffer_size, pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
+        self.pack = pack  # False: one sample per row (the packer's setting)
         self.errors: Counter = Counter()
         self.packer: BestFitPacker | None = None  # the packer of the latest iteration (its stats)
 
@@ -363,7 +338,7 @@ class MixtureBatches(torch.utils.data.IterableDataset):
         """Packs, each with the dataset of each of its sequences; the mixture sees what was
         released, per dataset, as it draws."""
         packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
-                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index)
+                               pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index, pack=self.pack)
         self.packer = packer
         released = np.zeros(len(self.specs), dtype=np.float64)
         origin: dict[bytes, list[int]] = {}  # ids of drawn sequences -> their datasets, in order

@@ -1,7 +1,7 @@
 """`mio generate`: interleaved any-to-any generation from the command line.
 
     mio generate --model runs/demo/model --prompt "What is in this picture?" --image cat.jpg --out answers/cat
-    mio generate --model MIO-7B-Instruct --tokenizers MIO-checkpoints --prompt "Say hello." --task tts --out hi
+    mio generate --model MIO-7B-Instruct --preset mio-release --task tts --outputs speech --prompt "Say hello." --out hi
     mio generate --model runs/demo/model --prompts prompts.jsonl --batch-size 8 --out answers/
 
 With --prompts, each line of the JSONL file is one prompt, ``{"prompt": "What is this? {image}",

@@ -1,7 +1,7 @@
 """Any-to-any interleaved generation: prompt (text and media files, or chat turns) -> an
 answer of text, images, speech and video, decoded back to files.
 
-    gen = Generator("runs/demo/model")                     # or MIO's folder + tokenizers=...
+    gen = Generator("runs/demo/model")                     # or MIO's released folder as it ships
     out = gen.generate(["Describe this picture.", MediaFile.guess("cat.jpg")])
     gen.write(out, "answers/cat")                          # transcript.md, transcript.html, media
 """
@@ -24,7 +24,7 @@ from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
-from mio.segments import Image, Segment, Speech, Text, TextEncoder, Video, parse, render
+from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
@@ -68,7 +68,7 @@ class Generator:
         self.table = table
         self.media = media
         self.name = name
-        self.encode_text = TextEncoder(tokenizer)
+        self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
         self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
@@ -154,8 +154,7 @@ class Generator:
             speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
             resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
             segments = self.prompt_segments(encoded, chat, system_task)
-            ids.append(render(segments, self.table, self.encode_text, bos_id=self.tokenizer.bos_token_id,
-                              where="prompt").input_ids)
+            ids.append(self.renderer(segments, where=f"prompt {n}").input_ids)
             if ids[-1].size == 0:
                 raise ValueError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
         stop_ids = self.stop_ids_for(chosen, chat)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
-from mio.vocab import VocabTable, extend_backbone, folder_table
+from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
 
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
 
 
@@ -38,18 +39,19 @@ class TinyLlamaConfig:
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``: it round-trips any string exactly."""
+    """A byte-level BPE tokenizer trained on ``texts``: it round-trips any string exactly. Like
+    Llama's, it puts BOS before every text it encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", *CHAT_TOKENS]
+    specials = ["<unk>", "<s>", "</s>", *CHAT_MARKERS]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>", extra_special_tokens=list(CHAT_TOKENS))
+                                   pad_token="</s>", extra_special_tokens=list(CHAT_MARKERS), add_bos_token=True)
 
 
 def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: str | os.PathLike) -> Path:
@@ -83,13 +85,29 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no config.json); mio loads local folders only")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    model = load_model(folder, attn_implementation, dtype)
     table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
         raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
     return model, tokenizer, table
+
+
+def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa",
+               dtype: torch.dtype = torch.float32) -> Any:
+    """``from_pretrained`` from a local folder. A family whose transformers code has no SDPA path
+    (Gemma 2, BLOOM, ...) gets eager attention instead, with one line saying so, not a crash."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                    attn_implementation=attn_implementation)
+    except ValueError as err:
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
+            raise
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                 attn_implementation="eager")
+    print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
+          "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
+    return model
 
 
 def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: str | os.PathLike,

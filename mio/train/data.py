@@ -20,7 +20,7 @@ from mio.data.shards import list_shards, read_manifest
 from mio.model.attention import pad_multiple
 from mio.templates import template_set
 from mio.train.validation import ValBatches, hold_out
-from mio.vocab import VocabTable, folder_table
+from mio.vocab import VocabTable, extend_tokenizer, folder_table, is_extended
 
 
 class MioDataModule(L.LightningDataModule):
@@ -37,6 +37,9 @@ class MioDataModule(L.LightningDataModule):
         buffer_size: partially filled packs each row stream holds open (best fit).
         shuffle_buffer: samples each row stream shuffles over, per dataset.
         num_workers: DataLoader workers per rank; they must divide ``batch_size``.
+        pack: pack several samples into each row (default); ``false`` puts one sample in each row,
+            padded: for recurrent and hybrid backbones (Mamba, Jamba, ...), whose packed samples an
+            attention mask cannot keep apart (training refuses to pack them).
         val_datasets: held-out datasets to validate on (the same form as ``datasets``), or
         val_fraction: the share of each dataset's shards held out for validation (whole shards,
             the same ones on every run and rank; training never reads them).
@@ -51,7 +54,7 @@ class MioDataModule(L.LightningDataModule):
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
-                 val_packs: int = 16, templates: str = "paper") -> None:
+                 val_packs: int = 16, templates: str = "paper", pack: bool = True) -> None:
         super().__init__()
         if val_datasets and val_fraction:
             raise ValueError("give data.val_datasets or data.val_fraction, not both")
@@ -78,6 +81,7 @@ class MioDataModule(L.LightningDataModule):
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
         self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
         self.val_fraction, self.val_packs = val_fraction, val_packs
+        self.pack = pack
         self.mixture: MixtureBatches | None = None
         self.val_mixture: MixtureBatches | None = None
         self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
@@ -115,7 +119,10 @@ class MioDataModule(L.LightningDataModule):
         """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
         if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
             return self.trainer.lightning_module.table
-        return folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
+        table = folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
+        if self.extend_vocab and not is_extended(tokenizer):  # a text-only backbone's: as the model's gets them
+            extend_tokenizer(tokenizer, table)
+        return table
 
     # --- checks before any step ------------------------------------------------------------------
     def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> None:
@@ -147,7 +154,10 @@ class MioDataModule(L.LightningDataModule):
         if self.mixture is not None:
             return
         module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
+        # The model's own (extended) tokenizer when there is a model; else the backbone folder's.
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
         table = self.vocab_table(tokenizer)
         pad = self.pad_to_multiple_of
         if module is not None:
@@ -165,9 +175,9 @@ class MioDataModule(L.LightningDataModule):
                              "trainer.check_val_every_n_epoch: null")
         settings = (tokenizer, table, self.context_length, self.batch_size, self.buffer_size, pad, self.seed,
                     self.balance, self.shuffle_buffer)
-        self.mixture = MixtureBatches(self.datasets, self.root, *settings, shards=train_shards)
+        self.mixture = MixtureBatches(self.datasets, self.root, *settings, shards=train_shards, pack=self.pack)
         if val_specs:
-            self.val_mixture = MixtureBatches(val_specs, self.root, *settings, shards=val_shards)
+            self.val_mixture = MixtureBatches(val_specs, self.root, *settings, shards=val_shards, pack=self.pack)
 
     def split(self) -> tuple[list[list[str]] | None, list[DatasetSpec], list[list[str]] | None]:
         """(training shards per dataset, validation datasets, their shards): with ``val_fraction``,
@@ -237,6 +247,8 @@ class MioDataModule(L.LightningDataModule):
                  "datasets": [asdict(d) for d in self.datasets]}
         if self.val_fraction:  # it chooses the shards training reads
             order["val_fraction"] = self.val_fraction
+        if not self.pack:  # one sample per row: other rows
+            order["pack"] = False
         return order
 
 

@@ -12,8 +12,10 @@ import lightning as L
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
+from mio.model.attention import effective_backend, hf_attn_implementation
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
+from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
+                               supervised_positions)
 from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.flops import FlopCounts, peak_flops, sample_lengths
@@ -46,7 +48,6 @@ class MioModule(L.LightningModule):
                  lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.attn_backend = attn_backend
         try:
             self.model, self.tokenizer, self.table = load_backbone(
                 backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
@@ -55,6 +56,8 @@ class MioModule(L.LightningModule):
                     else "a text-only backbone needs model.extend_vocab: true (as stage 1 has), or start from the "
                          "output folder of a stage that extended it")
             raise VocabError(f"model.backbone {backbone}: {err}; {what}") from err
+        self.attn_backend = effective_backend(self.model, attn_backend)  # eager where a family has no SDPA
+        self.aux_coefficient = router_aux_coefficient(self.model)  # MoE: the config's router loss weight
         # --- LoRA (mio/model/lora.py): a frozen backbone, adapters and added-token rows train ---
         if lora is not None:
             if extend_vocab:
@@ -82,31 +85,33 @@ class MioModule(L.LightningModule):
         # --- end LoRA ---
 
     # --- training -----------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Packed batch -> final hidden states (B, L, D), samples isolated by the backend."""
-        kwargs = packed_attention_kwargs(self.attn_backend, batch)
-        kwargs.setdefault("position_ids", batch["position_ids"])
-        return self.model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+    def forward(self, batch: dict[str, torch.Tensor]) -> SupervisedOutput:
+        """Packed batch -> the model's own logits (N, V) at the supervised positions (row-major; samples
+        isolated by the backend) and, for an MoE backbone, its router load-balancing loss."""
+        keep = supervised_positions(batch["labels"])  # (B, L)
+        return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=self.aux_coefficient > 0)
 
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The loss of every supervised token (N,) and where they are (B, L-1): what training and
-        validation both average over tokens."""
-        hidden = self(batch)  # (B, L, D)
+        validation both average over tokens; and an MoE backbone's router loss (else None)."""
+        out = self(batch)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
-        # The output layer runs on supervised positions only: the (B, L, V) logits of a
-        # 76k-token vocabulary are most of a step's memory, and SFT supervises few tokens.
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)
-        return torch.nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none"), supervised
+        token_loss = torch.nn.functional.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+        return token_loss, supervised, out.aux_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_loss, supervised = self.token_losses(batch)  # (N,), (B, L-1)
+        token_loss, supervised, aux_loss = self.token_losses(batch)  # (N,), (B, L-1), () or None
         stats = self._step_stats(token_loss.detach(), batch, supervised)  # (K,) summed over ranks
         # Every supervised token of the optimizer step's global batch weighs the same: the sum
         # over this micro-batch / the step's count over all its micro-batches and ranks. DDP
         # averages gradients over ranks and Lightning divides by the accumulation count: undo both.
         n_step = stats[STATS.index("step_supervised")].clamp(min=1).float()
         loss = token_loss.sum() / n_step * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        if aux_loss is not None:
+            # A mean over this micro-batch's real tokens: Lightning's and DDP's averaging is right for it.
+            loss = loss + self.aux_coefficient * aux_loss
+            self.log("train/aux_loss", aux_loss.detach(), batch_size=batch["input_ids"].shape[0])
         self._log_step(stats, batch["input_ids"].shape[0])
         return loss
 
@@ -160,7 +165,7 @@ class MioModule(L.LightningModule):
         self._val_stats: torch.Tensor | None = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        token_loss, supervised = self.token_losses(batch)
+        token_loss, supervised, _ = self.token_losses(batch)
         stats = self._step_stats(token_loss, batch, supervised)  # (K,) summed over ranks
         self._val_stats = stats if self._val_stats is None else self._val_stats + stats
 
@@ -175,6 +180,11 @@ class MioModule(L.LightningModule):
             metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
         self.log_dict(metrics, prog_bar=False, batch_size=1)
         self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
+
+    def on_fit_start(self) -> None:
+        # Before any batch is read: packed rows need a backbone whose samples the attention mask isolates.
+        if getattr(self.trainer.datamodule, "pack", True):
+            check_packing(self.model, self.attn_backend)
 
     def on_train_start(self) -> None:
         self._peak_flops = peak_flops(self.device, str(self.trainer.precision))
