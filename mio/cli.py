@@ -130,9 +130,15 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from mio.plan import plan_main
+
+    return plan_main(argv)
+
+
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
-                                                     "eval": cmd_eval}
+                                                     "eval": cmd_eval, "plan": cmd_plan}
 
 
 def _mio_version() -> str:
@@ -207,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="score a model on prepared eval data: mio eval MODEL --data DIR --tasks ... --out DIR",
                    add_help=False)
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
+    sub.add_parser("plan", help="a stage's memory per GPU under DDP and FSDP2: mio plan --config stages/X.yaml "
+                   "--gpus 8 32", add_help=False)
     return p
 
 

@@ -367,5 +367,6 @@ def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None)
             "step, so they must agree: if the rows past the tokenizer's ids are padding (some families round their "
             "vocabulary up), resize the model to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))")
     table = extend_tokenizer(tokenizer, table)
-    model.resize_token_embeddings(table.total_size, mean_resizing=True)
+    # A model on the meta device (built before sharding) has no rows to average.
+    model.resize_token_embeddings(table.total_size, mean_resizing=not model.get_input_embeddings().weight.is_meta)
     return table

@@ -1,10 +1,8 @@
 """LoRA with peft on a tiny extended backbone: the trainable-parameter count equals the formula,
 the adapter folder loads in plain peft (no mio import) with equal logits, `mio export --merge`
-writes a plain model with the adapter's logits, and the FSDP check agrees with real FSDP."""
+writes a plain model with the adapter's logits (LoRA under FSDP2: tests/test_train_fsdp2.py)."""
 
-import functools
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mio.export import export_main
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone, save_model_folder
-from mio.model.lora import (LoraSettings, LoraWrapPolicy, apply_lora, check_fsdp_units, check_strategy, fsdp_units,
-                            parameter_report)
+from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.module import MioModule
 from mio.vocab import VocabTable
 
@@ -161,64 +157,3 @@ def test_settings_are_checked():
     for bad in ({"rank": 0}, {"alpha": 0}, {"dropout": 1.0}, {"target_modules": []}):
         with pytest.raises(ValueError, match="lora"):
             LoraSettings(**bad)
-
-
-# --- FSDP -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group: FSDP (1) wraps CPU modules in it."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def layer_policy():
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
-
-
-@pytest.mark.parametrize("new_tokens, policy, accepted", [
-    (False, "lora", True),
-    (False, "layers", False),
-    (False, "legacy_layers", False),
-    (True, "lora", False),
-])
-def test_fsdp_check_agrees_with_real_fsdp(extended, process_group, new_tokens, policy, accepted):
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    model, _, table = lora_model(extended, LoraSettings(rank=2, train_new_tokens=new_tokens))
-    wrap = {"lora": LoraWrapPolicy(), "layers": ModuleWrapPolicy({LlamaDecoderLayer}),
-            "legacy_layers": layer_policy()}[policy]
-    units = fsdp_units(model, wrap)
-    if accepted:
-        check_fsdp_units(model, wrap)
-        fsdp = FSDP(model, auto_wrap_policy=wrap, use_orig_params=False, device_id=torch.device("cpu"))
-        flat = [m for m in FSDP.fsdp_modules(fsdp) if getattr(m, "_flat_param", None) is not None]
-        assert len(flat) == len(units)
-        ids = torch.tensor([[1, 2, table.image_start, 3]])
-        fsdp(input_ids=ids).logits.sum().backward()  # every unit gathers in the forward pass
-        return
-    hint = "train_new_tokens" if new_tokens else "LoraWrapPolicy"
-    with pytest.raises(ValueError, match=hint):
-        check_fsdp_units(model, wrap)
-    with pytest.raises(ValueError, match="requires_grad"):  # torch refuses too, less clearly
-        FSDP(model, auto_wrap_policy=wrap, use_orig_params=False, device_id=torch.device("cpu"))
-
-
-def test_lightning_fsdp_strategy_is_checked_before_wrapping(extended):
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-
-    model, _, _ = lora_model(extended, LoraSettings(rank=2, train_new_tokens=False))
-    check_strategy(model, DDPStrategy())
-    check_strategy(model, FSDPStrategy(auto_wrap_policy=LoraWrapPolicy()))
-    with pytest.raises(ValueError, match="one flat parameter"):
-        check_strategy(model, FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}))
-    full, _, _ = load_backbone(extended)  # full fine-tuning: nothing frozen, any policy holds
-    check_strategy(full, FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}))

@@ -240,20 +240,3 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
     tuned = PeftModel.from_pretrained(load_backbone(ext)[0], adapter).eval()
     after = mean_loss(tuned, batches)
     assert after < before - 0.5, (before, after)
-
-
-@pytest.mark.gpu
-def test_fsdp_lora_stage_on_gpu(sft):
-    """Lightning's FSDP (GPU only): LoRA trains under LoraWrapPolicy; with added-token rows the
-    stage refuses before wrapping, naming the setting."""
-    out, _ = sft
-    strategy = out / "fsdp.yaml"
-    strategy.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.FSDPStrategy\n"
-                        "    init_args:\n      auto_wrap_policy: {class_path: mio.model.lora.LoraWrapPolicy}\n")
-    args = ["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), "--config", str(strategy),
-            f"--model.backbone={out / 'ext'}", f"--data.root={out / 'data'}", "--trainer.accelerator=gpu",
-            "--trainer.devices=1", "--trainer.max_steps=2", "--data.batch_size=1", "--trainer.enable_progress_bar=false"]
-    assert main([*args, f"--trainer.default_root_dir={out / 'fsdp'}", "--model.lora.train_new_tokens=false"]) == 0
-    assert (out / "fsdp" / "adapter" / "adapter_config.json").is_file()
-    with pytest.raises(ValueError, match="train_new_tokens"):
-        main([*args, f"--trainer.default_root_dir={out / 'fsdp2'}"])

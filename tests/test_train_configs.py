@@ -1,16 +1,17 @@
 """The full-size stage YAMLs hold the paper's settings and parse (through `mio fit --print_config`,
-alone and with the 7B cluster overlays); the FSDP overlay builds its strategy with the decoder layer
-as the wrap and recompute unit."""
+alone and with the 7B cluster overlay); the FSDP2 overlay builds mio's strategy: bf16 compute, fp32
+reduction, each layer recomputed once (by the model, not also by the strategy)."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 from jsonargparse import ArgumentParser
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+import torch
+from lightning.pytorch.strategies import Strategy
 
 from mio.train.cli import fit
+from mio.train.sharding import FSDP2Strategy
 from train_support import ROOT
 
 STAGES = ROOT / "stages"
@@ -32,7 +33,7 @@ def test_full_stage_has_the_papers_settings(stage, capsys):
     assert (model["lr"], model["warmup_ratio"], trainer["gradient_clip_val"]) == (3e-5, 0.03, 1.0)
     assert (data["context_length"], trainer["precision"], model["attn_backend"]) == (2800, "bf16-mixed", "flash")
     assert data["batch_size"] % data["num_workers"] == 0
-    assert cfg["checkpoint"]["every_n_train_steps"] == 500 and trainer["enable_checkpointing"] is not None
+    assert cfg["checkpoint"]["every_n_train_steps"] == 500 and trainer["enable_checkpointing"] is False
     if stage in PAPER:
         steps, speech_share = PAPER[stage]
         weights = {d["path"]: d["weight"] for d in data["datasets"]}
@@ -50,23 +51,20 @@ def test_stages_chain_through_their_output_folders(capsys):
         previous = f"{cfg['trainer']['default_root_dir']}/model"
 
 
-@pytest.mark.parametrize("overlay", ["fsdp_7b.yaml", "deepspeed_zero2_7b.yaml"])
-def test_cluster_overlays_parse_over_a_stage(overlay, capsys):
-    cfg = resolved(capsys, "2_interleaved.yaml", f"cluster/{overlay}")
+def test_cluster_overlay_parses_over_a_stage(capsys):
+    cfg = resolved(capsys, "2_interleaved.yaml", "cluster/fsdp2_7b.yaml")
     assert cfg["trainer"]["num_nodes"] == 4 and cfg["trainer"]["devices"] == 8
+    assert cfg["trainer"]["precision"] == "bf16-mixed"  # the stage's
     assert cfg["data"]["datasets"][-1]["path"] == "speech_text"  # the stage itself is untouched
-    # One way of recomputing activations, not two.
-    strategy_recomputes = "activation_checkpointing_policy" in cfg["trainer"]["strategy"]["init_args"] and \
-        cfg["trainer"]["strategy"]["init_args"]["activation_checkpointing_policy"]
-    assert bool(strategy_recomputes) != cfg["model"]["gradient_checkpointing"]
+    assert cfg["model"]["gradient_checkpointing"] is True
 
 
-def test_fsdp_overlay_wraps_and_recomputes_each_decoder_layer():
-    spec = yaml.safe_load((STAGES / "cluster" / "fsdp_7b.yaml").read_text())["trainer"]["strategy"]
+def test_fsdp2_overlay_builds_mios_strategy():
+    spec = yaml.safe_load((STAGES / "cluster" / "fsdp2_7b.yaml").read_text())["trainer"]["strategy"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=Strategy)
     strategy = parser.instantiate(parser.parse_object({"strategy": spec})).strategy
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
-    assert strategy._state_dict_type == "sharded"
+    assert isinstance(strategy, FSDP2Strategy) and not strategy.hybrid and strategy.reshard_after_forward
+    assert (strategy.policy.param_dtype, strategy.policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="param_dtype 'bf16'"):
+        FSDP2Strategy(param_dtype="bf16")

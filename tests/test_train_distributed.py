@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from mio.train.cli import fit
-from train_support import ROOT, ledger, shared_root, tiny_args
+from train_support import ledger, shared_root, tiny_args
 
 STEPS = 6
 SAMPLES = 24  # image_text: one shard, so every row stream's share is the same in every epoch
@@ -80,24 +80,3 @@ def test_validation_gives_the_same_figures_on_one_and_two_processes(runs):
     for a, b in zip(two, one):
         assert set(a) == set(b) and {"val/loss", "val/loss_speech", "val/loss_text"} <= set(a)
         assert a == pytest.approx(b, rel=1e-5, nan_ok=True)
-
-
-@pytest.mark.gpu
-def test_fsdp_stage_checkpoints_resumes_and_exports_full_weights(tmp_path_factory):
-    """The FSDP overlay on one GPU: sharded checkpoint directories renamed into place, a resume from
-    `last`, and a stage output gathered to full weights that vanilla transformers loads."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root = shared_root(tmp_path_factory)
-    run = root / "runs" / "fsdp"
-    args = tiny_args(root, run, "--config", str(ROOT / "stages" / "cluster" / "fsdp_7b.yaml"),
-                     "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.num_nodes=1",
-                     "--checkpoint.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
-                     steps=2)
-    fit(args)
-    assert (run / "checkpoints" / "step=2.ckpt").is_dir() and (run / "checkpoints" / "last.ckpt").is_symlink()
-    out = fit([*args, "--ckpt_path=last", "--trainer.max_steps=3"])
-    assert [line["step"] for line in ledger(run)] == [1, 2, 3]
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -133,6 +133,7 @@ def test_activation_checkpointing_gives_the_same_gradients(root):
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the added tokens' rows are drawn at random
         module = MioModule(str(root / "base"), extend_vocab=True, gradient_checkpointing=checkpointing)
+        module.load_weights()  # what configure_model does without a sharding strategy
         logits = module(batch).logits  # (N, V) at the supervised positions
         targets = batch["labels"][:, 1:]
         torch.nn.functional.cross_entropy(logits, targets[targets != -100]).backward()

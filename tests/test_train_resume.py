@@ -1,11 +1,14 @@
 """Resume to the sample: a tiny run killed with SIGKILL at a random step and resumed from its last
 checkpoint trains on exactly the samples, and with exactly the losses, of an uninterrupted run;
-a kill during a checkpoint save leaves the previous checkpoint usable."""
+a kill during a checkpoint save leaves the previous checkpoint usable; SIGTERM checkpoints at the
+step boundary, prints the resume command and exits non-zero, and that command resumes to the same
+losses."""
 
 from __future__ import annotations
 
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,14 +19,18 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mio.train.checkpoint import find_last
+from mio.train.checkpoint import _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
 
 STEPS = 5
 # Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger.
-RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--checkpoint.every_n_train_steps=1",
-             "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+def resumable(every: int = 1) -> tuple[str, ...]:
+    return ("--data.batch_size=2", "--data.buffer_size=2", f"--checkpoint.every_n_train_steps={every}",
+            "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+
+
+RESUMABLE = resumable()
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +38,15 @@ def root(tmp_path_factory):
     return shared_root(tmp_path_factory)
 
 
-def test_sigkill_and_resume_loses_and_repeats_no_sample(root, tmp_path):
-    reference = tmp_path / "reference"
-    fit(tiny_args(root, reference, *RESUMABLE, steps=STEPS))
+@pytest.fixture(scope="module")
+def reference(root):
+    """An uninterrupted run of STEPS steps."""
+    out = root / "runs" / "resume-reference"
+    fit(tiny_args(root, out, *RESUMABLE, steps=STEPS))
+    return out
 
+
+def test_sigkill_and_resume_loses_and_repeats_no_sample(root, reference, tmp_path):
     run = tmp_path / "killed"
     kill_after = random.Random().randint(1, STEPS - 2)  # the step whose ledger line triggers the kill
     print(f"killing after step {kill_after}")
@@ -109,3 +121,55 @@ def test_find_last_names_what_last_would_resume_or_none(tmp_path):
     assert find_last(tmp_path) == tmp_path / "step=3.ckpt"
     (tmp_path / "step=3.ckpt").unlink()  # a link to a checkpoint that is gone resumes nothing
     assert find_last(tmp_path) is None
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_printed_command_resumes(root, reference, tmp_path):
+    run = tmp_path / "terminated"
+    # No periodic checkpoint: the one there is afterwards is the signal's.
+    args = tiny_args(root, run, *resumable(every=0), steps=STEPS)
+    log = tmp_path / "terminated.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mio.train.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not _reached(run, 1):
+            assert proc.poll() is None, f"the run ended before its first step: see {log}"
+            assert time.monotonic() < deadline, "the run is too slow"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    stopped = [line["step"] for line in ledger(run)][-1]
+    assert 1 <= stopped < STEPS
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", f"step={stopped}.ckpt"]
+    assert torch.load(find_last(folder), weights_only=True)["global_step"] == stopped  # at the step boundary
+    assert not (run / "model").exists()  # an unfinished stage writes no model folder
+    command = shlex.split(text.split("resume with: ")[1].splitlines()[0])
+    assert command[:2] == ["mio", "fit"] and command[-2:] == ["--ckpt_path", "last"]
+
+    fit(command[2:])
+    got, want = ledger(run), ledger(reference)
+    assert [line["keys"] for line in got] == [line["keys"] for line in want]
+    assert [line["loss"] for line in got] == [line["loss"] for line in want]
+
+
+def test_slurm_requeue_names_the_job_and_a_requeued_job_resumes(tmp_path, monkeypatch, capsys):
+    """The SLURM side of the pre-timeout signal, with a stand-in `scontrol` on PATH."""
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    _requeue_slurm_job()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    _requeue_slurm_job()
+    assert calls.read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
+    assert "SLURM job 77_3 requeued" in capsys.readouterr().err
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert not requeued()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued()

@@ -44,12 +44,8 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
             "--data.val_fraction=0.25", "--data.val_packs=3", "--trainer.val_check_interval=2",
             "--trainer.check_val_every_n_epoch=null", "--trainer.log_every_n_steps=1",
             "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
-            # keep the best checkpoint by val/loss (beside resumable ones, which this test does not need)
-            "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.every_n_epochs=1",
-            "--trainer.callbacks.monitor=val/loss",
-            "--trainer.callbacks.mode=min", "--trainer.callbacks.save_top_k=1", "--trainer.callbacks.filename=best",
-            "--trainer.callbacks.save_last=false"]
+            # keep the best checkpoint by val/loss (no periodic ones: this test does not resume)
+            "--checkpoint.every_n_train_steps=0", "--checkpoint.monitor=val/loss", "--checkpoint.mode=min"]
     fit(args)
     return root, out, args
 
@@ -124,7 +120,8 @@ def test_val_loss_is_the_token_mean_over_the_held_out_packs(stage):
 def test_a_stage_keeps_its_best_checkpoint_by_val_loss(stage):
     _, out, _ = stage
     rows = [r for r in metrics(out) if "val/loss" in r]
-    (best,) = sorted((out / "checkpoints").glob("best*.ckpt"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt"]
+    best = out / "checkpoints" / "best.ckpt"
     saved = torch.load(best, map_location="cpu", weights_only=True)
     best_row = min(rows, key=lambda r: r["val/loss"])
     assert saved["global_step"] == best_row["step"] + 1  # the CSV's step is 0-based

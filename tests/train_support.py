@@ -83,14 +83,14 @@ def stage_data(root: Path, samples: int = 24) -> Path:
     return root
 
 
-def tiny_base(out: Path, text_vocab_size: int = 300) -> Path:
+def tiny_base(out: Path, text_vocab_size: int = 300, hidden_size: int = 64, intermediate_size: int = 128) -> Path:
     """A text-only tiny Llama (2 layers, width 64) with a byte-level BPE trained on the words."""
     if (out / "config.json").is_file():
         return out
     rng = random.Random(0)
     texts = [_words(rng, 3, 12) for _ in range(200)]
-    cfg = TinyLlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, text_vocab_size=text_vocab_size,
-                          max_position_embeddings=1024)
+    cfg = TinyLlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+                          text_vocab_size=text_vocab_size, max_position_embeddings=1024)
     return build_tiny_backbone(texts, cfg, out)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
 from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
@@ -75,17 +75,19 @@ def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: 
 
 
 def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", extend: bool = False,
-                  dtype: torch.dtype = torch.float32) -> tuple[Any, Any, VocabTable]:
+                  dtype: torch.dtype = torch.float32, weights: bool = True) -> tuple[Any, Any, VocabTable]:
     """Load a causal LM and its tokenizer from a local folder (never a hub).
 
     ``extend=True`` takes a text-only backbone and adds mio's tokens; otherwise the folder
     must already be extended (its table file, or MIO's added tokens, says how).
+    ``weights=False`` builds the same model from its config on the meta device, reading no
+    weights and taking no memory (sharded training loads the weights after sharding).
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no config.json); mio loads local folders only")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = load_model(folder, attn_implementation, dtype)
+    model = load_model(folder, attn_implementation, dtype, weights)
     table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
@@ -93,30 +95,41 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
     return model, tokenizer, table
 
 
-def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa",
-               dtype: torch.dtype = torch.float32) -> Any:
-    """``from_pretrained`` from a local folder. A family whose transformers code has no SDPA path
-    (Gemma 2, BLOOM, ...) gets eager attention instead, with one line saying so, not a crash."""
+def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+               weights: bool = True) -> Any:
+    """``from_pretrained`` from a local folder (``weights=False``: the same model built from its config
+    on the meta device). A family whose transformers code has no SDPA path (Gemma 2, BLOOM, ...)
+    gets eager attention instead, with one line saying so, not a crash."""
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                    attn_implementation=attn_implementation)
+        return _build_model(folder, attn_implementation, dtype, weights)
     except ValueError as err:
         if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
             raise
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                 attn_implementation="eager")
-    print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
-          "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
+    model = _build_model(folder, "eager", dtype, weights)
+    if weights:  # said once, when the weights are read
+        print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
+              "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
     return model
 
 
+def _build_model(folder: str | os.PathLike, attn_implementation: str, dtype: torch.dtype, weights: bool) -> Any:
+    if weights:
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                    attn_implementation=attn_implementation)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
+                                                dtype=dtype, attn_implementation=attn_implementation)
+
+
 def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: str | os.PathLike,
-                      tokenizer_specs: dict[str, Any] | None = None) -> Path:
+                      tokenizer_specs: dict[str, Any] | None = None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A plain ``save_pretrained`` folder that vanilla transformers loads, plus mio's table
-    and the modality tokenizer specs the model was trained with (for `mio generate`)."""
+    and the modality tokenizer specs the model was trained with (for `mio generate`).
+    ``state_dict``: the full weights when ``model`` holds only shards (FSDP2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out)

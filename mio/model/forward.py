@@ -142,7 +142,7 @@ def _probe(model: Any, backend: str, tolerance: float | None) -> str | None:
     base = _unwrapped(model)
     if tolerance is None:
         tolerance = 1e-3 if base.dtype == torch.float32 else 5e-2
-    vocab = base.get_input_embeddings().weight.shape[0]
+    vocab = int(base.config.get_text_config().vocab_size)  # not the weight: under FSDP2 it is sharded
     samples = [TokenSample(np.arange(1, n + 1) % vocab, np.arange(1, n + 1) % vocab) for n in (5, 6)]
     packs = list(BestFitPacker(context_length=11, buffer_size=1)(samples))
     batch = {k: v.to(base.device) if isinstance(v, torch.Tensor) else v for k, v in collate_packs(packs).items()}

@@ -5,19 +5,17 @@ A LoRA run must still be able to learn new modalities, so the embedding and outp
 12,294 added tokens train too -- through peft's ``trainable_token_indices``, which keeps a
 (rows, D) delta beside the frozen matrix instead of training the whole (V, D) matrix.
 
-Also here: the trainable-parameter report printed at the start of every run, and the FSDP check
-that refuses a wrap policy under which frozen and trainable parameters share a flat parameter.
+Also here: the trainable-parameter report printed at the start of every run. Under FSDP2
+(mio/train/sharding.py) every parameter is sharded on its own, so frozen weights, adapters and
+added-token rows live side by side in one unit.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from torch import nn
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy, _Policy
 
 from mio.vocab import VocabTable
 
@@ -154,127 +152,3 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     total = sum(t for _, t in groups.values())
     trainable = sum(t for t, _ in groups.values())
     return ParameterReport(total, trainable, {k: (v[0], v[1]) for k, v in sorted(groups.items())})
-
-
-# --- FSDP -------------------------------------------------------------------------------------
-class LoraWrapPolicy(ModuleWrapPolicy):
-    """FSDP (1) wrap policy for LoRA runs: each transformer block is a unit, and so is each
-    leaf module whose own parameters all train (the LoRA A and B matrices), so no flat
-    parameter mixes frozen and trainable weights. A ``ModuleWrapPolicy`` subclass, so a stage
-    YAML can name it: ``auto_wrap_policy: {class_path: mio.model.lora.LoraWrapPolicy}``.
-
-    Args:
-        block_classes: class names of the transformer blocks; default: the backbone's
-            ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``).
-    """
-
-    def __init__(self, block_classes: list[str] | None = None) -> None:
-        super().__init__(())
-        self.block_classes = block_classes
-
-    def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module],
-                    root_kwargs: dict[str, Any]) -> dict[nn.Module, dict[str, Any]]:
-        blocks = set(self.block_classes or _no_split_modules(root_module))
-        return {m: copy.copy(root_kwargs) for m in root_module.modules()
-                if m not in ignored_modules and (type(m).__name__ in blocks or _trainable_leaf(m))}
-
-    def __call__(self, module: nn.Module, recurse: bool, *args: Any, **kwargs: Any) -> bool:
-        raise TypeError("LoraWrapPolicy decides over the whole model: pass it to FSDP as auto_wrap_policy, "
-                        "not as a per-module callable")
-
-
-def _no_split_modules(root: nn.Module) -> list[str]:
-    names: list[str] = []
-    for m in root.modules():
-        names += list(getattr(m, "_no_split_modules", None) or [])
-    return names
-
-
-def _trainable_leaf(module: nn.Module) -> bool:
-    """A leaf module called in the forward pass whose own parameters all train. Parameter
-    containers (peft keeps added-token deltas in a ParameterDict it never calls) are not: as
-    FSDP units they would never be gathered."""
-    if isinstance(module, (nn.ParameterDict, nn.ParameterList)) or next(module.children(), None) is not None:
-        return False
-    own = list(module.parameters(recurse=False))
-    return bool(own) and all(p.requires_grad for p in own)
-
-
-def fsdp_units(root: nn.Module, policy: Any) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Which FSDP (1) unit -- the nearest wrapped ancestor, or the root -- holds each parameter
-    under ``policy`` (a torch ``_Policy``, a ``LoraWrapPolicy``, a legacy callable policy, a set
-    of module classes, or None). Keys are unit names ("" is the root)."""
-    wrapped = _wrapped_modules(root, policy)
-    units: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    seen: set[int] = set()
-
-    def visit(module: nn.Module, name: str, unit: str) -> None:
-        if module in wrapped:
-            unit = name
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                units.setdefault(unit, []).append((f"{name}.{pname}" if name else pname, p))
-        for cname, child in module.named_children():
-            visit(child, f"{name}.{cname}" if name else cname, unit)
-
-    visit(root, "", "")
-    return units
-
-
-def _wrapped_modules(root: nn.Module, policy: Any) -> set[nn.Module]:
-    if policy is None:
-        return set()
-    if isinstance(policy, (set, frozenset, list, tuple)):
-        policy = ModuleWrapPolicy(policy)
-    if isinstance(policy, _Policy):
-        return set(policy._run_policy(root, set(), {})) - {root}
-    return _legacy_wrapped(root, policy)
-
-
-def _legacy_wrapped(root: nn.Module, policy: Callable[..., bool]) -> set[nn.Module]:
-    """The modules FSDP's recursive wrap would wrap under a legacy callable policy
-    (``policy(module=, recurse=, nonwrapped_numel=)``, bottom-up, the root excluded)."""
-    wrapped: set[nn.Module] = set()
-
-    def visit(module: nn.Module, is_root: bool) -> int:  # returns the numel it wrapped
-        numel = sum(p.numel() for p in module.parameters())
-        if not policy(module=module, recurse=True, nonwrapped_numel=numel):
-            return 0
-        done = sum(visit(child, False) for child in module.children())
-        if not is_root and policy(module=module, recurse=False, nonwrapped_numel=numel - done):
-            wrapped.add(module)
-            return numel
-        return done
-
-    visit(root, True)
-    return wrapped
-
-
-def check_fsdp_units(root: nn.Module, policy: Any) -> None:
-    """Refuse (ValueError) a wrap policy under which a flat parameter would hold both frozen and
-    trainable parameters: FSDP would keep full-size gradients for the frozen ones (or refuse
-    itself, deep in torch, without ``use_orig_params``)."""
-    for unit, params in fsdp_units(root, policy).items():
-        frozen = [n for n, p in params if not p.requires_grad]
-        trainable = [n for n, p in params if p.requires_grad]
-        if not frozen or not trainable:
-            continue
-        where = unit or "the root module"
-        hint = ("use strategy.auto_wrap_policy: mio.model.lora.LoraWrapPolicy (each LoRA matrix and "
-                "each transformer block its own unit)")
-        if any("trainable_tokens_delta" in n for n in trainable):
-            hint = ("peft keeps the added-token rows beside the frozen embedding/output matrix in one "
-                    "module, so no FSDP (1) wrap policy can separate them: set model.lora.train_new_tokens: "
-                    "false, or train with DDP (strategy: ddp)")
-        raise ValueError(f"FSDP would put frozen and trainable parameters into one flat parameter (unit "
-                         f"{where!r}: frozen {frozen[:2]}..., trainable {trainable[:2]}...); {hint}")
-
-
-def check_strategy(root: nn.Module, strategy: Any) -> None:
-    """Under Lightning's FSDPStrategy (FSDP 1, flat parameters), run :func:`check_fsdp_units` with
-    the strategy's wrap policy. Other strategies shard per parameter or not at all."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if isinstance(strategy, FSDPStrategy):
-        check_fsdp_units(root, strategy.kwargs.get("auto_wrap_policy"))

@@ -9,7 +9,8 @@ What mio adds to every stage's config (``--print_config`` shows it, and the stag
 
 - checkpoints: the ``checkpoint:`` group (``mio.train.checkpoint.AtomicCheckpoint``), always on,
   every ``checkpoint.every_n_train_steps`` optimizer steps: by default 1/20 of
-  ``trainer.max_steps``; ``trainer.enable_checkpointing: false`` sets it to 0 (none written);
+  ``trainer.max_steps``; ``trainer.enable_checkpointing: false`` sets it to 0 (only a signal
+  writes one); ``checkpoint.monitor: val/loss`` keeps ``best.ckpt`` too;
 - loggers, unless ``trainer.logger`` names some: CSV (``<default_root_dir>/logs``, what `mio
   report` reads) and TensorBoard (``<default_root_dir>/tensorboard``);
 - Lightning's ``LearningRateMonitor``, so the learning rate is logged with the loss.
@@ -33,17 +34,13 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mio.train.checkpoint import AtomicCheckpoint, find_last
+from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
 
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
-# A ModelCheckpoint is Lightning's own kind: Lightning then adds no default one, and resolves
-# `--ckpt_path last` itself (its pruning spares the file a run resumed from: "last" names the link).
-LIGHTNING_CHECKPOINT = issubclass(AtomicCheckpoint, ModelCheckpoint)
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
 LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
 CSV_LOGGER, TENSORBOARD_LOGGER = "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger"
@@ -62,31 +59,24 @@ def _class_path(entry: Any) -> str:
     return str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
 
 
-def _init_arg(entry: Any, name: str) -> Any:
-    init_args = entry.get("init_args") if hasattr(entry, "get") else None
-    return init_args.get(name) if hasattr(init_args, "get") else None
-
-
 def complete_config(cfg: Namespace) -> Namespace:
     """mio's additions to a parsed stage config (the ``fit`` level: trainer, model, data,
     checkpoint...), in place; applying it twice changes nothing."""
     trainer, checkpoint = cfg.trainer, cfg.checkpoint
     root = Path(trainer.default_root_dir or ".")
     callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [c for c in [trainer.callbacks] if c]
-    if any(_class_path(c) == CHECKPOINT and not _init_arg(c, "monitor") for c in callbacks):
-        # A second periodic one would write the same files; one keeping the best by a metric may be listed.
-        raise ConfigError(f"trainer.callbacks lists {CHECKPOINT} without a monitor: mio adds the periodic one "
-                          f"itself; set its options under `checkpoint:` instead (e.g. --checkpoint.every_n_train_steps=100)")
-    # --- checkpoints: always mio's own (the `checkpoint:` group), never Lightning's default one
-    if trainer.enable_checkpointing is False:  # the user's "no checkpoints": the callback writes none
-        checkpoint.every_n_train_steps = 0
-        if "save_last" in checkpoint:  # ModelCheckpoint's: else it still writes one when training ends
-            checkpoint.save_last = False
+    if any(_class_path(c) == CHECKPOINT for c in callbacks):
+        # A second one would write the same files (and both would answer a signal).
+        raise ConfigError(f"trainer.callbacks lists {CHECKPOINT}: mio adds it itself; set its options under "
+                          f"`checkpoint:` instead (e.g. --checkpoint.every_n_train_steps=100, --checkpoint.monitor=val/loss)")
+    # --- checkpoints: always mio's own (the `checkpoint:` group), never Lightning's ModelCheckpoint
+    if trainer.enable_checkpointing is False and checkpoint.every_n_train_steps is None:
+        checkpoint.every_n_train_steps = 0  # the user's "no checkpoints": none but a signal's
     if checkpoint.every_n_train_steps is None:
         checkpoint.every_n_train_steps = max(1, (trainer.max_steps or 0) // CHECKPOINTS_PER_STAGE)
     if checkpoint.dirpath is None:
         checkpoint.dirpath = str(root / "checkpoints")
-    trainer.enable_checkpointing = LIGHTNING_CHECKPOINT
+    trainer.enable_checkpointing = False
     # --- loggers: CSV always (next to the stage's outputs), TensorBoard too when installed
     if trainer.logger in (None, True):
         trainer.logger = [Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(root), name="logs"))]
@@ -101,8 +91,9 @@ def complete_config(cfg: Namespace) -> Namespace:
 
 
 def check_resume(cfg: Namespace) -> None:
-    """``--ckpt_path last`` -> the concrete checkpoint, or an error naming where mio looked; a
-    fresh run in a folder holding a previous run's checkpoints is refused."""
+    """``--ckpt_path last`` -> the concrete checkpoint, or an error naming where mio looked. A job
+    SLURM requeued (the same command again) resumes from ``last`` when there is one. A fresh run
+    in a folder holding a previous run's checkpoints is refused."""
     folder = Path(cfg.checkpoint.dirpath)
     last = find_last(folder)
     if cfg.ckpt_path == "last":
@@ -110,18 +101,13 @@ def check_resume(cfg: Namespace) -> None:
             raise ValueError(f"--ckpt_path last: no checkpoint to resume in {folder} (no last.ckpt there); this "
                              f"stage has not checkpointed yet, or checkpoint.dirpath / trainer.default_root_dir "
                              f"differ from the run's. Drop --ckpt_path to start the stage from the beginning")
-        if not LIGHTNING_CHECKPOINT:
-            cfg.ckpt_path = str(last)
-    elif cfg.ckpt_path is None and last is not None and not _lightning_requeue(cfg):
-        raise ValueError(f"{folder} holds the checkpoints of an earlier run of this stage (last: {last.name}): "
-                         f"add --ckpt_path last to resume it, or delete {folder} (or choose another "
-                         f"trainer.default_root_dir) to start it from the beginning")
-
-
-def _lightning_requeue(cfg: Namespace) -> bool:
-    """Lightning's SLURM auto-requeue resumes from its own ``hpc_ckpt_*.ckpt`` in the root folder."""
-    return any(Path(cfg.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt"))
-
+        cfg.ckpt_path = str(last)
+    elif cfg.ckpt_path is None and last is not None:
+        if not requeued():
+            raise ValueError(f"{folder} holds the checkpoints of an earlier run of this stage (last: {last.name}): "
+                             f"add --ckpt_path last to resume it, or delete {folder} (or choose another "
+                             f"trainer.default_root_dir) to start it from the beginning")
+        cfg.ckpt_path = str(last)
 
 class MioArgumentParser(LightningArgumentParser):
     """Shows mio's additions wherever a config is written out: ``--print_config`` and the
@@ -220,6 +206,10 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"[mio] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[mio] {e}\n[mio] resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

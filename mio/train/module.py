@@ -10,16 +10,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from mio.model.attention import effective_backend, hf_attn_implementation
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
                                supervised_positions)
-from mio.model.lora import LoraSettings, apply_lora, check_strategy, parameter_report
+from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.flops import FlopCounts, peak_flops, sample_lengths
-from mio.vocab import MODALITY_NAMES, VocabError
+from mio.train.sharding import FSDP2Strategy, full_state_dict
+from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 # Per-step figures, summed over ranks in one all-reduce: a vector with these entries, then
 # (loss sum, supervised targets, real tokens) for each modality of MODALITY_NAMES.
@@ -48,9 +50,14 @@ class MioModule(L.LightningModule):
                  lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lora = lora
+        if lora is not None and extend_vocab:
+            raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
+                             "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
+        # The model's structure only, on the meta device: configure_model loads the weights (into
+        # shards, under FSDP2), so no process holds a copy it does not need.
         try:
-            self.model, self.tokenizer, self.table = load_backbone(
-                backbone, attn_implementation=hf_attn_implementation(attn_backend), extend=extend_vocab)
+            self.model, self.tokenizer, self.table = self._build(weights=False)
         except VocabError as err:
             what = ("drop model.extend_vocab: this backbone has mio's tokens already (a stage's output)" if extend_vocab
                     else "a text-only backbone needs model.extend_vocab: true (as stage 1 has), or start from the "
@@ -58,31 +65,60 @@ class MioModule(L.LightningModule):
             raise VocabError(f"model.backbone {backbone}: {err}; {what}") from err
         self.attn_backend = effective_backend(self.model, attn_backend)  # eager where a family has no SDPA
         self.aux_coefficient = router_aux_coefficient(self.model)  # MoE: the config's router loss weight
-        # --- LoRA (mio/model/lora.py): a frozen backbone, adapters and added-token rows train ---
-        if lora is not None:
-            if extend_vocab:
-                raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
-                                 "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
-            self.model = apply_lora(self.model, lora, self.table, backbone)
-        # --- end LoRA ---
-        if gradient_checkpointing:
-            # Non-reentrant: gradients reach every parameter, as DDP and FSDP expect.
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.model.config.use_cache = False
-        self.model.train()  # from_pretrained returns the model in eval mode
         self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
         self._peak_flops: float | None = None
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
 
+    def _build(self, weights: bool) -> tuple[Any, Any, VocabTable]:
+        """The backbone as this stage trains it: extended, with LoRA adapters, checkpointed layers."""
+        hp = self.hparams
+        # Random initialisation (the added rows, LoRA adapters) draws from the start of the run's
+        # seeded stream, whatever ran before: the same model under every strategy, and building
+        # the skeleton leaves the stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed())
+            model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
+                                                    attn_implementation=hf_attn_implementation(hp.attn_backend))
+            if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
+                model = apply_lora(model, self.lora, table, hp.backbone)
+        if hp.gradient_checkpointing:
+            # Non-reentrant: gradients reach every parameter, as DDP and FSDP expect.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()  # from_pretrained returns the model in eval mode
+        return model, tokenizer, table
+
+    def configure_model(self) -> None:
+        """Give the model its weights: under ``FSDP2Strategy`` shard it first, then global rank 0
+        reads the weights and broadcasts them into every rank's shards; otherwise load them here."""
+        if not any(p.is_meta for p in self.model.parameters()):
+            return  # done before (a second fit of this module)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard_and_load(self.model, lambda: self._build(weights=True)[0])
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ValueError("mio shards the model itself: use strategy class_path mio.train.sharding.FSDP2Strategy "
+                             "(stages/cluster/fsdp2_7b.yaml), not ModelParallelStrategy")
+        else:
+            self.load_weights()
+
+    def load_weights(self) -> None:
+        """Read the weights of the whole model into this process (unsharded training, tests)."""
+        self.model = self._build(weights=True)[0]
+
+    def cpu(self) -> "MioModule":
+        # Lightning's teardown moves the module to the CPU, also after an error that came before
+        # configure_model gave the skeleton its weights: nothing to move then, and the error stays.
+        if any(p.is_meta for p in self.model.parameters()):
+            return self
+        return super().cpu()
+
     def setup(self, stage: str) -> None:
-        # --- LoRA (mio/model/lora.py): FSDP wrap check, trainable-parameter report ---
-        check_strategy(self, self.trainer.strategy)
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
                 print(f"[mio] {line}", file=sys.stderr, flush=True)
-        # --- end LoRA ---
 
     # --- training -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> SupervisedOutput:
@@ -230,7 +266,8 @@ class MioModule(L.LightningModule):
         out = Path(self.hparams.output_dir or Path(self.trainer.default_root_dir) / folder)
         self.output_path = out
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-        model = _unsharded(self)  # a collective under FSDP
+        # Under FSDP2 the full weights are gathered on rank 0 (a collective); otherwise the model has them.
+        state = full_state_dict(self.model) if isinstance(self.trainer.strategy, FSDP2Strategy) else None
         if not self.trainer.is_global_zero:
             return
         specs = dict(self.inherited_specs)
@@ -241,33 +278,10 @@ class MioModule(L.LightningModule):
                     raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
                                      f"one the backbone was trained with ({specs[kind]['path']})")
                 specs[kind] = _embed_spec(spec)
-        save_model_folder(model, self.tokenizer, self.table, out, tokenizer_specs=specs)
+        save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs, state_dict=state)
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
-
-
-def _unsharded(module: MioModule) -> Any:
-    """The model with its full weights (on global rank 0) for saving: the module's own, or under
-    FSDP a copy built from the gathered full state dict (its parameters exist only as shards)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy = module.trainer.strategy
-    if not isinstance(strategy, FSDPStrategy):
-        return module.model
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-        state = strategy.model.state_dict()  # keys of the LightningModule: "model.<HF key>"
-    if not module.trainer.is_global_zero:
-        return None
-    with torch.device("meta"):
-        model = type(module.model)(module.model.config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
-    model.tie_weights()
-    return model
 
 
 def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
