@@ -1,8 +1,12 @@
-"""`mio`: demo | prepare | inspect | tokenize | fit | generate | eval | export | bench | plan.
+"""`mio`: turn a Hugging Face causal LM into an any-to-any model over discrete multimodal tokens.
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
-the other commands are plain argparse here.
+the other commands are plain argparse here. `mio -v COMMAND ...` shows the third-party messages
+that mio filters out (mio/noise.py).
+
+Exit status: 0 done; 1 done, but something failed (a file `tokenize` could not read, a shard
+`inspect --verify` found changed); 2 nothing done (bad input or configuration: the message says why).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
-BENCHES = ("tokenizers", "packing", "data", "train", "generate", "prepare")
+from mio.bench import SECONDS as BENCH_SECONDS
+
+VERBOSE = ("-v", "--verbose")
 
 
 def _log(msg: str) -> None:
@@ -49,26 +56,53 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mio.data.inspect import inspect_dataset
+    from mio.data.inspect import inspect_dataset, verify_shards
+    from mio.data.shards import read_manifest
 
-    print(inspect_dataset(args.dir, args.samples, args.backbone, verify=args.verify))
-    return 0
+    print(inspect_dataset(args.dir, args.samples, args.backbone))
+    if not args.verify:
+        return 0
+    problems = verify_shards(args.dir, read_manifest(args.dir))
+    print("verify: all shards match the manifest" if not problems else "verify: " + "; ".join(problems))
+    return 1 if problems else 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from mio.tokenizers import tokenize_cli
 
+    failed = 0
     for row in tokenize_cli(args.spec, args.files):
         print(json.dumps(row), flush=True)
+        failed += "error" in row
+    if failed:
+        _log(f"{failed} of {len(args.files)} file(s) could not be tokenized (see their \"error\")")
+    return 1 if failed else 0
+
+
+def cmd_tiny_base(args: argparse.Namespace) -> int:
+    from mio.demo import build_base
+
+    print(build_base(args.data, args.out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mio.report import report_runs
+
+    print(report_runs(args.runs, args.out))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
+    from mio.bench import bench_function, sizes, what_it_measures
 
-    module = importlib.import_module(f"mio.bench.{args.part}")
-    result = getattr(module, f"bench_{args.part}")()
-    print(json.dumps(result))
+    kwargs = sizes(args.part, args.set)
+    seconds = BENCH_SECONDS[args.part]
+    took = f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds} s"
+    sized = " (at its default sizes; --set changed some)" if kwargs else ""
+    _log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
+         f"the figures are the JSON object on the last line")
+    print(json.dumps(bench_function(args.part)(**kwargs)))
     return 0
 
 
@@ -107,33 +141,72 @@ PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate
                                                      "eval": cmd_eval, "plan": cmd_plan}
 
 
+def _mio_version() -> str:
+    try:
+        return version("mio")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the whole path on the embedded tiny default")
+    p.add_argument("--version", action="version", version=f"mio {_mio_version()}")
+    p.add_argument(*VERBOSE, action="store_true", help="show every message of the dependencies too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], summary: str,
+                description: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument(*VERBOSE, action="store_true", help="show every message of the dependencies too")
+        c.set_defaults(func=func)
+        return c
+
+    d = command("demo", cmd_demo, "the whole path on the bundled tiny assets, with its report",
+                "Prepares the bundled samples, builds a tiny base model, trains the four tiny stages and checks\n"
+                "that the model reproduces its memorised pairs; writes DIR/report.html, DIR/summary.json and\n"
+                "DIR/model (about 7 minutes on 2 CPU cores).")
     d.add_argument("--out", type=Path, default=None, help="run folder (default: a fresh temporary folder)")
-    d.set_defaults(func=cmd_demo)
-    pr = sub.add_parser("prepare", help="raw data -> shards of segments + manifest")
+    tk = command("tokenize", cmd_tokenize, "media -> codes, one JSON line per file",
+                 "Shows what a modality tokenizer spec makes of your images, speech or videos. Exits 1 when a\n"
+                 "file could not be tokenized (its line has an \"error\"), after trying every file.")
+    tk.add_argument("--spec", required=True, help="a tokenizer spec, e.g. tokenizers/tiny/seed.yaml")
+    tk.add_argument("files", nargs="+")
+    pr = command("prepare", cmd_prepare, "raw data -> WebDataset shards of segments + manifest.json",
+                 "Reads the rows a data recipe describes, tokenizes their media and writes shards. Ranks come\n"
+                 "from torchrun/SLURM variables; a rerun skips finished shards.")
     pr.add_argument("recipe", type=Path)
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--tokenizers", type=Path, default=None,
                     help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
     pr.add_argument("--overwrite", action="store_true",
                     help="start the --out dataset afresh (its shards, records and manifest are removed first)")
-    pr.set_defaults(func=cmd_prepare)
-    ins = sub.add_parser("inspect", help="a prepared dataset's figures and a few rendered samples")
+    ins = command("inspect", cmd_inspect, "a prepared dataset's figures and a few rendered samples",
+                  "Prints the manifest's figures, skips by reason and samples as stored and as trained.\n"
+                  "With --verify, exits 1 when a shard is missing or differs from the manifest's checksum.")
     ins.add_argument("dir", type=Path)
     ins.add_argument("--samples", type=int, default=3)
     ins.add_argument("--backbone", type=Path, default=None, help="render samples with this model's text tokenizer")
     ins.add_argument("--verify", action="store_true", help="check every shard against the manifest's checksums")
-    ins.set_defaults(func=cmd_inspect)
-    tk = sub.add_parser("tokenize", help="media -> codes, one JSON line per file")
-    tk.add_argument("--spec", required=True)
-    tk.add_argument("files", nargs="+")
-    tk.set_defaults(func=cmd_tokenize)
-    b = sub.add_parser("bench", help="a benchmark against its baseline; JSON on the last line")
-    b.add_argument("part", choices=BENCHES)
-    b.set_defaults(func=cmd_bench)
+    tb = command("tiny-base", cmd_tiny_base, "a tiny random Llama to try the stages on",
+                 "Trains a byte-level BPE tokenizer on the texts of the prepared datasets under DATA and saves it\n"
+                 "with a tiny random Llama: the text-only base model stages/tiny/ start from. For a real run,\n"
+                 "any local Hugging Face causal LM folder is the base model.")
+    tb.add_argument("data", type=Path, help="a folder of prepared datasets, e.g. runs/tiny/data")
+    tb.add_argument("--out", type=Path, required=True)
+    rp = command("report", cmd_report, "an HTML report of training runs",
+                 "Loss curves per stage and per modality, token shares, packing efficiency, learning rate and\n"
+                 "throughput of one stage folder (a trainer.default_root_dir), or of a chain of them: several\n"
+                 "folders, or a folder whose subfolders are stages (in name order).")
+    rp.add_argument("runs", type=Path, nargs="+", help="stage folders, or a folder holding them")
+    rp.add_argument("--out", type=Path, default=None, help="the HTML file (default: report.html in the first folder)")
+    b = command("bench", cmd_bench, "a benchmark against its baseline, measured in one run",
+                "Says what it measures and about how long it takes before it starts; prints one JSON object\n"
+                "(the figure and its baseline) as the last line.")
+    b.add_argument("part", choices=sorted(BENCH_SECONDS))
+    b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one of the bench's sizes (a keyword of mio.bench.PART.bench_PART)")
+    # Parsed by their own code: `mio fit --help` and the others show their options.
     sub.add_parser("fit", help="one training stage: mio fit --config stages/X.yaml (LightningCLI)", add_help=False)
     sub.add_parser("generate", help="interleaved any-to-any generation: mio generate --model DIR --prompt TEXT ...",
                    add_help=False)
@@ -147,15 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(argv) and argv[0] in VERBOSE
+    if verbose:
+        argv = argv[1:]
     if argv and argv[0] in PASS_THROUGH:
-        return PASS_THROUGH[argv[0]](argv[1:])
+        verbose = verbose or any(a in VERBOSE for a in argv[1:])
+        _quiet_unless(verbose)
+        return PASS_THROUGH[argv[0]]([a for a in argv[1:] if a not in VERBOSE])
     args = build_parser().parse_args(argv)
+    _quiet_unless(verbose or args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except (FileNotFoundError, ValueError) as e:
         _log(f"error: {e}")
         return 2
+
+
+def _quiet_unless(verbose: bool) -> None:
+    if not verbose:
+        from mio.noise import quiet
+
+        quiet()
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ bundled raw samples -> shards (tiny tokenizers) -> tiny base Llama -> the four t
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import shutil
 import tempfile
@@ -25,6 +23,8 @@ from mio.eval.report import metrics_table
 from mio.eval.run import EvalSettings, Row, evaluate
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
+from mio.report import StageLog, final_loss, find_stages, packing_efficiency
+from mio.report import write_report as write_training_report
 from mio.segments import Image, Speech, Text
 from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
@@ -86,6 +86,14 @@ def corpus(data_dir: Path) -> list[str]:
     return texts
 
 
+def build_base(data_dir: Path, out: Path) -> Path:
+    """`mio tiny-base`: the tiny text-only base model, its tokenizer trained on ``data_dir``'s texts."""
+    if not any(Path(data_dir).glob("*/*.tar")):
+        raise FileNotFoundError(f"{data_dir}: no prepared datasets (<name>/*.tar) to train the text tokenizer on; "
+                                f"run `mio prepare RECIPE --out {data_dir}/<name>` first")
+    return build_tiny_backbone(corpus(Path(data_dir)), TinyLlamaConfig(), out)
+
+
 def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]) -> tuple[Path, list[dict[str, Any]]]:
     from mio.train.cli import fit
 
@@ -93,27 +101,13 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
     for cfg in (STAGES / f"{name}.yaml" for name in DEMO_STAGES):
         t = time.perf_counter()
         log(f"stage {cfg.stem}: training from {backbone}")
+        shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
                         f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false",
                         *STAGE_OVERRIDES.get(cfg.stem, [])])
-        stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1),
-                       "metrics": read_metrics(out / cfg.stem)})
+        stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})
         log(f"stage {cfg.stem}: done in {stages[-1]['seconds']}s -> {backbone}")
     return backbone, stages
-
-
-def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
-    rows = []
-    for path in sorted(stage_dir.glob("logs/version_*/metrics.csv"))[-1:]:
-        with open(path) as fh:
-            for row in csv.DictReader(fh):
-                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return rows
-
-
-def packing_efficiency(stages: list[dict[str, Any]]) -> float:
-    vals = [r["train/packing_efficiency"] for s in stages for r in s["metrics"] if "train/packing_efficiency" in r]
-    return float(np.mean(vals)) if vals else 0.0
 
 
 def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Path:
@@ -124,7 +118,7 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
     log(f"mio demo -> {out}")
     data_dir = out / "data"
     manifests = prepare_all(data_dir, log)
-    base = build_tiny_backbone(corpus(data_dir), TinyLlamaConfig(), out / "base")
+    base = build_base(data_dir, out / "base")
     log(f"tiny base model -> {base}")
     final, stages = run_stages(base, data_dir, out, log)
     model_dir = out / "model"
@@ -134,48 +128,20 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
     log(f"mio eval of {model_dir} on {data_dir / 'sft'}")
     metrics, rows = evaluate(Generator(model_dir), [data_dir / "sft"], EVAL, out / "eval", log)
     summary: dict[str, Any] = {key: metrics["tasks"].get(task, {}).get("exact", 0.0) for task, key in EVAL_TASKS.items()}
-    summary["val_loss"] = next((r["val/loss"] for r in reversed(stages[-1]["metrics"]) if "val/loss" in r), float("nan"))
+    logs = find_stages([out / s["stage"] for s in stages])
+    summary["val_loss"] = logs[-1].last("val/loss")
     summary["eval"] = metrics["tasks"]
-    sft = stages[-1]["metrics"]
-    summary["packing_efficiency"] = packing_efficiency(stages)
-    summary["final_loss"] = next((r["train/loss"] for r in reversed(sft) if "train/loss" in r), float("nan"))
+    summary["packing_efficiency"] = packing_efficiency(logs)
+    summary["final_loss"] = final_loss(logs)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stages"] = [{"stage": s["stage"], "seconds": s["seconds"]} for s in stages]
     summary["datasets"] = {k: {"samples": m["samples"], "skipped": m["skipped"]} for k, m in manifests.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(out / "report.html", summary, stages, rows, metrics, data_dir)
+    write_report(out / "report.html", summary, stages, rows, metrics, data_dir, logs)
     return out / "report.html"
 
 
 # --- report ------------------------------------------------------------------------------------
-def _loss_plot(stages: list[dict[str, Any]]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    offset = 0
-    for s in stages:
-        rows = [r for r in s["metrics"] if "train/loss" in r]
-        val = [r for r in s["metrics"] if "val/loss" in r]
-        if rows:
-            line, = ax.plot([offset + r["step"] for r in rows], [r["train/loss"] for r in rows], label=s["stage"])
-            if val:
-                ax.plot([offset + r["step"] for r in val], [r["val/loss"] for r in val], "o--", color=line.get_color(),
-                        label=f"{s['stage']} validation")
-            offset += rows[-1]["step"] + 1
-    ax.set_xlabel("optimizer step (stages in sequence)")
-    ax.set_ylabel("loss (supervised tokens)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _media_index(data_dir: Path) -> tuple[dict[bytes, str], dict[str, str]]:
     """Image codes -> bundled photo path, transcript -> bundled clip path (for display)."""
     captions = {json.loads(l)["caption"]: l for l in (SAMPLES / "image_text.jsonl").read_text().splitlines()}
@@ -213,7 +179,9 @@ def _show(segs: list[Any], photos: dict[bytes, str], clips: dict[str, str]) -> s
 
 
 def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any]], answers: list[Row],
-                 metrics: dict[str, Any], data_dir: Path) -> None:
+                 metrics: dict[str, Any], data_dir: Path, logs: list[StageLog]) -> None:
+    """The training report of the four stages (mio/report.py) with the demo's figures, its
+    evaluation and its generations next to their targets."""
     photos, clips = _media_index(data_dir)
     rows = []
     for a in answers:
@@ -228,18 +196,13 @@ def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any
                     f"<td>{'yes' if a.scores['exact'] else 'NO'}</td></tr>")
     figures = "".join(f"<tr><td>{k}</td><td>{v:.3f}</td></tr>" for k, v in summary.items() if isinstance(v, float))
     stage_rows = "".join(f"<tr><td>{s['stage']}</td><td>{s['seconds']}</td></tr>" for s in stages)
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>mio demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
-table{{border-collapse:collapse}}</style></head><body>
-<h1>mio demo: a tiny any-to-any model, end to end</h1>
-<p>Bundled photos and spoken clips were tokenized by the tiny SEED and SpeechTokenizer twins, written as shards, and a
-tiny Llama was trained through the four stages with masked packing. Below: greedy, modality-constrained generations of
-the final model on its memorised pairs. Tiny tokenizers have random weights, so images are shown as the bundled photo
-whose codes the model produced.</p>
+    intro = f"""<p>Bundled photos and spoken clips were tokenized by the tiny SEED and SpeechTokenizer twins, written as
+shards, and a tiny Llama was trained through the four stages with masked packing. Below: greedy, modality-constrained
+generations of the final model on its memorised pairs. Tiny tokenizers have random weights, so images are shown as the
+bundled photo whose codes the model produced.</p>
 <h2>Figures</h2><table>{figures}</table>
-<h2>Loss (lines: training; dashed: validation on held-out data)</h2><img src="data:image/png;base64,{_loss_plot(stages)}">
-<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>
-<h2>Evaluation (<code>mio eval</code>; every answer in eval/report.html)</h2>{metrics_table(metrics)}
+<h2>Seconds per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>"""
+    extra = f"""<h2>Evaluation (<code>mio eval</code>; every answer in eval/report.html)</h2>{metrics_table(metrics)}
 <h2>Generations</h2><table><tr><th>task</th><th>prompt</th><th>generated</th><th>target</th><th>exact</th></tr>
-{''.join(rows)}</table></body></html>
-""")
+{''.join(rows)}</table>"""
+    write_training_report(path, logs, title="mio demo: a tiny any-to-any model, end to end", intro=intro, extra=extra)

@@ -19,17 +19,19 @@ def _dataset(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
-def test_inspect_figures_samples_and_verify(tmp_path, tiny_base):
+def test_inspect_figures_samples_and_verify(tmp_path, tiny_base, capsys):
     out = _dataset(tmp_path)
-    report = inspect_dataset(out, samples=2, backbone=tiny_base, verify=True)
+    report = inspect_dataset(out, samples=2, backbone=tiny_base)
     assert "text from r: 5 samples of 7 rows seen, 3 shards" in report
     assert "skipped: bad_json 1, missing_field 1" in report and "t.jsonl:7" in report
-    assert "verify: all shards match the manifest" in report
     assert report.count("\n- r-00000-") == 2 and report.count("rendered: ") == 2
     assert '"sentence number 0 about a cat"' in report
+    assert main(["inspect", str(out), "--samples", "0", "--verify"]) == 0
+    assert "verify: all shards match the manifest" in capsys.readouterr().out
     shard = sorted(out.glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    assert "checksum differs" in inspect_dataset(out, samples=0, verify=True)
+    assert main(["inspect", str(out), "--samples", "0", "--verify"]) == 1  # the exit status tells the truth
+    assert f"{shard.name}: checksum differs" in capsys.readouterr().out
 
 
 def test_cli_prepare_and_inspect(tmp_path, capsys):

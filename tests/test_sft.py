@@ -135,13 +135,17 @@ def test_every_family_has_a_recipe_that_prepares_and_renders(sft):
     assert all(isinstance(c[0], Speech) and np.asarray(c[0].codes).shape[0] == 4 for c in speech_out)
 
 
-@pytest.mark.parametrize("stage", ["tiny/4_sft_lora.yaml", "4_sft_lora.yaml"])
-def test_sft_stages_mix_every_family(stage):
-    config = yaml.safe_load((ROOT / "stages" / stage).read_text())
+def test_sft_stages_mix_every_family():
+    config = full_lora_stage()
     datasets = config["data"]["datasets"]
     assert {d["path"] for d in datasets} == {f"sft_tasks/{f}" for f in FAMILIES}
     assert all(d["format"] == "sft" and d["weight"] > 0 for d in datasets)
     assert config["model"]["lora"]["train_new_tokens"] is True
+    # The tiny twin reads stage 1's pairs as conversations of SFT families.
+    tiny = yaml.safe_load((ROOT / "stages" / "tiny" / "4_sft_lora.yaml").read_text())
+    assert {d["path"] for d in tiny["data"]["datasets"]} == {"image_text", "speech_text"}
+    assert all(d["format"] == "sft" and d["tasks"] for d in tiny["data"]["datasets"])
+    assert tiny["model"]["lora"]["train_new_tokens"] is True
 
 
 def test_bad_conversations_are_skipped_with_counted_reasons(tmp_path):
@@ -186,6 +190,10 @@ class FrozenBaseCheck(L.Callback):
             "trainable": sorted(n for n, p in after.items() if p.requires_grad)}
 
 
+def full_lora_stage() -> dict:
+    return yaml.safe_load((ROOT / "stages" / "4_sft_lora.yaml").read_text())
+
+
 def mean_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -202,7 +210,11 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
 
     out, _ = sft
     ext = out / "ext"
-    assert main(["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), f"--model.backbone={ext}",
+    # The tiny stage's settings over the full stage's mixture of the 16 task families.
+    families = out / "families.yaml"
+    families.write_text(yaml.safe_dump({"data": {"datasets": full_lora_stage()["data"]["datasets"]}}))
+    assert main(["fit", "--config", str(ROOT / "stages" / "tiny" / "4_sft_lora.yaml"), "--config", str(families),
+                 f"--model.backbone={ext}",
                  f"--data.root={out / 'data'}", f"--trainer.default_root_dir={out / 'run'}", "--trainer.max_steps=12",
                  "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                  "--trainer.callbacks+=test_sft.FrozenBaseCheck"]) == 0
@@ -220,7 +232,7 @@ def test_lora_sft_stage_lowers_the_loss_and_keeps_the_base(sft, capfd):
     assert check["trainable_changed"] == check["trainable"] and any("lora_" in n for n in check["trainable"])
 
     stage = yaml.safe_load((ROOT / "stages" / "tiny" / "4_sft_lora.yaml").read_text())
-    data = MioDataModule([DatasetSpec(**d) for d in stage["data"]["datasets"]], root=str(out / "data"),
+    data = MioDataModule([DatasetSpec(**d) for d in full_lora_stage()["data"]["datasets"]], root=str(out / "data"),
                          context_length=stage["data"]["context_length"], batch_size=1, backbone=str(ext), seed=1)
     data.setup("fit")
     batches = [b for _, b in zip(range(4), data.train_dataloader())]

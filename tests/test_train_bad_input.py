@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mio.cli import main
 from mio.train.cli import fit
 from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 
-CHECKPOINTED = ("--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-                "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+CHECKPOINTED = ("--checkpoint.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +34,34 @@ def stage_yaml(tmp_path: Path, edit) -> str:  # noqa: ANN001 (a function editing
 
 
 def fails_to_parse(args: list[str], capsys) -> str:  # noqa: ANN001
-    with pytest.raises(SystemExit) as exit_:
-        fit(args)
-    assert exit_.value.code == 2
-    return capsys.readouterr().err
+    """What `mio fit` prints for a stage that does not parse: one line, no usage text."""
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and err.startswith("[mio] error: ")
+    return err
 
 
 def test_unknown_key_in_the_stage_yaml(root, tmp_path, capsys):
-    config = stage_yaml(tmp_path, lambda c: c["model"].update(learning_rate=1e-3))
+    config = stage_yaml(tmp_path, lambda c: c["model"].update(lrr=1e-3))
     err = fails_to_parse(tiny_args(root, tmp_path / "run", "--config", config), capsys)
-    assert "learning_rate" in err
+    assert err.strip() == f"[mio] error: in {config}: model.lrr is not a setting of a stage (did you mean model.lr?)"
     assert not (tmp_path / "run").exists()
+    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--trainer.max_stpes=3"), capsys)
+    assert "in the command line: trainer.max_stpes is not a setting of a stage (did you mean trainer.max_steps?)" in err
 
 
 def test_wrong_type_in_the_stage_yaml(root, tmp_path, capsys):
     config = stage_yaml(tmp_path, lambda c: c["data"].update(batch_size="two"))
-    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--config", config, "--data.batch_size=two"), capsys)
-    assert "data.batch_size" in err and "two" in err
+    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--config", config), capsys)
+    assert f"in {config}: data.batch_size:" in err and "two" in err
+    # The value that won came from the command line, after the file.
+    err = fails_to_parse(tiny_args(root, tmp_path / "run", "--data.batch_size=three"), capsys)
+    assert "in the command line: data.batch_size:" in err and "three" in err
+
+
+def test_backbone_without_mios_tokens_says_how_to_extend_it(root, tmp_path):
+    with pytest.raises(ValueError, match="model.extend_vocab: true"):
+        fit(tiny_args(root, tmp_path, "--model.extend_vocab=false"))
 
 
 def test_data_glob_matching_nothing(root, tmp_path):

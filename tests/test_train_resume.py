@@ -25,9 +25,12 @@ from train_support import ledger, shared_root, tiny_args
 STEPS = 5
 # Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger (a loss for
 # every step: logged every step).
-RESUMABLE = ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.log_every_n_steps=1",
-             "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-             "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+def resumable(every: int = 1) -> tuple[str, ...]:
+    return ("--data.batch_size=2", "--data.buffer_size=2", "--trainer.log_every_n_steps=1",
+            f"--checkpoint.every_n_train_steps={every}", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+
+
+RESUMABLE = resumable()
 
 
 @pytest.fixture(scope="module")

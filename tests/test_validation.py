@@ -44,10 +44,8 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
             "--data.val_fraction=0.25", "--data.val_packs=3", "--trainer.val_check_interval=2",
             "--trainer.check_val_every_n_epoch=null", "--trainer.log_every_n_steps=1",
             "--trainer.callbacks+=mio.train.callbacks.SampleLedger",
-            # keep the best checkpoint by val/loss (beside resumable ones, which this test does not need)
-            "--trainer.enable_checkpointing=true", "--trainer.callbacks+=mio.train.checkpoint.AtomicCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.monitor=val/loss",
-            "--trainer.callbacks.mode=min"]
+            # keep the best checkpoint by val/loss (no periodic ones: this test does not resume)
+            "--checkpoint.every_n_train_steps=0", "--checkpoint.monitor=val/loss", "--checkpoint.mode=min"]
     fit(args)
     return root, out, args
 

@@ -62,17 +62,13 @@ def verify_shards(path: Path, m: dict[str, Any]) -> list[str]:
     return problems
 
 
-def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | None = None,
-                    verify: bool = False, seed: int = 0) -> str:
+def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | None = None, seed: int = 0) -> str:
     """Manifest figures, then ``samples`` samples as stored and as rendered for training (and the
-    token counts a step would see when ``backbone`` names a model folder). ``verify`` re-hashes
-    every shard against the manifest."""
+    token counts a step would see when ``backbone`` names a model folder). `mio inspect --verify`
+    adds ``verify_shards``."""
     path = Path(path)
     m = read_manifest(path)
     lines = [f"dataset {path}"] + manifest_lines(m)
-    if verify:
-        problems = verify_shards(path, m)
-        lines.append("verify: all shards match the manifest" if not problems else "verify: " + "; ".join(problems))
     from mio.data.reading import DatasetSpec, training_segments
 
     spec = DatasetSpec(str(path), format="sft" if m["data_type"] == "sft" else "pretrain")

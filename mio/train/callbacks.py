@@ -14,7 +14,7 @@ import torch
 
 class StepLog(L.Callback):
     """One plain progress line every ``every_n_steps`` optimizer steps (for logs and non-TTY
-    runs, where a progress bar is noise): step, loss, tokens per second, time left."""
+    runs, where a progress bar is noise): step, loss, learning rate, tokens per second, time left."""
 
     def __init__(self, every_n_steps: int = 20) -> None:
         self.every = every_n_steps
@@ -33,10 +33,15 @@ class StepLog(L.Callback):
         m = trainer.callback_metrics
         elapsed = time.perf_counter() - self.start
         left = elapsed / max(step - self.first_step, 1) * (trainer.max_steps - step)
-        loss = float(m["loss"]) if "loss" in m else float("nan")
-        tps = float(m["tok/s"]) if "tok/s" in m else float("nan")
-        print(f"[mio] step {step}/{trainer.max_steps} loss {loss:.3f} tokens/s {tps:.0f} "
-              f"elapsed {elapsed:.0f}s left {left:.0f}s", file=sys.stderr, flush=True)
+        parts = [f"step {step}/{trainer.max_steps}"]
+        if "loss" in m:
+            parts.append(f"loss {float(m['loss']):.3f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        if "tok/s" in m:  # from the second step on: a rate needs the time between two steps
+            parts.append(f"tokens/s {float(m['tok/s']):.0f}")
+        parts.append(f"elapsed {elapsed:.0f}s left {left:.0f}s")
+        print("[mio] " + " ".join(parts), file=sys.stderr, flush=True)
 
 
 class SampleLedger(L.Callback):

@@ -24,7 +24,7 @@ from mio.train.data import DataReport
 from mio.train.flops import FlopCounts, peak_flops
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
 from mio.train.sharding import FSDP2Strategy, full_state_dict
-from mio.vocab import MODALITY_NAMES, VocabTable
+from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 # The training loop's own figures, per rank and summed over the micro-batches since the last
 # logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
@@ -61,7 +61,13 @@ class MioModule(L.LightningModule):
                              "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
         # The model's structure only, on the meta device: configure_model loads the weights (into
         # shards, under FSDP2), so no process holds a copy it does not need.
-        self.model, self.tokenizer, self.table = self._build(weights=False)
+        try:
+            self.model, self.tokenizer, self.table = self._build(weights=False)
+        except VocabError as err:
+            what = ("drop model.extend_vocab: this backbone has mio's tokens already (a stage's output)" if extend_vocab
+                    else "a text-only backbone needs model.extend_vocab: true (as stage 1 has), or start from the "
+                         "output folder of a stage that extended it")
+            raise VocabError(f"model.backbone {backbone}: {err}; {what}") from err
         self.attn_backend = effective_backend(self.model, attn_backend)  # eager where a family has no SDPA
         self.aux_coefficient = router_aux_coefficient(self.model)  # MoE: the config's router loss weight
         self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
