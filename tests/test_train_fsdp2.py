@@ -46,7 +46,7 @@ SHARDED = ("--config", str(ROOT / "stages" / "tiny" / "fsdp2.yaml"))
 ONE_PROCESS = ("--trainer.devices=1", "--data.batch_size=2")  # the 2 rows of a step in one process
 COMMON = ("--model.lr=3e-5", "--data.datasets=[{path: image_text}, {path: speech_text}]", "--data.buffer_size=2",
           "--trainer.log_every_n_steps=1", "--checkpoint.every_n_train_steps=1",
-          f"--trainer.callbacks.keep_last={STEPS}", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
+          f"--checkpoint.keep_last={STEPS}", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 LORA = ("--model.lora.rank=4", "--model.lora.alpha=8", "--model.lora.dropout=0.0", "--model.lora.train_new_tokens=true")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
 
