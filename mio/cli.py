@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from mio.bench import SECONDS as BENCH_SECONDS
+from mio.userio import log, run_command
 
 VERBOSE = ("-v", "--verbose")
-
-
-def _log(msg: str) -> None:
-    print(f"[mio] {msg}", file=sys.stderr, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -34,7 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = json.loads((report.parent / "summary.json").read_text())
     keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "val_loss",
             "seconds")
-    _log(json.dumps({k: summary[k] for k in keys}))
+    log(json.dumps({k: summary[k] for k in keys}))
     print(report)
     return 0
 
@@ -43,13 +40,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from mio.data.prepare import PrepareInterrupted, prepare
 
     try:
-        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=_log, overwrite=args.overwrite)
+        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=log, overwrite=args.overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
-        _log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
+        log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
         return 130
-    _log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
+    log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:
-        _log("this rank is done; the last rank to finish writes the merged manifest")
+        log("this rank is done; the last rank to finish writes the merged manifest")
         return 0
     print(Path(args.out) / "manifest.json")
     return 0
@@ -75,7 +72,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         print(json.dumps(row), flush=True)
         failed += "error" in row
     if failed:
-        _log(f"{failed} of {len(args.files)} file(s) could not be tokenized (see their \"error\")")
+        log(f"{failed} of {len(args.files)} file(s) could not be tokenized (see their \"error\")")
     return 1 if failed else 0
 
 
@@ -100,7 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seconds = BENCH_SECONDS[args.part]
     took = f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds} s"
     sized = " (at its default sizes; --set changed some)" if kwargs else ""
-    _log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
+    log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
          f"the figures are the JSON object on the last line")
     print(json.dumps(bench_function(args.part)(**kwargs)))
     return 0
@@ -230,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_unless(verbose or args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (FileNotFoundError, ValueError) as e:
-        _log(f"error: {e}")
-        return 2
+    return run_command(lambda: func(args))
 
 
 def _quiet_unless(verbose: bool) -> None:

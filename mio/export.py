@@ -19,6 +19,7 @@ import torch
 
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import ADAPTER_CONFIG, is_adapter_folder
+from mio.userio import run_command
 from mio.vocab import VocabTable, folder_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,10 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = merge_adapter(args.merge, args.out, base=args.base, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[mio] error: {e}", file=sys.stderr)
-        return 2
-    print(out)
+    return run_command(lambda: _print_merged(args))
+
+
+def _print_merged(args: argparse.Namespace) -> int:
+    print(merge_adapter(args.merge, args.out, base=args.base, dtype=args.dtype))
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mio.model.lora import LoraSettings, apply_lora
 from mio.train.sharding import decoder_layers
+from mio.userio import run_command
 from mio.vocab import VocabTable
 
 GB = 1e9
@@ -167,11 +167,11 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--context", type=int, default=None, help="tokens per pack (default: the stage's, else 2800)")
     p.add_argument("--micro-batch", type=int, default=None, help="packs per GPU (default: the stage's, else 4)")
     args = p.parse_args(argv)
-    try:
-        shape, rows, context, micro_batch = _plan_stage(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[mio] error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return run_command(lambda: _print_plan(args))
+
+
+def _print_plan(args: argparse.Namespace) -> int:
+    shape, rows, context, micro_batch = _plan_stage(args)
     print(render(shape, rows, context, micro_batch))
     print(json.dumps({"shape": asdict(shape), "context": context, "micro_batch": micro_batch, "plans": rows}))
     return 0

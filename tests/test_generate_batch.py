@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, Decoder

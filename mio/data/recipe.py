@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mio.templates import DATA_TYPES
+from mio.userio import load_yaml_mapping
 
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
 LAYOUTS = ("segments", "obelics", "mmc4", "llava")
@@ -145,14 +144,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"recipe {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"recipe {p} must be a mapping of keys, got {type(raw).__name__}")
+        raw = load_yaml_mapping(p, "recipe")
         known = {f for f in cls.__dataclass_fields__ if f != "path"}
         unknown = set(raw) - known
         if unknown:

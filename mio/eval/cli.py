@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mio.generate.settings import overrides_from_strings
+from mio.userio import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[mio] error: {err}", file=sys.stderr, flush=True)
-        return 2
+    return run_command(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

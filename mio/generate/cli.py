@@ -29,6 +29,7 @@ from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS, overrides_from_strings
 from mio.segments import Text
+from mio.userio import run_command
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[mio] error: {err}", file=sys.stderr, flush=True)
-        return 2
+    return run_command(lambda: _run(args))
 
 
 def prompts_file(path: Path) -> list[tuple[str, list[Text | MediaFile]]]:

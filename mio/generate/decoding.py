@@ -191,9 +191,10 @@ class _Rows:
         mask = self.mask[:, :self.length]
         if self.use_cache:
             kwargs = {"position_ids": chunk_pos} if self.positions else {}
-            out = self.model(input_ids=chunk, attention_mask=mask, past_key_values=self.cache, use_cache=True,
+            # `cache`: transformers 5.24's name (`past_key_values` is deprecated, gone in 5.40).
+            out = self.model(input_ids=chunk, attention_mask=mask, cache=self.cache, use_cache=True,
                              logits_to_keep=1, **kwargs)
-            self.cache = out.past_key_values
+            self.cache = out.cache
         else:
             kwargs = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if self.positions else {}
             out = self.model(input_ids=self.token_ids(), attention_mask=mask, use_cache=False, logits_to_keep=1,

@@ -13,23 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+
+from mio.userio import load_yaml_mapping
 
 KINDS = ("seed", "speechtokenizer", "video")
 
 
 def load_spec(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a tokenizer spec YAML file into a dict (with its `kind` checked)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"tokenizer spec {p} does not exist")
-    try:
-        spec = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"tokenizer spec {p} is not valid YAML: {err}") from err
-    if not isinstance(spec, dict):
-        raise ValueError(f"tokenizer spec {p} must be a mapping, got {type(spec).__name__}")
-    check_kind(spec, str(p))
+    spec = load_yaml_mapping(path, "tokenizer spec")
+    check_kind(spec, str(path))
     return spec
 
 

@@ -124,6 +124,7 @@ class AtomicCheckpoint(L.Callback):
         self._signum = 0  # the signal received, 0: none
         self._interrupted: Interrupted | None = None  # raised when training ends
         self._handlers: dict[int, Any] = {}  # the handlers ours replaced, restored when training ends
+        self._cpu_group: Any = None  # the process group the ranks agree on a signal through
 
     @property
     def folder(self) -> Path:
@@ -138,6 +139,10 @@ class AtomicCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step  # > 0 when resumed: that step is saved already
         self._signum, self._interrupted = 0, None
+        if trainer.world_size > 1 and torch.distributed.get_backend() != "gloo":
+            # A CPU group (a collective of every rank, once per run): agreeing on a signal then never
+            # makes the accelerator's stream wait for the host.
+            self._cpu_group = torch.distributed.new_group(backend="gloo")
         # Installed after Lightning's own handlers (which save mid-step or not at all), restored after.
         for signum in self._signals(trainer):
             self._handlers[signum] = signal.signal(signum, self._on_signal)
@@ -148,13 +153,20 @@ class AtomicCheckpoint(L.Callback):
         if step == self._step:
             return  # a micro-batch of a step still accumulating: not a step boundary
         self._step = step
-        # Every rank takes part: one rank's signal stops them all at this step.
-        signum = int(trainer.strategy.reduce(torch.tensor(self._signum, device=trainer.strategy.root_device),
-                                             reduce_op="max"))
+        signum = self._agreed_signal(trainer)
         if signum or (self.every_n_train_steps and step % self.every_n_train_steps == 0):
             path = self.save(trainer)
             if signum:
                 self._stop(trainer, signum, path)
+
+    def _agreed_signal(self, trainer: L.Trainer) -> int:
+        """The signal any rank received (0: none): every rank takes part, so one rank's signal stops
+        them all at this step. A CPU tensor: no device-to-host read on the step path."""
+        if trainer.world_size == 1:
+            return self._signum
+        flag = torch.tensor(self._signum)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group)
+        return int(flag)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.monitor is None or trainer.sanity_checking:

@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
+from mio.userio import run_command
 
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
@@ -201,11 +202,12 @@ def fit(argv: list[str]) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    return run_command(lambda: _fit_and_print(argv))
+
+
+def _fit_and_print(argv: list[str]) -> int:
     try:
         out = fit(argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[mio] error: {e}", file=sys.stderr, flush=True)
-        return 2
     except Interrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[mio] {e}\n[mio] resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
