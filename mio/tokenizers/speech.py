@@ -258,11 +258,9 @@ def fill_codebooks_from_features(model: SpeechTokenizer, seed: int, seconds: flo
             if candidates.shape[0] < size:
                 raise ValueError(f"{candidates.shape[0]} distinct frames cannot fill a codebook of {size}")
             rows = candidates[torch.randperm(candidates.shape[0], generator=gen)[:size]]  # (size, D)
-            book = layer._codebook
-            book.embed.copy_(rows)
-            book.embed_avg.copy_(rows)
-            book.cluster_size.fill_(1.0)
-            book.inited.fill_(1.0)
+            # Through the layer's state-dict keys: the names SpeechTokenizer's released checkpoints use.
+            layer.load_state_dict({"_codebook.embed": rows, "_codebook.embed_avg": rows,
+                                   "_codebook.cluster_size": torch.ones(size), "_codebook.inited": torch.ones(1)})
             dist = torch.cdist(residual, rows, compute_mode="donot_use_mm_for_euclid_dist")  # (N, size)
             dist[dist == 0] = float("inf")  # leave each frame's own row out
             residual = residual - rows[dist.argmin(dim=1)]
