@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM
 
 from mio.model.backbone import load_backbone, save_model_folder
 from mio.train.checkpoint import find_last
+from mio.cli import main
 from mio.train.cli import fit
 from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 
@@ -105,7 +106,7 @@ def chain(tmp_path_factory):
     reference, run = root / "runs" / "fsdp2-reference", root / "runs" / "fsdp2-chain"
     with one_thread():
         fit(tiny_args(root, reference, *COMMON, *ONE_PROCESS, steps=STEPS))
-    facts: dict = {"reference": reference, "run": run}
+    facts: dict = {"root": root, "reference": reference, "run": run}
 
     # 2 processes, stopped by SIGTERM sent to rank 0 alone once step 1 is done.
     log = run.parent / "fsdp2-sigterm.log"
@@ -161,6 +162,15 @@ def test_a_kill_while_saving_leaves_the_previous_sharded_checkpoint(chain):
     meta = torch.load(folder / f"step={k}.ckpt" / "meta.pt", weights_only=True)
     assert meta["global_step"] == k and meta["MioDataModule"]["micro_batches"] == k
     assert len(meta["mio_rng"]) == 2  # every rank's random state
+
+
+def test_a_sharded_checkpoint_resumed_without_fsdp2_is_a_clear_error(chain, capsys):
+    run = chain["run"]
+    args = tiny_args(chain["root"], run, *COMMON, *ONE_PROCESS, "--ckpt_path=last", steps=STEPS)
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{find_last(run / 'checkpoints')} is a sharded checkpoint written under FSDP2" in err
+    assert "mio.train.sharding.FSDP2Strategy" in err
 
 
 def test_sharded_runs_train_what_one_process_trains_across_world_sizes(chain):

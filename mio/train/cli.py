@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
+from mio.train.sharding import FSDP2Strategy
 from mio.userio import run_command
 
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
@@ -109,6 +110,19 @@ def check_resume(cfg: Namespace) -> None:
                              f"add --ckpt_path last to resume it, or delete {folder} (or choose another "
                              f"trainer.default_root_dir) to start it from the beginning")
         cfg.ckpt_path = str(last)
+    check_checkpoint_format(cfg)
+
+
+def check_checkpoint_format(cfg: Namespace) -> None:
+    """A sharded checkpoint (a ``torch.distributed.checkpoint`` folder, written under FSDP2) resumes
+    only under FSDP2, on any number of processes; said before anything loads."""
+    if cfg.ckpt_path is None or not Path(cfg.ckpt_path).is_dir():
+        return
+    if not _class_path(cfg.trainer.strategy).endswith(f".{FSDP2Strategy.__name__}"):
+        raise ValueError(f"{cfg.ckpt_path} is a sharded checkpoint written under FSDP2: resume it with the FSDP2 "
+                         f"strategy (trainer.strategy: mio.train.sharding.FSDP2Strategy, e.g. the overlay "
+                         f"stages/tiny/fsdp2.yaml or stages/cluster/fsdp2_7b.yaml), on any number of processes")
+
 
 class MioArgumentParser(LightningArgumentParser):
     """Shows mio's additions wherever a config is written out: ``--print_config`` and the
