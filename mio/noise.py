@@ -1,7 +1,8 @@
 """Known third-party noise kept out of mio's commands; ``mio -v`` shows everything.
 
 Dropped: Lightning's accelerator lines ("GPU available: ...") and advertisements ("Tip: ..."),
-its "Seed set to" line (the stage config records the seed), transformers' notice on how resized
+its "Seed set to" line (the stage config records the seed) and its "stopped: max_steps reached"
+line (mio's step lines and the stage's closing summary say it), transformers' notice on how resized
 embeddings are initialised, its deprecation notices and its note that image processors fall back
 to PIL without torchvision, the "Loading weights" / "Writing model shards" progress bars, and
 deprecation warnings raised inside the dependencies (DeprecationWarning, FutureWarning): nothing
@@ -20,6 +21,7 @@ NOISE = re.compile("|".join((
     r"^(GPU|TPU|HPU|IPU) available:",
     r"Tip: ",
     r"^Seed set to ",
+    r"^`Trainer\.fit` stopped: `max_steps=\d+` reached",  # mio's own step lines and closing summary say it
     r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
     r"new (lm_head weights|embeddings) will be initialized",
     r" (is|are) deprecated",

@@ -68,6 +68,8 @@ def test_noise_is_filtered_and_the_rest_shows(monkeypatch):
     assert not noise.filter(record("GPU available: False, used: False"))
     assert not noise.filter(record("💡 Tip: For seamless cloud logging, try installing [litlogger]"))
     assert not noise.filter(record("The new embeddings will be initialized from a multivariate normal distribution"))
+    assert not noise.filter(record("`Trainer.fit` stopped: `max_steps=200` reached."))
+    assert noise.filter(record("`Trainer.fit` stopped: `max_epochs=1` reached."))  # a stage that ran out of data
     assert noise.filter(record("Restoring states from the checkpoint path at runs/x/checkpoints/step=4.ckpt"))
     monkeypatch.setattr(logging.getLogger("lightning.pytorch.utilities.rank_zero"), "filters", [])
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
