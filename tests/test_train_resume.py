@@ -18,6 +18,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mio.train import checkpoint
 from mio.train.checkpoint import _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
@@ -111,6 +112,26 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(root, tmp_path, monk
     fit(tiny_args(root, tmp_path, *RESUMABLE, "--ckpt_path=last", steps=4))
     assert [line["step"] for line in ledger(tmp_path)] == [1, 2, 3, 4]
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=4.ckpt"]  # the partial one is gone
+
+
+def test_resuming_an_older_checkpoint_never_leaves_last_naming_nothing(root, tmp_path, monkeypatch):
+    fit(tiny_args(root, tmp_path, *resumable(), "--checkpoint.keep_last=3", steps=3))
+    folder = tmp_path / "checkpoints"
+    assert find_last(folder) == folder / "step=3.ckpt"
+    real_remove, removed = checkpoint._remove, []
+
+    def remove(path):  # every deletion while the resumed run replaces the abandoned step 3
+        removed.append(Path(path).name)
+        last = find_last(folder)
+        assert last is not None and last != Path(path), f"`last` names {last} while {path} is deleted"
+        real_remove(path)
+
+    monkeypatch.setattr(checkpoint, "_remove", remove)
+    fit(tiny_args(root, tmp_path, *resumable(), "--checkpoint.keep_last=3", f"--ckpt_path={folder / 'step=2.ckpt'}",
+                  steps=3))
+    assert "step=3.ckpt" in removed  # replaced by the resumed run's own, while `last` named it
+    assert find_last(folder) == folder / "step=3.ckpt"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_find_last_names_what_last_would_resume_or_none(tmp_path):

@@ -138,6 +138,12 @@ class AtomicCheckpoint(L.Callback):
     # --- when to save ------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step  # > 0 when resumed: that step is saved already
+        resumed = Path(trainer.ckpt_path) if trainer.ckpt_path else None
+        if trainer.is_global_zero and resumed is not None and STEP.match(resumed.name) and resumed.exists() \
+                and resumed.parent.resolve() == self.folder.resolve():
+            # Resumed from an older checkpoint of this folder: `last` names it from now on, so that
+            # replacing the abandoned run's newer ones never leaves `last` naming nothing.
+            self._point_last(resumed.name)
         self._signum, self._interrupted = 0, None
         if trainer.world_size > 1 and torch.distributed.get_backend() != "gloo":
             # A CPU group (a collective of every rank, once per run): agreeing on a signal then never
@@ -236,14 +242,18 @@ class AtomicCheckpoint(L.Callback):
             _remove(path)  # the checkpoint replaced: best.ckpt, or one of an abandoned run (resumed earlier)
             os.replace(partial, path)
             if name is None:
-                link = self.folder / LAST
-                tmp = link.with_name(link.name + PARTIAL)
-                os.symlink(path.name, tmp)
-                os.replace(tmp, link)  # atomic: `last` names the old checkpoint or the new one, never nothing
+                self._point_last(path.name)
                 self._prune(trainer.global_step)
             _sync_dir(self.folder)
         trainer.strategy.barrier()
         return path
+
+    def _point_last(self, name: str) -> None:
+        link = self.folder / LAST
+        tmp = link.with_name(link.name + PARTIAL)
+        _remove(tmp)
+        os.symlink(name, tmp)
+        os.replace(tmp, link)  # atomic: `last` names the old checkpoint or the new one, never nothing
 
     def _prune(self, step: int) -> None:
         """Delete all but the ``keep_last`` newest checkpoints up to ``step`` (``last`` names ``step``)."""
