@@ -126,7 +126,10 @@ def stage_args(base: Path, data: Path, out: Path, steps: int, warmup: int, conte
             f"--trainer.max_steps={warmup + steps}", f"--data.context_length={context}", f"--data.batch_size={rows}",
             f"--data.datasets=[{datasets}]", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.callbacks+=mio.bench.train.Stopwatch",
-            f"--trainer.callbacks.skip={warmup}"]
+            f"--trainer.callbacks.skip={warmup}",
+            # No checkpoints: a stage's default interval (max_steps / 20) is over a thousand steps at
+            # full size, while over this run's few steps it would write one every step.
+            "--checkpoint.every_n_train_steps=0"]
     if gpu:
         # A 1B model at 4 x 2800 tokens fits an 80 GB GPU without recomputation (which MFU, counting
         # model FLOPs, would not credit).
