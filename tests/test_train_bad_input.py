@@ -64,6 +64,14 @@ def test_backbone_without_mios_tokens_says_how_to_extend_it(root, tmp_path):
         fit(tiny_args(root, tmp_path, "--model.extend_vocab=false"))
 
 
+def test_a_backbone_folder_that_is_not_there_says_what_to_give(root, tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert main(["fit", *tiny_args(root, tmp_path, f"--model.backbone={missing}")]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: not a model folder (no config.json)" in err and "model.backbone" in err
+    assert f"mio tiny-base PREPARED_DATA_DIR --out {missing}" in err
+
+
 def test_data_glob_matching_nothing(root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.datasets entry 'image_txt/\*.tar'.*neither"):
         fit(tiny_args(root, tmp_path, "--data.datasets=[{path: image_txt/*.tar}]"))

@@ -85,7 +85,9 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (no config.json); mio loads local folders only")
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json). Give the local folder of a Hugging "
+                                f"Face causal LM (a stage's model.backbone, mio generate's --model); mio never "
+                                f"downloads one. A tiny one to try things: mio tiny-base PREPARED_DATA_DIR --out {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = load_model(folder, attn_implementation, dtype, weights)
     table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
