@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mio.model.lora import LoraSettings, apply_lora
 from mio.train.sharding import decoder_layers
-from mio.userio import run_command
+from mio.userio import load_yaml_mapping, run_command
 from mio.vocab import VocabTable
 
 GB = 1e9
@@ -130,7 +129,7 @@ def read_stage(configs: list[Path]) -> dict[str, Any]:
     """The settings of a stage's YAML files (later files override earlier ones, key by key)."""
     merged: dict[str, Any] = {}
     for path in configs:
-        _merge(merged, yaml.safe_load(path.read_text()) or {})
+        _merge(merged, load_yaml_mapping(path, "stage config"))
     return merged
 
 
