@@ -43,3 +43,11 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 samples of 3 rows seen" in printed and '"row 0"' in printed
     assert main(["prepare", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_inspect_of_a_folder_that_is_not_there_or_not_finished(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()  # a prepare still under way writes its manifest last
+    assert main(["inspect", str(tmp_path / "half")]) == 2
+    assert "has no manifest (is `mio prepare` still running on it?)" in capsys.readouterr().err

@@ -272,6 +272,8 @@ def list_shards(path: str | os.PathLike) -> list[str]:
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     m = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (a prepared dataset is the --out folder of `mio prepare`)")
     if not m.is_file():
         raise FileNotFoundError(f"{m}: prepared dataset has no manifest (is `mio prepare` still running on it?)")
     try:
