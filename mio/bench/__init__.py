@@ -1,8 +1,7 @@
 """Benchmarks: `mio bench <part>`, each in ``mio/bench/<part>.py`` as ``bench_<part>(**sizes)``.
 
 ``SECONDS``: how long each takes at its default sizes on the project's reference machine (2 CPU
-cores, no GPU; measured while other work loaded it 6-12 deep, so a quiet machine is faster),
-announced before it starts.
+cores, no GPU, nothing else running; a loaded machine takes longer), announced before it starts.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import inspect
 from types import ModuleType
 from typing import Any, Callable
 
-SECONDS = {"tokenizers": 370, "packing": 90, "data": 180, "train": 680, "generate": 75, "prepare": 120}
+SECONDS = {"tokenizers": 215, "packing": 65, "data": 180, "train": 100, "generate": 75, "prepare": 10}
 
 
 def bench_module(part: str) -> ModuleType:
