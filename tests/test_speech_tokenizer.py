@@ -50,17 +50,17 @@ def test_real_speech_codes(codec: SpeechCodec, spoken: list[Path]) -> None:
     waves = [codec.load_audio(p) for p in spoken]
     for path, wave in zip(spoken, waves):
         assert abs(wave.shape[0] - round(sf.info(path).frames * 16000 / rate)) <= 1
-    codes = codec.encode_files(spoken)
+    codes = codec.encode([codec.load_audio(p) for p in spoken])
     for wave, c in zip(waves, codes):
         assert c.shape == (4, -(-wave.shape[0] // 320))
         assert len(set(c[0])) >= 10  # content codes vary along an utterance
     assert len({c[0].tobytes() for c in codes}) == 3
-    np.testing.assert_array_equal(codec.encode_files(spoken[:1])[0], codes[0])  # deterministic
+    np.testing.assert_array_equal(codec.encode([codec.load_audio(p) for p in spoken[:1]])[0], codes[0])  # deterministic
 
 
 def test_decode_then_encode_content_layer_is_stable(codec: SpeechCodec, spoken: list[Path]) -> None:
     """Layer 0 alone: the decoded vectors are codebook rows, whose nearest row is themselves."""
-    codes = torch.from_numpy(codec.encode_files(spoken[:1])[0][:1])[:, None, :]  # (1, 1, frames)
+    codes = torch.from_numpy(codec.encode([codec.load_audio(p) for p in spoken[:1]])[0][:1])[:, None, :]  # (1, 1, frames)
     with torch.inference_mode():
         rows = codec.model.quantizer.decode(codes)  # (1, D, frames)
         again = codec.model.quantizer.encode(rows, n_q=1)
@@ -76,7 +76,7 @@ def test_load_from_checkpoint_gives_same_codes(codec: SpeechCodec, spoken: list[
     torch.save(codec.model.state_dict(), folder / "SpeechTokenizer.pt")
     spec = load_spec(REAL_SPEECH) | {"root": str(tmp_path)}
     loaded = build_tokenizer(spec)
-    for a, b in zip(loaded.encode_files(spoken), codec.encode_files(spoken)):
+    for a, b in zip(loaded.encode([loaded.load_audio(p) for p in spoken]), codec.encode([codec.load_audio(p) for p in spoken])):
         np.testing.assert_array_equal(a, b)
     # a checkpoint that does not fit its config names both files
     small = {k: v for k, v in codec.model.state_dict().items() if not k.startswith("decoder.")}
@@ -98,7 +98,7 @@ def test_bad_audio_battery(codec: SpeechCodec, tmp_path: Path) -> None:
     wave = codec.load_audio(u8)
     assert wave.shape == (16000,) and wave.dtype == np.float32
     assert 0.05 < np.abs(wave).max() < 0.3  # the channel mean of +tone and -tone/2
-    assert codec.encode_files([u8])[0].shape == (4, 50)
+    assert codec.encode([codec.load_audio(u8)], names=[str(u8)])[0].shape == (4, 50)
 
     # truncated: a WAV whose samples stop before its header says
     whole = tmp_path / "whole.wav"
@@ -106,29 +106,29 @@ def test_bad_audio_battery(codec: SpeechCodec, tmp_path: Path) -> None:
     cut = tmp_path / "cut.wav"
     cut.write_bytes(whole.read_bytes()[: 44 + 20000])
     with pytest.raises(ValueError, match=r"cut.wav is truncated"):
-        codec.encode_files([cut])
+        codec.encode([codec.load_audio(cut)], names=[str(cut)])
     header_only = tmp_path / "header_only.wav"
     header_only.write_bytes(whole.read_bytes()[:30])
     with pytest.raises(ValueError, match="header_only.wav"):
-        codec.encode_files([header_only])
+        codec.encode([codec.load_audio(header_only)], names=[str(header_only)])
 
     # empty clip
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0), 16000)
     with pytest.raises(ValueError, match="empty.wav is empty"):
-        codec.encode_files([empty])
+        codec.encode([codec.load_audio(empty)], names=[str(empty)])
 
     # not audio at all
     noise = tmp_path / "noise.flac"
     noise.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(ValueError, match="noise.flac cannot be decoded"):
-        codec.encode_files([noise])
+        codec.encode([codec.load_audio(noise)], names=[str(noise)])
 
     # over 15 s: refused for pretraining, with the reason
     long = tmp_path / "long.wav"
     sf.write(long, np.zeros(16 * 16000), 16000)
     with pytest.raises(ValueError, match=r"long.wav: the clip lasts 16.00 s, over the 15 s limit"):
-        codec.encode_files([long])
+        codec.encode([codec.load_audio(long)], names=[str(long)])
 
 
 def test_tokenize_cli_speech(spoken: list[Path], tmp_path: Path) -> None:

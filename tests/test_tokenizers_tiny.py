@@ -243,14 +243,14 @@ def test_tiny_speech_files(speech_tok: SpeechCodec, clips, tmp_path) -> None:
     wave = speech_tok.load_audio(path)
     assert wave.ndim == 1 and wave.dtype == np.float32
     assert abs(wave.shape[0] - 32000) <= 1
-    codes = speech_tok.encode_files([path])[0]
+    codes = speech_tok.encode([speech_tok.load_audio(path)], names=[str(path)])[0]
     assert codes.shape[0] == 4 and codes.shape[1] == -(-wave.shape[0] // 320)
     with pytest.raises(FileNotFoundError, match="missing.wav"):
-        speech_tok.encode_files([tmp_path / "missing.wav"])
+        speech_tok.load_audio(tmp_path / "missing.wav")
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros((0,), np.float32), 16000)
     with pytest.raises(ValueError, match="empty.wav"):
-        speech_tok.encode_files([empty])
+        speech_tok.encode([speech_tok.load_audio(empty)], names=[str(empty)])
 
 
 def test_factory_rejects_unknown_kind(tmp_path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mio.media import read_audio, read_image
+from mio.media import read_image
 from mio.segments import Image, Segment, Speech, Video
 from mio.tokenizers.build import build_tokenizer
 from mio.tokenizers.spec import load_spec
@@ -179,7 +179,7 @@ class MediaTokenizers:
         if kind == IMAGE:
             return EncodedFile(kind, np.asarray(tok.encode([read_image(p, str(p))])[0]))
         if kind == SPEECH:
-            wave = read_audio(p, str(p), tok.sample_rate)  # (T,)
+            wave = tok.load_audio(p)  # (T,)
             codes = tok.encode([wave], names=[f"audio file {p}"], limit_length=self.limit_speech)[0]
             return EncodedFile(kind, np.asarray(codes), seconds=wave.shape[0] / tok.sample_rate)
         frame_numbers, frames = tok.key_frames(p, None)

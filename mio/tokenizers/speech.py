@@ -137,11 +137,6 @@ class SpeechCodec:
                         codes[i] = out[:, j, :].cpu().numpy().astype(np.int64)
         return codes  # type: ignore[return-value]
 
-    def encode_files(self, paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
-        """Audio files -> per file (num_layers, frames) int64 codes; errors name the file."""
-        waves = [self.load_audio(p) for p in paths]
-        return self.encode(waves, names=[f"audio file {p}" for p in paths])
-
     def decode(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
         """(L <= num_layers, frames) codes of one clip -> (frames * hop,) float32 waveform."""
         c = torch.as_tensor(np.asarray(codes), dtype=torch.long)
