@@ -5,7 +5,8 @@ its "Seed set to" line (the stage config records the seed) and its "stopped: max
 line (mio's step lines and the stage's closing summary say it), transformers' notice on how resized
 embeddings are initialised, its deprecation notices and its note that image processors fall back
 to PIL without torchvision, the "Loading weights" / "Writing model shards" progress bars, and
-deprecation warnings raised inside the dependencies (DeprecationWarning, FutureWarning): nothing
+deprecation warnings raised inside the dependencies (DeprecationWarning, FutureWarning), and
+Lightning's advice to reduce epoch-level metrics over ranks (mio's are reduced already): nothing
 a user of mio needs to act on. Everything else a dependency logs or warns shows.
 """
 
@@ -27,6 +28,7 @@ NOISE = re.compile("|".join((
     r" (is|are) deprecated",
     r"requires torchvision \(not installed\); falling back",  # transformers' image processors work without it
 )))
+SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\('[^']*', \.\.\., sync_dist=True\)`"
 # The loggers that emit those messages (a filter on a logger sees the records it creates; these
 # are set up before the libraries are imported, which would be slow for commands not needing them).
 EMITTERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
@@ -50,3 +52,6 @@ def quiet() -> None:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # Lightning's advice for epoch-level metrics on several ranks: mio's validation figures are summed
+    # over ranks before they are logged (MioModule.on_validation_epoch_end).
+    warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)

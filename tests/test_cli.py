@@ -77,6 +77,8 @@ def test_noise_is_filtered_and_the_rest_shows(monkeypatch):
         warnings.simplefilter("always")
         quiet()
         warnings.warn("old API", DeprecationWarning)
+        warnings.warn("It is recommended to use `self.log('val/loss', ..., sync_dist=True)` when logging on epoch "
+                      "level in distributed setting to accumulate the metric across devices.", UserWarning)
         warnings.warn("something to act on", UserWarning)
     assert [str(w.message) for w in caught] == ["something to act on"]
     assert any(isinstance(f, NoiseFilter) for f in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters)

@@ -32,6 +32,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -204,15 +205,27 @@ def _has_key(path: str, key: str) -> bool:
 # --- entry points --------------------------------------------------------------------------------
 def fit(argv: list[str]) -> Path:
     """Run one stage; returns the path of its ``save_pretrained`` folder."""
-    with warnings.catch_warnings():
-        # `mio fit` passes its own argv on; LightningCLI would warn that sys.argv differs.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = MioCLI(MioModule, MioDataModule, args=["fit", *argv], seed_everything_default=0,
-                     parser_class=MioArgumentParser, parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
-                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    try:
+        with warnings.catch_warnings():
+            # `mio fit` passes its own argv on; LightningCLI would warn that sys.argv differs.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = MioCLI(MioModule, MioDataModule, args=["fit", *argv], seed_everything_default=0,
+                         parser_class=MioArgumentParser,
+                         parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
+                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    finally:
+        leave_process_group()
     out = cli.model.output_path
     assert out is not None, "training ended without writing the stage's model folder"
     return out
+
+
+def leave_process_group() -> None:
+    """Destroy the process group a distributed stage started (torch asks for it before exit): a
+    rank that left with it alive could abort in its threads' destructors while another rank was
+    still writing the stage's model folder."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str]) -> int:
