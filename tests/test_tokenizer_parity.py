@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tokenizer_kinds
 from mio.data.reading import DatasetSpec, Renderer
 from mio.data.shards import StoredSample
+from mio.model.backbone import save_model_folder
 from mio.generate import Generator
 from mio.segments import Image, SegmentRenderer, Speech, Text, Video, canonical, parse, text_form
 from mio.templates import Turn, render_chat
@@ -134,13 +135,14 @@ def test_pretraining_samples_end_with_eos_and_sft_with_im_end(kind):
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece"], indirect=True)
-def test_generation_prompts_with_the_ids_training_renders(kind):
+def test_generation_prompts_with_the_ids_training_renders(kind, tmp_path):
     """`mio generate` turns prompt segments into ids through the same renderer: the tokenizer's
-    ids of the prompt's text form (here a SentencePiece tokenizer, where piecewise encoding differs)."""
+    ids of the prompt's text form (here a SentencePiece tokenizer, where piecewise encoding differs),
+    from a model folder as a stage writes it."""
     _, tok, table, _ = kind
     config = LlamaConfig(vocab_size=table.total_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    gen = Generator.from_loaded(LlamaForCausalLM(config), tok, table, device="cpu")
+    gen = Generator(save_model_folder(LlamaForCausalLM(config), tok, table, tmp_path / "model"), device="cpu")
     turns = [Turn("user", [Text("describe this: "), Image(np.arange(32) % IMAGE_CODES), Text(" a red cat")])]
     g = gen.generate(turns, max_new_tokens=1, outputs=["text"])
     assert g.prompt_ids.tolist() == tok(text_form(gen.prompt_segments(turns), table))["input_ids"]

@@ -53,7 +53,7 @@ class Generator:
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, table: VocabTable, media: MediaTokenizers | None = None,
                     name: str = "model", device: str | None = None) -> "Generator":
-        """A generator over an already loaded model (tests, the demo)."""
+        """A generator over a model already in memory (a notebook, right after training; the tests)."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer, table, media or MediaTokenizers({}), name, device)
         return self
