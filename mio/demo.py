@@ -21,6 +21,7 @@ from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
 from mio.eval.run import EvalSettings, Row, evaluate
+from mio.eval.tasks import answer_text
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
 from mio.report import StageLog, final_loss, find_stages, packing_efficiency
@@ -187,7 +188,7 @@ def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any
     for a in answers:
         prompt = [x for t in a.item.prompt for x in t.content]
         target = a.item.references[0]
-        target_text = "".join(x.text for x in target if isinstance(x, Text)).strip()
+        target_text = answer_text(target)
         audio = ""
         if a.item.task == "asr" and target_text in clips:
             audio = f'<audio controls src="{_data_uri(SAMPLES / clips[target_text], "audio/wav")}"></audio>'

@@ -160,7 +160,7 @@ def word_error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> tu
 
 
 # --- models behind metrics: an ASR pipeline and CLIP ---------------------------------------------
-def _local_folder(path: str | os.PathLike, flag: str) -> Path:
+def local_folder(path: str | os.PathLike, flag: str) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{flag} {folder}: not a local transformers model folder (no config.json); "
@@ -175,7 +175,7 @@ class Transcriber:
     def __init__(self, folder: str | os.PathLike, device: str | None = None) -> None:
         from transformers import pipeline
 
-        self.folder = _local_folder(folder, "--asr-model")
+        self.folder = local_folder(folder, "--asr-model")
         self.pipe = pipeline("automatic-speech-recognition", model=str(self.folder), device=device)
 
     def __call__(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[str]:
@@ -191,7 +191,7 @@ class ClipScorer:
     def __init__(self, folder: str | os.PathLike, device: str | None = None) -> None:
         from transformers import AutoModel, AutoProcessor
 
-        self.folder = _local_folder(folder, "--clip-model")
+        self.folder = local_folder(folder, "--clip-model")
         self.device = torch.device(device or "cpu")
         self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(self.folder, local_files_only=True)

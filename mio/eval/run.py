@@ -22,10 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mio.eval.metrics import (ClipScorer, Transcriber, caption_scores, exact_match, normalize_transcript,
-                              vqa_accuracy, word_error_rates)
+from mio.eval.metrics import (ClipScorer, Transcriber, caption_scores, exact_match, local_folder,
+                              normalize_transcript, vqa_accuracy, word_error_rates)
 from mio.eval.report import write_html
-from mio.eval.tasks import ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, EvalItem, read_eval_set, task_kind
+from mio.eval.tasks import (ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, EvalItem, answer_text, read_eval_set,
+                            task_kind)
 from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
 from mio.segments import Image, Segment, Speech, Text, Video
@@ -64,7 +65,7 @@ class Row:
     note: str = ""
 
     def answer(self) -> str:
-        return "".join(s.text for s in self.generation.segments if isinstance(s, Text)).strip()
+        return answer_text(self.generation.segments)
 
     def to_json(self) -> dict[str, Any]:
         g = self.generation
@@ -155,8 +156,8 @@ class _Scorers:
         self.asr_folder = settings.asr_model if TTS in wants else None
         self.clip_folder = settings.clip_model if IMAGE_GENERATION in wants else None
         for flag, folder in (("--asr-model", self.asr_folder), ("--clip-model", self.clip_folder)):
-            if folder is not None and not (Path(folder) / "config.json").is_file():
-                raise FileNotFoundError(f"{flag} {folder}: not a local transformers model folder (no config.json)")
+            if folder is not None:
+                local_folder(folder, flag)  # checked before any generation
         self._asr: Transcriber | None = None
         self._clip: ClipScorer | None = None
 

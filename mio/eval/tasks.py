@@ -23,10 +23,8 @@ from mio.data.shards import StoredSample, iter_shard, list_shards
 from mio.segments import Segment, Text
 from mio.templates import PAIR_TASKS, Turn, pair_conversation
 
-# What a task's answers are scored with (every task also gets exact match).
+# The kinds of task, by how their answers are scored (every task also gets exact match).
 CAPTION, VQA, ASR, TTS, IMAGE_GENERATION = "caption", "vqa", "asr", "tts", "image_generation"
-METRICS: dict[str, tuple[str, ...]] = {CAPTION: ("cider", "bleu4"), VQA: ("vqa_accuracy",), ASR: ("wer",),
-                                       TTS: ("tts_wer",), IMAGE_GENERATION: ("clip_score",)}
 TASK_KINDS: dict[str, str] = {
     "image_captioning": CAPTION, "video_understanding": CAPTION,
     "image_qa": VQA, "vqa": VQA,
