@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from mio.vocab import BLOCK_MARKERS, VocabError, VocabTable
 
@@ -132,6 +133,16 @@ class Draft:
         return all(self.loss) or not any(self.loss)
 
 
+def _unpadded(backend: Tokenizer) -> Tokenizer:
+    """A copy of a `tokenizers` backend that neither pads nor truncates. Called directly, a backend
+    applies the settings its tokenizer.json ships or the last padded call of its transformers
+    tokenizer left on it (transformers resets them per call; a direct call does not)."""
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
 class SegmentRenderer:
     """Segments -> token ids and loss mask, exactly as the tokenizer encodes their text form.
 
@@ -156,7 +167,8 @@ class SegmentRenderer:
                              f"the vocabulary table (ids {probe}, tokenizer {got}): use the extended backbone's "
                              "tokenizer, or extend it first (mio.vocab.extend_tokenizer)")
         backend = getattr(tokenizer, "backend_tokenizer", None)  # a `tokenizers` Tokenizer, when there is one
-        self.backend = None if backend is None or getattr(tokenizer, "split_special_tokens", False) else backend
+        self.backend = None if backend is None or getattr(tokenizer, "split_special_tokens", False) else \
+            _unpadded(backend)
         self.stand_in = self._stand_in()
 
     def _stand_in(self) -> tuple[str, int] | None:

@@ -163,3 +163,19 @@ def test_chat_markers_are_one_token_each(kind, text_tokenizer):
     before = kept.convert_tokens_to_ids(list(CHAT_MARKERS))
     extend_tokenizer(kept)
     assert kept.convert_tokens_to_ids(list(CHAT_MARKERS)) == before
+
+
+def test_padding_and_truncation_left_on_the_tokenizer_change_no_sample(kind):
+    """A padded, truncated call of the tokenizer (or a tokenizer.json that ships such settings) leaves
+    them on its backend; samples still render whole and unpadded, the tokenizer keeps its settings."""
+    _, tok, table, _ = kind
+    tok = copy.deepcopy(tok)  # the module's tokenizer stays as it is
+    tok.pad_token = tok.eos_token
+    tok(["a", "hello world the cat"], padding=True, truncation=True, max_length=3)  # before the renderer exists
+    renderer = SegmentRenderer(tok, table)
+    tok(["a", "hello world the cat"], padding=True, truncation=True, max_length=3)  # and after
+    samples = [[Text("hello world the cat sat on the mat")], [Text("a")],
+               [Text("look: "), Image(np.arange(32) % IMAGE_CODES), Text(" a red cat")]]
+    rendered = renderer.finish([renderer.draft(s) for s in samples])
+    assert [r.input_ids.tolist() for r in rendered] == [tok(text_form(s, table))["input_ids"] for s in samples]
+    assert len(rendered[0].input_ids) > 3
