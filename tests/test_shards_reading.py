@@ -94,7 +94,7 @@ def test_rendering_in_blocks_equals_one_by_one(tmp_path, mio_tokenizer, table):
     renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
     failed: list = []
     block = renderer.many(samples, spec, random.Random(5), lambda sample, error: failed.append(sample.key))
-    assert not failed
+    assert not failed and len(block) == len(samples) == 40
     rng = random.Random(5)
     single = [Renderer(mio_tokenizer, table)(s, spec, rng) for s in samples]
     assert all(np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)

@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mio.train import checkpoint
-from mio.train.checkpoint import _requeue_slurm_job, find_last, requeued
+from mio.train.checkpoint import AtomicCheckpoint, _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
 from train_support import ledger, shared_root, tiny_args
 
@@ -114,24 +114,43 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(root, tmp_path, monk
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=4.ckpt"]  # the partial one is gone
 
 
-def test_resuming_an_older_checkpoint_never_leaves_last_naming_nothing(root, tmp_path, monkeypatch):
-    fit(tiny_args(root, tmp_path, *resumable(), "--checkpoint.keep_last=3", steps=3))
+class FolderTrainer:
+    """What AtomicCheckpoint uses of a Trainer, writing sharded (folder) checkpoints as FSDP2 does: a
+    folder cannot replace another in one rename, so the old one is deleted first."""
+
+    is_global_zero, world_size = True, 1
+
+    def __init__(self, folder: Path, ckpt_path: Path, step: int) -> None:
+        self.default_root_dir, self.ckpt_path, self.global_step = str(folder.parent), str(ckpt_path), step
+        self.strategy = type("Strategy", (), {"barrier": staticmethod(lambda: None), "cluster_environment": None})()
+
+    def save_checkpoint(self, path, weights_only: bool = False) -> None:  # noqa: ANN001
+        Path(path).mkdir()
+        (Path(path) / "step").write_text(str(self.global_step))
+
+
+def test_resuming_an_older_checkpoint_never_leaves_last_naming_nothing(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
+    callback = AtomicCheckpoint(every_n_train_steps=1, dirpath=str(folder), keep_last=3)
+    for step in (1, 2, 3):  # an earlier run's sharded checkpoints; `last` names step 3
+        callback.save(FolderTrainer(folder, folder / "none", step))
     assert find_last(folder) == folder / "step=3.ckpt"
     real_remove, removed = checkpoint._remove, []
 
-    def remove(path):  # every deletion while the resumed run replaces the abandoned step 3
+    def remove(path):  # every deletion while the run resumed from step 2 replaces the abandoned step 3
         removed.append(Path(path).name)
         last = find_last(folder)
         assert last is not None and last != Path(path), f"`last` names {last} while {path} is deleted"
         real_remove(path)
 
     monkeypatch.setattr(checkpoint, "_remove", remove)
-    fit(tiny_args(root, tmp_path, *resumable(), "--checkpoint.keep_last=3", f"--ckpt_path={folder / 'step=2.ckpt'}",
-                  steps=3))
-    assert "step=3.ckpt" in removed  # replaced by the resumed run's own, while `last` named it
+    trainer = FolderTrainer(folder, folder / "step=2.ckpt", 2)
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 3
+    callback.save(trainer)
+    callback.on_train_end(trainer, None)
+    assert "step=3.ckpt" in removed  # replaced by the resumed run's own
     assert find_last(folder) == folder / "step=3.ckpt"
-    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_find_last_names_what_last_would_resume_or_none(tmp_path):

@@ -178,17 +178,6 @@ class _Ignore:
         return None
 
 
-class _Take:
-    """Every ``stride``-th sample from ``offset`` (samples dealt out to the slots of a dataset
-    with fewer shards than slots)."""
-
-    def __init__(self, stride: int, offset: int) -> None:
-        self.stride, self.offset = stride, offset
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return itertools.islice(samples, self.offset, None, self.stride)
-
-
 class _SafeDecode:
     """Raw samples -> :class:`StoredSample` (json and integer npy only); each one read is counted,
     and one that does not decode is counted as ``bad_sample`` with its error."""
@@ -218,7 +207,7 @@ def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int
     return wds.DataPipeline(
         wds.SimpleShardList(mine),
         TarSamples(failures, expected),
-        _Take(stride, offset),
+        wds.slice(offset, None, stride),  # a dataset with fewer shards than slots deals out its samples
         _SafeDecode(counts, dataset),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=order_rng or random.Random(0)),
     )

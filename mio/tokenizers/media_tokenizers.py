@@ -152,9 +152,6 @@ class MediaTokenizers:
     def why_missing(self, kind: str) -> str:
         return self.problems.get(kind) or self.missing_hint.format(kind=kind)
 
-    def has(self, kind: str) -> bool:
-        return kind in self.specs
-
     def fingerprint(self) -> dict[str, str | None]:
         return {kind: self.specs[kind].sha256() for kind in sorted(self.specs)}
 

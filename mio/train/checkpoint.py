@@ -239,8 +239,9 @@ class AtomicCheckpoint(L.Callback):
         trainer.save_checkpoint(partial, weights_only=False)  # every rank: under FSDP2 each writes its shards
         if trainer.is_global_zero:
             _sync(partial)
-            _remove(path)  # the checkpoint replaced: best.ckpt, or one of an abandoned run (resumed earlier)
-            os.replace(partial, path)
+            if os.path.isdir(path):  # a sharded one: a folder cannot be replaced in one rename
+                _remove(path)  # the checkpoint replaced: best.ckpt, or one of an abandoned run (resumed earlier)
+            os.replace(partial, path)  # a file replaces the old one atomically
             if name is None:
                 self._point_last(path.name)
                 self._prune(trainer.global_step)

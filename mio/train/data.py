@@ -52,8 +52,8 @@ class DataReport:
     def __init__(self, names: Sequence[str], max_error_fraction: float, out_dir: str | Path) -> None:
         self.names, self.max_error_fraction, self.out_dir = list(names), max_error_fraction, Path(out_dir)
         self.local = DataCounts(len(self.names))  # this rank, since the last logged step
-        self.total = DataCounts(len(self.names))  # all ranks, whole stage, as of the last logged step
-        self.examples: dict[tuple[int, int], str] = {}  # this rank's first example of each error
+        self.total = DataCounts(len(self.names))  # all ranks, whole stage, as of the last logged step;
+        # its examples: this rank's first example of each error
 
     def add(self, counts: DataCounts) -> None:
         self.local.add(counts)
@@ -79,9 +79,7 @@ class DataReport:
 
     def _merge(self, summed: Sequence[float]) -> DataCounts:
         """The counts of all ranks since the last merge (``summed``) join the totals; returns them."""
-        window = self.local.from_vector(summed)
-        for k, v in self.local.examples.items():
-            self.examples.setdefault(k, v)
+        window = self.local.from_vector(summed)  # with this rank's examples
         self.local = DataCounts(len(self.names))
         self.total.add(window)
         return window
@@ -100,15 +98,14 @@ class DataReport:
                                 f"{self.out_dir / DATA_REPORT}")
 
     def _summary(self, d: int) -> str:
-        counts = DataCounts(len(self.names)).add(self.total)
-        counts.examples = self.examples
-        return error_summary(counts, d)
+        return error_summary(self.total, d)
 
     def as_dict(self) -> dict[str, Any]:
         def dataset(d: int) -> dict[str, Any]:
             return {"samples_read": int(self.total.read[d]), "tokens_trained": int(self.total.tokens[d]),
                     "errors": {r: int(n) for r, n in zip(ERROR_REASONS, self.total.errors[d])},
-                    "examples": {ERROR_REASONS[r]: self.examples[(i, r)] for (i, r) in sorted(self.examples) if i == d}}
+                    "examples": {ERROR_REASONS[r]: example for (i, r), example in sorted(self.total.examples.items())
+                                 if i == d}}
 
         return {"datasets": {name: dataset(d) for d, name in enumerate(self.names)},
                 "max_error_fraction": self.max_error_fraction}
