@@ -181,17 +181,25 @@ class MioModule(L.LightningModule):
     @torch.no_grad()
     def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
                     aux_loss: torch.Tensor | None = None) -> torch.Tensor:
-        """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device."""
-        modality = batch["modality"][:, 1:][supervised]  # (N,) modality of each supervised target
+        """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device. No
+        boolean indexing and no tensor made from a Python number: either would wait for the device."""
+        modality = batch["modality"][:, 1:]  # (B, L-1) the modality of each target
+        # (B, L-1): each supervised target's loss in its place (row-major, the order of token_loss), 0 elsewhere
+        placed = torch.zeros(supervised.shape, dtype=token_loss.dtype, device=token_loss.device)
+        placed = placed.masked_scatter(supervised, token_loss)
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
         flops = self.flop_counts.step_flops(batch["seq_lens"], n_supervised)
-        values = [token_loss.sum(), n_supervised, real.sum(), real.numel(), flops,
-                  aux_loss.detach() if aux_loss is not None else 0.0, 1]
+
+        def number(v: float) -> torch.Tensor:
+            return torch.full((), v, dtype=torch.float64, device=self.device)
+
+        values = [token_loss.sum(), n_supervised, real.sum(), number(real.numel()), flops,
+                  aux_loss.detach() if aux_loss is not None else number(0.0), number(1.0)]
         for mid in MODALITY_NAMES:
-            sel = modality == mid
-            values += [token_loss[sel].sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+            sel = (modality == mid) & supervised
+            values += [torch.where(sel, placed, 0.0).sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
+        return torch.stack([v.to(torch.float64) for v in values])
 
     def _summed_window(self) -> tuple[list[float], list[float]]:
         """(the loop's figures, the data report's counts) since the last logged step, summed over
