@@ -129,16 +129,17 @@ class MioModule(L.LightningModule):
                 print(f"[mio] {line}", file=sys.stderr, flush=True)
 
     # --- training -----------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> SupervisedOutput:
+    def forward(self, batch: dict[str, torch.Tensor], aux: bool = True) -> SupervisedOutput:
         """Packed batch -> the model's own logits (N, V) at the supervised positions (row-major; samples
-        isolated by the backend) and, for an MoE backbone, its router load-balancing loss."""
+        isolated by the backend) and, for an MoE backbone when ``aux``, its router load-balancing loss."""
         keep = supervised_positions(batch["labels"])  # (B, L)
-        return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=self.aux_coefficient > 0)
+        return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=aux and self.aux_coefficient > 0)
 
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def token_losses(self, batch: dict[str, torch.Tensor],
+                     aux: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The loss of every supervised token (N,) and where they are (B, L-1): what training and
-        validation both average over tokens; and an MoE backbone's router loss (else None)."""
-        out = self(batch)  # the model's own logits (N, V)
+        validation both average over tokens; and, when ``aux``, an MoE backbone's router loss (else None)."""
+        out = self(batch, aux)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
         return token_cross_entropy(out.logits, supervised_targets(batch["labels"])), supervised, out.aux_loss
@@ -247,7 +248,7 @@ class MioModule(L.LightningModule):
         self._val_stats: torch.Tensor | None = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        token_loss, supervised, _ = self.token_losses(batch)
+        token_loss, supervised, _ = self.token_losses(batch, aux=False)  # validation reports no router loss
         stats = self._step_stats(token_loss, batch, supervised)  # (K,) this rank's
         self._val_stats = stats if self._val_stats is None else self._val_stats + stats
 
