@@ -279,17 +279,18 @@ class ParseError(VocabError):
 
 
 def parse(ids: Sequence[int] | np.ndarray, table: VocabTable, tokenizer: Any,
-          tokens_per_image: int = 32) -> list[Segment]:
+          tokens_per_image: int = 32, decode: TextDecoder | None = None) -> list[Segment]:
     """Token ids -> segments, the inverse of :class:`SegmentRenderer` on its canonical form.
 
     Tokens the tokenizer puts before any text (BOS) are dropped. Consecutive image blocks become
     one :class:`Video`; speech blocks give (1, T) codes when they hold content codes only and
     (L, T) when they hold L layers in order, each as long as the first. Each text becomes the
     string the tokenizer encodes to its ids, in its place (see :class:`TextDecoder`). Raises
-    :class:`ParseError` on anything else.
+    :class:`ParseError` on anything else. ``decode``: the tokenizer's :class:`TextDecoder`, for a
+    caller that parses many answers (building one reads every added token).
     """
     ids = np.asarray(ids, dtype=np.int64)
-    decode = TextDecoder(tokenizer)
+    decode = decode or TextDecoder(tokenizer)
     out: list[Segment] = []
     frames: list[np.ndarray] = []
     first = len(decode.leading) if ids[:len(decode.leading)].tolist() == decode.leading else 0

@@ -24,7 +24,7 @@ from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
-from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, Video, parse
+from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
@@ -69,6 +69,7 @@ class Generator:
         self.media = media
         self.name = name
         self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
+        self.text_decoder = TextDecoder(tokenizer)  # ids -> text, for every answer
         self.stop_ids = _stop_ids(model, tokenizer)
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
         self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
@@ -228,7 +229,7 @@ class Generator:
             ids = ids[:cut]
             if end.start < p:
                 lead = []
-        segments = parse(lead + ids, self.table, self.tokenizer) if (lead or ids) else []
+        segments = parse(lead + ids, self.table, self.tokenizer, decode=self.text_decoder) if (lead or ids) else []
         return segments, partial
 
     # --- decoding to files -----------------------------------------------------------------
