@@ -199,10 +199,15 @@ class BestFitPacker:
 
     def __call__(self, samples: Iterable[TokenSample]) -> Iterator[Pack]:
         """Pack a stream of samples; yields packs as they are released."""
+        return self.place(self.sequences(samples))
+
+    def place(self, sequences: Iterable[TokenSample]) -> Iterator[Pack]:
+        """Pack sequences that :meth:`sequences` gave (valid, each within the context); yields packs
+        as they are released."""
         frees: list[tuple[int, int]] = []  # sorted (free space, pack number) of the open packs
         open_packs: dict[int, _OpenPack] = {}
         opened = 0
-        for seq in self.sequences(samples):
+        for seq in sequences:
             n = len(seq.input_ids)
             if not self.pack:
                 yield self._emit(_OpenPack(n, [seq]))

@@ -404,7 +404,8 @@ class Mixture:
                    for i, (shards, spec, expected) in enumerate(zip(self.shards, self.specs, self.expected))]
         packer = BestFitPacker(self.context_length, buffer_size=self.buffer_size, pad_id=self.pad_id,
                                pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed + slot.index, pack=self.pack)
-        for pack in packer(balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)):
+        # The streams are the packer's own `sequences` already (per dataset): placed as they are.
+        for pack in packer.place(balanced_mixture(streams, [s.weight for s in self.specs], self.balance, released)):
             lens = np.asarray(pack.seq_lens, dtype=np.int64)
             np.add.at(released, pack.datasets, lens if self.balance == "tokens" else 1)
             np.add.at(counts.tokens, pack.datasets, lens)
