@@ -18,6 +18,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
+from mio.model.attention import effective_backend
 from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
@@ -102,19 +103,15 @@ def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa", dty
     """``from_pretrained`` from a local folder (``weights=False``: the same model built from its config
     on the meta device). A family whose transformers code has no SDPA path (Gemma 2, BLOOM, ...)
     gets eager attention instead, with one line saying so, not a crash."""
-    try:
-        return _build_model(folder, attn_implementation, dtype, weights)
-    except ValueError as err:
-        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(err):
-            raise
-    model = _build_model(folder, "eager", dtype, weights)
-    if weights:  # said once, when the weights are read
+    # No implementation named: transformers' own choice, SDPA where the family has it, else eager.
+    model = _build_model(folder, None if attn_implementation == "sdpa" else attn_implementation, dtype, weights)
+    if weights and effective_backend(model, attn_implementation) == "eager" != attn_implementation:
         print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
               "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
     return model
 
 
-def _build_model(folder: str | os.PathLike, attn_implementation: str, dtype: torch.dtype, weights: bool) -> Any:
+def _build_model(folder: str | os.PathLike, attn_implementation: str | None, dtype: torch.dtype, weights: bool) -> Any:
     if weights:
         return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                     attn_implementation=attn_implementation)
