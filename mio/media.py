@@ -45,15 +45,23 @@ class MediaFileMissing(FileNotFoundError):
     reason = "missing_file"
 
 
-def media_bytes(source: MediaSource, kind: str, name: str) -> bytes:
-    """The bytes of a file or member; missing and empty ones are errors naming it."""
+def checked_size(source: MediaSource, kind: str, name: str) -> int:
+    """The size in bytes of a file or member; missing and empty ones are errors naming it."""
     if isinstance(source, Path):
         if not source.is_file():
             raise MediaFileMissing(f"{kind} file {name} does not exist")
-        source = source.read_bytes()
-    if not source:
+        size = source.stat().st_size
+    else:
+        size = len(source)
+    if size == 0:
         raise MediaError("empty_file", f"{kind} file {name} is empty (0 bytes)")
-    return source
+    return size
+
+
+def media_bytes(source: MediaSource, kind: str, name: str) -> bytes:
+    """The bytes of a file or member; missing and empty ones are errors naming it."""
+    checked_size(source, kind, name)
+    return source.read_bytes() if isinstance(source, Path) else source
 
 
 # --- images -------------------------------------------------------------------------------
@@ -123,16 +131,12 @@ class AudioFile:
 
     def __init__(self, source: MediaSource, name: str) -> None:
         self.name = name
+        size = checked_size(source, "audio", name)
         if isinstance(source, Path):
-            if not source.is_file():
-                raise MediaFileMissing(f"audio file {name} does not exist")
-            if source.stat().st_size == 0:
-                raise MediaError("empty_file", f"audio file {name} is empty (0 bytes)")
             with open(source, "rb") as fh:
-                truncated = wav_truncation(fh, source.stat().st_size)
+                truncated = wav_truncation(fh, size)
         else:
-            source = media_bytes(source, "audio", name)
-            truncated = wav_truncation(io.BytesIO(source), len(source))
+            truncated = wav_truncation(io.BytesIO(source), size)
         if truncated:
             raise MediaError("unreadable_audio", f"audio file {name} is truncated: {truncated}")
         try:  # libsndfile opens a path itself (no Python in its reads)

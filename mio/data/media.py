@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 
 from mio.data.recipe import Filters
 from mio.data.sources import MediaRef, SkipSample
-from mio.media import AudioFile, MediaError, MediaFileMissing, Window, read_audio, read_image
+from mio.media import AudioFile, MediaError, MediaFileMissing, Window, checked_size, read_audio, read_image
 
 
 def _source(ref: MediaRef) -> bytes | Path:
@@ -110,15 +110,13 @@ class VideoFile:
         self.tmp: str | None = None
 
     def __enter__(self) -> Path:
-        if self.ref.data is None:
-            assert self.ref.path is not None
-            if not self.ref.path.is_file():
-                raise SkipSample("missing_file", f"video file {self.ref.name} does not exist")
-            if self.ref.path.stat().st_size == 0:
-                raise SkipSample("empty_file", f"video file {self.ref.name} is empty (0 bytes)")
-            return self.ref.path
-        if not self.ref.data:
-            raise SkipSample("empty_file", f"video file {self.ref.name} is empty (0 bytes)")
+        source = _source(self.ref)
+        try:
+            checked_size(source, "video", self.ref.name)
+        except (MediaError, MediaFileMissing) as e:
+            raise SkipSample(e.reason, str(e)) from None
+        if isinstance(source, Path):
+            return source
         suffix = os.path.splitext(self.ref.name)[1] or ".mp4"
         fd, self.tmp = tempfile.mkstemp(suffix=suffix, prefix="mio-video-")
         with os.fdopen(fd, "wb") as fh:
