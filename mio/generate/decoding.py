@@ -296,9 +296,14 @@ class Decoder:
             kept = []
             offset = 0
             ids = rows.token_ids()
-            for s in live:
+            states = [self._lone_state(s) for s in live]
+            starts = np.cumsum([0] + [s.width for s in live])[:-1]  # each sequence's first row
+            lone = self._lone_steps([(p, s, st) for p, (s, st) in enumerate(zip(live, states)) if st is not None],
+                                    logits, ids, starts)
+            for p, s in enumerate(live):
                 width = s.width
-                step = self._advance(s, logits[offset:offset + width], ids[offset:offset + width], rows.length)
+                step = lone[p] if p in lone else self._advance(s, logits[offset:offset + width],
+                                                               ids[offset:offset + width], rows.length)
                 if step is None:
                     s.result.seconds = time.perf_counter() - start
                 else:
@@ -326,10 +331,7 @@ class Decoder:
         if s.phase is None:
             if s.done:
                 return None
-            state = self.constraint.state(s.buf.rows()[0])
-            if s.settings[state.mode].num_beams == 1:
-                return self._single_step(s, state, logits, ids)
-            s.phase = _BeamPhase(self, s, state, column)
+            s.phase = _BeamPhase(self, s, self.constraint.state(s.buf.rows()[0]), column)
         step = s.phase.advance(logits, ids)
         if step is not None:
             return step
@@ -346,21 +348,43 @@ class Decoder:
         # hypothesis run through the model.
         return _Step([0], [best], forget_from=phase.column)
 
-    def _single_step(self, s: _Sequence, state: BlockState, logits: torch.Tensor, ids: torch.Tensor) -> _Step | None:
-        mode = state.mode
-        cfg = s.settings[mode]
-        scores = self._penalties(cfg)(ids, logits)
-        scores = scores + self.constraint.bias([self.constraint.allowed_key(state)], scores.shape[-1], scores.device,
-                                               scores.dtype)
-        if cfg.do_sample:
-            probs = torch.softmax(self._warpers(cfg)(ids, scores), dim=-1)
-            token = int(torch.multinomial(probs, num_samples=1, generator=s.generator)[0, 0])
-        else:
-            token = int(scores.argmax(-1)[0])
-        s.append([token], [mode])
-        if mode == TEXT and token in self.stop_ids:
-            s.result.stopped = STOP
-        return None if s.done else _Step([0], [[token]])
+    def _lone_state(self, s: _Sequence) -> BlockState | None:
+        """The constraint state of a sequence whose next token is chosen alone (one row, no beam
+        phase), else None (done, in a beam phase, or starting one: :meth:`_advance`)."""
+        if s.phase is not None or s.done:
+            return None
+        state = self.constraint.state(s.buf.rows()[0])
+        return state if s.settings[state.mode].num_beams == 1 else None
+
+    def _lone_steps(self, todo: list[tuple[int, _Sequence, BlockState]], logits: torch.Tensor, ids: torch.Tensor,
+                    starts: np.ndarray) -> dict[int, _Step | None]:
+        """The next token of each sequence ``todo`` names (its position in the live list, itself, its
+        state), keyed by position. Rows with equal settings are scored together, as (R, V), and the
+        chosen tokens read once: each row's scores, and its own generator's draw, are what the row
+        alone would give."""
+        groups: dict[DecodeSettings, list[tuple[int, _Sequence, BlockState]]] = {}
+        for item in todo:
+            groups.setdefault(item[1].settings[item[2].mode], []).append(item)
+        out: dict[int, _Step | None] = {}
+        for cfg, items in groups.items():
+            at = [int(starts[p]) for p, _, _ in items]  # each sequence's one row
+            rows = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[0] + len(at))) else \
+                torch.tensor(at, device=logits.device)
+            scores = self._penalties(cfg)(ids[rows], logits[rows])  # (R, V)
+            keys = [self.constraint.allowed_key(state) for _, _, state in items]
+            scores = scores + self.constraint.bias(keys, scores.shape[-1], scores.device, scores.dtype)
+            if cfg.do_sample:
+                probs = torch.softmax(self._warpers(cfg)(ids[rows], scores), dim=-1)
+                chosen = torch.cat([torch.multinomial(probs[k:k + 1], num_samples=1, generator=s.generator)[0]
+                                    for k, (_, s, _) in enumerate(items)]).tolist()
+            else:
+                chosen = scores.argmax(-1).tolist()
+            for (p, s, state), token in zip(items, chosen):
+                s.append([token], [state.mode])
+                if state.mode == TEXT and token in self.stop_ids:
+                    s.result.stopped = STOP
+                out[p] = None if s.done else _Step([0], [[token]])
+        return out
 
     def _phase_modes(self, settings: dict[str, DecodeSettings], cfg: DecodeSettings) -> set[str]:
         """The modes a beam phase with settings ``cfg`` may run through."""
