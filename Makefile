@@ -1,22 +1,39 @@
 # `make demo` and `make test` work on a fresh machine with nothing but Python 3.11:
-# the first use creates .venv and installs the project (and the system packages the
-# tests need) into it.
+# the first use creates .venv and installs the project from the lock (requirements.lock:
+# every package at an exact version with its hashes), plus the system packages the tests need.
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
-# espeak-ng speaks the test clips; opencv (PySceneDetect's video reader) needs libGL, glib and xcb.
-APT_PACKAGES := espeak-ng libgl1 libglib2.0-0 libxcb1
+LOCK   := requirements.lock
+GPU_LOCK := requirements-gpu.lock
+# espeak-ng speaks the test clips; opencv (PySceneDetect's video reader) needs libGL, glib and xcb;
+# chromium is the real browser the chat page is tested in.
+APT_PACKAGES := espeak-ng libgl1 libglib2.0-0 libxcb1 chromium
+# The one command that compiles both locks (Linux x86_64, Python 3.11, hashes for every file).
+UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --generate-hashes --no-header
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test test-fast install lock check-env system-deps gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The venv's own pip installs exactly the lock (--require-hashes refuses anything unlisted),
+# then mio itself without dependencies: nothing is resolved afresh at install time.
+$(STAMP): $(LOCK) pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --no-deps --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the locks from pyproject's ranges (upgrade: change the range, `make lock`, `make test`).
+lock: $(STAMP)
+	$(UV_COMPILE) pyproject.toml --extra dev -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml --extra dev --extra gpu -o $(GPU_LOCK)
+
+# One line per broken thing, naming the package and the fix, before any test runs.
+check-env: $(STAMP)
+	@$(VENV)/bin/python -m mio.envcheck
 
 # System packages the tests use, installed through apt-get only where dpkg says they are
 # missing, so a machine that has them is not touched.
@@ -30,11 +47,15 @@ system-deps:
 	  else echo "warning: install$$missing for the full test suite"; fi; \
 	fi
 
-demo: $(STAMP) system-deps
+demo: check-env system-deps
 	$(VENV)/bin/mio demo
 
-test: $(STAMP) system-deps
+test: check-env system-deps
 	$(VENV)/bin/python -m pytest -q
+
+# The development loop: everything but the tests marked slow (at most 2 minutes).
+test-fast: check-env system-deps
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
