@@ -11,7 +11,7 @@ GPU_LOCK := requirements-gpu.lock
 APT_PACKAGES := espeak-ng libgl1 libglib2.0-0 libxcb1 chromium
 # The one command that compiles both locks (Linux x86_64, Python 3.11, hashes for every file).
 UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --generate-hashes --no-header
+	--python-platform x86_64-manylinux_2_28 --generate-hashes --custom-compile-command "make lock"
 
 .PHONY: demo test test-fast install lock check-env system-deps gpu-check clean
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mio.assets import DATA_RECIPES, TOKENIZER_SPECS
+from mio.assets import STAGES as ALL_STAGES
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
@@ -29,14 +31,13 @@ from mio.report import write_report as write_training_report
 from mio.segments import Image, Speech, Text
 from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "data_recipes" / "demo"
-SAMPLES = REPO / "data_recipes" / "samples"
-STAGES = REPO / "stages" / "tiny"
+RECIPES = DATA_RECIPES / "demo"
+SAMPLES = DATA_RECIPES / "samples"
+STAGES = ALL_STAGES / "tiny"
 # The demo's path: the paper's three pretraining stages, then full SFT (the LoRA variant of SFT,
 # stages/tiny/4_sft_lora.yaml, reads the per-family SFT recipes and is not part of it).
 DEMO_STAGES = ("1_alignment", "2_interleaved", "3_speech", "4_sft")
-TINY_TOKENIZERS = REPO / "tokenizers" / "tiny"
+TINY_TOKENIZERS = TOKENIZER_SPECS / "tiny"
 
 # The three figures the demo must reach (issue: at least 90% each).
 EVAL_TASKS = {"image_generation": "caption_to_image_exact", "image_captioning": "image_to_caption_exact",

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import yaml
 
+from mio.assets import resolve_declarative
+
 # A missing file or a bad value: the user can fix it, so the message is enough (no traceback).
 USER_ERRORS = (FileNotFoundError, ValueError)
 
@@ -30,7 +32,7 @@ def run_command(command: Callable[[], int]) -> int:
 def load_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping (``what``: "recipe", "tokenizer spec"), with errors that
     name the file."""
-    p = Path(path)
+    p = resolve_declarative(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} {p} does not exist")
     try:

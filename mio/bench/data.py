@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 import yaml
 
+from mio.assets import STAGES as STAGE_CONFIGS
 from mio.data.reading import ERROR_REASONS, DataCounts, DatasetSpec
 from mio.data.shards import MANIFEST, SHARD_FORMAT, AtomicShardWriter, StoredSample, list_shards, write_json_atomic
 from mio.data.tars import tar_samples
@@ -42,7 +43,6 @@ from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import PRETRAIN_TEMPLATES
 
-REPO = Path(__file__).resolve().parents[2]
 STAGES = {"1_alignment": 0.125, "2_interleaved": 0.375, "3_speech": 0.75}  # speech token share of each stage
 # Small enough that 200 steps of 2800-token packs take seconds on a CPU; the share does not
 # depend on the model.
@@ -181,7 +181,7 @@ def _passes(make: Any) -> Any:
 def stage_datasets(stage: str, root: Path) -> tuple[Path, list[DatasetSpec], dict[str, Any]]:
     """The stage YAML, its mixture and its data settings; each dataset name a link under ``root``
     to the synthetic dataset of its data type (``image_text_hq`` -> ``image_text``)."""
-    config = REPO / "stages" / f"{stage}.yaml"
+    config = STAGE_CONFIGS / f"{stage}.yaml"
     data = yaml.safe_load(config.read_text())["data"]
     specs = [DatasetSpec(**d) for d in data["datasets"]]
     for spec in specs:

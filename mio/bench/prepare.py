@@ -26,15 +26,15 @@ import numpy as np
 import soundfile as sf
 import yaml
 
+from mio.assets import DATA_RECIPES, TOKENIZER_SPECS
 from mio.data.prepare import Meter, prepare
 from mio.media import read_image
 from mio.tokenizers.media_tokenizers import MediaTokenizers, SpecSource
 from mio.tokenizers.spec import seeded_generator
 from mio.tokenizers.speech import synthetic_speechlike
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "data_recipes"
-TINY = ROOT / "tokenizers" / "tiny"
+RECIPES = DATA_RECIPES
+TINY = TOKENIZER_SPECS / "tiny"
 
 
 def bench_prepare(recording_s: float = 600.0, windows: int = 12, rows: int = 256, workers: int = 2) -> dict:

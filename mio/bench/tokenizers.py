@@ -32,20 +32,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from speechtokenizer import SpeechTokenizer
 
+from mio.assets import TOKENIZER_SPECS
 from mio.tokenizers import ImageTokenizer, SpeechCodec, build_tokenizer, load_spec
 from mio.tokenizers.image import random_weights_seed_quantizer
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
 from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
 from mio.tokenizers.speech import random_speech_weights, synthetic_speechlike
 
-SPECS = Path(__file__).resolve().parents[2] / "tokenizers"
+SPECS = TOKENIZER_SPECS
 # The released SpeechTokenizer's config.json (ZhangXInFD/SpeechTokenizer, config/spt_base_cfg.json).
 RELEASED_SPEECH_CONFIG = {
     "n_filters": 64, "strides": [8, 5, 4, 2], "dimension": 1024, "semantic_dimension": 768,

@@ -37,14 +37,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from mio.assets import STAGES
 from mio.bench.data import WORDS, write_synthetic
 from mio.data.reading import DatasetSpec
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
 from mio.train.flops import FlopCounts, peak_flops
 
-REPO = Path(__file__).resolve().parents[2]
-STAGE = REPO / "stages" / "tiny" / "1_alignment.yaml"
+STAGE = STAGES / "tiny" / "1_alignment.yaml"
 MIXTURE = {"image_text": 12, "text": 2, "speech_text": 2}  # stage I
 ONE_B = TinyLlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                         num_key_value_heads=4, text_vocab_size=32000)  # TinyLlama-1.1B's shape
