@@ -57,5 +57,10 @@ test: check-env system-deps
 test-fast: check-env system-deps
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
+# Every check that needs a GPU, in one process tree (at most 8 minutes on one H100): flash-attn from
+# the GPU lock, the tests marked gpu, the GPU parts of the benches; figures in gpu-check.json.
+gpu-check: check-env
+	$(VENV)/bin/python -m mio.gpucheck gpu-check.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

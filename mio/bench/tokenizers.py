@@ -64,6 +64,7 @@ def bench_tokenizers(
     tiny_audio_s: float = 60.0,
     full_audio_s: float = 4.0,
     batches: tuple[int, ...] = BATCHES,
+    cpu_by_batch: bool = True,  # false: only the GPU's figures by batch (`make gpu-check`)
 ) -> dict:
     device = resolve_device("auto")
     tiny_image = build_tokenizer(SPECS / "tiny" / "seed.yaml")
@@ -91,7 +92,8 @@ def bench_tokenizers(
     }
     # the same weights, moved: one copy of the 4.6 GB SEED at a time
     models = (seed, spec["interpolation"], speech_model, RELEASED_SPEECH_CONFIG)
-    result["cpu_by_batch"] = by_batch_figures(*models, torch.device("cpu"), torch.float32, batches)
+    if cpu_by_batch:
+        result["cpu_by_batch"] = by_batch_figures(*models, torch.device("cpu"), torch.float32, batches)
     if torch.cuda.is_available():
         result["cuda_bf16_by_batch"] = by_batch_figures(*models, torch.device("cuda"), torch.bfloat16, batches)
     return result

@@ -260,29 +260,32 @@ def measure(base: Path, data: Path, runs: Path, steps: int, warmup: int, context
 
 
 def bench_train(steps: int = 20, warmup: int = 3, context_length: int = 1024, batch_size: int = 2,
-                repeats: int = 2, samples: int = 400) -> dict[str, Any]:
+                repeats: int = 2, samples: int = 400, cpu: bool = True) -> dict[str, Any]:
+    """``cpu`` false: only the GPU's figures (`make gpu-check`)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core: the tokenizer's thread pool stays off
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _bench(steps, warmup, context_length, batch_size, repeats, samples)
+        return _bench(steps, warmup, context_length, batch_size, repeats, samples, cpu)
     finally:
         torch.set_num_threads(threads)
 
 
 def _bench(steps: int, warmup: int, context_length: int, batch_size: int, repeats: int,
-           samples: int) -> dict[str, Any]:
+           samples: int, cpu: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mio-bench-train-") as tmp:
         root = Path(tmp)
         data = write_data(root / "data", samples)
         rng = random.Random(0)
         corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(500)]
         base = build_tiny_backbone(corpus, TinyLlamaConfig(), root / "base")
-        result: dict[str, Any] = {
-            "bench": "train", "device": "cpu", "threads": torch.get_num_threads(), "model": "TinyLlamaConfig()",
-            "context_length": context_length, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup,
-            **measure(base, data, root / "runs", steps, warmup, context_length, batch_size, repeats, gpu=False),
-        }
+        result: dict[str, Any] = {"bench": "train", "steps": steps, "warmup_steps": warmup}
+        if cpu:
+            result.update({
+                "device": "cpu", "threads": torch.get_num_threads(), "model": "TinyLlamaConfig()",
+                "context_length": context_length, "batch_size": batch_size,
+                **measure(base, data, root / "runs", steps, warmup, context_length, batch_size, repeats, gpu=False),
+            })
         if torch.cuda.is_available():
             big = build_tiny_backbone(corpus, ONE_B, root / "base_1b")
             result["gpu_1b"] = {"device": torch.cuda.get_device_name(), "context_length": 2800, "batch_size": 4,
