@@ -152,7 +152,7 @@ def test_inspect_reports_a_folder_saved_before_the_fix(tmp_path, monkeypatch, ca
     assert "legacy" not in json.loads((old / "tokenizer_config.json").read_text())
     assert mio_main(["inspect", str(old)]) == 1
     said = capsys.readouterr().out
-    assert "pre_tokenizer" in said and "Loaded with legacy=True, it agrees" in said
+    assert "pre_tokenizer" in said and "loaded with legacy=True, it agrees" in said
     config = json.loads((old / "tokenizer_config.json").read_text())  # the repair the report names
     (old / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
     assert folder_report(old)[1] == []

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from mio.segments import Text, text_form
 from mio.templates import Turn, render_chat
-from mio.vocab import VOCAB_FILE, VocabTable
+from mio.vocab import VOCAB_FILE, VocabTable, folder_table, is_extended
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -42,12 +42,14 @@ class TokenizerDriftError(ValueError):
 def kept_settings(tokenizer: Any) -> dict[str, bool | int | float | str]:
     """The settings ``tokenizer_config.json`` must hold for a reload to split text as ``tokenizer`` does:
     each argument of its class's own ``__init__`` that it keeps as an attribute (``legacy``,
-    ``add_prefix_space``...; vocabularies and file names aside). Not ``add_bos_token`` /
+    ``add_prefix_space``...; vocabularies, file names and special tokens, which save_pretrained writes,
+    aside). Not ``add_bos_token`` /
     ``add_eos_token``: where a tokenizer.json exists, transformers ignores them on load and takes
     their effect from the post-processor saved in it (compared by :func:`tokenization_settings`)."""
     params = list(inspect.signature(type(tokenizer).__init__).parameters.values())[1:]
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and p.name not in ("vocab", "merges", *getattr(tokenizer, "vocab_files_names", {}))]
+             and p.name not in ("vocab", "merges", *getattr(tokenizer, "vocab_files_names", {}))
+             and not p.name.endswith("_token")]
     values = {n: getattr(tokenizer, n, None) for n in names}
     return {n: v for n, v in values.items() if isinstance(v, (bool, int, float, str))}
 
@@ -155,35 +157,41 @@ def check_round_trip(tokenizer: Any, table: VocabTable, where: str | os.PathLike
 
 def folder_report(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(report lines, problems) for a model folder: does its tokenizer, as vanilla ``AutoTokenizer``
-    loads it, agree with its ``mio_vocab.json`` and with the tokenizer that wrote its ``tokenizer.json``
-    (the pipeline the stage that saved it trained with)? For folders saved before mio kept settings."""
+    loads it, agree with its ``mio_vocab.json`` and tokenize as the tokenizer that wrote its
+    ``tokenizer.json`` (the pipeline the stage that saved it trained with)? For folders saved before
+    mio kept the settings; a text-only backbone's tokenization is checked the same way."""
     from transformers import AutoTokenizer
 
     path = Path(folder)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    lines = [f"model folder {path}", f"tokenizer: {type(tokenizer).__name__}, {len(tokenizer)} tokens; settings "
-             + ", ".join(f"{k}={v!r}" for k, v in sorted(kept_settings(tokenizer).items()))]
+    settings = ", ".join(f"{k}={v!r}" for k, v in sorted(kept_settings(tokenizer).items())) or "none"
+    lines = [f"model folder {path}",
+             f"tokenizer: {type(tokenizer).__name__}, {len(tokenizer)} tokens; settings its class rebuilds from: {settings}"]
     problems: list[str] = []
-    if not (path / VOCAB_FILE).is_file():
-        return lines, [f"no {VOCAB_FILE}: not a folder a mio stage wrote (a text-only backbone has nothing to check)"]
-    table = VocabTable.load(path)
-    problems += vocab_problems(tokenizer, table, path)
-    lines.append(f"{VOCAB_FILE}: text {table.text_size} + {table.num_added} added = {table.total_size} tokens")
-    if not (path / TOKENIZER_JSON).is_file():
-        problems.append(f"no {TOKENIZER_JSON}: the pipeline the folder was trained with is not recorded, "
-                        "so its tokenization cannot be checked")
+    table = folder_table(path, tokenizer, extend=True)
+    if (path / VOCAB_FILE).is_file():
+        problems += vocab_problems(tokenizer, table, path)
+        lines.append(f"{VOCAB_FILE}: text {table.text_size} + {table.num_added} added = {table.total_size} tokens")
+    else:
+        lines.append(f"no {VOCAB_FILE}: " + ("an extended tokenizer (MIO's release layout)" if is_extended(tokenizer)
+                                             else "a text-only backbone"))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not (path / TOKENIZER_JSON).is_file() or backend is None:
+        lines.append(f"tokenization: not checked (no {TOKENIZER_JSON}, or a tokenizer without a `tokenizers` "
+                     "backend: the pipeline the folder was saved with is not recorded)")
         return lines, problems
     saved_json = json.loads((path / TOKENIZER_JSON).read_text())
     trained = backend_encoder(saved_json)  # the backend exactly as the training tokenizer saved it
     texts = probe_texts(tokenizer, table)
     count, example = first_difference(texts, trained, encoder(tokenizer), tokenizer)
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    parts = setting_differences(backend_parts(saved_json), backend_parts(backend))
+    parts = setting_differences(backend_parts(saved_json), backend_parts(json.loads(backend.to_str())))
     if count or parts:
         fix = repairing_setting(path, tokenizer, texts, trained)
-        problems.append(f"{count} of {len(texts)} probe texts tokenize differently from the saved {TOKENIZER_JSON}"
-                        + (f", e.g. {example}" if count else "") + "; " + "; ".join(parts)
-                        + (f". Loaded with {fix}, it agrees: add that to {path / TOKENIZER_CONFIG}" if fix else ""))
+        said = [f"{count} of {len(texts)} probe texts tokenize differently from the saved {TOKENIZER_JSON}"
+                + (f", e.g. {example}" if count else ""), *parts]
+        if fix:
+            said.append(f"loaded with {fix}, it agrees: add that setting to {path / TOKENIZER_CONFIG}")
+        problems.append("; ".join(said))
     else:
         lines.append(f"tokenization: {len(texts)} probe texts agree with the saved {TOKENIZER_JSON}")
     return lines, problems
