@@ -43,9 +43,9 @@ def kept_settings(tokenizer: Any) -> dict[str, bool | int | float | str]:
     """The settings ``tokenizer_config.json`` must hold for a reload to split text as ``tokenizer`` does:
     each argument of its class's own ``__init__`` that it keeps as an attribute (``legacy``,
     ``add_prefix_space``...; vocabularies, file names and special tokens, which save_pretrained writes,
-    aside). Not ``add_bos_token`` /
-    ``add_eos_token``: where a tokenizer.json exists, transformers ignores them on load and takes
-    their effect from the post-processor saved in it (compared by :func:`tokenization_settings`)."""
+    aside). Not ``add_bos_token`` / ``add_eos_token``: where a tokenizer.json exists, transformers
+    ignores them on load and takes their effect from the post-processor saved in it (compared by
+    :func:`tokenization_settings`)."""
     params = list(inspect.signature(type(tokenizer).__init__).parameters.values())[1:]
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
              and p.name not in ("vocab", "merges", *getattr(tokenizer, "vocab_files_names", {}))
@@ -146,10 +146,10 @@ def check_round_trip(tokenizer: Any, table: VocabTable, where: str | os.PathLike
         import transformers
 
         said = f"{count} of {len(texts)} probe texts tokenize differently, e.g. {example}" if count else \
-            "the probe texts agree, but"
+            f"the {len(texts)} probe texts agree"
         raise TokenizerDriftError(
-            f"{where}: the extended tokenizer, saved with save_pretrained and loaded back with AutoTokenizer "
-            f"(transformers {transformers.__version__}), is not the tokenizer this stage would train with: {said}; "
+            f"{where}: saved with save_pretrained and loaded back with AutoTokenizer (transformers "
+            f"{transformers.__version__}), the extended tokenizer is not the one this stage would train with: {said}; "
             f"settings that differ: {'; '.join(settings) or 'none found'}. Every later stage, `mio generate` and "
             f"any serving stack would read ids this stage never trained on: state the setting in the backbone's "
             f"{TOKENIZER_CONFIG}, or report it to mio (mio.model.saved_tokenizer.kept_settings misses it)")
