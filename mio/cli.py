@@ -6,7 +6,8 @@ the other commands are plain argparse here. `mio -v COMMAND ...` shows the third
 that mio filters out (mio/noise.py).
 
 Exit status: 0 done; 1 done, but something failed (a file `tokenize` could not read, a shard
-`inspect --verify` found changed); 2 nothing done (bad input or configuration: the message says why).
+`inspect --verify` found changed, a model folder `inspect` found tokenizing otherwise than it
+trained); 2 nothing done (bad input or configuration: the message says why).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mio.data.inspect import inspect_dataset, verify_shards
     from mio.data.shards import read_manifest
 
+    if (args.dir / "config.json").is_file():  # a model folder: does it tokenize as it trained?
+        from mio.model.saved_tokenizer import folder_report
+
+        lines, problems = folder_report(args.dir)
+        print("\n".join(lines + [f"problem: {p}" for p in problems] + (["tokenizer: agrees"] if not problems else [])))
+        return 1 if problems else 0
     print(inspect_dataset(args.dir, args.samples, args.backbone))
     if not args.verify:
         return 0
@@ -178,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of tokenizer specs the recipe's names resolve in (default: beside the recipe)")
     pr.add_argument("--overwrite", action="store_true",
                     help="start the --out dataset afresh (its shards, records and manifest are removed first)")
-    ins = command("inspect", cmd_inspect, "a prepared dataset's figures and a few rendered samples",
+    ins = command("inspect", cmd_inspect, "a prepared dataset's figures and a few rendered samples; or a model "
+                  "folder's tokenizer check",
                   "Prints the manifest's figures, skips by reason and samples as stored and as trained.\n"
-                  "With --verify, exits 1 when a shard is missing or differs from the manifest's checksum.")
-    ins.add_argument("dir", type=Path)
+                  "With --verify, exits 1 when a shard is missing or differs from the manifest's checksum.\n"
+                  "Given a model folder (a config.json), checks that its tokenizer, loaded by vanilla AutoTokenizer,\n"
+                  "agrees with its mio_vocab.json and tokenizes as the stage that saved it trained; exits 1 if not.")
+    ins.add_argument("dir", type=Path, help="a prepared dataset, or a model folder")
     ins.add_argument("--samples", type=int, default=3)
     ins.add_argument("--backbone", type=Path, default=None, help="render samples with this model's text tokenizer")
     ins.add_argument("--verify", action="store_true", help="check every shard against the manifest's checksums")

@@ -2,7 +2,8 @@
 
 - ``sentencepiece``: SentencePiece BPE with byte fallback and the dummy prefix (Llama 2, Yi, Mistral),
   trained with ``sentencepiece``'s own trainer and saved as ``tokenizer.model`` only, then loaded
-  the way transformers loads a Llama tokenizer from that file, with ``legacy`` true or false;
+  the way transformers loads a Llama tokenizer from that file, with ``legacy`` true or false (or, in
+  ``SENTENCEPIECE_KINDS`` only, unset);
 - ``byte_level``: byte-level BPE, GPT-2 style (``GPT2Tokenizer``) and Qwen2 style (``Qwen2Tokenizer``:
   NFC and Qwen2's split regex);
 - ``llama3``: byte-level BPE behind a Llama 3 split regex, BOS added by its template.
@@ -25,6 +26,8 @@ WORDS = ("the a cat dog red rocket launch pad sky caption of this image is pleas
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 KINDS = ("sentencepiece_legacy", "sentencepiece", "gpt2", "qwen2", "llama3")
+# Each SentencePiece kind's tokenizer_config.json ``legacy`` (None: the key is absent).
+SENTENCEPIECE_KINDS = {"sentencepiece_legacy": True, "sentencepiece": False, "sentencepiece_unset": None}
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -36,9 +39,10 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def sentencepiece_folder(out: Path, legacy: bool, vocab_size: int = 400) -> Path:
+def sentencepiece_folder(out: Path, legacy: bool | None, vocab_size: int = 400) -> Path:
     """A Llama-2-style tokenizer folder: ``tokenizer.model`` (SentencePiece BPE, byte fallback,
-    dummy prefix) and a ``tokenizer_config.json`` naming LlamaTokenizer, BOS added."""
+    dummy prefix) and a ``tokenizer_config.json`` naming LlamaTokenizer, BOS added (``legacy``
+    None: the config does not say)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -50,6 +54,8 @@ def sentencepiece_folder(out: Path, legacy: bool, vocab_size: int = 400) -> Path
     (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True, "add_eos_token": False,
               "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if legacy is None:
+        del config["legacy"]
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
 
@@ -72,12 +78,12 @@ def _vocab_and_merges(tok: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build(kind: str, tmp: Path) -> Any:
-    """A text tokenizer of the given kind (see KINDS), as transformers loads it."""
+    """A text tokenizer of the given kind (see KINDS and SENTENCEPIECE_KINDS), as transformers loads it."""
     from tokenizers import Regex, pre_tokenizers, processors
     from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
 
-    if kind.startswith("sentencepiece"):
-        folder = sentencepiece_folder(tmp / kind, legacy=kind.endswith("legacy"))
+    if kind in SENTENCEPIECE_KINDS:
+        folder = sentencepiece_folder(tmp / kind, legacy=SENTENCEPIECE_KINDS[kind])
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if kind in ("gpt2", "qwen2"):
         tok = _byte_level_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), 500, ["<|endoftext|>"])
@@ -92,4 +98,4 @@ def build(kind: str, tmp: Path) -> Any:
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                        eos_token="<|end_of_text|>")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS} or {tuple(SENTENCEPIECE_KINDS)}")

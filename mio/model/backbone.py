@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import PreTrainedTokenizerFast
 
 from mio.model.attention import effective_backend
+from mio.model.saved_tokenizer import check_round_trip, save_tokenizer
 from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
@@ -70,7 +71,7 @@ def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     (out / "mio_tiny_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     return out
 
@@ -79,8 +80,10 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
                   dtype: torch.dtype = torch.float32, weights: bool = True) -> tuple[Any, Any, VocabTable]:
     """Load a causal LM and its tokenizer from a local folder (never a hub).
 
-    ``extend=True`` takes a text-only backbone and adds mio's tokens; otherwise the folder
-    must already be extended (its table file, or MIO's added tokens, says how).
+    ``extend=True`` takes a text-only backbone and adds mio's tokens, then checks once that the
+    extended tokenizer, saved as a stage saves it and reloaded by vanilla ``AutoTokenizer``, tokenizes
+    as it does (mio.model.saved_tokenizer); otherwise the folder must already be extended (its table
+    file, or MIO's added tokens, says how).
     ``weights=False`` builds the same model from its config on the meta device, reading no
     weights and taking no memory (sharded training loads the weights after sharding).
     """
@@ -91,7 +94,11 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
                                 f"downloads one. A tiny one to try things: mio tiny-base PREPARED_DATA_DIR --out {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = load_model(folder, attn_implementation, dtype, weights)
-    table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
+    if extend:
+        table = extend_backbone(model, tokenizer)
+        check_round_trip(tokenizer, table, folder)
+    else:
+        table = folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
         raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
@@ -124,12 +131,13 @@ def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: st
                       tokenizer_specs: dict[str, Any] | None = None,
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A plain ``save_pretrained`` folder that vanilla transformers loads, plus mio's table
-    and the modality tokenizer specs the model was trained with (for `mio generate`).
+    and the modality tokenizer specs the model was trained with (for `mio generate`). The tokenizer
+    is saved with every setting that decides its ids (mio.model.saved_tokenizer.save_tokenizer).
     ``state_dict``: the full weights when ``model`` holds only shards (FSDP2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     table.save(out)
