@@ -21,6 +21,7 @@ from mio.cli import main
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.generator import Generator
 from mio.generate.settings import get_preset
+from mio.model.saved_tokenizer import save_tokenizer
 
 from mio.data.packing import BestFitPacker, TokenSample, collate_packs
 from mio.model.attention import effective_backend
@@ -179,7 +180,7 @@ def whole_path_base(name: str, folder) -> Path:
                                                  **{f"{k}_token_id": v for k, v in ids.items()}})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tokenizer(tok, folder)  # a `legacy: true` base stays one when reloaded (plain save_pretrained drops it)
     return folder
 
 
