@@ -13,7 +13,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from mio.vocab import BLOCK_MARKERS, VocabError, VocabTable
+from mio.vocab import BLOCK_MARKERS, IGNORE_INDEX, VocabError, VocabTable
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +64,8 @@ class Rendered:
 
     @property
     def labels(self) -> np.ndarray:
-        """HF-style labels aligned with input_ids: -100 where unsupervised."""
-        return np.where(self.loss_mask, self.input_ids, -100)
+        """HF-style labels aligned with input_ids: IGNORE_INDEX where unsupervised."""
+        return np.where(self.loss_mask, self.input_ids, IGNORE_INDEX)
 
 
 # --- segments -> ids ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mio.segments import Image, Segment, Speech, Text, Video
+from mio.vocab import CHAT_END, CHAT_START
 
 # --- pretraining -------------------------------------------------------------------------
 PRETRAIN_TEMPLATES: dict[str, str] = {
@@ -145,21 +146,21 @@ def render_chat(turns: Sequence[Turn], task: str | None = None, add_generation_p
     """
     check_conversation(turns, for_training=not add_generation_prompt)
     system = turns[0].content if turns[0].role == "system" else [Text(system_prompt(task))]
-    out: list[Segment] = [Text("<|im_start|>system\n", loss=False)]
+    out: list[Segment] = [Text(f"{CHAT_START}system\n", loss=False)]
     out += [_with_loss(s, False) for s in system]
-    out.append(Text("<|im_end|>", loss=False))
+    out.append(Text(CHAT_END, loss=False))
     for t in turns:
         if t.role == "system":
             continue
-        out.append(Text(f"\n<|im_start|>{t.role}\n", loss=False))
+        out.append(Text(f"\n{CHAT_START}{t.role}\n", loss=False))
         if t.role == "user":
             out += [_with_loss(content_only(s), False) for s in t.content]
-            out.append(Text("<|im_end|>", loss=False))
+            out.append(Text(CHAT_END, loss=False))
         else:
             out += [_with_loss(s, True) for s in t.content]
-            out.append(Text("<|im_end|>", loss=True))
+            out.append(Text(CHAT_END, loss=True))
     if add_generation_prompt:
-        out.append(Text("\n<|im_start|>assistant\n", loss=False))
+        out.append(Text(f"\n{CHAT_START}assistant\n", loss=False))
     return out
 
 

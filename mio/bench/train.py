@@ -42,6 +42,7 @@ from mio.data.reading import DatasetSpec
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
 from mio.train.flops import FlopCounts, peak_flops
+from mio.vocab import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = REPO / "stages" / "tiny" / "1_alignment.yaml"
@@ -82,7 +83,7 @@ class Stopwatch(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,  # noqa: ANN001
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
-            scored = (batch["labels"] != -100).any(1)  # (B,) rows with something to score (not the padding rows)
+            scored = (batch["labels"] != IGNORE_INDEX).any(1)  # (B,) rows with something to score (not the padding rows)
             self.val_tokens += int((batch["document_ids"][scored] >= 0).sum())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -203,7 +204,7 @@ def bare_loop(base: Path, batches: list[dict[str, Any]], warmup: int, device: to
             hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
                                          **packed_attention_kwargs(backend, batch)).last_hidden_state
             targets = batch["labels"][:, 1:]
-            supervised = targets != -100
+            supervised = targets != IGNORE_INDEX
             logits = model.get_output_embeddings()(hidden[:, :-1][supervised])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised])
         loss.backward()

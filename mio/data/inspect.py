@@ -101,7 +101,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
             lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
                 ts = renderer.render(s, segs, False)
-                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int((ts.labels != -100).sum())} supervised")
+                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int(ts.loss_mask.sum())} supervised")
         if shown >= samples:
             break
     return "\n".join(lines)

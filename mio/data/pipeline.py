@@ -23,8 +23,9 @@ from typing import Any, Iterator
 
 import torch
 
-from mio.data.packing import IGNORE_INDEX, collate_packs
+from mio.data.packing import collate_packs
 from mio.data.reading import DataCounts, Mixture, ReaderSlot, Row
+from mio.vocab import IGNORE_INDEX
 
 __all__ = ["RankRows", "RankBatches"]
 

@@ -43,6 +43,7 @@ from mio.data.sources import (Draft, Item, MediaRef, Part, Row, SkipSample, draf
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import ConversationError, Turn, check_conversation
 from mio.tokenizers.media_tokenizers import MediaTokenizers, MissingTokenizerError, SpecSource
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 UNITS = ".units"
 CLEARED = ".mio-prepare.cleared"  # the job whose --overwrite emptied the folder (its ranks clear once)
@@ -223,10 +224,10 @@ def _load(ctx: Context, ref: MediaRef, where: str, recordings: Recordings) -> An
     recipe = ctx.recipe
     if ref.failed is not None:
         raise ref.failed
-    if ref.kind == "image":
+    if ref.kind == IMAGE:
         return load_image(ref, recipe.filters, paired=recipe.data_type == "image_text")
-    if ref.kind == "speech":
-        codec = tokenizer(ctx, "speech", where)
+    if ref.kind == SPEECH:
+        codec = tokenizer(ctx, SPEECH, where)
         limits = [x for x in (recipe.filters.max_speech_seconds, codec.max_seconds) if x is not None]
         return recordings.read(ref, codec.sample_rate, min(limits) if limits else None)
     return _key_frames(ctx, ref, where)
@@ -234,7 +235,7 @@ def _load(ctx: Context, ref: MediaRef, where: str, recordings: Recordings) -> An
 
 def _key_frames(ctx: Context, ref: MediaRef, where: str) -> list[Any]:
     """A video's key frames as images (decoded here in the pool; encoded with the batch)."""
-    tok = tokenizer(ctx, "video", where)
+    tok = tokenizer(ctx, VIDEO, where)
     try:
         with VideoFile(ref) as path:
             frames = tok.key_frames(path, ref.text)[1]
@@ -280,7 +281,7 @@ def submit_batch(ctx: Context, rows: list[tuple[int, Row]], recordings: Recordin
     for i, d in enumerate(results):
         if isinstance(d, Draft):
             for j, ref in enumerate(media_refs(d)):
-                same_file = ref.kind == "speech" and ref.path is not None and ref.failed is None
+                same_file = ref.kind == SPEECH and ref.path is not None and ref.failed is None
                 groups[("recording", ref.path) if same_file else (i, j)].append((i, j))
     loads = []
     for slots in groups.values():
@@ -334,7 +335,7 @@ def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> d
     """Per row, its media's codes: one tokenizer call per modality for the whole batch (a
     video's key frames go through the video tokenizer's image tokenizer, all videos at once)."""
     out: dict[int, list[Any]] = {i: [None] * len(m) for i, m in loaded.items()}
-    for kind in ("image", "speech", "video"):
+    for kind in (IMAGE, SPEECH, VIDEO):
         slots = [(i, j) for i, m in loaded.items() for j, ref in enumerate(media_refs(results[i]))
                  if ref.kind == kind]
         if not slots:
@@ -342,9 +343,9 @@ def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> d
         tok = tokenizer(ctx, kind, results[slots[0][0]].where)
         batch = [loaded[i][j] for i, j in slots]
         start = time.perf_counter()
-        if kind == "image":
+        if kind == IMAGE:
             coded = list(tok.encode(batch))
-        elif kind == "speech":
+        elif kind == SPEECH:
             coded = tok.encode(batch, names=[results[i].where for i, _ in slots])
         else:
             codes = tok.image.encode([f for frames in batch for f in frames])  # (sum F, 32)
@@ -359,7 +360,7 @@ def _segment(item: Item, codes: Iterator[Any]) -> Segment:
     if isinstance(item, Text):
         return item
     c = next(codes)
-    return {"image": Image, "speech": Speech, "video": Video}[item.kind](c)
+    return {IMAGE: Image, SPEECH: Speech, VIDEO: Video}[item.kind](c)
 
 
 def _assemble(ctx: Context, draft: Draft, codes: Iterator[Any]) -> StoredSample:
@@ -453,7 +454,7 @@ class UnitJob:
             self.writer.write(res)
             segs = res.all_segments()
             self.tokens.update(token_counts(segs))
-            self.kinds.update(k for k, t in (("image", Image), ("speech", Speech), ("video", Video))
+            self.kinds.update(k for k, t in ((IMAGE, Image), (SPEECH, Speech), (VIDEO, Video))
                               if any(isinstance(s, t) for s in segs))
         for s in batch.dropped:
             self.dropped_media[s.reason] += 1

@@ -20,10 +20,11 @@ from typing import Any
 
 from mio.templates import DATA_TYPES
 from mio.userio import load_yaml_mapping
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
 LAYOUTS = ("segments", "obelics", "mmc4", "llava")
-MEDIA_KINDS = ("image", "speech", "video")
+MEDIA_KINDS = (IMAGE, SPEECH, VIDEO)
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
 JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
 

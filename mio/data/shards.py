@@ -28,6 +28,7 @@ import numpy as np
 from mio.data.tars import tar_samples, tar_writer
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "mio-segments/1"
@@ -55,10 +56,10 @@ class StoredSample:
 # --- encoding ---------------------------------------------------------------------------
 def _media_array(seg: Segment) -> tuple[str, np.ndarray]:
     if isinstance(seg, Image):
-        return "image", np.asarray(seg.codes)
+        return IMAGE, np.asarray(seg.codes)
     if isinstance(seg, Video):
-        return "video", np.asarray(seg.frames)
-    return "speech", np.asarray(seg.codes)
+        return VIDEO, np.asarray(seg.frames)
+    return SPEECH, np.asarray(seg.codes)
 
 
 def _compact(arr: np.ndarray) -> np.ndarray:
@@ -69,16 +70,16 @@ def _compact(arr: np.ndarray) -> np.ndarray:
 def token_counts(segments: list[Segment]) -> dict[str, int]:
     """Code tokens per modality (block markers excluded; speech counts every stored layer)
     and characters of text (text tokens depend on the backbone, chosen at training time)."""
-    counts = {"text_chars": 0, "image": 0, "video": 0, "speech": 0}
+    counts = {"text_chars": 0, IMAGE: 0, VIDEO: 0, SPEECH: 0}
     for s in segments:
         if isinstance(s, Text):
             counts["text_chars"] += len(s.text)
         elif isinstance(s, Image):
-            counts["image"] += int(np.asarray(s.codes).size)
+            counts[IMAGE] += int(np.asarray(s.codes).size)
         elif isinstance(s, Video):
-            counts["video"] += int(np.asarray(s.frames).size)
+            counts[VIDEO] += int(np.asarray(s.frames).size)
         else:
-            counts["speech"] += int(np.asarray(s.codes).size)
+            counts[SPEECH] += int(np.asarray(s.codes).size)
     return counts
 
 
@@ -94,7 +95,7 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
     def seg_json(seg: Segment) -> dict[str, Any]:
         nonlocal media_index
         if isinstance(seg, Text):
-            return {"text": seg.text}
+            return {TEXT: seg.text}
         kind, arr = _media_array(seg)
         name = f"m{media_index}.npy"
         media_index += 1
@@ -175,16 +176,16 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
     def seg_from(d: Any) -> Segment:
         if not isinstance(d, dict):
             raise ShardError(f"{where}: segment {d!r} is not an object")
-        if "text" in d:
-            if not isinstance(d["text"], str):
-                raise ShardError(f"{where}: text segment holds {type(d['text']).__name__}, not a string")
-            return Text(d["text"])
-        if "image" in d:
-            return Image(media(d["image"], "image", 1))
-        if "video" in d:
-            return Video(media(d["video"], "video", 2))
-        if "speech" in d:
-            return Speech(media(d["speech"], "speech", 2))
+        if TEXT in d:
+            if not isinstance(d[TEXT], str):
+                raise ShardError(f"{where}: text segment holds {type(d[TEXT]).__name__}, not a string")
+            return Text(d[TEXT])
+        if IMAGE in d:
+            return Image(media(d[IMAGE], IMAGE, 1))
+        if VIDEO in d:
+            return Video(media(d[VIDEO], VIDEO, 2))
+        if SPEECH in d:
+            return Speech(media(d[SPEECH], SPEECH, 2))
         raise ShardError(f"{where}: unknown segment {d}")
 
     data_type = meta.get("data_type")

@@ -25,6 +25,7 @@ import braceexpand
 from mio.data.recipe import Recipe
 from mio.data.tars import ShardFailure, shard_samples
 from mio.segments import Text
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 
 class SkipSample(Exception):
@@ -488,13 +489,13 @@ def draft_row(recipe: Recipe, row: Row) -> Draft:
     if dt == "text":
         return Draft(where, [Text(as_text(lookup(values, f["text"], where), where, "text"))])
     if dt in ("image_text", "speech_text", "video_text"):
-        kind = {"image_text": "image", "speech_text": "speech", "video_text": "video"}[dt]
+        kind = {"image_text": IMAGE, "speech_text": SPEECH, "video_text": VIDEO}[dt]
         text = as_text(lookup(values, f["text"], where), where, "text")
         ref = as_media(lookup(values, f[kind], where), kind, row.base, where, f[kind])
         ref.text = text
-        if kind == "image" and "original_size" in f:
+        if kind == IMAGE and "original_size" in f:
             ref.original_size = _original_size(values, f["original_size"], where)
-        if kind == "speech":
+        if kind == SPEECH:
             ref.start = _seconds(values, f.get("start"), where, "start")
             ref.duration = _seconds(values, f.get("duration"), where, "duration")
         return Draft(where, [ref, Text(text)])
@@ -521,7 +522,7 @@ def _document_media(value: Any, kind: str, base: Path | None, where: str, name: 
 def _item(d: Any, base: Path | None, where: str, document: bool = False) -> Item:
     if not isinstance(d, dict):
         raise SkipSample("bad_field", f"{where}: segment {d!r} is not an object")
-    aliases = {"image": "image", "speech": "speech", "audio": "speech", "video": "video"}
+    aliases = {"image": IMAGE, "speech": SPEECH, "audio": SPEECH, "video": VIDEO}
     media = _document_media if document else as_media
     for key, kind in aliases.items():
         if d.get(key) is not None:
@@ -541,7 +542,7 @@ def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[st
         items: list[Item] = []
         for t, im in zip(texts, images):
             if im is not None:
-                items.append(_document_media(im, "image", row.base, where, "images"))
+                items.append(_document_media(im, IMAGE, row.base, where, "images"))
             elif t is not None:
                 items.append(Text(as_text(t, where, "texts")))
         return items
@@ -555,7 +556,7 @@ def _document_items(recipe: Recipe, values: dict[str, Any], row: Row, f: dict[st
             if not isinstance(info, dict) or "image_name" not in info or "matched_text_index" not in info:
                 raise SkipSample("bad_field", f"{where}: mmc4 image_info entries need image_name and matched_text_index")
             before.setdefault(int(info["matched_text_index"]), []).append(
-                _document_media(info["image_name"], "image", row.base, where, "image_name"))
+                _document_media(info["image_name"], IMAGE, row.base, where, "image_name"))
         items = []
         for i, s in enumerate(sentences):
             items += before.get(i, [])
@@ -586,7 +587,7 @@ def _conversation(recipe: Recipe, values: dict[str, Any], row: Row,
             text = as_text(m.get("value", ""), where, "value")
             items: list[Item] = []
             if "<image>" in text and image is not None:
-                ref = as_media(image, "image", row.base, where, "image")
+                ref = as_media(image, IMAGE, row.base, where, "image")
                 if recipe.image_first:  # LLaVA's own training code: "<image>\n" + the turn without it
                     items.append(ref)
                     text = text.replace("<image>", "").strip()

@@ -23,8 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from mio.dtypes import DTYPES
 from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS, overrides_from_strings
@@ -32,7 +31,6 @@ from mio.segments import Text
 from mio.userio import run_command
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:

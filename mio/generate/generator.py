@@ -27,7 +27,7 @@ from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
-from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, chat_end_id, stop_ids
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
@@ -70,7 +70,7 @@ class Generator:
         self.name = name
         self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
         self.text_decoder = TextDecoder(tokenizer)  # ids -> text, for every answer
-        self.stop_ids = _stop_ids(model, tokenizer)
+        self.stop_ids = stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
         self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
         self._speech_decoder: SpeechDecoder | None = None
@@ -176,7 +176,7 @@ class Generator:
         ``<|im_end|>`` in a chat and the tokenizer's EOS without the chat template (``turn``)."""
         if preset.stop == STOP_ANY:
             return self.stop_ids
-        im_end = _im_end_id(self.tokenizer)
+        im_end = chat_end_id(self.tokenizer)
         if chat and im_end is not None:
             return [im_end]
         if self.tokenizer.eos_token_id is None:
@@ -308,22 +308,3 @@ def _as_item(x: PromptItem) -> Segment | MediaFile:
     if isinstance(x, os.PathLike):
         return MediaFile.guess(x)
     raise ValueError(f"cannot use {type(x).__name__} in a prompt; expected text, a segment, a MediaFile or a path")
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The generation config's EOS ids, the tokenizer's EOS, and ChatML's ``<|im_end|>``: an
-    assistant turn ends there (MIO's release stops on it, id 7, outside its generation config)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    im_end = _im_end_id(tokenizer)
-    if im_end is not None:
-        ids.append(im_end)
-    return sorted({int(i) for i in ids})
-
-
-def _im_end_id(tokenizer: Any) -> int | None:
-    """ChatML's turn end as one token, or None where the tokenizer does not have it."""
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import PreTrainedTokenizerFast
 
 from mio.model.attention import effective_backend
-from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
+from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table, stop_ids
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
 
@@ -130,20 +130,12 @@ def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     table.save(out)
     if tokenizer_specs is not None:
         (out / TOKENIZER_SPECS_FILE).write_text(json.dumps(tokenizer_specs, indent=2) + "\n")
     return out
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    return [i for i in ids if i is not None]
 
 
 def load_tokenizer_specs(model_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -27,8 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mio.data.packing import IGNORE_INDEX, BestFitPacker, TokenSample, collate_packs
+from mio.data.packing import BestFitPacker, TokenSample, collate_packs
 from mio.model.attention import ATTENTION_LAYER_TYPES, attention_windows, packed_attention_kwargs
+from mio.vocab import IGNORE_INDEX
 
 # Token mixers that carry state along the whole row (transformers' class names): state-space,
 # recurrent, linear-attention and short-convolution layers.

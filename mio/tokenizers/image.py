@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mio.dtypes import tokenizer_dtype
 from mio.media import read_image, to_rgb
 from mio.tokenizers.checkpoints import load_seed_checkpoint
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
-from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
+from mio.tokenizers.spec import resolve_device, seeded_generator
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,7 +70,7 @@ class ImageTokenizer:
             raise ValueError(f"tokenizer spec {where}: interpolation must be one of {sorted(INTERPOLATIONS)}")
         cfg = SeedConfig.from_dict(spec.get("model", {}))
         device = resolve_device(spec.get("device"))
-        dtype = resolve_dtype(spec.get("dtype"), device)
+        dtype = tokenizer_dtype(spec.get("dtype"), device)
         if "seed" in spec:
             model = random_seed_quantizer(cfg, int(spec["seed"]))
         else:

@@ -73,15 +73,5 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`auto` (default): float16 on CUDA (as the released MIO pipeline ran), float32 on CPU."""
-    if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)} or auto, got {name!r}")
-    return dtypes[name]
-
-
 def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))

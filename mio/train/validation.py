@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from mio.data.packing import IGNORE_INDEX, Pack, collate_packs
+from mio.data.packing import Pack, collate_packs
+from mio.vocab import IGNORE_INDEX
 
 
 def hold_out(shards: Sequence[str], fraction: float, seed: int, name: str) -> tuple[list[str], list[str]]:
