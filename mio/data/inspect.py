@@ -12,6 +12,7 @@ import numpy as np
 
 from mio.data.shards import file_sha256, iter_shard, list_shards, read_manifest
 from mio.segments import Image, Segment, Text, Video
+from mio.vocab import IGNORE_INDEX
 
 
 def describe_segment(seg: Segment, max_chars: int = 160) -> str:
@@ -101,7 +102,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
             lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
                 ts = renderer.render(s, segs, False)
-                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int(ts.loss_mask.sum())} supervised")
+                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int((ts.labels != IGNORE_INDEX).sum())} supervised")
         if shown >= samples:
             break
     return "\n".join(lines)

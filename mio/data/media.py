@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image as PILImage
 
 from mio.data.recipe import Filters
-from mio.data.sources import MediaRef, SkipSample
+from mio.data.fields import MediaRef
+from mio.data.inputs import SkipSample
 from mio.media import AudioFile, MediaError, MediaFileMissing, Window, checked_size, read_audio, read_image
 from mio.vocab import VIDEO
 

@@ -18,27 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mio.data.layouts import layout_of
 from mio.templates import DATA_TYPES
 from mio.userio import load_yaml_mapping
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
-LAYOUTS = ("segments", "obelics", "mmc4", "llava")
 MEDIA_KINDS = (IMAGE, SPEECH, VIDEO)
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
 JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
-
-# Default field names per data type; a recipe's `fields` overrides any of them.
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "text": {"text": "text"},
-    "image_text": {"image": "image", "text": "text"},
-    "video_text": {"video": "video", "text": "text"},
-    "speech_text": {"speech": "audio", "text": "text"},
-    "interleaved": {"segments": "segments", "texts": "texts", "images": "images", "text_list": "text_list",
-                    "image_info": "image_info"},
-    "video_interleaved": {"segments": "segments"},
-    "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
-}
 
 
 @dataclass
@@ -169,8 +157,7 @@ class Recipe:
                                  ("workers", self.workers, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"recipe {where}: {name} must be an integer >= {low}, got {value!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"recipe {where}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        layout_of(self.layout, self.data_type, f"recipe {where}")
         bad = [k for k in self.tokenizers if k not in MEDIA_KINDS]
         if bad:
             raise ValueError(f"recipe {where}: tokenizers has unknown kinds {bad}; known: {MEDIA_KINDS}")
@@ -186,9 +173,6 @@ class Recipe:
             raise ValueError(f"recipe {where}: image_first applies to layout llava only")
         if self.filters.languages and "language" not in self.fields:
             raise ValueError(f"recipe {where}: filters.languages needs fields.language (the row's language field)")
-
-    def field_map(self) -> dict[str, str]:
-        return {**DEFAULT_FIELDS[self.data_type], **self.fields}
 
     def resolve(self, relative: str) -> Path:
         return (self.path.parent / os.path.expanduser(relative)).resolve()
