@@ -110,7 +110,7 @@ def text_form(segments: Sequence[Segment], table: VocabTable) -> str:
 
 
 @dataclass
-class Draft:
+class RenderDraft:
     """A sample's segments made ready for the one batched tokenizer call that renders many.
 
     ``text`` is the sample's text form with each media block written as ONE stand-in token (a
@@ -183,7 +183,7 @@ class SegmentRenderer:
             return None
         return self.names[stand_in - t.text_size], stand_in
 
-    def draft(self, segments: Sequence[Segment], where: str = "sample", in_full: bool = False) -> Draft:
+    def draft(self, segments: Sequence[Segment], where: str = "sample", in_full: bool = False) -> RenderDraft:
         """Check and map the media of one sample (a bad code raises a VocabError naming ``where``)."""
         stand_in = None if in_full else self.stand_in
         pieces: list[str] = []
@@ -198,10 +198,10 @@ class SegmentRenderer:
             else:
                 pieces.append(stand_in[0])
                 blocks.append(ids)
-        return Draft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
+        return RenderDraft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
                      where)
 
-    def finish(self, drafts: Sequence[Draft]) -> list[Rendered]:
+    def finish(self, drafts: Sequence[RenderDraft]) -> list[Rendered]:
         """Render drafted samples with one batched tokenizer call (two when some need offsets)."""
         out: list[Rendered] = [EMPTY] * len(drafts)
         for mixed in (False, True):
@@ -230,7 +230,7 @@ class SegmentRenderer:
         return [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool), None)
                 for i, m in zip(enc["input_ids"], enc["special_tokens_mask"])]
 
-    def _assemble(self, draft: Draft, ids: np.ndarray, added: np.ndarray, offsets: np.ndarray | None) -> Rendered:
+    def _assemble(self, draft: RenderDraft, ids: np.ndarray, added: np.ndarray, offsets: np.ndarray | None) -> Rendered:
         if offsets is None:  # every character has one flag
             mask = ~added if any(draft.loss) else np.zeros(len(ids), dtype=bool)
         else:
@@ -258,7 +258,7 @@ def _splitting(token: Any) -> tuple[bool, ...] | None:
     return token.normalized, token.lstrip, token.rstrip, token.single_word
 
 
-def _span_mask(draft: Draft, offsets: np.ndarray) -> np.ndarray:
+def _span_mask(draft: RenderDraft, offsets: np.ndarray) -> np.ndarray:
     """(n,) bool: tokens covering a character of a supervised segment (offsets (n, 2) into draft.text)."""
     length = len(draft.text)
     if length == 0:

@@ -51,7 +51,7 @@ ONE_B = TinyLlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_lay
                         num_key_value_heads=4, text_vocab_size=32000)  # TinyLlama-1.1B's shape
 
 
-class Clock:
+class WallCpuClock:
     """Wall and process CPU seconds since ``start()``."""
 
     def __init__(self) -> None:
@@ -70,7 +70,7 @@ class Stopwatch(L.Callback):
     def __init__(self, skip: int = 5) -> None:
         self.skip = skip
         self.tokens = 0
-        self.clock = Clock()
+        self.clock = WallCpuClock()
         self.mfu: list[float] = []
         self.val_seconds = 0.0  # validation inside the timed window
         self.val_tokens = 0
@@ -194,7 +194,7 @@ def bare_loop(base: Path, batches: list[dict[str, Any]], warmup: int, device: to
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, math.ceil(0.03 * len(batches)), len(batches),
                                                         min_lr_rate=settings["min_lr_ratio"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens, clock = 0, Clock()
+    tokens, clock = 0, WallCpuClock()
     for i, cpu_batch in enumerate(batches):
         if i == warmup:
             _sync(device)

@@ -1,6 +1,6 @@
 """Rows of a part, one reader per input format (jsonl, json, csv/tsv, parquet, folder, tar).
 
-Parsing a row is deferred (``Row.fields()``): a rank skips rows it does not own without parsing
+Parsing a row is deferred (``InputRow.fields()``): a rank skips rows it does not own without parsing
 them. A reader that fails part-way keeps the rows before the failure and ends with one counted
 row naming it.
 """
@@ -23,7 +23,7 @@ from mio.data.tars import ShardFailure, shard_samples
 
 
 @dataclass
-class Row:
+class InputRow:
     where: str  # "file.jsonl:12", "shard.tar:key", ...
     parse: Callable[[], dict[str, Any]]  # raises SkipSample
     base: Path | None
@@ -34,11 +34,11 @@ class Row:
         return self.parse()
 
 
-def iter_rows(part: Part) -> Iterator[Row]:
+def iter_rows(part: Part) -> Iterator[InputRow]:
     """The rows of one part, in their fixed order, by the reader of its format."""
     if part.missing:
         detail = f"{part.name}: input file is missing (skipped: input.allow_missing is set)"
-        return iter([Row(f"{part.name}:start", lambda: _raise("missing_file", detail), part.media_base,
+        return iter([InputRow(f"{part.name}:start", lambda: _raise("missing_file", detail), part.media_base,
                          input_failure=True)])
     return FORMAT_READERS[part.format](part)
 
@@ -57,7 +57,7 @@ def _parse_json_line(raw: bytes, where: str) -> dict[str, Any]:
     return row
 
 
-def _jsonl_rows(part: Part) -> Iterator[Row]:
+def _jsonl_rows(part: Part) -> Iterator[InputRow]:
     """JSON lines: plain, .gz, and as releases publish them, one .jsonl inside a .zip (MMC4) or a
     .tgz / .tar.gz (JourneyDB). A truncated or corrupt compressed file keeps the rows read
     before the damage and ends with one counted ``truncated_input`` row."""
@@ -71,11 +71,11 @@ def _jsonl_rows(part: Part) -> Iterator[Row]:
                     if not line.strip():
                         continue
                     where = f"{prefix}:{lineno}"
-                    yield Row(where, lambda line=line, where=where: _parse_json_line(line, where), part.media_base,
+                    yield InputRow(where, lambda line=line, where=where: _parse_json_line(line, where), part.media_base,
                               read=raw.tell() / max(size, 1))
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
         where, detail = f"{part.name}:end", f"{part.name}: input ends early after line {lineno} ({e})"
-        yield Row(where, lambda: _raise("truncated_input", detail), part.media_base, input_failure=True)
+        yield InputRow(where, lambda: _raise("truncated_input", detail), part.media_base, input_failure=True)
 
 
 JSONL_MEMBERS = (".jsonl", ".jsonl.gz")
@@ -102,7 +102,7 @@ def _jsonl_members(locator: str, raw: IO[bytes]) -> Iterator[tuple[str | None, I
         yield None, raw
 
 
-def _json_array_rows(part: Part) -> Iterator[Row]:
+def _json_array_rows(part: Part) -> Iterator[InputRow]:
     """A JSON file holding one array of row objects (LLaVA-Instruct and similar releases)."""
     opener = gzip.open if part.locator.endswith(".gz") else open
     with opener(part.locator, "rb") as fh:
@@ -115,7 +115,7 @@ def _json_array_rows(part: Part) -> Iterator[Row]:
         raise ValueError(f"{part.name}: a json input must hold an array of rows, got {type(rows).__name__}")
     for i, row in enumerate(rows):
         where = f"{part.name}:[{i}]"
-        yield Row(where, lambda row=row, where=where: row if isinstance(row, dict) else
+        yield InputRow(where, lambda row=row, where=where: row if isinstance(row, dict) else
                   _raise("bad_json", f"{where}: row is not an object"), part.media_base, read=(i + 1) / len(rows))
 
 
@@ -123,7 +123,7 @@ def _raise(reason: str, detail: str) -> dict[str, Any]:
     raise SkipSample(reason, detail)
 
 
-def _csv_rows(part: Part) -> Iterator[Row]:
+def _csv_rows(part: Part) -> Iterator[InputRow]:
     delimiter = "\t" if part.format == "tsv" else ","
     size = os.path.getsize(part.locator)
     with open(part.locator, "rb") as raw:
@@ -132,7 +132,7 @@ def _csv_rows(part: Part) -> Iterator[Row]:
         reader = csv.DictReader(fh, delimiter=delimiter)
         for row in reader:
             where = f"{part.name}:{reader.line_num}"
-            yield Row(where, lambda row=row, where=where: _checked_csv_row(row, where), part.media_base,
+            yield InputRow(where, lambda row=row, where=where: _checked_csv_row(row, where), part.media_base,
                       read=raw.tell() / max(size, 1))
 
 
@@ -148,7 +148,7 @@ def _checked_csv_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(row)
 
 
-def _parquet_rows(part: Part) -> Iterator[Row]:
+def _parquet_rows(part: Part) -> Iterator[InputRow]:
     import pyarrow.parquet as pq
 
     try:
@@ -160,7 +160,7 @@ def _parquet_rows(part: Part) -> Iterator[Row]:
         for row in batch.to_pylist():
             where = f"{part.name}:row {index}"
             index += 1
-            yield Row(where, lambda row=row: row, part.media_base, read=index / total)
+            yield InputRow(where, lambda row=row: row, part.media_base, read=index / total)
 
 
 def _key_and_ext(name: str) -> tuple[str, str] | None:
@@ -172,7 +172,7 @@ def _key_and_ext(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _folder_rows(part: Part) -> Iterator[Row]:
+def _folder_rows(part: Part) -> Iterator[InputRow]:
     root = Path(part.locator)
     groups: dict[str, dict[str, Any]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -185,10 +185,10 @@ def _folder_rows(part: Part) -> Iterator[Row]:
     for i, key in enumerate(sorted(groups)):
         members = groups[key]
         where = f"{part.name}/{key}"
-        yield Row(where, lambda members=members: dict(members), part.media_base, read=(i + 1) / len(groups))
+        yield InputRow(where, lambda members=members: dict(members), part.media_base, read=(i + 1) / len(groups))
 
 
-def _tar_rows(part: Part) -> Iterator[Row]:
+def _tar_rows(part: Part) -> Iterator[InputRow]:
     """Samples of a tar shard (a local file, ``http(s)://``, ``pipe:``, ...) read through mio's one
     tar stage. A shard that fails keeps the samples before the failure and ends with one counted
     row naming the URL and the error: ``missing_file`` when nothing could be read (a missing file,
@@ -196,18 +196,18 @@ def _tar_rows(part: Part) -> Iterator[Row]:
     failures: list[ShardFailure] = []
     for sample in shard_samples(part.locator, on_failure=failures.append):
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        yield Row(f"{part.name}:{sample['__key__']}", lambda members=members: members, part.media_base)
+        yield InputRow(f"{part.name}:{sample['__key__']}", lambda members=members: members, part.media_base)
     for f in failures:
         if f.reason == "unreadable":
             reason, where, what = "missing_file", f"{part.name}:start", "could not be read"
         else:
             reason, where, what = "truncated_input", f"{part.name}:end", f"broke off after {f.members} members"
         detail = f"{part.name}: input shard {what} ({f.error}); the {f.samples} samples before it are kept"
-        yield Row(where, lambda reason=reason, detail=detail: _raise(reason, detail), part.media_base,
+        yield InputRow(where, lambda reason=reason, detail=detail: _raise(reason, detail), part.media_base,
                   input_failure=True)
 
 
 # Input format (a recipe's ``input.format``, ``urls`` read as ``tar``) -> its reader.
-FORMAT_READERS: dict[str, Callable[[Part], Iterator[Row]]] = {
+FORMAT_READERS: dict[str, Callable[[Part], Iterator[InputRow]]] = {
     "jsonl": _jsonl_rows, "json": _json_array_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows,
     "folder": _folder_rows, "tar": _tar_rows}

@@ -77,7 +77,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
     if backbone is not None:
         from transformers import AutoTokenizer
 
-        from mio.data.reading import Renderer
+        from mio.data.reading import TrainingRenderer
         from mio.vocab import extend_tokenizer, folder_table, is_extended
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
@@ -85,7 +85,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         table = folder_table(backbone, tok, extend=True)
         if not is_extended(tok):
             extend_tokenizer(tok, table)
-        renderer = Renderer(tok, table)
+        renderer = TrainingRenderer(tok, table)
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):

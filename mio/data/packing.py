@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -274,7 +275,22 @@ def _validated(sample: TokenSample, index: int) -> tuple[np.ndarray, np.ndarray,
     return input_ids.astype(np.int64, copy=False), labels.astype(np.int64, copy=False), modality
 
 
-def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Tensor | int]:
+class PackedBatch(TypedDict):
+    """Packs stacked into a batch (:func:`collate_packs`): what the model and the attention
+    backends read."""
+
+    input_ids: torch.Tensor  # (B, L) int64
+    labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX where nothing is scored
+    position_ids: torch.Tensor  # (B, L) int64
+    document_ids: torch.Tensor  # (B, L) int32, -1 on padding
+    modality: torch.Tensor  # (B, L) int8, -1 on padding
+    cu_seqlens: torch.Tensor  # (S+1,) int32 offsets of the samples (and each row's padding) in the flat batch
+    max_seqlen: int
+    one_sample_per_row: bool
+    seq_lens: torch.Tensor  # (S,) int64
+
+
+def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> PackedBatch:
     """Stack packs into a batch, padding every row to the longest pack.
 
     Returns ``input_ids``, ``labels``, ``position_ids``, ``document_ids``, ``modality``: (B, L);
@@ -309,14 +325,14 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
         if used < length:
             segments.append(length - used)
     cu_seqlens = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "document_ids": torch.from_numpy(document_ids),
-        "modality": torch.from_numpy(modality),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
-        "max_seqlen": int(max(segments)),
-        "one_sample_per_row": all(len(p.seq_lens) <= 1 for p in packs),
-        "seq_lens": torch.tensor(lengths, dtype=torch.int64),
-    }
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        document_ids=torch.from_numpy(document_ids),
+        modality=torch.from_numpy(modality),
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+        max_seqlen=int(max(segments)),
+        one_sample_per_row=all(len(p.seq_lens) <= 1 for p in packs),
+        seq_lens=torch.tensor(lengths, dtype=torch.int64),
+    )

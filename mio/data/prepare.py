@@ -21,7 +21,7 @@ import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Literal, TypedDict
 
 from mio.data.inputs import Part, list_parts
 from mio.data.lock import FolderLock
@@ -30,10 +30,22 @@ from mio.data.out_folder import CLEARED, check_folder, clear_folder, cleared_by,
 from mio.data.progress import Log, Meter
 from mio.data.ranks import Ranks, resolve_ranks, unit_owner
 from mio.data.recipe import Recipe
-from mio.data.shards import MANIFEST, SHARD_FORMAT, write_json_atomic
+from mio.data.shards import MANIFEST, SHARD_FORMAT, Manifest, ShardInfo, write_json_atomic
 from mio.data.tokenize_rows import Context, recipe_tokenizers
-from mio.data.units import UNITS, part_records, retry_failed_units, run_part
+from mio.data.units import UNITS, UnitRecord, part_records, retry_failed_units, run_part
 from mio.tokenizers.media_tokenizers import MediaTokenizers
+
+
+class RankSummary(TypedDict):
+    """What a rank that finished before the others prepared (the last one writes the manifest)."""
+
+    merged: Literal[False]
+    rank: int
+    world_size: int
+    seen: int
+    samples: int
+    shards: list[ShardInfo]
+    skipped: dict[str, int]
 
 
 class PrepareInterrupted(KeyboardInterrupt):
@@ -43,7 +55,7 @@ class PrepareInterrupted(KeyboardInterrupt):
 def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
             tokenizer_dir: str | os.PathLike | None = None, progress: Log | None = None,
             rank: int | None = None, world_size: int | None = None, overwrite: bool = False,
-            meter: Meter | None = None) -> dict[str, Any]:
+            meter: Meter | None = None) -> Manifest | RankSummary:
     """Run a recipe into ``out_dir``: this rank's shards, and ``manifest.json`` once every rank's
     units are done. Returns the manifest, or (on a rank that finished before the others) this
     rank's own figures with ``"merged": False``. ``overwrite`` starts the folder afresh."""
@@ -66,11 +78,11 @@ def prepare(recipe_path: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _run(recipe: Recipe, out: Path, tok: MediaTokenizers, parts: list[Part], ranks: Ranks, meter: Meter,
-         progress: Log | None) -> dict[str, Any]:
+         progress: Log | None) -> Manifest | RankSummary:
     fingerprint = {"shard_format": SHARD_FORMAT, "recipe": recipe.sha256(), "tokenizers": tok.fingerprint()}
     pool = ThreadPoolExecutor(max_workers=recipe.workers, thread_name_prefix="mio-media")
     ctx = Context(recipe, tok, pool, fingerprint, out, meter)
-    written: list[dict[str, Any]] = []
+    written: list[UnitRecord] = []
     done, retry = retry_failed_units(ctx, parts, ranks)
     if progress and (done or retry):
         progress(f"{out}: {done} units already done by an earlier run"
@@ -92,10 +104,10 @@ def _run(recipe: Recipe, out: Path, tok: MediaTokenizers, parts: list[Part], ran
     if manifest is None:
         if progress:
             progress(f"rank {ranks.rank}/{ranks.world}: done; the last rank to finish writes {out / MANIFEST}")
-        return {"merged": False, "rank": ranks.rank, "world_size": ranks.world,
-                "seen": sum(r["seen"] for r in written), "samples": sum(r["samples"] for r in written),
-                "shards": [r["shard"] for r in written if r["shard"] is not None],
-                "skipped": dict(sum((Counter(r["skipped"]) for r in written), Counter()))}
+        return RankSummary(merged=False, rank=ranks.rank, world_size=ranks.world,
+                           seen=sum(r["seen"] for r in written), samples=sum(r["samples"] for r in written),
+                           shards=[r["shard"] for r in written if r["shard"] is not None],
+                           skipped=dict(sum((Counter(r["skipped"]) for r in written), Counter())))
     if manifest["samples"] == 0:  # nothing to keep: leave nothing that would block the corrected rerun
         shutil.rmtree(out / UNITS)
         if manifest["seen"] == 0:

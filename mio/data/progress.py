@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mio.data.formats import Row
+from mio.data.formats import InputRow
 from mio.data.inputs import Part
 
 PROGRESS_EVERY_S = 30.0
@@ -44,7 +44,7 @@ class Meter:
         self.done_weight += self.weights.get(part.index, 0.0)
         self.read = self.done_weight
 
-    def row_read(self, part: Part, row: Row) -> None:
+    def row_read(self, part: Part, row: InputRow) -> None:
         if row.read is not None:
             self.read = self.done_weight + self.weights.get(part.index, 0.0) * min(row.read, 1.0)
 

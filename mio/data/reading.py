@@ -236,7 +236,7 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
 RENDER_ERRORS = (VocabError, ConversationError, ValueError)
 
 
-class Renderer:
+class TrainingRenderer:
     """A stored sample -> a :class:`TokenSample` for the given dataset spec.
 
     The ids are the backbone tokenizer's for the sample's text form (see
@@ -282,7 +282,7 @@ class Renderer:
 
 
 class _RenderFailures:
-    """``on_error`` of ``Renderer.many``: a sample that fails to render, counted against its dataset."""
+    """``on_error`` of ``TrainingRenderer.many``: a sample that fails to render, counted against its dataset."""
 
     def __init__(self, counts: DataCounts, dataset: int) -> None:
         self.counts, self.dataset = counts, dataset
@@ -300,7 +300,7 @@ def error_summary(counts: DataCounts, dataset: int) -> str:
     return ", ".join(f"{reason} {n}" for reason, n in found) + f"; e.g. {example}"
 
 
-def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer, slot: ReaderSlot, seed: int,
+def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: TrainingRenderer, slot: ReaderSlot, seed: int,
                    dataset: int, counts: DataCounts, shuffle_buffer: int = 256, render_block: int = 32,
                    expected: dict[str, int] | None = None) -> Iterator[TokenSample]:
     """One dataset's rendered samples for this slot, epoch after epoch, forever (rendered in
@@ -357,7 +357,7 @@ def kind_tokens(pack: Pack) -> np.ndarray:
 
 
 @dataclass
-class Row:
+class PackedRow:
     """One packed row of a row stream, and what the stream read and lost since its previous row."""
 
     pack: Pack
@@ -385,14 +385,14 @@ class Mixture:
         if len(self.shards) != len(self.specs) or not all(self.shards):
             raise ValueError(f"Mixture: {len(self.specs)} datasets need a non-empty shard list each")
         self.expected = [shard_sample_counts(shards) for shards in self.shards]
-        self.renderer = Renderer(tokenizer, table)
+        self.renderer = TrainingRenderer(tokenizer, table)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.context_length, self.buffer_size = context_length, buffer_size
         self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
         self.pack = pack  # False: one sample per row (the packer's setting)
 
-    def rows(self, slot: ReaderSlot) -> Iterator[Row]:
+    def rows(self, slot: ReaderSlot) -> Iterator[PackedRow]:
         """Reader slot ``slot``'s packs, each with its counts. The mixture draws the sequences the
         packer places as they are (text over the context already cut, media over it left out and
         counted), seeing what the packer has released per dataset; every sample carries its
@@ -410,7 +410,7 @@ class Mixture:
             np.add.at(released, pack.datasets, lens if self.balance == "tokens" else 1)
             np.add.at(counts.tokens, pack.datasets, lens)
             counts.kind_tokens += kind_tokens(pack)
-            yield Row(pack, counts.take())
+            yield PackedRow(pack, counts.take())
 
     def _sequences(self, stream: Iterator[TokenSample], dataset: int, counts: DataCounts,
                    max_dropped_in_a_row: int = 1000) -> Iterator[TokenSample]:

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypedDict
 
 import numpy as np
 
@@ -32,6 +32,34 @@ from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "mio-segments/1"
+
+
+class ShardInfo(TypedDict):
+    """What a unit record and the manifest say of one finished shard."""
+
+    shard: str  # file name, in the dataset's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(TypedDict):
+    """A prepared dataset's ``manifest.json`` (written by :mod:`mio.data.manifest`)."""
+
+    format: str  # SHARD_FORMAT
+    data_type: str
+    source: str
+    recipe: dict[str, Any]  # path, sha256 and the recipe's settings
+    tokenizers: dict[str, Any]  # media kind -> the spec it was tokenized with
+    shards: list[ShardInfo]
+    inputs: list[dict[str, Any]]  # {input, rows} per input part
+    failed_inputs: list[dict[str, Any]]  # {input, unit, reason, detail} per unit whose input failed
+    seen: int  # rows read; seen == samples + sum(skipped)
+    samples: int
+    skipped: dict[str, int]  # reason -> rows
+    dropped_media: dict[str, int]  # reason -> media items dropped from documents that were kept
+    skipped_examples: list[dict[str, str]]  # {reason, detail}
+    tokens: dict[str, int]  # code tokens per modality, and text characters
 
 
 class ShardError(ValueError):
@@ -236,10 +264,10 @@ class AtomicShardWriter:
             return
         os.replace(self.tmp, self.path)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ShardInfo:
         """What the manifest records of a finished shard."""
-        return {"shard": self.path.name, "samples": self.count, "bytes": self.path.stat().st_size,
-                "sha256": file_sha256(self.path)}
+        return ShardInfo(shard=self.path.name, samples=self.count, bytes=self.path.stat().st_size,
+                         sha256=file_sha256(self.path))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -271,7 +299,7 @@ def list_shards(path: str | os.PathLike) -> list[str]:
     return shards
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike) -> Manifest:
     m = Path(path) / MANIFEST
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such folder (a prepared dataset is the --out folder of `mio prepare`)")

@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from mio.data.fields import MediaRef
-from mio.data.formats import Row
+from mio.data.formats import InputRow
 from mio.data.inputs import SkipSample
-from mio.data.layouts import Draft, Item, draft_row, media_refs
+from mio.data.layouts import RowDraft, Item, draft_row, media_refs
 from mio.data.media import Recordings, VideoFile, load_image
 from mio.data.progress import Meter
 from mio.data.recipe import Recipe
@@ -65,11 +65,11 @@ class Context:
     meter: Meter
 
 
-def _text_chars(draft: Draft) -> int:
+def _text_chars(draft: RowDraft) -> int:
     return sum(len(x.text.strip()) for x in draft.all_items() if isinstance(x, Text))
 
 
-def _draft(ctx: Context, row: Row) -> Draft:
+def _draft(ctx: Context, row: InputRow) -> RowDraft:
     draft = draft_row(ctx.recipe, row)
     if ctx.recipe.data_type != "sft" and _text_chars(draft) < ctx.recipe.filters.min_text_chars:
         raise SkipSample("text_too_short", f"{row.where}: {_text_chars(draft)} characters of text, "
@@ -120,14 +120,14 @@ def _load_group(ctx: Context, refs: list[tuple[MediaRef, str]], recordings: Reco
 class Batch:
     """Rows whose drafts are made and whose media are loading in the pool."""
 
-    rows: list[tuple[int, Row]]
-    results: list[Any]  # per row: Draft (until assembled), StoredSample or SkipSample
+    rows: list[tuple[int, InputRow]]
+    results: list[Any]  # per row: RowDraft (until assembled), StoredSample or SkipSample
     loads: list[tuple[list[tuple[int, int]], Future]]  # (row, media) slots -> their pool task
     dropped: list[SkipSample] = field(default_factory=list)  # documents' media items left out, with why
 
 
-def submit_batch(ctx: Context, rows: list[tuple[int, Row]], recordings: Recordings) -> Batch:
-    """Draft the rows (here) and start loading their media (in the pool): one task per media
+def submit_batch(ctx: Context, rows: list[tuple[int, InputRow]], recordings: Recordings) -> Batch:
+    """RowDraft the rows (here) and start loading their media (in the pool): one task per media
     item, except that the windows of one recording share a task (one open file, read in turn)."""
     results: list[Any] = []
     for _, row in rows:
@@ -137,7 +137,7 @@ def submit_batch(ctx: Context, rows: list[tuple[int, Row]], recordings: Recordin
             results.append(s)
     groups: dict[Any, list[tuple[int, int]]] = defaultdict(list)
     for i, d in enumerate(results):
-        if isinstance(d, Draft):
+        if isinstance(d, RowDraft):
             for j, ref in enumerate(media_refs(d)):
                 same_file = ref.kind == SPEECH and ref.path is not None and ref.failed is None
                 groups[("recording", ref.path) if same_file else (i, j)].append((i, j))
@@ -153,7 +153,7 @@ def complete_batch(ctx: Context, batch: Batch) -> list[StoredSample | SkipSample
     recipe, or the whole row), tokenize in one call per modality and assemble the samples."""
     results = batch.results
     loaded: dict[int, list[Any]] = {i: [None] * len(media_refs(d)) for i, d in enumerate(results)
-                                    if isinstance(d, Draft)}
+                                    if isinstance(d, RowDraft)}
     for slots, fut in batch.loads:
         for (i, j), value in zip(slots, fut.result()):
             loaded[i][j] = value
@@ -174,7 +174,7 @@ def complete_batch(ctx: Context, batch: Batch) -> list[StoredSample | SkipSample
     return results
 
 
-def _without_failed_media(ctx: Context, draft: Draft, values: list[Any]) -> tuple[Draft, list[Any], list[SkipSample]]:
+def _without_failed_media(ctx: Context, draft: RowDraft, values: list[Any]) -> tuple[RowDraft, list[Any], list[SkipSample]]:
     """The draft and its loaded media without the items that failed, and those failures. A
     document drops such items when the recipe says ``drop_media``; any other row is skipped with
     the first failure's reason."""
@@ -185,7 +185,7 @@ def _without_failed_media(ctx: Context, draft: Draft, values: list[Any]) -> tupl
     if not document or ctx.recipe.filters.bad_media_in_document == "drop_document":
         raise failed[0]
     bad = {id(ref) for ref, v in zip(media_refs(draft), values) if isinstance(v, SkipSample)}
-    kept = Draft(draft.where, [x for x in draft.items if id(x) not in bad], task=draft.task)
+    kept = RowDraft(draft.where, [x for x in draft.items if id(x) not in bad], task=draft.task)
     return kept, [v for v in values if not isinstance(v, SkipSample)], failed
 
 
@@ -221,7 +221,7 @@ def _segment(item: Item, codes: Iterator[Any]) -> Segment:
     return {IMAGE: Image, SPEECH: Speech, VIDEO: Video}[item.kind](c)
 
 
-def _assemble(ctx: Context, draft: Draft, codes: Iterator[Any]) -> StoredSample:
+def _assemble(ctx: Context, draft: RowDraft, codes: Iterator[Any]) -> StoredSample:
     if draft.turns is not None:
         turns = [Turn(role, [_segment(x, codes) for x in content]) for role, content in draft.turns]
         try:

@@ -11,19 +11,41 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from mio.data.formats import Row, iter_rows
+from mio.data.formats import InputRow, iter_rows
 from mio.data.inputs import Part, SkipSample
 from mio.data.media import Recordings
 from mio.data.ranks import Ranks, unit_owner
-from mio.data.shards import AtomicShardWriter, token_counts, write_json_atomic
+from mio.data.shards import AtomicShardWriter, ShardInfo, token_counts, write_json_atomic
 from mio.data.tokenize_rows import Batch, Context, complete_batch, submit_batch
 from mio.segments import Image, Speech, Video
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 UNITS = ".units"
 EXAMPLES_PER_UNIT = 20
+
+
+class UnitRecord(TypedDict):
+    """``.units/NAME.json``: what one finished unit holds and lost, and what it was made from."""
+
+    unit: str  # its name, also its shard's stem
+    part: int
+    input: str  # the part's name
+    chunk: int
+    rows: int  # rows of the unit's range the part had
+    last: bool  # the part's last unit
+    seen: int  # rows read; seen == samples + sum(skipped)
+    samples: int
+    skipped: dict[str, int]  # reason -> rows
+    dropped_media: dict[str, int]  # reason -> media items dropped from documents that were kept
+    input_failure: dict[str, str] | None  # {reason, detail} when the input failed (the unit is retried)
+    examples: list[dict[str, str]]  # {reason, detail}, the first EXAMPLES_PER_UNIT
+    tokens: dict[str, int]  # code tokens per modality, and text characters
+    tokenizers: dict[str, Any]  # media kind -> the spec its samples were tokenized with
+    shard: ShardInfo | None  # None: no sample survived
+    fingerprint: dict[str, Any]  # shard format, recipe and tokenizer hashes: a rerun must match
+    input_stat: list[int] | None  # (size, mtime_ns) of a local input file
 
 
 def unit_name(source: str, part: int, chunk: int) -> str:
@@ -34,7 +56,7 @@ def record_path(out: Path, name: str) -> Path:
     return out / UNITS / f"{name}.json"
 
 
-def read_record(ctx: Context, part: Part, chunk: int) -> dict[str, Any] | None:
+def read_record(ctx: Context, part: Part, chunk: int) -> UnitRecord | None:
     """A unit's record if the unit is finished (same recipe, tokenizers and input), else None."""
     name = unit_name(ctx.recipe.source, part.index, chunk)
     path = record_path(ctx.out, name)
@@ -61,7 +83,7 @@ class UnitJob:
     ctx: Context
     part: Part
     chunk: int
-    pending: list[tuple[int, Row]] = field(default_factory=list)
+    pending: list[tuple[int, InputRow]] = field(default_factory=list)
     in_flight: Batch | None = None
     recordings: Recordings = field(default_factory=Recordings)
     writer: AtomicShardWriter | None = None
@@ -77,7 +99,7 @@ class UnitJob:
     def name(self) -> str:
         return unit_name(self.ctx.recipe.source, self.part.index, self.chunk)
 
-    def add(self, index: int, row: Row) -> None:
+    def add(self, index: int, row: InputRow) -> None:
         self.pending.append((index, row))
         if len(self.pending) >= self.ctx.recipe.batch_size:
             self.flush()
@@ -128,7 +150,7 @@ class UnitJob:
         if self.writer is not None:
             self.writer.__exit__(RuntimeError, None, None)
 
-    def finish(self, rows: int, last: bool) -> dict[str, Any]:
+    def finish(self, rows: int, last: bool) -> UnitRecord:
         self.flush()
         self.flush()  # the last batch loaded
         self.recordings.close()
@@ -140,12 +162,13 @@ class UnitJob:
         else:  # a retried unit may have had a shard before
             (self.ctx.out / f"{self.name}.tar").unlink(missing_ok=True)
         samples = shard["samples"] if shard else 0
-        rec = {"unit": self.name, "part": self.part.index, "input": self.part.name, "chunk": self.chunk,
-               "rows": rows, "last": last, "seen": self.seen, "samples": samples, "skipped": dict(self.skipped),
-               "dropped_media": dict(self.dropped_media), "input_failure": self.input_failure,
-               "examples": self.examples, "tokens": dict(self.tokens),
-               "tokenizers": {k: self.ctx.tok.specs[k].record() for k in sorted(self.kinds & set(self.ctx.tok.specs))},
-               "shard": shard, "fingerprint": self.ctx.fingerprint, "input_stat": self.part.stat()}
+        rec = UnitRecord(unit=self.name, part=self.part.index, input=self.part.name, chunk=self.chunk, rows=rows,
+                         last=last, seen=self.seen, samples=samples, skipped=dict(self.skipped),
+                         dropped_media=dict(self.dropped_media), input_failure=self.input_failure,
+                         examples=self.examples, tokens=dict(self.tokens),
+                         tokenizers={k: self.ctx.tok.specs[k].record()
+                                     for k in sorted(self.kinds & set(self.ctx.tok.specs))},
+                         shard=shard, fingerprint=self.ctx.fingerprint, input_stat=self.part.stat())
         if samples + sum(self.skipped.values()) != self.seen:
             raise AssertionError(f"unit {self.name}: {samples} + {sum(self.skipped.values())} != {self.seen}")
         (self.ctx.out / UNITS).mkdir(exist_ok=True)
@@ -154,9 +177,9 @@ class UnitJob:
         return rec
 
 
-def part_records(ctx: Context, part: Part) -> list[dict[str, Any]] | None:
+def part_records(ctx: Context, part: Part) -> list[UnitRecord] | None:
     """All unit records of a part if every one of its units is finished, else None."""
-    recs: list[dict[str, Any]] = []
+    recs: list[UnitRecord] = []
     while True:
         rec = read_record(ctx, part, len(recs))
         if rec is None:
@@ -166,10 +189,10 @@ def part_records(ctx: Context, part: Part) -> list[dict[str, Any]] | None:
             return recs
 
 
-def run_part(ctx: Context, part: Part, n_parts: int, ranks: Ranks) -> list[dict[str, Any]]:
+def run_part(ctx: Context, part: Part, n_parts: int, ranks: Ranks) -> list[UnitRecord]:
     """Prepare this rank's unfinished units of one part; returns the records written."""
     size = ctx.recipe.shard_size
-    written: list[dict[str, Any]] = []
+    written: list[UnitRecord] = []
     job: UnitJob | None = None
     chunk, rows_in_chunk = -1, 0
 

@@ -18,11 +18,12 @@ import dataclasses
 import itertools
 import math
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from mio.data.packing import Pack, collate_packs
+from mio.data.packing import Pack
+from mio.data.pipeline import MicroBatch, micro_batch
 from mio.vocab import IGNORE_INDEX
 
 
@@ -70,12 +71,10 @@ class ValBatches:
     def __len__(self) -> int:
         return math.ceil(self.count / (self.batch_size * self.world))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         packs = self.all_packs()
         for i in range(len(self)):
             start = (i * self.world + self.rank) * self.batch_size
             rows = packs[start:start + self.batch_size]
             rows += [_unsupervised(packs[0])] * (self.batch_size - len(rows))
-            batch = collate_packs(rows, pad_id=self.pad_id)
-            batch["keys"] = [r.keys for r in rows]
-            yield batch
+            yield micro_batch(rows, self.pad_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mio.data.fields import as_media, as_text
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import Draft, Item, RowFields, conversation, register_layout
+from mio.data.layouts.registry import RowDraft, Item, RowFields, conversation, register_layout
 from mio.segments import Text
 from mio.vocab import IMAGE
 
@@ -15,7 +15,7 @@ LLAVA_IMAGE = "<image>"  # where LLaVA's text places its image (its own marker, 
 
 
 @register_layout("llava", "sft", {"conversations": "conversations", "image": "image", "task": "task"})
-def llava(row: RowFields) -> Draft:
+def llava(row: RowFields) -> RowDraft:
     where = row.where
     task = row.get("task", required=False)
     convs = row.get("conversations")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from mio.data.fields import as_text
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import Draft, Item, RowFields, document, document_media, register_layout
+from mio.data.layouts.registry import RowDraft, Item, RowFields, document, document_media, register_layout
 from mio.segments import Text
 from mio.vocab import IMAGE
 
 
 @register_layout("mmc4", "interleaved", {"text_list": "text_list", "image_info": "image_info"})
-def mmc4(row: RowFields) -> Draft:
+def mmc4(row: RowFields) -> RowDraft:
     where = row.where
     sentences = row.get("text_list")
     infos = row.get("image_info")

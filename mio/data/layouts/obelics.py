@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from mio.data.fields import as_text
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import Draft, Item, RowFields, document, document_media, register_layout
+from mio.data.layouts.registry import RowDraft, Item, RowFields, document, document_media, register_layout
 from mio.segments import Text
 from mio.vocab import IMAGE
 
 
 @register_layout("obelics", "interleaved", {"texts": "texts", "images": "images"})
-def obelics(row: RowFields) -> Draft:
+def obelics(row: RowFields) -> RowDraft:
     where = row.where
     texts = row.get("texts")
     images = row.get("images")

@@ -20,14 +20,14 @@ from mio.segments import Text
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 if TYPE_CHECKING:
-    from mio.data.formats import Row
+    from mio.data.formats import InputRow
     from mio.data.recipe import Recipe
 
 Item = Text | MediaRef
 
 
 @dataclass
-class Draft:
+class RowDraft:
     """A row turned into segments, media still as references. SFT drafts carry turns."""
 
     where: str
@@ -56,7 +56,7 @@ class RowFields:
         return lookup(self.values, self.fields[role], self.where, required)
 
 
-LayoutReader = Callable[[RowFields], Draft]
+LayoutReader = Callable[[RowFields], RowDraft]
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def layout_of(name: str, data_type: str, where: str) -> Layout:
     return found
 
 
-def draft_row(recipe: Recipe, row: Row) -> Draft:
+def draft_row(recipe: Recipe, row: InputRow) -> RowDraft:
     """One row -> its draft, or a SkipSample (bad row, missing field, language filter)."""
     values = row.fields()
     layout = layout_of(recipe.layout, recipe.data_type, f"recipe {recipe.path}")
@@ -108,24 +108,24 @@ def draft_row(recipe: Recipe, row: Row) -> Draft:
     return layout.read(RowFields(recipe, values, fields, where, row.base))
 
 
-def media_refs(draft: Draft) -> list[MediaRef]:
+def media_refs(draft: RowDraft) -> list[MediaRef]:
     return [x for x in draft.all_items() if isinstance(x, MediaRef)]
 
 
 # --- pieces several layouts read ----------------------------------------------------------------
-def document(where: str, items: list[Item]) -> Draft:
+def document(where: str, items: list[Item]) -> RowDraft:
     """An interleaved document's draft: each media item is paired with the document's whole text
     (a video tokenizer may choose its key frames by it)."""
     texts = " ".join(x.text for x in items if isinstance(x, Text))
     for x in items:
         if isinstance(x, MediaRef):
             x.text = texts
-    return Draft(where, items)
+    return RowDraft(where, items)
 
 
-def conversation(where: str, turns: list[tuple[str, list[Item]]], task: Any) -> Draft:
+def conversation(where: str, turns: list[tuple[str, list[Item]]], task: Any) -> RowDraft:
     """An SFT conversation's draft: (role, items) turns, and the row's task if it names one."""
-    return Draft(where, [], turns=turns, task=None if task is None else str(task))
+    return RowDraft(where, [], turns=turns, task=None if task is None else str(task))
 
 
 def document_media(value: Any, kind: str, base: Path | None, where: str, name: str) -> MediaRef:

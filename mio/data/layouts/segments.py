@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from mio.data.fields import as_media, as_text, original_size_field, seconds_field
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import (Draft, RowFields, conversation, document, register_layout,
+from mio.data.layouts.registry import (RowDraft, RowFields, conversation, document, register_layout,
                                        segment_item)
 from mio.segments import Text
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 
 @register_layout("segments", "text", {"text": "text"})
-def text(row: RowFields) -> Draft:
-    return Draft(row.where, [Text(as_text(row.get("text"), row.where, "text"))])
+def text(row: RowFields) -> RowDraft:
+    return RowDraft(row.where, [Text(as_text(row.get("text"), row.where, "text"))])
 
 
 PAIR_KINDS = {"image_text": IMAGE, "speech_text": SPEECH, "video_text": VIDEO}
@@ -22,7 +22,7 @@ PAIR_KINDS = {"image_text": IMAGE, "speech_text": SPEECH, "video_text": VIDEO}
 @register_layout("segments", "image_text", {"image": "image", "text": "text"})
 @register_layout("segments", "video_text", {"video": "video", "text": "text"})
 @register_layout("segments", "speech_text", {"speech": "audio", "text": "text"})
-def pair(row: RowFields) -> Draft:
+def pair(row: RowFields) -> RowDraft:
     """A media item and its text: ``fields.original_size`` for images a downloader resized,
     ``fields.start`` / ``fields.duration`` for a window of a long recording."""
     kind, f, where, values = PAIR_KINDS[row.recipe.data_type], row.fields, row.where, row.values
@@ -34,12 +34,12 @@ def pair(row: RowFields) -> Draft:
     if kind == SPEECH:
         ref.start = seconds_field(values, f.get("start"), where, "start")
         ref.duration = seconds_field(values, f.get("duration"), where, "duration")
-    return Draft(where, [ref, Text(text)])
+    return RowDraft(where, [ref, Text(text)])
 
 
 @register_layout("segments", "interleaved", {"segments": "segments"})
 @register_layout("segments", "video_interleaved", {"segments": "segments"})
-def segment_list(row: RowFields) -> Draft:
+def segment_list(row: RowFields) -> RowDraft:
     segs = row.get("segments")
     if not isinstance(segs, list) or not segs:
         raise SkipSample("bad_field", f"{row.where}: {row.fields['segments']} must be a non-empty list of segments")
@@ -47,7 +47,7 @@ def segment_list(row: RowFields) -> Draft:
 
 
 @register_layout("segments", "sft", {"messages": "messages", "task": "task"})
-def messages(row: RowFields) -> Draft:
+def messages(row: RowFields) -> RowDraft:
     where = row.where
     task = row.get("task", required=False)
     messages = row.get("messages")
