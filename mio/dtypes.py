@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from mio.userio import MioUserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dtype_named(name: str, setting: str) -> torch.dtype:
     """The dtype ``name`` spells, or a ValueError naming ``setting`` and the choices."""
     if name not in DTYPES:
-        raise ValueError(f"{setting} {name!r}: choose one of {sorted(DTYPES)}")
+        raise MioUserError(f"{setting} {name!r}: choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -32,5 +34,5 @@ def recorded_dtype(folder: Path) -> torch.dtype:
     config = json.loads((folder / "config.json").read_text())
     recorded = config.get("dtype") or config.get("torch_dtype") or "float32"
     if recorded not in DTYPES:
-        raise ValueError(f"{folder / 'config.json'}: dtype {recorded!r} is not one of {sorted(DTYPES)}; pass --dtype")
+        raise MioUserError(f"{folder / 'config.json'}: dtype {recorded!r} is not one of {sorted(DTYPES)}; pass --dtype")
     return DTYPES[recorded]

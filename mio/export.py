@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mio.dtypes import DTYPES, dtype_named, recorded_dtype
+from mio.log import info
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import ADAPTER_CONFIG, is_adapter_folder
-from mio.userio import run_command
+from mio.userio import MioUserError, run_command
 from mio.vocab import VocabTable, folder_table
 
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: merging
@@ -34,7 +34,7 @@ def adapter_base(adapter: Path) -> Path:
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     base = config.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter / ADAPTER_CONFIG} names no base model; pass --base")
+        raise MioUserError(f"{adapter / ADAPTER_CONFIG} names no base model; pass --base")
     return Path(base)
 
 
@@ -75,10 +75,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         got = merged(ids).logits.float()
     scale = expected.abs().max().clamp(min=1.0)
     error = ((got - expected).abs().max() / scale).item()
-    print(f"[mio] merged logits differ from the adapter's by {error:.2e} (relative, {torch_dtype})",
-          file=sys.stderr)
+    info(f"merged logits differ from the adapter's by {error:.2e} (relative, {torch_dtype})")
     if error > TOLERANCE[torch_dtype]:
-        raise ValueError(f"merging {adapter} into {base} changed the logits by {error:.2e} (relative), "
+        raise MioUserError(f"merging {adapter} into {base} changed the logits by {error:.2e} (relative), "
                          f"over the {TOLERANCE[torch_dtype]:.0e} a {torch_dtype} merge allows")
     out = save_model_folder(merged, tokenizer, table, out, tokenizer_specs=specs)
     if (adapter / STAGE_CONFIG).is_file():

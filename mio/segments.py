@@ -16,13 +16,15 @@ from tokenizers import Tokenizer
 from mio.vocab import BLOCK_MARKERS, IGNORE_INDEX, VocabError, VocabTable
 
 
+# Segments compare by content and loss flag (a test comparing segments also checks the mask); the
+# media compare their codes as arrays.
 @dataclass(frozen=True, eq=False)
 class Text:
     text: str
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Text) and self.text == other.text
+        return isinstance(other, Text) and self.text == other.text and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,7 +33,7 @@ class Image:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Image) and np.array_equal(self.codes, other.codes)
+        return isinstance(other, Image) and np.array_equal(self.codes, other.codes) and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +42,7 @@ class Speech:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Speech) and np.array_equal(self.codes, other.codes)
+        return isinstance(other, Speech) and np.array_equal(self.codes, other.codes) and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +51,7 @@ class Video:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Video) and np.array_equal(self.frames, other.frames)
+        return isinstance(other, Video) and np.array_equal(self.frames, other.frames) and self.loss == other.loss
 
 
 Segment = Union[Text, Image, Speech, Video]

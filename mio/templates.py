@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mio.segments import Image, Segment, Speech, Text, Video
+from mio.userio import MioUserError
 from mio.vocab import CHAT_END, CHAT_START
 
 # --- pretraining -------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.R
         return fill_template((templates or PAPER).pretrain[name], text, media)
     if data_type in ("text", "interleaved", "video_interleaved"):
         return [content_only(s) for s in segments]
-    raise ValueError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
+    raise MioUserError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
 
 
 def _pair(data_type: str, segments: Sequence[Segment]) -> tuple[Segment, str]:
@@ -90,7 +91,7 @@ def _pair(data_type: str, segments: Sequence[Segment]) -> tuple[Segment, str]:
     media = [s for s in segments if isinstance(s, want)]
     texts = [s.text for s in segments if isinstance(s, Text)]
     if len(media) != 1 or len(texts) != 1:
-        raise ValueError(f"a {data_type} sample needs one media segment and one text, got "
+        raise MioUserError(f"a {data_type} sample needs one media segment and one text, got "
                          f"{[type(s).__name__ for s in segments]}")
     return media[0], texts[0]
 
@@ -116,7 +117,7 @@ class Turn:
     content: list[Segment]
 
 
-class ConversationError(ValueError):
+class ConversationError(MioUserError):
     """A conversation that cannot be rendered (unknown role, order, empty content...)."""
 
 
@@ -215,14 +216,14 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {s.name: s for s in (PAPER, MIO_RELEASE)
 
 def template_set(name: str) -> TemplateSet:
     if name not in TEMPLATE_SETS:
-        raise ValueError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}")
+        raise MioUserError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}")
     return TEMPLATE_SETS[name]
 
 
 def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER) -> list[Turn]:
     """A (media, text) pair -> a two-turn conversation of the given SFT task family."""
     if task not in templates.pair_tasks:
-        raise ValueError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
+        raise MioUserError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
     template = templates.pair_tasks[task]
     if "{media}" in template:
         before, _, after = template.partition("{media}")

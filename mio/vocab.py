@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 from tokenizers import AddedToken
 
+from mio.userio import MioUserError
+
 VOCAB_FILE = "mio_vocab.json"
 FORMAT = "mio-vocab/1"
 
@@ -48,7 +50,7 @@ MODALITY_NAMES = dict(enumerate(TOKEN_MODALITIES))  # code -> name
 IGNORE_INDEX = -100
 
 
-class VocabError(ValueError):
+class VocabError(MioUserError):
     """A token id, code or layout that does not fit the vocabulary table."""
 
 

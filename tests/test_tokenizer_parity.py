@@ -95,7 +95,8 @@ def test_parse_inverts_render(kind, segs):
 
 @pytest.mark.parametrize("kind", ["sentencepiece_legacy", "sentencepiece"], indirect=True)
 def test_sentencepiece_whole_string_is_not_piece_by_piece(kind):
-    """The SentencePiece case of DESIGN.md (How text becomes ids): encoded one by one, each text gains a dummy prefix; the whole string does not."""
+    """DESIGN.md's SentencePiece case: encoded one by one, each text gains a dummy prefix; the whole
+    string does not."""
     _, tok, table, renderer = kind
     segs = [Image(np.arange(32)), Text(" The caption of this image is: "), Text("a red cat")]
     whole = renderer(segs).input_ids.tolist()

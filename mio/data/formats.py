@@ -20,6 +20,7 @@ from typing import IO, Any, Callable, Iterator
 
 from mio.data.inputs import Part, SkipSample
 from mio.data.tars import ShardFailure, shard_samples
+from mio.userio import MioUserError
 
 
 @dataclass
@@ -109,10 +110,10 @@ def _json_array_rows(part: Part) -> Iterator[InputRow]:
         try:
             rows = json.load(fh)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{part.name}: not a JSON array of rows ({e}); use format jsonl for one object "
+            raise MioUserError(f"{part.name}: not a JSON array of rows ({e}); use format jsonl for one object "
                              f"a line") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{part.name}: a json input must hold an array of rows, got {type(rows).__name__}")
+        raise MioUserError(f"{part.name}: a json input must hold an array of rows, got {type(rows).__name__}")
     for i, row in enumerate(rows):
         where = f"{part.name}:[{i}]"
         yield InputRow(where, lambda row=row, where=where: row if isinstance(row, dict) else
@@ -154,7 +155,7 @@ def _parquet_rows(part: Part) -> Iterator[InputRow]:
     try:
         pf = pq.ParquetFile(part.locator)
     except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError family
-        raise ValueError(f"{part.name}: not a readable parquet file: {e}") from None
+        raise MioUserError(f"{part.name}: not a readable parquet file: {e}") from None
     index, total = 0, max(pf.metadata.num_rows, 1)
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import braceexpand
 
+from mio.userio import MioUserError
+
 if TYPE_CHECKING:
     from mio.data.recipe import Recipe
 
@@ -92,7 +94,7 @@ def list_parts(recipe: Recipe) -> list[Part]:
     parts = []
     for i, loc in enumerate(locators):
         if fmt == "folder" and loc not in missing and not os.path.isdir(loc):
-            raise ValueError(f"{where}: input format is folder, but {loc} is not a folder")
+            raise MioUserError(f"{where}: input format is folder, but {loc} is not a folder")
         base = media_root or (None if is_url(loc) else (Path(loc) if fmt == "folder" else Path(loc).parent))
         rel = loc if is_url(loc) else os.path.relpath(loc, recipe.path.parent)
         name = loc if rel.startswith("..") else rel  # beside the recipe: short; elsewhere: absolute
@@ -117,5 +119,5 @@ def _read_url_lists(files: list[str], where: str) -> tuple[list[str], list[str]]
                 absent += [p for p in found if not os.path.exists(p)]
             urls += found
     if files and not urls:
-        raise ValueError(f"{where}: the URL list(s) {files} name no shard")
+        raise MioUserError(f"{where}: the URL list(s) {files} name no shard")
     return urls, absent

@@ -12,6 +12,7 @@ from pathlib import Path
 from mio.data.lock import LOCK, MEMBERS, FolderLock, FolderLocked
 from mio.data.shards import MANIFEST
 from mio.data.units import UNITS
+from mio.userio import MioUserError
 
 CLEARED = ".mio-prepare.cleared"  # the job whose --overwrite emptied the folder (its ranks clear once)
 SHARD_NAME = re.compile(r".+-\d{5}-\d{5}\.tar")
@@ -28,10 +29,10 @@ def check_folder(out: Path, source: str) -> None:
     foreign = sorted(p.name for p in out.iterdir() if not ours(p.name)) if out.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise ValueError(f"{out} is not empty and holds no mio dataset ({shown}); give --out a new or empty folder")
+        raise MioUserError(f"{out} is not empty and holds no mio dataset ({shown}); give --out a new or empty folder")
     other = [p.name for p in out.glob("*.tar") if not p.name.startswith(f"{source}-")]
     if other:
-        raise ValueError(f"{out} holds shards of another dataset ({other[0]}, ...); give each recipe its own --out, "
+        raise MioUserError(f"{out} holds shards of another dataset ({other[0]}, ...); give each recipe its own --out, "
                          f"or pass --overwrite to replace that dataset")
 
 

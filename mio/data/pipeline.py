@@ -25,6 +25,7 @@ import torch
 
 from mio.data.packing import Pack, PackedBatch, collate_packs
 from mio.data.reading import DataCounts, Mixture, PackedRow, ReaderSlot
+from mio.userio import MioUserError
 from mio.vocab import IGNORE_INDEX
 
 __all__ = ["RankRows", "RankBatches", "MicroBatch", "micro_batch"]
@@ -104,10 +105,10 @@ class RankBatches:
 
     def __init__(self, rows: RankRows, accumulate: int = 1, num_workers: int = 0) -> None:
         if num_workers and rows.count % num_workers:
-            raise ValueError(f"data.num_workers ({num_workers}) must divide data.batch_size ({rows.count}): "
+            raise MioUserError(f"data.num_workers ({num_workers}) must divide data.batch_size ({rows.count}): "
                              "each worker runs whole row streams")
         if accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+            raise MioUserError(f"accumulate must be >= 1, got {accumulate}")
         self.rows, self.accumulate, self.num_workers = rows, accumulate, num_workers
 
     def __iter__(self) -> Iterator[MicroBatch]:

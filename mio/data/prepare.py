@@ -34,6 +34,7 @@ from mio.data.shards import MANIFEST, SHARD_FORMAT, Manifest, ShardInfo, write_j
 from mio.data.tokenize_rows import Context, recipe_tokenizers
 from mio.data.units import UNITS, UnitRecord, part_records, retry_failed_units, run_part
 from mio.tokenizers.media_tokenizers import MediaTokenizers
+from mio.userio import MioUserError
 
 
 class RankSummary(TypedDict):
@@ -111,9 +112,9 @@ def _run(recipe: Recipe, out: Path, tok: MediaTokenizers, parts: list[Part], ran
     if manifest["samples"] == 0:  # nothing to keep: leave nothing that would block the corrected rerun
         shutil.rmtree(out / UNITS)
         if manifest["seen"] == 0:
-            raise ValueError(f"recipe {recipe.path}: the input holds no rows: "
+            raise MioUserError(f"recipe {recipe.path}: the input holds no rows: "
                              f"{', '.join(p.name for p in parts[:5])}{' ...' if len(parts) > 5 else ''}")
-        raise ValueError(f"recipe {recipe.path}: no sample survived ({manifest['seen']} rows seen, skipped "
+        raise MioUserError(f"recipe {recipe.path}: no sample survived ({manifest['seen']} rows seen, skipped "
                          f"{manifest['skipped']}); first reasons: {manifest['skipped_examples'][:3]}. Fix the recipe "
                          f"and run again (nothing was kept in {out})")
     write_json_atomic(out / MANIFEST, manifest)

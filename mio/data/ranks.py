@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from mio.userio import MioUserError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -27,13 +29,13 @@ def resolve_ranks(rank: int | None = None, world_size: int | None = None) -> Ran
                 rank, world_size = int(env[r_key]), int(env[w_key])
                 local = int(env.get(l_key, "0"))
             except ValueError:
-                raise ValueError(f"{r_key}={env[r_key]!r} / {w_key}={env[w_key]!r} are not integers") from None
+                raise MioUserError(f"{r_key}={env[r_key]!r} / {w_key}={env[w_key]!r} are not integers") from None
             break
     else:
         local = 0
     rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+        raise MioUserError(f"rank {rank} is not in [0, world size {world_size})")
     return Ranks(rank, world_size, local)
 
 

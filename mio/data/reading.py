@@ -34,6 +34,7 @@ from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
                            template_set)
+from mio.userio import MioUserError
 from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
 
 
@@ -55,12 +56,12 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if self.format not in ("pretrain", "sft"):
-            raise ValueError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
+            raise MioUserError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
         if self.weight <= 0:
-            raise ValueError(f"dataset {self.path}: weight must be positive, got {self.weight}")
+            raise MioUserError(f"dataset {self.path}: weight must be positive, got {self.weight}")
         unknown = [t for t in self.tasks if t not in PAIR_TASKS]
         if unknown:
-            raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+            raise MioUserError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
         template_set(self.templates)
 
 
@@ -220,15 +221,15 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
         if sample.turns is not None:
             return render_chat(sample.turns, task=sample.task), False
         if not spec.tasks:
-            raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
+            raise MioUserError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
         task = spec.tasks[rng.randrange(len(spec.tasks))]
         media = [s for s in sample.segments if not isinstance(s, Text)]
         text = "".join(s.text for s in sample.segments if isinstance(s, Text))
         if len(media) != 1:
-            raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
+            raise MioUserError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
         return render_chat(pair_conversation(task, media[0], text, template_set(spec.templates)), task=task), False
     if sample.turns is not None:
-        raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
+        raise MioUserError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
     segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template, template_set(spec.templates))
     return segs, all(isinstance(s, Text) for s in segs)
 
@@ -319,7 +320,7 @@ def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: TrainingR
                 sample.dataset = dataset
             yield from done
         if rendered == 0:
-            raise ValueError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
+            raise MioUserError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
                              f"({len(shards)} shards; {error_summary(counts, dataset)})")
 
 
@@ -334,7 +335,7 @@ def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence
     than another, so the shares hold in the packed batches, not only in what went in.
     """
     if balance not in ("tokens", "samples"):
-        raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
+        raise MioUserError(f"balance must be 'tokens' or 'samples', got {balance!r}")
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     drawn = np.zeros(len(streams), dtype=np.float64)
     while True:
@@ -378,7 +379,7 @@ class Mixture:
                  balance: str = "tokens", shuffle_buffer: int = 256,
                  shards: Sequence[Sequence[str]] | None = None, pack: bool = True) -> None:
         if balance not in ("tokens", "samples"):
-            raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
+            raise MioUserError(f"balance must be 'tokens' or 'samples', got {balance!r}")
         self.specs = list(datasets)
         self.shards = [list(s) for s in shards] if shards is not None else [list_shards(Path(root) / s.path)
                                                                               for s in self.specs]
@@ -428,7 +429,7 @@ class Mixture:
                                                           f"data.context_length={self.context_length}")
                 since_packed += 1
                 if since_packed > max_dropped_in_a_row:  # else a dataset all over the context is read forever
-                    raise ValueError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
+                    raise MioUserError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
                                      f"data.context_length={self.context_length} and cannot be packed; raise the "
                                      f"context length or drop the dataset from the stage")
                 previous = sample

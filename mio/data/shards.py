@@ -28,6 +28,7 @@ import numpy as np
 from mio.data.tars import tar_samples, tar_writer
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 MANIFEST = "manifest.json"
@@ -62,7 +63,7 @@ class Manifest(TypedDict):
     tokens: dict[str, int]  # code tokens per modality, and text characters
 
 
-class ShardError(ValueError):
+class ShardError(MioUserError):
     """A shard member that is not a valid mio sample; the message names shard and key."""
 
 
@@ -308,7 +309,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     try:
         return json.loads(m.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{m}: manifest is not valid JSON: {e}") from None
+        raise MioUserError(f"{m}: manifest is not valid JSON: {e}") from None
 
 
 def shard_sample_counts(shards: Sequence[str]) -> dict[str, int]:

@@ -20,6 +20,7 @@ from mio.data.ranks import Ranks, unit_owner
 from mio.data.shards import AtomicShardWriter, ShardInfo, token_counts, write_json_atomic
 from mio.data.tokenize_rows import Batch, Context, complete_batch, submit_batch
 from mio.segments import Image, Speech, Video
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 UNITS = ".units"
@@ -64,11 +65,11 @@ def read_record(ctx: Context, part: Part, chunk: int) -> UnitRecord | None:
         return None
     rec = json.loads(path.read_text())
     if rec.get("fingerprint") != ctx.fingerprint:
-        raise ValueError(f"{ctx.out}: unit {name} was prepared from a different recipe or tokenizer spec "
+        raise MioUserError(f"{ctx.out}: unit {name} was prepared from a different recipe or tokenizer spec "
                          f"({rec.get('fingerprint')} vs now {ctx.fingerprint}); pass --overwrite to start the "
                          f"folder afresh, or use another --out folder")
     if rec.get("input_stat") != part.stat() and not part.missing:
-        raise ValueError(f"{ctx.out}: input {part.name} changed since unit {name} was prepared; pass --overwrite "
+        raise MioUserError(f"{ctx.out}: input {part.name} changed since unit {name} was prepared; pass --overwrite "
                          f"to start the folder afresh, or use another --out folder")
     if rec["shard"] is not None and not (ctx.out / rec["shard"]["shard"]).is_file():
         return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,9 @@ from mio.eval.tasks import (ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, E
                             task_kind)
 from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
+from mio.log import info
 from mio.segments import Image, Segment, Speech, Text, Video
+from mio.userio import MioUserError
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and batch_size ({self.batch_size}) must be positive")
+            raise MioUserError(f"max_new_tokens ({self.max_new_tokens}) and batch_size ({self.batch_size}) must be positive")
 
 
 @dataclass
@@ -117,7 +118,7 @@ def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: 
              out: str | os.PathLike, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[EvalAnswer]]:
     """Answer, score and write; returns the metrics (also ``out/metrics.json``) and every item's
     answer with its scores."""
-    log = log or _log
+    log = log or info
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +276,3 @@ def write_outputs(out: Path, rows: list[EvalAnswer], metrics: dict[str, Any]) ->
             fh.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_html(out / "report.html", [r.to_json() for r in rows], metrics)
-
-
-def _log(msg: str) -> None:
-    print(f"[mio] {msg}", file=sys.stderr, flush=True)

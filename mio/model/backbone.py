@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,7 +17,9 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
+from mio.log import info
 from mio.model.attention import effective_backend
+from mio.userio import MioUserError
 from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table, stop_ids
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
@@ -94,7 +95,7 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
     table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
-        raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
+        raise MioUserError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
     return model, tokenizer, table
 
 
@@ -106,8 +107,8 @@ def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa", dty
     # No implementation named: transformers' own choice, SDPA where the family has it, else eager.
     model = _build_model(folder, None if attn_implementation == "sdpa" else attn_implementation, dtype, weights)
     if weights and effective_backend(model, attn_implementation) == "eager" != attn_implementation:
-        print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
-              "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
+        info(f"{type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
+             "using eager attention (the same packed masks, as additive masks)")
     return model
 
 

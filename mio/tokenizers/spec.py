@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mio.userio import load_yaml_mapping
+from mio.userio import MioUserError, load_yaml_mapping
 
 KINDS = ("seed", "speechtokenizer", "video")
 
@@ -29,7 +29,7 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
 def check_kind(spec: dict[str, Any], where: str) -> str:
     kind = spec.get("kind")
     if kind not in KINDS:
-        raise ValueError(f"tokenizer spec {where}: `kind` must be one of {KINDS}, got {kind!r}")
+        raise MioUserError(f"tokenizer spec {where}: `kind` must be one of {KINDS}, got {kind!r}")
     return kind
 
 
@@ -53,7 +53,7 @@ def resolve_checkpoints(spec: dict[str, Any], wanted: dict[str, str], where: str
     files = []
     for key, what in wanted.items():
         if not spec.get(key):
-            raise ValueError(f"tokenizer spec {where}: `{key}` is required ({what})")
+            raise MioUserError(f"tokenizer spec {where}: `{key}` is required ({what})")
         files.append(CheckpointFile(key, root / os.path.expanduser(str(spec[key])), what))
     missing = [f for f in files if not f.path.is_file()]
     if missing:

@@ -28,7 +28,6 @@ sharding, which a sharded model cannot take.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import torch
@@ -41,7 +40,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mio.dtypes import dtype_named
+from mio.log import info
 from mio.process_memory import peak_rss_mb, reset_peak_rss, rss_mb
+from mio.userio import MioUserError
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -99,9 +100,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 dist.broadcast(buffer, src=0)
         del full, source, theirs
         sizes = tensor_mb(model)
-        print(f"[mio] rank {self.global_rank}: weights loaded into shards; peak RSS {peak_rss_mb():.0f} MB, "
-              f"{before:.0f} MB before loading; the model is {sum(sizes):.0f} MB, its largest tensor "
-              f"{max(sizes):.0f} MB", file=sys.stderr, flush=True)
+        info(f"rank {self.global_rank}: weights loaded into shards; peak RSS {peak_rss_mb():.0f} MB, "
+             f"{before:.0f} MB before loading; the model is {sum(sizes):.0f} MB, its largest tensor "
+             f"{max(sizes):.0f} MB")
 
     def shard(self, model: nn.Module) -> None:
         """``fully_shard`` each decoder layer, then (untied) the decoder and the output layer, then
@@ -128,7 +129,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.get_decoder().modules():
         if isinstance(module, nn.ModuleList) and len(module) == layers and len({type(m) for m in module}) == 1:
             return module
-    raise ValueError(f"{type(model).__name__}: found no list of {layers} decoder layers (config.num_hidden_layers) "
+    raise MioUserError(f"{type(model).__name__}: found no list of {layers} decoder layers (config.num_hidden_layers) "
                      f"to shard one by one")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from mio.data.packing import Pack
 from mio.data.pipeline import MicroBatch, micro_batch
+from mio.userio import MioUserError
 from mio.vocab import IGNORE_INDEX
 
 
@@ -31,11 +32,11 @@ def hold_out(shards: Sequence[str], fraction: float, seed: int, name: str) -> tu
     """(training shards, held-out shards) of one dataset: ``round(fraction * n)`` whole shards
     (at least one), chosen by a shuffle seeded by ``seed`` over the sorted shard names."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
+        raise MioUserError(f"data.val_fraction must be in (0, 1), got {fraction}")
     order = sorted(shards)
     held = max(1, round(fraction * len(order)))
     if held >= len(order):
-        raise ValueError(f"dataset {name}: {len(order)} shard(s) cannot give a validation share of {fraction} by "
+        raise MioUserError(f"dataset {name}: {len(order)} shard(s) cannot give a validation share of {fraction} by "
                          f"whole shards and keep one for training; prepare it with a smaller shard_size, or give "
                          f"data.val_datasets")
     random.Random(f"val:{seed}:{name}").shuffle(order)
@@ -57,7 +58,7 @@ class ValBatches:
     def __init__(self, packs: Callable[[], Iterator[Pack]], count: int, batch_size: int, rank: int, world: int,
                  pad_id: int) -> None:
         if count < 1:
-            raise ValueError(f"data.val_packs must be positive, got {count}")
+            raise MioUserError(f"data.val_packs must be positive, got {count}")
         self.packs, self.count, self.batch_size, self.rank, self.world = packs, count, batch_size, rank, world
         self.pad_id = pad_id
         self._cache: list[Pack] | None = None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mio.data.fields import MediaRef, as_media, as_text, lookup
 from mio.data.inputs import SkipSample
 from mio.segments import Text
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def layout_of(name: str, data_type: str, where: str) -> Layout:
     found = LAYOUTS.get((name, data_type))
     if found is None:
         names = sorted(n for n, dt in LAYOUTS if dt == data_type)
-        raise ValueError(f"{where}: layout {name!r} does not read data type {data_type!r}; set `layout` to one of "
+        raise MioUserError(f"{where}: layout {name!r} does not read data type {data_type!r}; set `layout` to one of "
                          f"{', '.join(names)}")
     return found
 
