@@ -18,7 +18,7 @@ import numpy as np
 from mio.data.fields import MediaRef
 from mio.data.formats import InputRow
 from mio.data.inputs import SkipSample
-from mio.data.layouts import RowDraft, Item, draft_row, media_refs
+from mio.data.layouts import Item, RowDraft, draft_row, media_refs
 from mio.data.media import Recordings, VideoFile, load_image
 from mio.data.progress import Meter
 from mio.data.recipe import Recipe
@@ -174,7 +174,8 @@ def complete_batch(ctx: Context, batch: Batch) -> list[StoredSample | SkipSample
     return results
 
 
-def _without_failed_media(ctx: Context, draft: RowDraft, values: list[Any]) -> tuple[RowDraft, list[Any], list[SkipSample]]:
+def _without_failed_media(ctx: Context, draft: RowDraft,
+                          values: list[Any]) -> tuple[RowDraft, list[Any], list[SkipSample]]:
     """The draft and its loaded media without the items that failed, and those failures. A
     document drops such items when the recipe says ``drop_media``; any other row is skipped with
     the first failure's reason."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mio.data.fields import as_text
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import RowDraft, Item, RowFields, document, document_media, register_layout
+from mio.data.layouts.registry import Item, RowDraft, RowFields, document, document_media, register_layout
 from mio.segments import Text
 from mio.vocab import IMAGE
 

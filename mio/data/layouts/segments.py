@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from mio.data.fields import as_media, as_text, original_size_field, seconds_field
 from mio.data.inputs import SkipSample
-from mio.data.layouts.registry import (RowDraft, RowFields, conversation, document, register_layout,
-                                       segment_item)
+from mio.data.layouts.registry import RowDraft, RowFields, conversation, document, register_layout, segment_item
 from mio.segments import Text
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
