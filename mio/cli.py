@@ -2,8 +2,9 @@
 
 `mio fit` hands its arguments to LightningCLI (stage YAML files with class_path/init_args,
 `--print_config`, command-line overrides); `generate` and `export` have their own parsers;
-the other commands are plain argparse here. `mio -v COMMAND ...` shows the third-party messages
-that mio filters out (mio/noise.py).
+the other commands are plain argparse here. `mio -v COMMAND ...` shows mio's debug messages and
+the third-party messages that mio filters out (mio/noise.py); `mio -q COMMAND ...` shows only
+warnings and errors (mio/log.py).
 
 Exit status: 0 done; 1 done, but something failed (a file `tokenize` could not read, a shard
 `inspect --verify` found changed, a model folder `inspect` found tokenizing otherwise than it
@@ -20,9 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from mio.bench import SECONDS as BENCH_SECONDS
-from mio.userio import log, run_command
+from mio.log import info, set_verbosity
+from mio.userio import run_command
 
 VERBOSE = ("-v", "--verbose")
+QUIET = ("-q", "--quiet")
+VERBOSITY_HELP = {VERBOSE: "debug messages too, and every message of the dependencies",
+                  QUIET: "warnings and errors only"}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -32,7 +37,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = json.loads((report.parent / "summary.json").read_text())
     keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "val_loss",
             "seconds")
-    log(json.dumps({k: summary[k] for k in keys}))
+    info(json.dumps({k: summary[k] for k in keys}))
     print(report)
     return 0
 
@@ -41,13 +46,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from mio.data.prepare import PrepareInterrupted, prepare
 
     try:
-        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=log, overwrite=args.overwrite)
+        m = prepare(args.recipe, args.out, tokenizer_dir=args.tokenizers, progress=info, overwrite=args.overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback
-        log(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
+        info(str(e) if isinstance(e, PrepareInterrupted) else "interrupted; run the same command to resume")
         return 130
-    log(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
+    info(f"{m['samples']} samples in {len(m['shards'])} shards; skipped {m['skipped'] or 'none'}")
     if m.get("merged") is False:
-        log("this rank is done; the last rank to finish writes the merged manifest")
+        info("this rank is done; the last rank to finish writes the merged manifest")
         return 0
     print(Path(args.out) / "manifest.json")
     return 0
@@ -79,7 +84,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         print(json.dumps(row), flush=True)
         failed += "error" in row
     if failed:
-        log(f"{failed} of {len(args.files)} file(s) could not be tokenized (see their \"error\")")
+        info(f"{failed} of {len(args.files)} file(s) could not be tokenized (see their \"error\")")
     return 1 if failed else 0
 
 
@@ -104,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seconds = BENCH_SECONDS[args.part]
     took = f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds} s"
     sized = " (at its default sizes; --set changed some)" if kwargs else ""
-    log(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
+    info(f"bench {args.part}: {what_it_measures(args.part)}. It takes {took} on 2 CPU cores{sized}; "
          f"the figures are the JSON object on the last line")
     print(json.dumps(bench_function(args.part)(**kwargs)))
     return 0
@@ -155,14 +160,16 @@ def _mio_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mio {_mio_version()}")
-    p.add_argument(*VERBOSE, action="store_true", help="show every message of the dependencies too")
+    for flags, text in VERBOSITY_HELP.items():
+        p.add_argument(*flags, action="store_true", help=text)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], summary: str,
                 description: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        c.add_argument(*VERBOSE, action="store_true", help="show every message of the dependencies too")
+        for flags, text in VERBOSITY_HELP.items():
+            c.add_argument(*flags, action="store_true", help=text)
         c.set_defaults(func=func)
         return c
 
@@ -227,24 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = bool(argv) and argv[0] in VERBOSE
-    if verbose:
-        argv = argv[1:]
+    before = []  # -v / -q before the command
+    while argv and argv[0] in VERBOSE + QUIET:
+        before.append(argv.pop(0))
     if argv and argv[0] in PASS_THROUGH:
-        verbose = verbose or any(a in VERBOSE for a in argv[1:])
-        _quiet_unless(verbose)
-        return PASS_THROUGH[argv[0]]([a for a in argv[1:] if a not in VERBOSE])
-    args = build_parser().parse_args(argv)
-    _quiet_unless(verbose or args.verbose)
+        flags = before + [a for a in argv[1:] if a in VERBOSE + QUIET]
+        _set_verbosity(any(a in VERBOSE for a in flags), any(a in QUIET for a in flags))
+        return PASS_THROUGH[argv[0]]([a for a in argv[1:] if a not in VERBOSE + QUIET])
+    args = build_parser().parse_args(argv)  # a subcommand's own -v / -q default would hide the ones before it
+    _set_verbosity(args.verbose or any(a in VERBOSE for a in before), args.quiet or any(a in QUIET for a in before))
     func: Callable[[argparse.Namespace], int] = args.func
     return run_command(lambda: func(args))
 
 
-def _quiet_unless(verbose: bool) -> None:
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    """mio's own level (mio/log.py); without -v, the dependencies' known noise filtered (mio/noise.py)."""
+    set_verbosity(verbose=verbose, quiet=quiet)
     if not verbose:
-        from mio.noise import quiet
+        from mio.noise import quiet as filter_noise
 
-        quiet()
+        filter_noise()
 
 
 if __name__ == "__main__":

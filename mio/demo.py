@@ -22,7 +22,7 @@ from mio.assets import STAGES as ALL_STAGES
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
-from mio.eval.run import EvalSettings, Row, evaluate
+from mio.eval.run import EvalSettings, EvalAnswer, evaluate
 from mio.eval.tasks import answer_text
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
@@ -180,7 +180,7 @@ def _show(segs: list[Any], photos: dict[bytes, str], clips: dict[str, str]) -> s
     return " ".join(parts)
 
 
-def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any]], answers: list[Row],
+def write_report(path: Path, summary: dict[str, Any], stages: list[dict[str, Any]], answers: list[EvalAnswer],
                  metrics: dict[str, Any], data_dir: Path, logs: list[StageLog]) -> None:
     """The training report of the four stages (mio/report.py) with the demo's figures, its
     evaluation and its generations next to their targets."""

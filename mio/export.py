@@ -11,18 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mio.dtypes import DTYPES, dtype_named, recorded_dtype
+from mio.log import info
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.lora import ADAPTER_CONFIG, is_adapter_folder
-from mio.userio import run_command
+from mio.userio import MioUserError, run_command
 from mio.vocab import VocabTable, folder_table
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: merging
 # reorders float sums (W + s*B@A instead of x@W + s*(x@A)@B), nothing more.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -34,19 +34,8 @@ def adapter_base(adapter: Path) -> Path:
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     base = config.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter / ADAPTER_CONFIG} names no base model; pass --base")
+        raise MioUserError(f"{adapter / ADAPTER_CONFIG} names no base model; pass --base")
     return Path(base)
-
-
-def resolve_dtype(name: str, base: Path) -> torch.dtype:
-    """``auto``: the dtype the base model's config.json records (float32 if none)."""
-    if name != "auto":
-        return DTYPES[name]
-    config = json.loads((base / "config.json").read_text())
-    recorded = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if recorded not in DTYPES:
-        raise ValueError(f"{base / 'config.json'}: dtype {recorded!r} is not one of {sorted(DTYPES)}; pass --dtype")
-    return DTYPES[recorded]
 
 
 def probe_ids(tokenizer: Any, table: VocabTable) -> torch.Tensor:
@@ -69,7 +58,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
     base = Path(base) if base is not None else adapter_base(adapter)
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base}: the adapter's base model folder is missing (no config.json); pass --base")
-    torch_dtype = resolve_dtype(dtype, base)
+    torch_dtype = recorded_dtype(base) if dtype == "auto" else dtype_named(dtype, "--dtype")
     model, tokenizer, table = load_backbone(base, dtype=torch_dtype)
     if (adapter / "tokenizer_config.json").is_file():  # a LoRA stage saves its tokenizer and table beside the adapter
         from transformers import AutoTokenizer
@@ -86,10 +75,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
         got = merged(ids).logits.float()
     scale = expected.abs().max().clamp(min=1.0)
     error = ((got - expected).abs().max() / scale).item()
-    print(f"[mio] merged logits differ from the adapter's by {error:.2e} (relative, {torch_dtype})",
-          file=sys.stderr)
+    info(f"merged logits differ from the adapter's by {error:.2e} (relative, {torch_dtype})")
     if error > TOLERANCE[torch_dtype]:
-        raise ValueError(f"merging {adapter} into {base} changed the logits by {error:.2e} (relative), "
+        raise MioUserError(f"merging {adapter} into {base} changed the logits by {error:.2e} (relative), "
                          f"over the {TOLERANCE[torch_dtype]:.0e} a {torch_dtype} merge allows")
     out = save_model_folder(merged, tokenizer, table, out, tokenizer_specs=specs)
     if (adapter / STAGE_CONFIG).is_file():

@@ -24,6 +24,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image as PILImage, ImageOps, UnidentifiedImageError
 
+from mio.userio import MioUserError
+
 # lhotse accepts a cut that ends up to 25 ms past its recording (its own rounding of
 # start + duration); such a window is clamped to the recording, not refused.
 WINDOW_END_TOLERANCE_S = 0.025
@@ -31,7 +33,7 @@ WINDOW_END_TOLERANCE_S = 0.025
 MediaSource = bytes | Path
 
 
-class MediaError(ValueError):
+class MediaError(MioUserError):
     """A media file or member that cannot be used; ``reason`` is the manifest's skip reason."""
 
     def __init__(self, reason: str, detail: str) -> None:

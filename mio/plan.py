@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mio.model.lora import LoraSettings, apply_lora
 from mio.train.sharding import decoder_layers
-from mio.userio import load_yaml_mapping, run_command
+from mio.userio import MioUserError, load_yaml_mapping, run_command
 from mio.vocab import VocabTable
 
 GB = 1e9
@@ -188,7 +188,7 @@ def _plan_stage(args: argparse.Namespace) -> tuple[ModelShape, list[dict[str, An
     for name, value in (("gpus", min(args.gpus)), ("gpus-per-node", args.gpus_per_node), ("context", context),
                         ("micro-batch", micro_batch)):
         if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
+            raise MioUserError(f"--{name} must be at least 1, got {value}")
     shape = ModelShape.of(stage_model(backbone, bool(model_cfg.get("extend_vocab")), lora))
     return shape, [plan(shape, g, args.gpus_per_node, context, micro_batch) for g in args.gpus], context, micro_batch
 

@@ -13,16 +13,18 @@ from typing import Any, Sequence, Union
 import numpy as np
 from tokenizers import Tokenizer
 
-from mio.vocab import BLOCK_MARKERS, VocabError, VocabTable
+from mio.vocab import BLOCK_MARKERS, IGNORE_INDEX, VocabError, VocabTable
 
 
+# Segments compare by content and loss flag (a test comparing segments also checks the mask); the
+# media compare their codes as arrays.
 @dataclass(frozen=True, eq=False)
 class Text:
     text: str
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Text) and self.text == other.text
+        return isinstance(other, Text) and self.text == other.text and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,7 +33,7 @@ class Image:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Image) and np.array_equal(self.codes, other.codes)
+        return isinstance(other, Image) and np.array_equal(self.codes, other.codes) and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +42,7 @@ class Speech:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Speech) and np.array_equal(self.codes, other.codes)
+        return isinstance(other, Speech) and np.array_equal(self.codes, other.codes) and self.loss == other.loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +51,7 @@ class Video:
     loss: bool = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Video) and np.array_equal(self.frames, other.frames)
+        return isinstance(other, Video) and np.array_equal(self.frames, other.frames) and self.loss == other.loss
 
 
 Segment = Union[Text, Image, Speech, Video]
@@ -64,8 +66,8 @@ class Rendered:
 
     @property
     def labels(self) -> np.ndarray:
-        """HF-style labels aligned with input_ids: -100 where unsupervised."""
-        return np.where(self.loss_mask, self.input_ids, -100)
+        """HF-style labels aligned with input_ids: IGNORE_INDEX where unsupervised."""
+        return np.where(self.loss_mask, self.input_ids, IGNORE_INDEX)
 
 
 # --- segments -> ids ---------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def text_form(segments: Sequence[Segment], table: VocabTable) -> str:
 
 
 @dataclass
-class Draft:
+class RenderDraft:
     """A sample's segments made ready for the one batched tokenizer call that renders many.
 
     ``text`` is the sample's text form with each media block written as ONE stand-in token (a
@@ -183,7 +185,7 @@ class SegmentRenderer:
             return None
         return self.names[stand_in - t.text_size], stand_in
 
-    def draft(self, segments: Sequence[Segment], where: str = "sample", in_full: bool = False) -> Draft:
+    def draft(self, segments: Sequence[Segment], where: str = "sample", in_full: bool = False) -> RenderDraft:
         """Check and map the media of one sample (a bad code raises a VocabError naming ``where``)."""
         stand_in = None if in_full else self.stand_in
         pieces: list[str] = []
@@ -198,10 +200,10 @@ class SegmentRenderer:
             else:
                 pieces.append(stand_in[0])
                 blocks.append(ids)
-        return Draft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
+        return RenderDraft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
                      where)
 
-    def finish(self, drafts: Sequence[Draft]) -> list[Rendered]:
+    def finish(self, drafts: Sequence[RenderDraft]) -> list[Rendered]:
         """Render drafted samples with one batched tokenizer call (two when some need offsets)."""
         out: list[Rendered] = [EMPTY] * len(drafts)
         for mixed in (False, True):
@@ -230,7 +232,7 @@ class SegmentRenderer:
         return [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=bool), None)
                 for i, m in zip(enc["input_ids"], enc["special_tokens_mask"])]
 
-    def _assemble(self, draft: Draft, ids: np.ndarray, added: np.ndarray, offsets: np.ndarray | None) -> Rendered:
+    def _assemble(self, draft: RenderDraft, ids: np.ndarray, added: np.ndarray, offsets: np.ndarray | None) -> Rendered:
         if offsets is None:  # every character has one flag
             mask = ~added if any(draft.loss) else np.zeros(len(ids), dtype=bool)
         else:
@@ -258,7 +260,7 @@ def _splitting(token: Any) -> tuple[bool, ...] | None:
     return token.normalized, token.lstrip, token.rstrip, token.single_word
 
 
-def _span_mask(draft: Draft, offsets: np.ndarray) -> np.ndarray:
+def _span_mask(draft: RenderDraft, offsets: np.ndarray) -> np.ndarray:
     """(n,) bool: tokens covering a character of a supervised segment (offsets (n, 2) into draft.text)."""
     length = len(draft.text)
     if length == 0:

@@ -19,6 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mio.segments import Image, Segment, Speech, Text, Video
+from mio.userio import MioUserError
+from mio.vocab import CHAT_END, CHAT_START
 
 # --- pretraining -------------------------------------------------------------------------
 PRETRAIN_TEMPLATES: dict[str, str] = {
@@ -81,7 +83,7 @@ def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.R
         return fill_template((templates or PAPER).pretrain[name], text, media)
     if data_type in ("text", "interleaved", "video_interleaved"):
         return [content_only(s) for s in segments]
-    raise ValueError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
+    raise MioUserError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
 
 
 def _pair(data_type: str, segments: Sequence[Segment]) -> tuple[Segment, str]:
@@ -89,7 +91,7 @@ def _pair(data_type: str, segments: Sequence[Segment]) -> tuple[Segment, str]:
     media = [s for s in segments if isinstance(s, want)]
     texts = [s.text for s in segments if isinstance(s, Text)]
     if len(media) != 1 or len(texts) != 1:
-        raise ValueError(f"a {data_type} sample needs one media segment and one text, got "
+        raise MioUserError(f"a {data_type} sample needs one media segment and one text, got "
                          f"{[type(s).__name__ for s in segments]}")
     return media[0], texts[0]
 
@@ -115,7 +117,7 @@ class Turn:
     content: list[Segment]
 
 
-class ConversationError(ValueError):
+class ConversationError(MioUserError):
     """A conversation that cannot be rendered (unknown role, order, empty content...)."""
 
 
@@ -145,21 +147,21 @@ def render_chat(turns: Sequence[Turn], task: str | None = None, add_generation_p
     """
     check_conversation(turns, for_training=not add_generation_prompt)
     system = turns[0].content if turns[0].role == "system" else [Text(system_prompt(task))]
-    out: list[Segment] = [Text("<|im_start|>system\n", loss=False)]
+    out: list[Segment] = [Text(f"{CHAT_START}system\n", loss=False)]
     out += [_with_loss(s, False) for s in system]
-    out.append(Text("<|im_end|>", loss=False))
+    out.append(Text(CHAT_END, loss=False))
     for t in turns:
         if t.role == "system":
             continue
-        out.append(Text(f"\n<|im_start|>{t.role}\n", loss=False))
+        out.append(Text(f"\n{CHAT_START}{t.role}\n", loss=False))
         if t.role == "user":
             out += [_with_loss(content_only(s), False) for s in t.content]
-            out.append(Text("<|im_end|>", loss=False))
+            out.append(Text(CHAT_END, loss=False))
         else:
             out += [_with_loss(s, True) for s in t.content]
-            out.append(Text("<|im_end|>", loss=True))
+            out.append(Text(CHAT_END, loss=True))
     if add_generation_prompt:
-        out.append(Text("\n<|im_start|>assistant\n", loss=False))
+        out.append(Text(f"\n{CHAT_START}assistant\n", loss=False))
     return out
 
 
@@ -214,14 +216,14 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {s.name: s for s in (PAPER, MIO_RELEASE)
 
 def template_set(name: str) -> TemplateSet:
     if name not in TEMPLATE_SETS:
-        raise ValueError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}")
+        raise MioUserError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}")
     return TEMPLATE_SETS[name]
 
 
 def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER) -> list[Turn]:
     """A (media, text) pair -> a two-turn conversation of the given SFT task family."""
     if task not in templates.pair_tasks:
-        raise ValueError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
+        raise MioUserError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
     template = templates.pair_tasks[task]
     if "{media}" in template:
         before, _, after = template.partition("{media}")

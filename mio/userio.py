@@ -1,23 +1,26 @@
-"""What every `mio` command shares at its edge with the user: how a user error ends a command, and
-how a YAML file the user wrote (a tokenizer spec, a data recipe) is read."""
+"""What every `mio` command shares at its edge with the user: the error a user must fix, how it
+ends a command, and how a YAML file the user wrote (a tokenizer spec, a data recipe) is read."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from mio.assets import resolve_declarative
-
-# A missing file or a bad value: the user can fix it, so the message is enough (no traceback).
-USER_ERRORS = (FileNotFoundError, ValueError)
+from mio.log import error
 
 
-def log(msg: str) -> None:
-    print(f"[mio] {msg}", file=sys.stderr, flush=True)
+class MioUserError(ValueError):
+    """Something the user must fix (a setting, an input file, a folder): the message names it and
+    says what to do, and a command ends with it alone (exit status 2, no traceback). A ValueError
+    for compatibility: code that catches bad values catches these too."""
+
+
+# A missing file or a value the user must fix: the message is enough. Any other error is mio's
+# own and keeps its traceback.
+USER_ERRORS = (MioUserError, FileNotFoundError)
 
 
 def run_command(command: Callable[[], int]) -> int:
@@ -25,7 +28,7 @@ def run_command(command: Callable[[], int]) -> int:
     try:
         return command()
     except USER_ERRORS as e:
-        log(f"error: {e}")
+        error(f"error: {e}")
         return 2
 
 
@@ -38,7 +41,7 @@ def load_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{what} {p} is not valid YAML: {e}") from None
+        raise MioUserError(f"{what} {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{what} {p} must be a mapping of keys, got {type(raw).__name__}")
+        raise MioUserError(f"{what} {p} must be a mapping of keys, got {type(raw).__name__}")
     return raw

@@ -18,11 +18,14 @@ from typing import Any, Mapping
 import numpy as np
 from tokenizers import AddedToken
 
+from mio.userio import MioUserError
+
 VOCAB_FILE = "mio_vocab.json"
 FORMAT = "mio-vocab/1"
 
 IMAGE_BEGIN, IMAGE_END = "<image>", "</image>"
-CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # ChatML's turn markers (SFT, generation's stop)
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers (SFT, generation's stop)
+CHAT_MARKERS = (CHAT_START, CHAT_END)
 SPEECH_BEGIN, SPEECH_END = "<spch>", "</spch>"
 BLOCK_MARKERS = (IMAGE_BEGIN, IMAGE_END, SPEECH_BEGIN, SPEECH_END)
 # Our names for the two placeholder tokens; MIO's release states their ids, not their names, and
@@ -43,9 +46,11 @@ TEXT, IMAGE, VIDEO, SPEECH = "text", "image", "video", "speech"
 TOKEN_MODALITIES = (TEXT, IMAGE, SPEECH)
 TEXT_CODE, IMAGE_CODE, SPEECH_CODE = range(len(TOKEN_MODALITIES))
 MODALITY_NAMES = dict(enumerate(TOKEN_MODALITIES))  # code -> name
+# The label of a position nothing is trained to predict there (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
 
 
-class VocabError(ValueError):
+class VocabError(MioUserError):
     """A token id, code or layout that does not fit the vocabulary table."""
 
 
@@ -284,6 +289,21 @@ def _specials_from_config(config: Mapping[str, Any], tokenizer: Any, vocab: Mapp
         raise VocabError(f"config.json declares {declared} new special tokens but states the ids of "
                          f"{len(set(specials.values()))}")
     return specials, text_size
+
+
+def chat_end_id(tokenizer: Any) -> int | None:
+    """ChatML's turn end as one token, or None where the tokenizer does not have it."""
+    end = tokenizer.convert_tokens_to_ids(CHAT_END)
+    return end if isinstance(end, int) and end != tokenizer.unk_token_id else None
+
+
+def stop_ids(tokenizer: Any, eos: int | list[int] | None = None) -> list[int]:
+    """Where an answer may end, sorted: ``eos`` (a generation config's EOS ids), the tokenizer's
+    EOS, and ChatML's turn end, where an assistant turn ends (MIO's release stops on it, id 7,
+    outside its generation config)."""
+    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    ids += [i for i in (tokenizer.eos_token_id, chat_end_id(tokenizer)) if i is not None]
+    return sorted({int(i) for i in ids})
 
 
 def missing_chat_markers(tokenizer: Any) -> list[str]:

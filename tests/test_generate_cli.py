@@ -111,5 +111,5 @@ def test_unclip_of_the_wrong_size_is_reported_not_raised(fit_folder, tmp_path):
     gen = Generator(fit_folder, unclip=wrong, device="cpu")
     g = gen.generate("Please generate an image of a cat: <image>", chat=False, max_new_tokens=33)
     md = gen.write(g, tmp_path / "o").transcript.read_text()
-    assert "not decoded: ValueError" in md and "16-d" in md
+    assert "not decoded: MioUserError" in md and "16-d" in md
     assert isinstance(g.segments[0], Image) and not isinstance(g.segments[0], Text)

@@ -14,7 +14,6 @@ from mio.data.packing import (
     TokenSample,
     collate_packs,
     cut_points,
-    media_block_spans,
     modality_block_spans,
 )
 
@@ -147,21 +146,20 @@ def test_text_is_cut_outside_media_blocks_and_media_samples_are_dropped() -> Non
     assert cut_points(20, 4, modality_block_spans(modality)) is None  # the image alone is over the context
 
 
-def test_marker_spans_and_cut_points() -> None:
-    begin, end = 90, 91
-    ids = np.array([1, 2, begin, 5, 5, end, 3, begin, 6, end, 4, begin, 7])  # last block never closes
-    spans = media_block_spans([begin], [end])(ids)
+def test_block_spans_and_cut_points() -> None:
+    modality = np.array([0, 0, 1, 1, 1, 1, 0, 2, 2, 2, 0, 1, 1], np.int8)  # the last block runs to the end
+    spans = modality_block_spans(modality)
     assert spans.tolist() == [[2, 6], [7, 10], [11, 13]]
-    assert cut_points(len(ids), 5, spans) == [2, 7, 11, 13]
+    assert cut_points(len(modality), 5, spans) == [2, 7, 11, 13]
     assert cut_points(9, 20, spans) == [9]
 
 
-def test_packer_with_marker_boundaries_keeps_blocks_whole() -> None:
-    begin, end = 90, 91
-    ids = np.array([1, 2, begin, 5, 5, end, 3, begin, 6, end, 4])
-    packer = BestFitPacker(5, buffer_size=1, block_boundaries=media_block_spans([begin], [end]))
-    packs = list(packer([TokenSample(ids, ids, text_only=True)]))
-    assert sorted(p.input_ids.tolist() for p in packs) == [[1, 2], [begin, 5, 5, end, 3], [begin, 6, end, 4]]
+def test_packer_keeps_media_blocks_of_a_cut_sample_whole() -> None:
+    ids = np.array([1, 2, 90, 5, 5, 91, 3, 90, 6, 91, 4])
+    modality = np.array([0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0], np.int8)
+    packer = BestFitPacker(5, buffer_size=1)
+    packs = list(packer([TokenSample(ids, ids, text_only=True, modality=modality)]))
+    assert sorted(p.input_ids.tolist() for p in packs) == [[1, 2], [90, 5, 5, 91, 3], [90, 6, 91, 4]]
 
 
 @pytest.mark.parametrize(

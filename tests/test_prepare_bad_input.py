@@ -13,7 +13,8 @@ import pytest
 import soundfile as sf
 from PIL import Image as PILImage
 
-from mio.data.prepare import prepare, recipe_tokenizers
+from mio.data.prepare import prepare
+from mio.data.tokenize_rows import recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
 

@@ -22,10 +22,11 @@ import yaml
 from PIL import Image as PILImage
 
 from mio.data.media import Recordings
-from mio.data.prepare import prepare, recipe_tokenizers
+from mio.data.prepare import prepare
+from mio.data.tokenize_rows import recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
-from mio.data.sources import MediaRef
+from mio.data.fields import MediaRef
 from mio.media import read_audio
 from mio.segments import Image, Text
 from mio.tokenizers import tokenize_cli

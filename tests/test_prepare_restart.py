@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from mio.data import prepare as prepare_module
+from mio.data import units as units_module
 from mio.data.lock import LOCK
-from mio.data.prepare import prepare, resolve_ranks, unit_owner
+from mio.data.prepare import prepare
+from mio.data.ranks import Ranks, resolve_ranks, unit_owner
 from mio.data.shards import MANIFEST, iter_shard, list_shards
 
 from prepare_support import snapshot
@@ -79,7 +80,7 @@ def test_rerun_skips_finished_units(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, shard_size=100)
     first = prepare(recipe, tmp_path / "out")
     calls = []
-    monkeypatch.setattr(prepare_module, "submit_batch", lambda *a: calls.append(a))
+    monkeypatch.setattr(units_module, "submit_batch", lambda *a: calls.append(a))
     again = prepare(recipe, tmp_path / "out")
     assert calls == [] and again == first
 
@@ -88,7 +89,7 @@ def test_an_error_mid_unit_loses_nothing(tmp_path, monkeypatch):
     _text_input(tmp_path, parts=1, rows=1000)
     recipe = _recipe(tmp_path, shard_size=100)
     prepare(recipe, tmp_path / "ref")
-    real = prepare_module.complete_batch
+    real = units_module.complete_batch
     batches = []
 
     def failing(ctx, batch):
@@ -97,11 +98,11 @@ def test_an_error_mid_unit_loses_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(ctx, batch)
 
-    monkeypatch.setattr(prepare_module, "complete_batch", failing)
+    monkeypatch.setattr(units_module, "complete_batch", failing)
     with pytest.raises(KeyboardInterrupt, match="2 units .* run the same command to resume"):
         prepare(recipe, tmp_path / "out")
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
-    monkeypatch.setattr(prepare_module, "complete_batch", real)
+    monkeypatch.setattr(units_module, "complete_batch", real)
     prepare(recipe, tmp_path / "out")
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 
@@ -151,15 +152,15 @@ def test_concurrent_ranks_from_torchrun_env(tmp_path):
 def test_rank_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(key, raising=False)
-    assert resolve_ranks() == prepare_module.Ranks(0, 1, 0)
+    assert resolve_ranks() == Ranks(0, 1, 0)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert resolve_ranks() == prepare_module.Ranks(5, 8, 1)
+    assert resolve_ranks() == Ranks(5, 8, 1)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resolve_ranks() == prepare_module.Ranks(2, 4, 0)  # torchrun's variables win
-    assert resolve_ranks(rank=1, world_size=3) == prepare_module.Ranks(1, 3, 0)
+    assert resolve_ranks() == Ranks(2, 4, 0)  # torchrun's variables win
+    assert resolve_ranks(rank=1, world_size=3) == Ranks(1, 3, 0)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ValueError, match="rank 4"):
         resolve_ranks()

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mio.data.prepare import prepare
-from mio.data.reading import DatasetSpec, Renderer
+from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample, iter_shard, list_shards
 from mio.model.attention import packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone, save_model_folder
@@ -89,7 +89,7 @@ def test_only_assistant_tokens_carry_labels(sft):
     turns = [Turn("user", [Image(user_image), Text("What is this?")]), Turn("assistant", [Text("a cat")]),
              Turn("user", [Speech(user_speech), Text("Say it back")]), Turn("assistant", [Speech(out_speech)]),
              Turn("user", [Text("Draw it")]), Turn("assistant", [Image(out_image), Text("done")])]
-    sample = Renderer(tok, table)(StoredSample("chat-1", "sft", turns=turns, task="speech_generation"),
+    sample = TrainingRenderer(tok, table)(StoredSample("chat-1", "sft", turns=turns, task="speech_generation"),
                                   SFT_SPEC, random.Random(0))
     ids, labels = sample.input_ids, sample.labels
     want, roles = expected_labels(ids, tok)
@@ -121,7 +121,7 @@ def test_every_family_has_a_recipe_that_prepares_and_renders(sft):
     out, manifests = sft
     assert set(manifests) == FAMILIES
     _, tok, table = load_backbone(out / "ext")
-    renderer = Renderer(tok, table)
+    renderer = TrainingRenderer(tok, table)
     for family, manifest in manifests.items():
         rows = (RECIPES / "samples" / f"{family}.jsonl").read_text().splitlines()
         assert manifest["samples"] == len(rows) >= 2 and manifest["skipped"] == {}, family

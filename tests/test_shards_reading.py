@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from mio.bench.data import DATA_TYPES, STAGES, stage_datasets, write_synthetic
 from mio.data.pipeline import RankBatches, RankRows
-from mio.data.reading import (ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer, dataset_stream,
+from mio.data.reading import (ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, TrainingRenderer, dataset_stream,
                               epoch_samples, reader_rng, split_shards)
 from mio.vocab import SPEECH_CODE
 from mio.vocab import VocabTable
@@ -61,7 +61,7 @@ def _directions(stream, n: int, table) -> list[bool]:
 
 def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "image_text", samples=300, shard_size=100)
-    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
+    renderer, spec = TrainingRenderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
 
     def run(slot: ReaderSlot, seed: int = 0) -> dict[tuple[int, str], bool]:
         stream = dataset_stream(shards, spec, renderer, slot, seed, 0, DataCounts(1), shuffle_buffer=16)
@@ -83,7 +83,7 @@ def test_directions_redrawn_per_epoch_reproducible_and_per_rank(tmp_path, mio_to
 
 def test_video_text_generates_video_sixty_percent(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "video_text", samples=500, shard_size=250)
-    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), Renderer(mio_tokenizer, table), ReaderSlot(), 0, 0,
+    stream = dataset_stream(shards, DatasetSpec(str(tmp_path)), TrainingRenderer(mio_tokenizer, table), ReaderSlot(), 0, 0,
                             DataCounts(1))
     assert 0.54 < np.mean(_directions(stream, 1000, table)) < 0.66
 
@@ -91,12 +91,12 @@ def test_video_text_generates_video_sixty_percent(tmp_path, mio_tokenizer, table
 def test_rendering_in_blocks_equals_one_by_one(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "speech_text", samples=40, shard_size=40)
     samples = list(epoch_samples(shards, ReaderSlot(), 0, 0, DataCounts(1)))
-    renderer, spec = Renderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
+    renderer, spec = TrainingRenderer(mio_tokenizer, table), DatasetSpec(str(tmp_path))
     failed: list = []
     block = renderer.many(samples, spec, random.Random(5), lambda sample, error: failed.append(sample.key))
     assert not failed and len(block) == len(samples) == 40
     rng = random.Random(5)
-    single = [Renderer(mio_tokenizer, table)(s, spec, rng) for s in samples]
+    single = [TrainingRenderer(mio_tokenizer, table)(s, spec, rng) for s in samples]
     assert all(np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
                for x, y in zip(block, single))
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenizer_kinds
-from mio.data.reading import DatasetSpec, Renderer
+from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample
 from mio.model.backbone import save_model_folder
 from mio.generate import Generator
@@ -95,7 +95,8 @@ def test_parse_inverts_render(kind, segs):
 
 @pytest.mark.parametrize("kind", ["sentencepiece_legacy", "sentencepiece"], indirect=True)
 def test_sentencepiece_whole_string_is_not_piece_by_piece(kind):
-    """The FACTS case: encoded one by one, each text gains a dummy prefix; the whole string does not."""
+    """DESIGN.md's SentencePiece case: encoded one by one, each text gains a dummy prefix; the whole
+    string does not."""
     _, tok, table, renderer = kind
     segs = [Image(np.arange(32)), Text(" The caption of this image is: "), Text("a red cat")]
     whole = renderer(segs).input_ids.tolist()
@@ -122,7 +123,7 @@ def test_pretraining_samples_end_with_eos_and_sft_with_im_end(kind):
     """The data path renders through the same renderer: a pretraining sample is the tokenizer's
     ids of its text form plus the EOS token; an SFT conversation ends at its last <|im_end|>."""
     _, tok, table, _ = kind
-    renderer = Renderer(tok, table)
+    renderer = TrainingRenderer(tok, table)
     image = Image(np.arange(32) % IMAGE_CODES)
     sample = StoredSample("s1", "image_text", [image, Text("a red rocket")])
     rendered = renderer(sample, DatasetSpec("d"), random.Random(0))

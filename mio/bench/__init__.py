@@ -11,6 +11,8 @@ import inspect
 from types import ModuleType
 from typing import Any, Callable
 
+from mio.userio import MioUserError
+
 SECONDS = {"tokenizers": 215, "packing": 65, "data": 180, "train": 100, "generate": 75, "prepare": 10}
 
 
@@ -36,7 +38,7 @@ def sizes(part: str, settings: list[str]) -> dict[str, Any]:
     for item in settings:
         name, sep, value = item.partition("=")
         if not sep or name not in params:
-            raise ValueError(f"--set {item}: bench {part} takes NAME=VALUE with NAME one of {sorted(params)}")
+            raise MioUserError(f"--set {item}: bench {part} takes NAME=VALUE with NAME one of {sorted(params)}")
         default = params[name].default
         if isinstance(default, bool):
             out[name] = value.lower() in ("1", "true", "yes")

@@ -111,7 +111,7 @@ def corpus() -> list[str]:
     return [_words(rng, 5, 40) for _ in range(500)] + list(PRETRAIN_TEMPLATES.values())
 
 
-class Clock:
+class CpuClock:
     """CPU seconds of this process (one core: torch and the tokenizer run single-threaded), so
     other work on the machine does not count against either side."""
 
@@ -145,7 +145,7 @@ def read_rates(shards: list[str], batches: Any, datasets: int, seconds: float, r
     """Floor, tar stage and pipeline, in alternating rounds of ``seconds / rounds / 3`` CPU seconds each."""
     floor = _passes(lambda: wds.WebDataset(shards, shardshuffle=False, empty_check=False))
     tar = _passes(lambda: tar_samples(shards))
-    clocks = {"floor": Clock(), "tar": Clock(), "pipeline": Clock()}
+    clocks = {"floor": CpuClock(), "tar": CpuClock(), "pipeline": CpuClock()}
     floor_n = tar_n = steps = 0
     counts = DataCounts(datasets)  # what the micro-batches carry: samples read, real tokens, errors
 

@@ -44,8 +44,9 @@ import torch
 from mio.data.packing import BestFitPacker, Pack, TokenSample, collate_packs
 from mio.model.attention import BACKENDS, hf_attn_implementation, packed_attention_kwargs, pad_multiple
 from mio.model.forward import supervised_positions
+from mio.process_memory import peak_rss_mb, reset_peak_rss, rss_mb
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_count, supervised_targets, token_cross_entropy
-from mio.vocab import IMAGE_CODE, SPEECH_CODE, TEXT_CODE
+from mio.vocab import IGNORE_INDEX, IMAGE_CODE, SPEECH_CODE, TEXT_CODE
 
 VOCAB = 4096
 IMAGE_BEGIN, IMAGE_END, SPEECH_BEGIN, SPEECH_END = 4, 5, 6, 7
@@ -84,7 +85,7 @@ class _Builder:
 
     def sample(self, text_only: bool) -> TokenSample:
         ids = np.concatenate(self.ids)
-        labels = np.where(np.concatenate(self.sup), ids, -100)
+        labels = np.where(np.concatenate(self.sup), ids, IGNORE_INDEX)
         return TokenSample(ids, labels, text_only=text_only, modality=np.concatenate(self.mod))
 
 
@@ -150,7 +151,7 @@ def padded_batch(sequences: list[TokenSample], pad_id: int = 0) -> dict[str, tor
     """The usual baseline: one sample per row, right-padded to the longest, with a padding mask."""
     length = max(len(s.input_ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, s in enumerate(sequences):
         n = len(s.input_ids)
@@ -237,24 +238,15 @@ def training_throughput(sequences: list[TokenSample], context_length: int, buffe
     }
 
 
-def _trim_and_reset_peak() -> int | None:
-    """CPU: give freed heap back to the OS and restart the peak-RSS counter; the RSS in bytes, or None."""
+def _trim_and_reset_peak() -> float | None:
+    """CPU: give freed heap back to the OS and restart the peak-RSS counter; the RSS in MB, or
+    None where the peak cannot be restarted."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
         return None
-    return _proc_status_bytes("VmRSS")
-
-
-def _proc_status_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field_name}")
+    return rss_mb() if reset_peak_rss() else None
 
 
 def _peak_mb(work: Callable[[], object], device: torch.device) -> float | None:
@@ -270,7 +262,7 @@ def _peak_mb(work: Callable[[], object], device: torch.device) -> float | None:
     if base is None:
         return None
     work()
-    return (_proc_status_bytes("VmHWM") - base) / 2**20
+    return peak_rss_mb() - base
 
 
 def _kwargs_bytes(kwargs: dict) -> int:
@@ -311,7 +303,7 @@ def _padded_to(pack: Pack, length: int) -> Pack:
     pad = length - len(pack.input_ids)
     return Pack(
         input_ids=np.concatenate([pack.input_ids, np.zeros(pad, np.int64)]),
-        labels=np.concatenate([pack.labels, np.full(pad, -100, np.int64)]),
+        labels=np.concatenate([pack.labels, np.full(pad, IGNORE_INDEX, np.int64)]),
         position_ids=np.concatenate([pack.position_ids, np.zeros(pad, np.int64)]),
         document_ids=np.concatenate([pack.document_ids, np.full(pad, -1, np.int32)]),
         modality=np.concatenate([pack.modality, np.full(pad, -1, np.int8)]),

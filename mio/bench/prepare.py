@@ -27,7 +27,8 @@ import soundfile as sf
 import yaml
 
 from mio.assets import DATA_RECIPES, TOKENIZER_SPECS
-from mio.data.prepare import Meter, prepare
+from mio.data.prepare import prepare
+from mio.data.progress import Meter
 from mio.media import read_image
 from mio.tokenizers.media_tokenizers import MediaTokenizers, SpecSource
 from mio.tokenizers.spec import seeded_generator

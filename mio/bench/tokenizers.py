@@ -39,10 +39,11 @@ from PIL import Image
 from speechtokenizer import SpeechTokenizer
 
 from mio.assets import TOKENIZER_SPECS
+from mio.dtypes import tokenizer_dtype
 from mio.tokenizers import ImageTokenizer, SpeechCodec, build_tokenizer, load_spec
 from mio.tokenizers.image import random_weights_seed_quantizer
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
-from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
+from mio.tokenizers.spec import resolve_device, seeded_generator
 from mio.tokenizers.speech import random_speech_weights, synthetic_speechlike
 
 SPECS = TOKENIZER_SPECS
@@ -72,7 +73,7 @@ def bench_tokenizers(
     spec = load_spec(SPECS / "seed.yaml")
     seed = full_size_seed(spec)
     full_image = ImageTokenizer(seed, interpolation=spec["interpolation"], device=device,
-                                dtype=resolve_dtype(spec.get("dtype"), device))
+                                dtype=tokenizer_dtype(spec.get("dtype"), device))
     vit_s, after_s = vit_floor(full_image, full_batch, repeats)
     speech_model = random_speech_weights(RELEASED_SPEECH_CONFIG, 0)
     full_speech = SpeechCodec(speech_model, RELEASED_SPEECH_CONFIG, device=device)

@@ -43,6 +43,7 @@ from mio.data.reading import DatasetSpec
 from mio.model.attention import hf_attn_implementation, packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
 from mio.train.flops import FlopCounts, peak_flops
+from mio.vocab import IGNORE_INDEX
 
 STAGE = STAGES / "tiny" / "1_alignment.yaml"
 MIXTURE = {"image_text": 12, "text": 2, "speech_text": 2}  # stage I
@@ -50,7 +51,7 @@ ONE_B = TinyLlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_lay
                         num_key_value_heads=4, text_vocab_size=32000)  # TinyLlama-1.1B's shape
 
 
-class Clock:
+class WallCpuClock:
     """Wall and process CPU seconds since ``start()``."""
 
     def __init__(self) -> None:
@@ -69,7 +70,7 @@ class Stopwatch(L.Callback):
     def __init__(self, skip: int = 5) -> None:
         self.skip = skip
         self.tokens = 0
-        self.clock = Clock()
+        self.clock = WallCpuClock()
         self.mfu: list[float] = []
         self.val_seconds = 0.0  # validation inside the timed window
         self.val_tokens = 0
@@ -82,7 +83,7 @@ class Stopwatch(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,  # noqa: ANN001
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
-            scored = (batch["labels"] != -100).any(1)  # (B,) rows with something to score (not the padding rows)
+            scored = (batch["labels"] != IGNORE_INDEX).any(1)  # (B,) rows with something to score (not the padding rows)
             self.val_tokens += int((batch["document_ids"][scored] >= 0).sum())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -193,7 +194,7 @@ def bare_loop(base: Path, batches: list[dict[str, Any]], warmup: int, device: to
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, math.ceil(0.03 * len(batches)), len(batches),
                                                         min_lr_rate=settings["min_lr_ratio"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens, clock = 0, Clock()
+    tokens, clock = 0, WallCpuClock()
     for i, cpu_batch in enumerate(batches):
         if i == warmup:
             _sync(device)
@@ -203,7 +204,7 @@ def bare_loop(base: Path, batches: list[dict[str, Any]], warmup: int, device: to
             hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
                                          **packed_attention_kwargs(backend, batch)).last_hidden_state
             targets = batch["labels"][:, 1:]
-            supervised = targets != -100
+            supervised = targets != IGNORE_INDEX
             logits = model.get_output_embeddings()(hidden[:, :-1][supervised])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[supervised])
         loss.backward()

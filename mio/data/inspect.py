@@ -12,6 +12,7 @@ import numpy as np
 
 from mio.data.shards import file_sha256, iter_shard, list_shards, read_manifest
 from mio.segments import Image, Segment, Text, Video
+from mio.vocab import IGNORE_INDEX
 
 
 def describe_segment(seg: Segment, max_chars: int = 160) -> str:
@@ -76,7 +77,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
     if backbone is not None:
         from transformers import AutoTokenizer
 
-        from mio.data.reading import Renderer
+        from mio.data.reading import TrainingRenderer
         from mio.vocab import extend_tokenizer, folder_table, is_extended
 
         tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
@@ -84,7 +85,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
         table = folder_table(backbone, tok, extend=True)
         if not is_extended(tok):
             extend_tokenizer(tok, table)
-        renderer = Renderer(tok, table)
+        renderer = TrainingRenderer(tok, table)
     rng = random.Random(seed)
     shown = 0
     for shard in list_shards(path):
@@ -101,7 +102,7 @@ def inspect_dataset(path: str | Path, samples: int = 3, backbone: str | Path | N
             lines.append(f"  as trained: {describe_segments(segs)}")
             if renderer is not None:
                 ts = renderer.render(s, segs, False)
-                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int((ts.labels != -100).sum())} supervised")
+                lines.append(f"  rendered: {len(ts.input_ids)} tokens, {int((ts.labels != IGNORE_INDEX).sum())} supervised")
         if shown >= samples:
             break
     return "\n".join(lines)

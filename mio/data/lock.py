@@ -25,13 +25,15 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from mio.userio import MioUserError
+
 LOCK = ".mio-prepare.lock"
 MEMBERS = ".mio-prepare.members"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # a member on another host is dead after this long without a heartbeat
 
 
-class FolderLocked(ValueError):
+class FolderLocked(MioUserError):
     """Another job is writing the folder (a usage error: the command line says so and exits 2)."""
 
 

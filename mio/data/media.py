@@ -20,8 +20,10 @@ import numpy as np
 from PIL import Image as PILImage
 
 from mio.data.recipe import Filters
-from mio.data.sources import MediaRef, SkipSample
+from mio.data.fields import MediaRef
+from mio.data.inputs import SkipSample
 from mio.media import AudioFile, MediaError, MediaFileMissing, Window, checked_size, read_audio, read_image
+from mio.vocab import VIDEO
 
 
 def _source(ref: MediaRef) -> bytes | Path:
@@ -112,7 +114,7 @@ class VideoFile:
     def __enter__(self) -> Path:
         source = _source(self.ref)
         try:
-            checked_size(source, "video", self.ref.name)
+            checked_size(source, VIDEO, self.ref.name)
         except (MediaError, MediaFileMissing) as e:
             raise SkipSample(e.reason, str(e)) from None
         if isinstance(source, Path):

@@ -5,10 +5,10 @@ Samples are concatenated up to ``context_length`` tokens and each one attends on
 In every pack:
 
 - ``position_ids`` restart at 0 for every sample, so a sample sees the positions it would see alone;
-- ``labels`` are -100 at each sample's first token: under the usual shift (the logit at t predicts
+- ``labels`` are ``IGNORE_INDEX`` at each sample's first token: under the usual shift (the logit at t predicts
   the label at t+1) that is the place where the last token of one sample would be asked to predict
   the first token of the next;
-- padding (only at the end of a pack) has ``document_ids`` -1, ``labels`` -100, ``modality`` -1.
+- padding (only at the end of a pack) has ``document_ids`` -1, ``labels`` ``IGNORE_INDEX``, ``modality`` -1.
 
 A sample longer than the context is cut when it is ``text_only`` (at a token boundary outside every
 image/speech block; each piece becomes a sample of its own) and dropped otherwise; both are counted
@@ -18,25 +18,24 @@ in ``BestFitPacker.stats``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypedDict
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mio.vocab import IGNORE_INDEX
+
 PAD_DOCUMENT = -1
 PAD_MODALITY = -1
-
-BlockSpans = Callable[[np.ndarray], np.ndarray]
-
 
 @dataclass
 class TokenSample:
     """One rendered training sample in backbone token ids."""
 
     input_ids: np.ndarray  # (n,) int64
-    labels: np.ndarray  # (n,) int64, aligned with input_ids (not shifted), -100 = unsupervised
+    labels: np.ndarray  # (n,) int64, aligned with input_ids (not shifted), IGNORE_INDEX = unsupervised
     text_only: bool = False  # may be cut at a token boundary outside media blocks
     modality: np.ndarray | None = None  # (n,) int8: 0 text, 1 image, 2 speech; None = unknown (-1)
     key: str = ""  # where the sample came from, for error messages
@@ -48,7 +47,7 @@ class Pack:
     """One row of a batch: several samples side by side, then padding."""
 
     input_ids: np.ndarray  # (L,) int64
-    labels: np.ndarray  # (L,) int64, -100 at every sample's first token and on padding
+    labels: np.ndarray  # (L,) int64, IGNORE_INDEX at every sample's first token and on padding
     position_ids: np.ndarray  # (L,) int64, restart at 0 per sample; 0 on padding
     document_ids: np.ndarray  # (L,) int32, 0..k-1 per sample in pack order; -1 on padding
     modality: np.ndarray  # (L,) int8, -1 on padding
@@ -69,7 +68,7 @@ class PackingStats:
     samples_cut: int = 0  # text-only samples split into pieces
     sequences: int = 0  # sequences placed in packs: uncut samples plus pieces
     tokens: int = 0  # real tokens in packs
-    supervised_tokens: int = 0  # labels != -100 in packs
+    supervised_tokens: int = 0  # labels != IGNORE_INDEX in packs
     packs: int = 0
     pad_tokens: int = 0  # padding added to reach pad_to_multiple_of
 
@@ -86,46 +85,14 @@ def modality_block_spans(modality: np.ndarray) -> np.ndarray:
     return edges.reshape(-1, 2)
 
 
-def media_block_spans(begin_ids: Sequence[int], end_ids: Sequence[int]) -> BlockSpans:
-    """A ``block_boundaries`` function for blocks delimited by marker tokens.
-
-    For MIO's layout: ``media_block_spans([image_begin, speech_begin], [image_end, speech_end])``.
-    A block runs from its begin marker to the next end marker, both included; a block whose end
-    marker is missing runs to the end of the sample.
-    """
-    begins = np.asarray(list(begin_ids), dtype=np.int64)
-    ends = np.asarray(list(end_ids), dtype=np.int64)
-
-    def spans(input_ids: np.ndarray) -> np.ndarray:
-        starts = np.flatnonzero(np.isin(input_ids, begins))
-        closes = np.flatnonzero(np.isin(input_ids, ends))
-        # Each block closes at the first end marker at or after its begin marker.
-        idx = np.searchsorted(closes, starts, side="left")
-        stops = np.where(idx < len(closes), closes[np.minimum(idx, len(closes) - 1)] + 1, len(input_ids))
-        return np.stack([starts, stops], axis=1) if len(starts) else np.zeros((0, 2), dtype=np.int64)
-
-    return spans
-
-
-def merged_spans(spans: np.ndarray) -> np.ndarray:
-    """Sort (k, 2) [start, end) spans and merge the overlapping ones (touching spans stay apart)."""
-    spans = spans[np.argsort(spans[:, 0], kind="stable")]
-    merged: list[list[int]] = []
-    for start, stop in spans.tolist():
-        if merged and start < merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], stop)
-        else:
-            merged.append([start, stop])
-    return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
-
-
 def cut_points(n: int, context_length: int, spans: np.ndarray) -> list[int] | None:
     """Ends of the pieces a length-``n`` sequence is cut into, each at most ``context_length`` long.
 
     Each cut is as late as possible without falling strictly inside a span of ``spans`` ((k, 2),
-    [start, end)). Returns None when no such cut exists (a block longer than the context).
+    [start, end), sorted and disjoint, as :func:`modality_block_spans` gives them). Returns None
+    when no such cut exists (a block longer than the context).
     """
-    blocks = merged_spans(spans)
+    blocks = spans
     ends: list[int] = []
     start = 0
     while n - start > context_length:
@@ -164,9 +131,6 @@ class BestFitPacker:
             1 means no padding). The padded length may exceed ``context_length`` by less than one multiple.
         pad_id: input id of padding tokens.
         seed: seeds the order in which the packs of a final flush are released.
-        block_boundaries: ``input_ids -> (k, 2)`` [start, end) spans of media blocks that a cut may
-            not split (see ``media_block_spans``). None: the runs of non-text ``modality`` are the
-            blocks, and a text-only sample without ``modality`` may be cut anywhere.
         pack: False puts every sequence in a pack of its own, released at once (one sample per row,
             padded): for backbones whose samples an attention mask cannot isolate (recurrent state).
     """
@@ -178,7 +142,6 @@ class BestFitPacker:
         pad_to_multiple_of: int = 1,
         pad_id: int = 0,
         seed: int = 0,
-        block_boundaries: BlockSpans | None = None,
         pack: bool = True,
     ) -> None:
         if context_length < 1 or buffer_size < 1 or pad_to_multiple_of < 1:
@@ -191,7 +154,6 @@ class BestFitPacker:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = pad_id
         self.seed = seed
-        self.block_boundaries = block_boundaries
         self.pack = pack
         self.stats = PackingStats(context_length=context_length)
         # Positions of a full-length sample; every sequence's position ids are a prefix of it.
@@ -249,7 +211,7 @@ class BestFitPacker:
                 self.stats.samples_packed += 1
                 yield replace(sample, input_ids=input_ids, labels=labels, modality=modality)
                 continue
-            ends = self._cut(sample, input_ids, modality) if sample.text_only else None
+            ends = self._cut(sample, modality) if sample.text_only else None
             if ends is None:
                 self.stats.samples_dropped_too_long += 1
                 continue
@@ -258,12 +220,11 @@ class BestFitPacker:
             for a, b in zip([0] + ends[:-1], ends):
                 yield replace(sample, input_ids=input_ids[a:b], labels=labels[a:b], modality=modality[a:b])
 
-    def _cut(self, sample: TokenSample, input_ids: np.ndarray, modality: np.ndarray) -> list[int] | None:
-        if self.block_boundaries is not None:
-            spans = np.asarray(self.block_boundaries(input_ids), dtype=np.int64).reshape(-1, 2)
-        else:
-            spans = modality_block_spans(modality if sample.modality is not None else np.zeros(0, np.int8))
-        return cut_points(len(input_ids), self.context_length, spans)
+    def _cut(self, sample: TokenSample, modality: np.ndarray) -> list[int] | None:
+        """Where a text-only sample is cut: outside its media blocks (the runs of non-text
+        ``modality``); a sample without ``modality`` may be cut anywhere."""
+        spans = modality_block_spans(modality if sample.modality is not None else np.zeros(0, np.int8))
+        return cut_points(len(modality), self.context_length, spans)
 
     def _emit(self, pack: _OpenPack) -> Pack:
         lens = [len(s.input_ids) for s in pack.sequences]
@@ -314,7 +275,22 @@ def _validated(sample: TokenSample, index: int) -> tuple[np.ndarray, np.ndarray,
     return input_ids.astype(np.int64, copy=False), labels.astype(np.int64, copy=False), modality
 
 
-def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Tensor | int]:
+class PackedBatch(TypedDict):
+    """Packs stacked into a batch (:func:`collate_packs`): what the model and the attention
+    backends read."""
+
+    input_ids: torch.Tensor  # (B, L) int64
+    labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX where nothing is scored
+    position_ids: torch.Tensor  # (B, L) int64
+    document_ids: torch.Tensor  # (B, L) int32, -1 on padding
+    modality: torch.Tensor  # (B, L) int8, -1 on padding
+    cu_seqlens: torch.Tensor  # (S+1,) int32 offsets of the samples (and each row's padding) in the flat batch
+    max_seqlen: int
+    one_sample_per_row: bool
+    seq_lens: torch.Tensor  # (S,) int64
+
+
+def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> PackedBatch:
     """Stack packs into a batch, padding every row to the longest pack.
 
     Returns ``input_ids``, ``labels``, ``position_ids``, ``document_ids``, ``modality``: (B, L);
@@ -349,14 +325,14 @@ def collate_packs(packs: Sequence[Pack], pad_id: int = 0) -> dict[str, torch.Ten
         if used < length:
             segments.append(length - used)
     cu_seqlens = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "document_ids": torch.from_numpy(document_ids),
-        "modality": torch.from_numpy(modality),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
-        "max_seqlen": int(max(segments)),
-        "one_sample_per_row": all(len(p.seq_lens) <= 1 for p in packs),
-        "seq_lens": torch.tensor(lengths, dtype=torch.int64),
-    }
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        document_ids=torch.from_numpy(document_ids),
+        modality=torch.from_numpy(modality),
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+        max_seqlen=int(max(segments)),
+        one_sample_per_row=all(len(p.seq_lens) <= 1 for p in packs),
+        seq_lens=torch.tensor(lengths, dtype=torch.int64),
+    )

@@ -19,14 +19,42 @@ Hence:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from typing import Iterator, NotRequired, Sequence
 
 import torch
 
-from mio.data.packing import IGNORE_INDEX, collate_packs
-from mio.data.reading import DataCounts, Mixture, ReaderSlot, Row
+from mio.data.packing import Pack, PackedBatch, collate_packs
+from mio.data.reading import DataCounts, Mixture, PackedRow, ReaderSlot
+from mio.userio import MioUserError
+from mio.vocab import IGNORE_INDEX
 
-__all__ = ["RankRows", "RankBatches"]
+__all__ = ["RankRows", "RankBatches", "MicroBatch", "micro_batch"]
+
+
+class MicroBatch(PackedBatch):
+    """A micro-batch as training and validation steps read it: the collated packs, plus
+
+    - ``keys``: per row, the keys of its samples (what a step trained on, for the sample ledger);
+    - ``step_supervised`` (training): supervised tokens of this rank's micro-batches of the same
+      optimizer step, so the loss can weigh every token of the global batch alike;
+    - ``data`` (training): the :class:`DataCounts` of its rows (tokens per dataset and sample kind,
+      and what their streams read and lost since their previous rows), for the training loop to log.
+    """
+
+    keys: list[list[str]]
+    step_supervised: NotRequired[torch.Tensor]  # () int64
+    data: NotRequired[DataCounts]
+
+
+def micro_batch(packs: Sequence[Pack], pad_id: int, step_supervised: int | None = None,
+                counts: DataCounts | None = None) -> MicroBatch:
+    """The one assembly of a micro-batch from its packs, for training and validation."""
+    batch = MicroBatch(**collate_packs(packs, pad_id=pad_id), keys=[p.keys for p in packs])
+    if step_supervised is not None:
+        batch["step_supervised"] = torch.tensor(step_supervised, dtype=torch.int64)
+    if counts is not None:
+        batch["data"] = counts
+    return batch
 
 
 class RankRows(torch.utils.data.IterableDataset):
@@ -42,7 +70,7 @@ class RankRows(torch.utils.data.IterableDataset):
         super().__init__()
         self.mixture, self.first, self.count, self.streams, self.skip = mixture, first, count, streams, skip
 
-    def __iter__(self) -> Iterator[Row]:
+    def __iter__(self) -> Iterator[PackedRow]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = range(self.first + worker, self.first + self.count, workers)
@@ -51,7 +79,7 @@ class RankRows(torch.utils.data.IterableDataset):
             for s in streams:
                 yield next(s)
 
-    def _skipped(self, rows: Iterator[Row]) -> Iterator[Row]:
+    def _skipped(self, rows: Iterator[PackedRow]) -> Iterator[PackedRow]:
         """The rows after the first ``skip``. What those read and lost comes with the first row, so
         a resumed run's error counts cover the whole stage; their tokens (shares of steps the run
         does not train again) do not."""
@@ -60,21 +88,16 @@ class RankRows(torch.utils.data.IterableDataset):
             counts.add(row.counts)
         counts.tokens[:], counts.kind_tokens[:] = 0, 0
         for row in rows:
-            yield Row(row.pack, counts.take().add(row.counts))
+            yield PackedRow(row.pack, counts.take().add(row.counts))
 
 
-def _rows_as_they_are(row: Row) -> Row:
+def _rows_as_they_are(row: PackedRow) -> PackedRow:
     return row
 
 
 class RankBatches:
-    """This rank's micro-batches: ``collate_packs`` of its rows, plus
-
-    - ``keys``: per row, the keys of its samples (what a step trained on, for the sample ledger);
-    - ``step_supervised``: supervised tokens of this rank's micro-batches of the same optimizer
-      step (``accumulate`` of them), so the loss can weigh every token of the global batch alike;
-    - ``data``: the :class:`DataCounts` of its rows (tokens per dataset and sample kind, and what
-      their streams read and lost since their previous rows), for the training loop to log.
+    """This rank's micro-batches (:class:`MicroBatch`, with ``step_supervised`` over ``accumulate``
+    micro-batches and ``data``).
 
     An iterable, not a DataLoader: the rows come from a DataLoader over :class:`RankRows` and are
     grouped here, in the main process, so that a micro-batch holds rows of several workers.
@@ -82,13 +105,13 @@ class RankBatches:
 
     def __init__(self, rows: RankRows, accumulate: int = 1, num_workers: int = 0) -> None:
         if num_workers and rows.count % num_workers:
-            raise ValueError(f"data.num_workers ({num_workers}) must divide data.batch_size ({rows.count}): "
+            raise MioUserError(f"data.num_workers ({num_workers}) must divide data.batch_size ({rows.count}): "
                              "each worker runs whole row streams")
         if accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+            raise MioUserError(f"accumulate must be >= 1, got {accumulate}")
         self.rows, self.accumulate, self.num_workers = rows, accumulate, num_workers
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         per_step = self.rows.count * self.accumulate
         # One optimizer step's rows in flight per worker, so a step never waits on a single row.
         extra = {"prefetch_factor": max(2, -(-per_step // self.num_workers))} if self.num_workers else {}
@@ -100,11 +123,7 @@ class RankBatches:
             step = [[next(rows) for _ in range(self.rows.count)] for _ in range(self.accumulate)]
             supervised = sum(int((r.pack.labels[1:] != IGNORE_INDEX).sum()) for micro in step for r in micro)
             for micro in step:
-                batch: dict[str, Any] = collate_packs([r.pack for r in micro], pad_id=pad_id)
-                batch["keys"] = [r.pack.keys for r in micro]
-                batch["step_supervised"] = torch.tensor(supervised, dtype=torch.int64)
                 counts = DataCounts(len(self.rows.mixture.specs))
                 for r in micro:
                     counts.add(r.counts)
-                batch["data"] = counts
-                yield batch
+                yield micro_batch([r.pack for r in micro], pad_id, step_supervised=supervised, counts=counts)

@@ -34,6 +34,7 @@ from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
                            template_set)
+from mio.userio import MioUserError
 from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
 
 
@@ -55,12 +56,12 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if self.format not in ("pretrain", "sft"):
-            raise ValueError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
+            raise MioUserError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
         if self.weight <= 0:
-            raise ValueError(f"dataset {self.path}: weight must be positive, got {self.weight}")
+            raise MioUserError(f"dataset {self.path}: weight must be positive, got {self.weight}")
         unknown = [t for t in self.tasks if t not in PAIR_TASKS]
         if unknown:
-            raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+            raise MioUserError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
         template_set(self.templates)
 
 
@@ -220,15 +221,15 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
         if sample.turns is not None:
             return render_chat(sample.turns, task=sample.task), False
         if not spec.tasks:
-            raise ValueError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
+            raise MioUserError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
         task = spec.tasks[rng.randrange(len(spec.tasks))]
         media = [s for s in sample.segments if not isinstance(s, Text)]
         text = "".join(s.text for s in sample.segments if isinstance(s, Text))
         if len(media) != 1:
-            raise ValueError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
+            raise MioUserError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
         return render_chat(pair_conversation(task, media[0], text, template_set(spec.templates)), task=task), False
     if sample.turns is not None:
-        raise ValueError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
+        raise MioUserError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
     segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template, template_set(spec.templates))
     return segs, all(isinstance(s, Text) for s in segs)
 
@@ -236,7 +237,7 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
 RENDER_ERRORS = (VocabError, ConversationError, ValueError)
 
 
-class Renderer:
+class TrainingRenderer:
     """A stored sample -> a :class:`TokenSample` for the given dataset spec.
 
     The ids are the backbone tokenizer's for the sample's text form (see
@@ -282,7 +283,7 @@ class Renderer:
 
 
 class _RenderFailures:
-    """``on_error`` of ``Renderer.many``: a sample that fails to render, counted against its dataset."""
+    """``on_error`` of ``TrainingRenderer.many``: a sample that fails to render, counted against its dataset."""
 
     def __init__(self, counts: DataCounts, dataset: int) -> None:
         self.counts, self.dataset = counts, dataset
@@ -300,7 +301,7 @@ def error_summary(counts: DataCounts, dataset: int) -> str:
     return ", ".join(f"{reason} {n}" for reason, n in found) + f"; e.g. {example}"
 
 
-def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer, slot: ReaderSlot, seed: int,
+def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: TrainingRenderer, slot: ReaderSlot, seed: int,
                    dataset: int, counts: DataCounts, shuffle_buffer: int = 256, render_block: int = 32,
                    expected: dict[str, int] | None = None) -> Iterator[TokenSample]:
     """One dataset's rendered samples for this slot, epoch after epoch, forever (rendered in
@@ -319,7 +320,7 @@ def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: Renderer,
                 sample.dataset = dataset
             yield from done
         if rendered == 0:
-            raise ValueError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
+            raise MioUserError(f"dataset {spec.path}: epoch {epoch} gave reader {slot} no sample "
                              f"({len(shards)} shards; {error_summary(counts, dataset)})")
 
 
@@ -334,7 +335,7 @@ def balanced_mixture(streams: Sequence[Iterator[TokenSample]], weights: Sequence
     than another, so the shares hold in the packed batches, not only in what went in.
     """
     if balance not in ("tokens", "samples"):
-        raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
+        raise MioUserError(f"balance must be 'tokens' or 'samples', got {balance!r}")
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     drawn = np.zeros(len(streams), dtype=np.float64)
     while True:
@@ -357,7 +358,7 @@ def kind_tokens(pack: Pack) -> np.ndarray:
 
 
 @dataclass
-class Row:
+class PackedRow:
     """One packed row of a row stream, and what the stream read and lost since its previous row."""
 
     pack: Pack
@@ -378,21 +379,21 @@ class Mixture:
                  balance: str = "tokens", shuffle_buffer: int = 256,
                  shards: Sequence[Sequence[str]] | None = None, pack: bool = True) -> None:
         if balance not in ("tokens", "samples"):
-            raise ValueError(f"balance must be 'tokens' or 'samples', got {balance!r}")
+            raise MioUserError(f"balance must be 'tokens' or 'samples', got {balance!r}")
         self.specs = list(datasets)
         self.shards = [list(s) for s in shards] if shards is not None else [list_shards(Path(root) / s.path)
                                                                               for s in self.specs]
         if len(self.shards) != len(self.specs) or not all(self.shards):
             raise ValueError(f"Mixture: {len(self.specs)} datasets need a non-empty shard list each")
         self.expected = [shard_sample_counts(shards) for shards in self.shards]
-        self.renderer = Renderer(tokenizer, table)
+        self.renderer = TrainingRenderer(tokenizer, table)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.context_length, self.buffer_size = context_length, buffer_size
         self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
         self.pack = pack  # False: one sample per row (the packer's setting)
 
-    def rows(self, slot: ReaderSlot) -> Iterator[Row]:
+    def rows(self, slot: ReaderSlot) -> Iterator[PackedRow]:
         """Reader slot ``slot``'s packs, each with its counts. The mixture draws the sequences the
         packer places as they are (text over the context already cut, media over it left out and
         counted), seeing what the packer has released per dataset; every sample carries its
@@ -410,7 +411,7 @@ class Mixture:
             np.add.at(released, pack.datasets, lens if self.balance == "tokens" else 1)
             np.add.at(counts.tokens, pack.datasets, lens)
             counts.kind_tokens += kind_tokens(pack)
-            yield Row(pack, counts.take())
+            yield PackedRow(pack, counts.take())
 
     def _sequences(self, stream: Iterator[TokenSample], dataset: int, counts: DataCounts,
                    max_dropped_in_a_row: int = 1000) -> Iterator[TokenSample]:
@@ -428,7 +429,7 @@ class Mixture:
                                                           f"data.context_length={self.context_length}")
                 since_packed += 1
                 if since_packed > max_dropped_in_a_row:  # else a dataset all over the context is read forever
-                    raise ValueError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
+                    raise MioUserError(f"dataset {name}: {max_dropped_in_a_row} samples in a row are longer than "
                                      f"data.context_length={self.context_length} and cannot be packed; raise the "
                                      f"context length or drop the dataset from the stage")
                 previous = sample

@@ -18,26 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mio.data.layouts import layout_of
 from mio.templates import DATA_TYPES
-from mio.userio import load_yaml_mapping
+from mio.userio import MioUserError, load_yaml_mapping
+from mio.vocab import IMAGE, SPEECH, VIDEO
 
 INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
-LAYOUTS = ("segments", "obelics", "mmc4", "llava")
-MEDIA_KINDS = ("image", "speech", "video")
+MEDIA_KINDS = (IMAGE, SPEECH, VIDEO)
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
 JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
-
-# Default field names per data type; a recipe's `fields` overrides any of them.
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "text": {"text": "text"},
-    "image_text": {"image": "image", "text": "text"},
-    "video_text": {"video": "video", "text": "text"},
-    "speech_text": {"speech": "audio", "text": "text"},
-    "interleaved": {"segments": "segments", "texts": "texts", "images": "images", "text_list": "text_list",
-                    "image_info": "image_info"},
-    "video_interleaved": {"segments": "segments"},
-    "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
-}
 
 
 @dataclass
@@ -90,22 +79,22 @@ class InputSpec:
         if isinstance(raw, (str, list)):
             raw = {"paths": raw}
         if not isinstance(raw, dict) or "paths" not in raw:
-            raise ValueError(f"recipe {where}: `input` must be a path, a list of paths or a mapping with `paths`")
+            raise MioUserError(f"recipe {where}: `input` must be a path, a list of paths or a mapping with `paths`")
         known = ("paths", "format", "media_root", "allow_missing")
         unknown = set(raw) - set(known)
         if unknown:
-            raise ValueError(f"recipe {where}: unknown input keys {sorted(unknown)}; known: {', '.join(known)}")
+            raise MioUserError(f"recipe {where}: unknown input keys {sorted(unknown)}; known: {', '.join(known)}")
         paths = raw["paths"] if isinstance(raw["paths"], list) else [raw["paths"]]
         if not paths or not all(isinstance(p, str) and p for p in paths):
-            raise ValueError(f"recipe {where}: input paths must be non-empty strings, got {raw['paths']!r}")
+            raise MioUserError(f"recipe {where}: input paths must be non-empty strings, got {raw['paths']!r}")
         if not isinstance(raw.get("allow_missing", False), bool):
-            raise ValueError(f"recipe {where}: input.allow_missing must be true or false, got {raw['allow_missing']!r}")
+            raise MioUserError(f"recipe {where}: input.allow_missing must be true or false, got {raw['allow_missing']!r}")
         spec = cls([str(p) for p in paths], str(raw.get("format", "auto")), raw.get("media_root"),
                    raw.get("allow_missing", False))
         if spec.format == "auto":
             spec.format = guess_format(paths[0], where)
         if spec.format not in INPUT_FORMATS:
-            raise ValueError(f"recipe {where}: input format must be one of {INPUT_FORMATS}, got {spec.format!r}")
+            raise MioUserError(f"recipe {where}: input format must be one of {INPUT_FORMATS}, got {spec.format!r}")
         return spec
 
 
@@ -119,7 +108,7 @@ def guess_format(path: str, where: str) -> str:
             return fmt
     if name.endswith("/") or Path(os.path.expanduser(path)).is_dir():
         return "folder"
-    raise ValueError(f"recipe {where}: cannot tell the input format of {path!r}; set input.format "
+    raise MioUserError(f"recipe {where}: cannot tell the input format of {path!r}; set input.format "
                      f"to one of {INPUT_FORMATS}")
 
 
@@ -148,15 +137,15 @@ class Recipe:
         known = {f for f in cls.__dataclass_fields__ if f != "path"}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"recipe {p}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+            raise MioUserError(f"recipe {p}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
         if raw.get("data_type") not in DATA_TYPES:
-            raise ValueError(f"recipe {p}: data_type must be one of {DATA_TYPES}, got {raw.get('data_type')!r}")
+            raise MioUserError(f"recipe {p}: data_type must be one of {DATA_TYPES}, got {raw.get('data_type')!r}")
         if "input" not in raw:
-            raise ValueError(f"recipe {p}: `input` is required (the files or URLs to read)")
+            raise MioUserError(f"recipe {p}: `input` is required (the files or URLs to read)")
         try:
             filters = Filters(**(raw.pop("filters", None) or {}))
         except TypeError as e:
-            raise ValueError(f"recipe {p}: filters: {e} (known: {sorted(Filters.__dataclass_fields__)})") from None
+            raise MioUserError(f"recipe {p}: filters: {e} (known: {sorted(Filters.__dataclass_fields__)})") from None
         spec = InputSpec.parse(raw.pop("input"), str(p))
         source = _SOURCE_CHARS.sub("_", str(raw.pop("source", None) or p.stem))
         recipe = cls(**raw, input=spec, filters=filters, source=source, path=p.resolve())
@@ -167,27 +156,23 @@ class Recipe:
         for name, value, low in (("shard_size", self.shard_size, 1), ("batch_size", self.batch_size, 1),
                                  ("workers", self.workers, 1)):
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"recipe {where}: {name} must be an integer >= {low}, got {value!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"recipe {where}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+                raise MioUserError(f"recipe {where}: {name} must be an integer >= {low}, got {value!r}")
+        layout_of(self.layout, self.data_type, f"recipe {where}")
         bad = [k for k in self.tokenizers if k not in MEDIA_KINDS]
         if bad:
-            raise ValueError(f"recipe {where}: tokenizers has unknown kinds {bad}; known: {MEDIA_KINDS}")
+            raise MioUserError(f"recipe {where}: tokenizers has unknown kinds {bad}; known: {MEDIA_KINDS}")
         if not isinstance(self.fields, dict) or not all(isinstance(v, str) for v in self.fields.values()):
-            raise ValueError(f"recipe {where}: fields must map names to strings, got {self.fields!r}")
+            raise MioUserError(f"recipe {where}: fields must map names to strings, got {self.fields!r}")
         if self.filters.bad_media_in_document not in BAD_MEDIA_POLICIES:
-            raise ValueError(f"recipe {where}: filters.bad_media_in_document must be one of {BAD_MEDIA_POLICIES}, "
+            raise MioUserError(f"recipe {where}: filters.bad_media_in_document must be one of {BAD_MEDIA_POLICIES}, "
                              f"got {self.filters.bad_media_in_document!r}")
         if "original_size" in self.fields and len(self.fields["original_size"].split(",")) != 2:
-            raise ValueError(f"recipe {where}: fields.original_size must name two fields, WIDTH,HEIGHT "
+            raise MioUserError(f"recipe {where}: fields.original_size must name two fields, WIDTH,HEIGHT "
                              f"(e.g. json.original_width,json.original_height); got {self.fields['original_size']!r}")
         if self.image_first and self.layout != "llava":
-            raise ValueError(f"recipe {where}: image_first applies to layout llava only")
+            raise MioUserError(f"recipe {where}: image_first applies to layout llava only")
         if self.filters.languages and "language" not in self.fields:
-            raise ValueError(f"recipe {where}: filters.languages needs fields.language (the row's language field)")
-
-    def field_map(self) -> dict[str, str]:
-        return {**DEFAULT_FIELDS[self.data_type], **self.fields}
+            raise MioUserError(f"recipe {where}: filters.languages needs fields.language (the row's language field)")
 
     def resolve(self, relative: str) -> Path:
         return (self.path.parent / os.path.expanduser(relative)).resolve()

@@ -21,19 +21,49 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypedDict
 
 import numpy as np
 
 from mio.data.tars import tar_samples, tar_writer
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
+from mio.userio import MioUserError
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "mio-segments/1"
 
 
-class ShardError(ValueError):
+class ShardInfo(TypedDict):
+    """What a unit record and the manifest say of one finished shard."""
+
+    shard: str  # file name, in the dataset's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(TypedDict):
+    """A prepared dataset's ``manifest.json`` (written by :mod:`mio.data.manifest`)."""
+
+    format: str  # SHARD_FORMAT
+    data_type: str
+    source: str
+    recipe: dict[str, Any]  # path, sha256 and the recipe's settings
+    tokenizers: dict[str, Any]  # media kind -> the spec it was tokenized with
+    shards: list[ShardInfo]
+    inputs: list[dict[str, Any]]  # {input, rows} per input part
+    failed_inputs: list[dict[str, Any]]  # {input, unit, reason, detail} per unit whose input failed
+    seen: int  # rows read; seen == samples + sum(skipped)
+    samples: int
+    skipped: dict[str, int]  # reason -> rows
+    dropped_media: dict[str, int]  # reason -> media items dropped from documents that were kept
+    skipped_examples: list[dict[str, str]]  # {reason, detail}
+    tokens: dict[str, int]  # code tokens per modality, and text characters
+
+
+class ShardError(MioUserError):
     """A shard member that is not a valid mio sample; the message names shard and key."""
 
 
@@ -55,10 +85,10 @@ class StoredSample:
 # --- encoding ---------------------------------------------------------------------------
 def _media_array(seg: Segment) -> tuple[str, np.ndarray]:
     if isinstance(seg, Image):
-        return "image", np.asarray(seg.codes)
+        return IMAGE, np.asarray(seg.codes)
     if isinstance(seg, Video):
-        return "video", np.asarray(seg.frames)
-    return "speech", np.asarray(seg.codes)
+        return VIDEO, np.asarray(seg.frames)
+    return SPEECH, np.asarray(seg.codes)
 
 
 def _compact(arr: np.ndarray) -> np.ndarray:
@@ -69,16 +99,16 @@ def _compact(arr: np.ndarray) -> np.ndarray:
 def token_counts(segments: list[Segment]) -> dict[str, int]:
     """Code tokens per modality (block markers excluded; speech counts every stored layer)
     and characters of text (text tokens depend on the backbone, chosen at training time)."""
-    counts = {"text_chars": 0, "image": 0, "video": 0, "speech": 0}
+    counts = {"text_chars": 0, IMAGE: 0, VIDEO: 0, SPEECH: 0}
     for s in segments:
         if isinstance(s, Text):
             counts["text_chars"] += len(s.text)
         elif isinstance(s, Image):
-            counts["image"] += int(np.asarray(s.codes).size)
+            counts[IMAGE] += int(np.asarray(s.codes).size)
         elif isinstance(s, Video):
-            counts["video"] += int(np.asarray(s.frames).size)
+            counts[VIDEO] += int(np.asarray(s.frames).size)
         else:
-            counts["speech"] += int(np.asarray(s.codes).size)
+            counts[SPEECH] += int(np.asarray(s.codes).size)
     return counts
 
 
@@ -94,7 +124,7 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
     def seg_json(seg: Segment) -> dict[str, Any]:
         nonlocal media_index
         if isinstance(seg, Text):
-            return {"text": seg.text}
+            return {TEXT: seg.text}
         kind, arr = _media_array(seg)
         name = f"m{media_index}.npy"
         media_index += 1
@@ -175,16 +205,16 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
     def seg_from(d: Any) -> Segment:
         if not isinstance(d, dict):
             raise ShardError(f"{where}: segment {d!r} is not an object")
-        if "text" in d:
-            if not isinstance(d["text"], str):
-                raise ShardError(f"{where}: text segment holds {type(d['text']).__name__}, not a string")
-            return Text(d["text"])
-        if "image" in d:
-            return Image(media(d["image"], "image", 1))
-        if "video" in d:
-            return Video(media(d["video"], "video", 2))
-        if "speech" in d:
-            return Speech(media(d["speech"], "speech", 2))
+        if TEXT in d:
+            if not isinstance(d[TEXT], str):
+                raise ShardError(f"{where}: text segment holds {type(d[TEXT]).__name__}, not a string")
+            return Text(d[TEXT])
+        if IMAGE in d:
+            return Image(media(d[IMAGE], IMAGE, 1))
+        if VIDEO in d:
+            return Video(media(d[VIDEO], VIDEO, 2))
+        if SPEECH in d:
+            return Speech(media(d[SPEECH], SPEECH, 2))
         raise ShardError(f"{where}: unknown segment {d}")
 
     data_type = meta.get("data_type")
@@ -235,10 +265,10 @@ class AtomicShardWriter:
             return
         os.replace(self.tmp, self.path)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ShardInfo:
         """What the manifest records of a finished shard."""
-        return {"shard": self.path.name, "samples": self.count, "bytes": self.path.stat().st_size,
-                "sha256": file_sha256(self.path)}
+        return ShardInfo(shard=self.path.name, samples=self.count, bytes=self.path.stat().st_size,
+                         sha256=file_sha256(self.path))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -270,7 +300,7 @@ def list_shards(path: str | os.PathLike) -> list[str]:
     return shards
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike) -> Manifest:
     m = Path(path) / MANIFEST
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such folder (a prepared dataset is the --out folder of `mio prepare`)")
@@ -279,7 +309,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(m.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{m}: manifest is not valid JSON: {e}") from None
+        raise MioUserError(f"{m}: manifest is not valid JSON: {e}") from None
 
 
 def shard_sample_counts(shards: Sequence[str]) -> dict[str, int]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mio.segments import Segment, Text
+from mio.userio import MioUserError
 
 
 # --- exact match -----------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class ClipScorer:
                                 truncation=True).to(self.device)
         out = self.model(**inputs)
         if getattr(out, "image_embeds", None) is None or getattr(out, "text_embeds", None) is None:
-            raise ValueError(f"--clip-model {self.folder}: its model returns no image_embeds/text_embeds; "
+            raise MioUserError(f"--clip-model {self.folder}: its model returns no image_embeds/text_embeds; "
                              "give a CLIP-style dual encoder")
         image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)  # (N, D)
         text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)  # (N, D)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,9 @@ from mio.eval.tasks import (ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, E
                             task_kind)
 from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
+from mio.log import info
 from mio.segments import Image, Segment, Speech, Text, Video
+from mio.userio import MioUserError
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,11 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and batch_size ({self.batch_size}) must be positive")
+            raise MioUserError(f"max_new_tokens ({self.max_new_tokens}) and batch_size ({self.batch_size}) must be positive")
 
 
 @dataclass
-class Row:
+class EvalAnswer:
     """One item's answer and scores, as written to generations.jsonl."""
 
     item: EvalItem
@@ -114,16 +115,16 @@ def answer_batch(generator: Generator, prompts: Sequence[Any], settings: EvalSet
 
 
 def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: EvalSettings,
-             out: str | os.PathLike, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[Row]]:
+             out: str | os.PathLike, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[EvalAnswer]]:
     """Answer, score and write; returns the metrics (also ``out/metrics.json``) and every item's
     answer with its scores."""
-    log = log or _log
+    log = log or info
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evalset = read_eval_set(data, settings.tasks, settings.limit)
     scorers = _Scorers(settings)  # model folders checked before any generation
-    rows: list[Row] = []
+    rows: list[EvalAnswer] = []
     by_task: dict[str, list[EvalItem]] = {}
     for item in evalset.items:
         by_task.setdefault(item.task, []).append(item)
@@ -132,7 +133,7 @@ def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: 
         for i in range(0, len(items), settings.batch_size):
             chunk = items[i:i + settings.batch_size]
             for item, g in zip(chunk, answer_batch(generator, [x.prompt for x in chunk], settings, task)):
-                rows.append(Row(item, g))
+                rows.append(EvalAnswer(item, g))
             log(f"eval {task}: {min(i + settings.batch_size, len(items))}/{len(items)} answered "
                 f"({time.perf_counter() - t0:.1f}s)")
     metrics: dict[str, Any] = {"model": generator.name, "data": [str(d) for d in data], "tasks": {},
@@ -174,7 +175,7 @@ class _Scorers:
         return self._clip
 
 
-def score_task(task: str, rows: list[Row], generator: Generator, scorers: _Scorers,
+def score_task(task: str, rows: list[EvalAnswer], generator: Generator, scorers: _Scorers,
                out: Path) -> tuple[dict[str, float], dict[str, str]]:
     """Per-row scores (into the rows) and the task's figures; metrics that cannot be computed
     are named with the reason."""
@@ -208,7 +209,7 @@ def score_task(task: str, rows: list[Row], generator: Generator, scorers: _Score
     return figures, not_computed
 
 
-def _wer(rows: list[Row], name: str, references: list[str], hypotheses: list[str]) -> dict[str, float]:
+def _wer(rows: list[EvalAnswer], name: str, references: list[str], hypotheses: list[str]) -> dict[str, float]:
     """WER over the rows whose reference normalizes to words; the others are counted, not scored."""
     keep = [i for i, ref in enumerate(references) if normalize_transcript(ref).strip()]
     for i in set(range(len(rows))) - set(keep):
@@ -224,11 +225,11 @@ def _wer(rows: list[Row], name: str, references: list[str], hypotheses: list[str
     return figures
 
 
-def _media_dir(out: Path, row: Row) -> Path:
+def _media_dir(out: Path, row: EvalAnswer) -> Path:
     return out / "media" / re.sub(r"[^A-Za-z0-9_.-]+", "_", row.item.id)
 
 
-def _decode(rows: list[Row], generator: Generator, out: Path, kind: str, unclip: UnclipSettings) -> list[Path | None]:
+def _decode(rows: list[EvalAnswer], generator: Generator, out: Path, kind: str, unclip: UnclipSettings) -> list[Path | None]:
     """Each row's first decoded ``kind`` answer file (None, with a note, when there is none)."""
     files: list[Path | None] = []
     for r in rows:
@@ -243,7 +244,7 @@ def _decode(rows: list[Row], generator: Generator, out: Path, kind: str, unclip:
     return files
 
 
-def _transcribe(rows: list[Row], generator: Generator, asr: Transcriber, out: Path) -> None:
+def _transcribe(rows: list[EvalAnswer], generator: Generator, asr: Transcriber, out: Path) -> None:
     """TTS: the answer's speech decoded to a WAV and transcribed; no speech -> an empty transcript."""
     import soundfile as sf
 
@@ -255,7 +256,7 @@ def _transcribe(rows: list[Row], generator: Generator, asr: Transcriber, out: Pa
         r.transcript = asr([wave], rate)[0]
 
 
-def _clip_scores(rows: list[Row], generator: Generator, clip: ClipScorer, unclip: UnclipSettings, out: Path) -> float:
+def _clip_scores(rows: list[EvalAnswer], generator: Generator, clip: ClipScorer, unclip: UnclipSettings, out: Path) -> float:
     """Image generation: the answer's image against the condition text; no image scores 0."""
     from PIL import Image as PILImage
 
@@ -269,13 +270,9 @@ def _clip_scores(rows: list[Row], generator: Generator, clip: ClipScorer, unclip
     return float(np.mean([r.scores["clip_score"] for r in rows]))
 
 
-def write_outputs(out: Path, rows: list[Row], metrics: dict[str, Any]) -> None:
+def write_outputs(out: Path, rows: list[EvalAnswer], metrics: dict[str, Any]) -> None:
     with open(out / "generations.jsonl", "w") as fh:
         for r in rows:
             fh.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_html(out / "report.html", [r.to_json() for r in rows], metrics)
-
-
-def _log(msg: str) -> None:
-    print(f"[mio] {msg}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ import numpy as np
 from mio.data.shards import StoredSample, iter_shard, list_shards
 from mio.segments import Segment, Text
 from mio.templates import PAIR_TASKS, Turn, pair_conversation
+from mio.userio import MioUserError
 
 # The kinds of task, by how their answers are scored (every task also gets exact match).
 CAPTION, VQA, ASR, TTS, IMAGE_GENERATION = "caption", "vqa", "asr", "tts", "image_generation"
@@ -89,9 +90,9 @@ class EvalSet:
 def read_eval_set(folders: Sequence[str | os.PathLike], tasks: Sequence[str], limit: int | None = None) -> EvalSet:
     """The items of ``tasks`` in the prepared datasets ``folders`` (at most ``limit`` per task)."""
     if not tasks:
-        raise ValueError("no eval task given: name some of " + ", ".join(sorted(set(TASK_KINDS) | set(PAIR_TASKS))))
+        raise MioUserError("no eval task given: name some of " + ", ".join(sorted(set(TASK_KINDS) | set(PAIR_TASKS))))
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be positive, got {limit}")
+        raise MioUserError(f"--limit must be positive, got {limit}")
     wanted = set(tasks)
     groups: dict[tuple[Any, ...], EvalItem] = {}
     per_task: collections.Counter[str] = collections.Counter()
@@ -114,7 +115,7 @@ def read_eval_set(folders: Sequence[str | os.PathLike], tasks: Sequence[str], li
     missing = sorted(wanted - set(per_task))
     if not groups:
         have = ", ".join(f"{t} ({n})" for t, n in sorted(available.items())) or "none"
-        raise ValueError(f"no sample of the tasks {sorted(wanted)} in {[str(f) for f in folders]}; tasks the data "
+        raise MioUserError(f"no sample of the tasks {sorted(wanted)} in {[str(f) for f in folders]}; tasks the data "
                          f"has: {have}")
     return EvalSet(list(groups.values()), dict(skipped), dict(available), missing)
 

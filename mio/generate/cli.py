@@ -23,16 +23,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from mio.dtypes import DTYPES
 from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS, overrides_from_strings
+from mio.log import info
 from mio.segments import Text
-from mio.userio import run_command
+from mio.userio import MioUserError, run_command
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +97,9 @@ def prompts_file(path: Path) -> list[tuple[str, list[Text | MediaFile]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a JSON object: {err}") from None
+            raise MioUserError(f"{where}: not a JSON object: {err}") from None
         if not isinstance(row, dict) or set(row) - {"prompt", "id", IMAGE, SPEECH, VIDEO}:
-            raise ValueError(f"{where}: a prompt line is an object with prompt, id, image, speech, video (lists of "
+            raise MioUserError(f"{where}: a prompt line is an object with prompt, id, image, speech, video (lists of "
                              f"files); got {line[:80]!r}")
         media = [MediaFile(k, path.parent / f) for k in (IMAGE, SPEECH, VIDEO)
                  for f in ([row[k]] if isinstance(row.get(k), str) else row.get(k, []))]
@@ -113,10 +112,10 @@ def prompts_file(path: Path) -> list[tuple[str, list[Text | MediaFile]]]:
             raise type(err)(f"{where}: {err}") from None
         name = str(row.get("id", f"{len(out) + 1:04d}"))
         if not name or "/" in name or name in (".", "..") or name in {o[0] for o in out}:
-            raise ValueError(f"{where}: id {name!r} must be a unique, non-empty folder name")
+            raise MioUserError(f"{where}: id {name!r} must be a unique, non-empty folder name")
         out.append((name, items))
     if not out:
-        raise ValueError(f"--prompts {path} holds no prompt")
+        raise MioUserError(f"--prompts {path} holds no prompt")
     return out
 
 
@@ -125,9 +124,9 @@ def _run(args: argparse.Namespace) -> int:
     from mio.generate.generator import Generator
 
     if args.prompts is not None and (args.prompt or args.media):
-        raise ValueError("give either --prompts FILE or --prompt and media files, not both")
+        raise MioUserError("give either --prompts FILE or --prompt and media files, not both")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        raise MioUserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.prompts is not None:
         jobs = prompts_file(args.prompts)
     else:
@@ -148,11 +147,10 @@ def _run(args: argparse.Namespace) -> int:
                                      max_speech_frames=args.max_speech_frames)
         for (name, _), result in zip(chunk, results):
             for note in result.result.notes:
-                print(f"[mio] {note}", file=sys.stderr, flush=True)
+                info(note)
             written = gen.write(result, args.out / name, unclip)
-            print(f"[mio] {name + ': ' if name else ''}{len(result.result.ids)} new tokens in "
-                  f"{result.result.seconds:.1f}s ({result.result.tokens_per_second:.1f}/s), stopped by "
-                  f"{result.stopped}", file=sys.stderr, flush=True)
+            info(f"{name + ': ' if name else ''}{len(result.result.ids)} new tokens in "
+                 f"{result.result.seconds:.1f}s ({result.result.tokens_per_second:.1f}/s), stopped by {result.stopped}")
             print(written.answer() or "(empty answer)")
             print(f"transcript: {written.transcript}")
     return 0

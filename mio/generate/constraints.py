@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 
@@ -55,10 +56,10 @@ class ModalityConstraint(LogitsProcessor):
         """``text_only_stops``: outside media only these text tokens are allowed (an answer of media
         only, which ends at one of them); None allows all text."""
         if tokens_per_image < 1 or max_speech_frames < 1:
-            raise ValueError(f"tokens_per_image ({tokens_per_image}) and max_speech_frames ({max_speech_frames}) "
+            raise MioUserError(f"tokens_per_image ({tokens_per_image}) and max_speech_frames ({max_speech_frames}) "
                              "must be positive")
         if text_only_stops is not None and not (allow_image or allow_speech):
-            raise ValueError("an answer with neither text nor media cannot be generated")
+            raise MioUserError("an answer with neither text nor media cannot be generated")
         self.table = table
         self.tokens_per_image = tokens_per_image
         self.max_speech_frames = max_speech_frames

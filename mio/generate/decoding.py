@@ -41,6 +41,7 @@ import torch
 
 from mio.generate.constraints import BlockState, ModalityConstraint
 from mio.generate.settings import DecodeSettings
+from mio.userio import MioUserError
 from mio.vocab import TEXT
 
 STOP, LENGTH = "stop", "length"
@@ -74,13 +75,13 @@ def bound_new_tokens(model: Any, prompt_len: int, requested: int) -> tuple[int, 
     A prompt that already fills them is an error: the model could not read one more token.
     """
     if requested < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {requested}")
+        raise MioUserError(f"max_new_tokens must be positive, got {requested}")
     limit = position_limit(model)
     if limit is None or prompt_len + requested <= limit:
         return requested, None
     room = limit - prompt_len
     if room < 1:
-        raise ValueError(f"the prompt has {prompt_len} tokens and the model's positions allow {limit} "
+        raise MioUserError(f"the prompt has {prompt_len} tokens and the model's positions allow {limit} "
                          "(max_position_embeddings): shorten the prompt")
     return room, (f"max_new_tokens {requested} capped at {room}: the prompt has {prompt_len} tokens and the "
                   f"model's positions allow {limit} (max_position_embeddings)")

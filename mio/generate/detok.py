@@ -24,6 +24,7 @@ import torch
 from PIL import Image as PILImage
 
 from mio.tokenizers.media_tokenizers import MIO_UNCLIP_DIR, MediaTokenizers, MissingTokenizerError, SpecSource
+from mio.userio import MioUserError
 from mio.vocab import IMAGE
 
 
@@ -38,9 +39,9 @@ class UnclipSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"unCLIP steps must be at least 1, got {self.steps}")
+            raise MioUserError(f"unCLIP steps must be at least 1, got {self.steps}")
         if self.noise_level < 0:
-            raise ValueError(f"unCLIP noise level must be >= 0, got {self.noise_level}")
+            raise MioUserError(f"unCLIP noise level must be >= 0, got {self.noise_level}")
 
 
 DEFAULT_UNCLIP = UnclipSettings()
@@ -160,7 +161,7 @@ class ImageDecoder:
         self.settings = settings
         want = int(pipeline.image_normalizer.mean.shape[-1])
         if image_tokenizer.embed_dim != want:
-            raise ValueError(f"the SEED decoder head gives {image_tokenizer.embed_dim}-d image embeddings, the unCLIP "
+            raise MioUserError(f"the SEED decoder head gives {image_tokenizer.embed_dim}-d image embeddings, the unCLIP "
                              f"pipeline expects {want}-d ones: they do not belong together")
 
     def embeddings(self, codes: np.ndarray) -> torch.Tensor:
@@ -203,6 +204,6 @@ def write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
 def write_gif(path: Path, frames: Sequence[PILImage.Image], frame_ms: int = 500) -> None:
     """Frames -> an endlessly looping animated GIF."""
     if not frames:
-        raise ValueError(f"{path}: a video needs at least one frame")
+        raise MioUserError(f"{path}: a video needs at least one frame")
     first, *rest = [f.convert("RGB") for f in frames]
     first.save(path, save_all=True, append_images=rest, duration=frame_ms, loop=0)

@@ -27,7 +27,8 @@ from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
-from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
+from mio.userio import MioUserError
+from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, chat_end_id, stop_ids
 
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
@@ -70,7 +71,7 @@ class Generator:
         self.name = name
         self.renderer = SegmentRenderer(tokenizer, table)  # the data path's own text -> ids
         self.text_decoder = TextDecoder(tokenizer)  # ids -> text, for every answer
-        self.stop_ids = _stop_ids(model, tokenizer)
+        self.stop_ids = stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self._image_decoders: dict[UnclipSettings, ImageDecoder] = {}
         self._unclip: tuple[Any, str] | None = None  # (pipeline, where it came from), built on first use
         self._speech_decoder: SpeechDecoder | None = None
@@ -84,7 +85,7 @@ class Generator:
         if items and all(isinstance(t, Turn) for t in items):
             return items  # type: ignore[return-value]
         if any(isinstance(t, Turn) for t in items):
-            raise ValueError("a prompt is either a list of chat turns or a list of items, not a mix")
+            raise MioUserError("a prompt is either a list of chat turns or a list of items, not a mix")
         return [Turn("user", [_as_item(x) for x in items])]
 
     def encode_turns(self, turns: Sequence[Turn]) -> list[Turn]:
@@ -157,7 +158,7 @@ class Generator:
             segments = self.prompt_segments(encoded, chat, system_task)
             ids.append(self.renderer(segments, where=f"prompt {n}").input_ids)
             if ids[-1].size == 0:
-                raise ValueError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
+                raise MioUserError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
@@ -176,11 +177,11 @@ class Generator:
         ``<|im_end|>`` in a chat and the tokenizer's EOS without the chat template (``turn``)."""
         if preset.stop == STOP_ANY:
             return self.stop_ids
-        im_end = _im_end_id(self.tokenizer)
+        im_end = chat_end_id(self.tokenizer)
         if chat and im_end is not None:
             return [im_end]
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"{self.name}: the tokenizer has no EOS token for a {preset.name} answer to stop at")
+            raise MioUserError(f"{self.name}: the tokenizer has no EOS token for a {preset.name} answer to stop at")
         return [int(self.tokenizer.eos_token_id)]
 
     def _check_outputs(self, outputs: Iterable[str] | None) -> dict[str, bool]:
@@ -195,11 +196,11 @@ class Generator:
         wanted = set(outputs)
         unknown = wanted - set(OUTPUTS)
         if unknown or not wanted:
-            raise ValueError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}" if unknown
+            raise MioUserError(f"unknown output modality {sorted(unknown)}; expected some of {OUTPUTS}" if unknown
                              else f"no output modality given; expected some of {OUTPUTS}")
         for kind in (IMAGE, SPEECH, VIDEO):
             if kind in wanted and not available[kind]:
-                raise ValueError(f"{self.name}: {kind} output was requested but the model has no {kind} code tokens "
+                raise MioUserError(f"{self.name}: {kind} output was requested but the model has no {kind} code tokens "
                                  f"(its output layer scores {rows} tokens)")
         return {k: k in wanted for k in OUTPUTS}
 
@@ -307,23 +308,4 @@ def _as_item(x: PromptItem) -> Segment | MediaFile:
         return x
     if isinstance(x, os.PathLike):
         return MediaFile.guess(x)
-    raise ValueError(f"cannot use {type(x).__name__} in a prompt; expected text, a segment, a MediaFile or a path")
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The generation config's EOS ids, the tokenizer's EOS, and ChatML's ``<|im_end|>``: an
-    assistant turn ends there (MIO's release stops on it, id 7, outside its generation config)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    im_end = _im_end_id(tokenizer)
-    if im_end is not None:
-        ids.append(im_end)
-    return sorted({int(i) for i in ids})
-
-
-def _im_end_id(tokenizer: Any) -> int | None:
-    """ChatML's turn end as one token, or None where the tokenizer does not have it."""
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None
+    raise MioUserError(f"cannot use {type(x).__name__} in a prompt; expected text, a segment, a MediaFile or a path")

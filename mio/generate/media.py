@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 KINDS = (IMAGE, SPEECH, VIDEO)
@@ -29,7 +30,7 @@ class MediaFile:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"{self.path}: unknown media kind {self.kind!r}; expected one of {KINDS}")
+            raise MioUserError(f"{self.path}: unknown media kind {self.kind!r}; expected one of {KINDS}")
 
     @classmethod
     def guess(cls, path: str | os.PathLike) -> "MediaFile":
@@ -38,7 +39,7 @@ class MediaFile:
         for kind, suffixes in SUFFIXES.items():
             if p.suffix.lower() in suffixes:
                 return cls(kind, p)
-        raise ValueError(f"{p}: cannot tell from its suffix whether it is an image, audio or video file; "
+        raise MioUserError(f"{p}: cannot tell from its suffix whether it is an image, audio or video file; "
                          f"pass it as --image, --speech or --video")
 
     def check(self) -> None:
@@ -48,4 +49,4 @@ class MediaFile:
         suffix = self.path.suffix.lower()
         for other, suffixes in SUFFIXES.items():
             if other != self.kind and suffix in suffixes and not (self.kind == VIDEO and other == IMAGE and suffix == ".gif"):
-                raise ValueError(f"{self.path} was given as {self.kind} but its suffix {suffix!r} says {other}")
+                raise MioUserError(f"{self.path} was given as {self.kind} but its suffix {suffix!r} says {other}")

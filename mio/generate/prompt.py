@@ -7,6 +7,7 @@ from typing import Sequence
 
 from mio.generate.media import MediaFile
 from mio.segments import Text
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 # {image}: the next image file; <image_placeholder_0>: the first image file (MIO's release syntax).
@@ -29,12 +30,12 @@ def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile
         if m.group(1):
             free = [f for f in by_kind[kind] if id(f) not in placed]
             if not free:
-                raise ValueError(f"the prompt has more {{{kind}}} placeholders than {kind} files (--{kind})")
+                raise MioUserError(f"the prompt has more {{{kind}}} placeholders than {kind} files (--{kind})")
             chosen = free[0]
         else:
             index = int(m.group(3))
             if index >= len(by_kind[kind]):
-                raise ValueError(f"the prompt names {m.group(0)} but only {len(by_kind[kind])} {kind} file(s) were "
+                raise MioUserError(f"the prompt names {m.group(0)} but only {len(by_kind[kind])} {kind} file(s) were "
                                  f"given (--{kind}); the placeholders count from 0")
             chosen = by_kind[kind][index]
         if m.start() > pos:
@@ -46,5 +47,5 @@ def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile
         items.append(Text(text[pos:]))
     items += [m for m in media if id(m) not in placed]
     if not items:
-        raise ValueError("nothing to generate from: give a prompt and/or media files")
+        raise MioUserError("nothing to generate from: give a prompt and/or media files")
     return items

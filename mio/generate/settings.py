@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 MODES = (TEXT, IMAGE, VIDEO, SPEECH)
@@ -43,17 +44,17 @@ class DecodeSettings:
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+            raise MioUserError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam search is deterministic here: set do_sample=False when num_beams > 1")
+            raise MioUserError("beam search is deterministic here: set do_sample=False when num_beams > 1")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise MioUserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise MioUserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.temperature <= 0.0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise MioUserError(f"temperature must be positive, got {self.temperature}")
         if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+            raise MioUserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
     def penalties(self) -> LogitsProcessorList:
         """What transformers runs before a user's logits processors (the constraint)."""
@@ -134,7 +135,7 @@ class Preset:
         if task is not None:
             task = TASK_ALIASES.get(task, task)
             if task not in self.tasks:
-                raise ValueError(f"preset {self.name!r} has no settings for task {task!r}; known tasks: "
+                raise MioUserError(f"preset {self.name!r} has no settings for task {task!r}; known tasks: "
                                  f"{sorted(self.tasks)} (or leave the task out and name --outputs)")
             return task
         wanted = set(outputs or ())
@@ -163,7 +164,7 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown decoding preset {name!r}; expected one of {sorted(PRESETS)}")
+        raise MioUserError(f"unknown decoding preset {name!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -178,7 +179,7 @@ def resolve_settings(overrides: Mapping[str, DecodeSettings | Mapping[str, Any]]
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(MODES) - {"all"}
     if unknown:
-        raise ValueError(f"decoding settings for unknown modality {sorted(unknown)}; expected {MODES} or 'all'")
+        raise MioUserError(f"decoding settings for unknown modality {sorted(unknown)}; expected {MODES} or 'all'")
     if "all" in overrides:
         every = overrides.pop("all")
         for mode in MODES:
@@ -194,7 +195,7 @@ def _apply(current: DecodeSettings, value: DecodeSettings | Mapping[str, Any], m
     fields = {f.name: f.type for f in dataclasses.fields(DecodeSettings)}
     unknown = set(value) - set(fields)
     if unknown:
-        raise ValueError(f"unknown decoding setting {sorted(unknown)} for {mode}; known: {sorted(fields)}")
+        raise MioUserError(f"unknown decoding setting {sorted(unknown)} for {mode}; known: {sorted(fields)}")
     changes = dict(value)
     if changes.get("num_beams", current.num_beams) > 1 and "do_sample" not in changes:
         changes["do_sample"] = False  # asking for beams implies deterministic search
@@ -206,23 +207,23 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     key, sep, raw = text.partition("=")
     mode, dot, name = key.strip().partition(".")
     if not sep or not dot:
-        raise ValueError(f"decoding override {text!r} must look like MODALITY.FIELD=VALUE, e.g. text.num_beams=1")
+        raise MioUserError(f"decoding override {text!r} must look like MODALITY.FIELD=VALUE, e.g. text.num_beams=1")
     kinds = {f.name: f.type for f in dataclasses.fields(DecodeSettings)}
     if name not in kinds:
-        raise ValueError(f"decoding override {text!r}: unknown field {name!r}; known: {sorted(kinds)}")
+        raise MioUserError(f"decoding override {text!r}: unknown field {name!r}; known: {sorted(kinds)}")
     raw = raw.strip()
     kind = kinds[name]
     try:
         if kind in ("bool", bool):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
+                raise MioUserError(raw)
             value: Any = raw.lower() in ("true", "1", "yes")
         elif kind in ("int", int):
             value = int(raw)
         else:
             value = float(raw)
     except ValueError:
-        raise ValueError(f"decoding override {text!r}: {raw!r} is not a valid {kind} for {name}") from None
+        raise MioUserError(f"decoding override {text!r}: {raw!r} is not a valid {kind} for {name}") from None
     return mode, name, value
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from mio.userio import MioUserError
+
 BACKENDS = ("sdpa", "eager", "flex", "flash")
 FLEX_BLOCK_SIZE = 128
 FULL = "full_attention"
@@ -46,14 +48,14 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        raise MioUserError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
 def hf_attn_implementation(backend: str) -> str:
     """The ``attn_implementation`` to give ``from_pretrained`` / ``from_config`` for a backend."""
     _check_backend(backend)
     if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'mio[gpu]') and a GPU")
+        raise MioUserError("attention backend 'flash' needs the flash-attn package (pip install 'mio[gpu]') and a GPU")
     return _HF_IMPLEMENTATIONS[backend]
 
 
@@ -86,7 +88,7 @@ def attention_windows(config: Any) -> dict[str, int | None]:
         return {FULL: window}
     other = sorted(set(types) - set(ATTENTION_LAYER_TYPES))
     if other:
-        raise ValueError(f"{type(config).__name__} has {other} layers: a packed-attention mask cannot describe them")
+        raise MioUserError(f"{type(config).__name__} has {other} layers: a packed-attention mask cannot describe them")
     return {t: window if t == "sliding_attention" else None for t in sorted(set(types))}
 
 
@@ -184,7 +186,7 @@ def packed_attention_kwargs(backend: str, batch: dict[str, torch.Tensor | int],
         kwargs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     elif backend == "flex":
         if batch["document_ids"].device.type == "cpu" and torch.is_grad_enabled():
-            raise ValueError("attention backend 'flex' has no backward on CPU in torch 2.11: train on CPU with "
+            raise MioUserError("attention backend 'flex' has no backward on CPU in torch 2.11: train on CPU with "
                              "'sdpa', or run FlexAttention under torch.no_grad()")
         masks = {t: document_causal_block_mask(batch["document_ids"], window=w) for t, w in windows.items()}
         kwargs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,9 +17,11 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
+from mio.log import info
 from mio.model.attention import effective_backend
 from mio.model.saved_tokenizer import check_round_trip, save_tokenizer
-from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
+from mio.userio import MioUserError
+from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table, stop_ids
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
 
@@ -101,7 +102,7 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
         table = folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
-        raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
+        raise MioUserError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")
     return model, tokenizer, table
 
 
@@ -113,8 +114,8 @@ def load_model(folder: str | os.PathLike, attn_implementation: str = "sdpa", dty
     # No implementation named: transformers' own choice, SDPA where the family has it, else eager.
     model = _build_model(folder, None if attn_implementation == "sdpa" else attn_implementation, dtype, weights)
     if weights and effective_backend(model, attn_implementation) == "eager" != attn_implementation:
-        print(f"[mio] {type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
-              "using eager attention (the same packed masks, as additive masks)", file=sys.stderr, flush=True)
+        info(f"{type(model).__name__} has no SDPA attention in transformers {transformers.__version__}: "
+             "using eager attention (the same packed masks, as additive masks)")
     return model
 
 
@@ -138,20 +139,12 @@ def save_model_folder(model: Any, tokenizer: Any, table: VocabTable, out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict)
     save_tokenizer(tokenizer, out)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=_stop_ids(tokenizer),
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     table.save(out)
     if tokenizer_specs is not None:
         (out / TOKENIZER_SPECS_FILE).write_text(json.dumps(tokenizer_specs, indent=2) + "\n")
     return out
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    return [i for i in ids if i is not None]
 
 
 def load_tokenizer_specs(model_dir: str | os.PathLike) -> dict[str, Any] | None:

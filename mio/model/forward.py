@@ -27,8 +27,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mio.data.packing import IGNORE_INDEX, BestFitPacker, TokenSample, collate_packs
+from mio.data.packing import BestFitPacker, TokenSample, collate_packs
 from mio.model.attention import ATTENTION_LAYER_TYPES, attention_windows, packed_attention_kwargs
+from mio.userio import MioUserError
+from mio.vocab import IGNORE_INDEX
 
 # Token mixers that carry state along the whole row (transformers' class names): state-space,
 # recurrent, linear-attention and short-convolution layers.
@@ -107,7 +109,7 @@ def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
-class PackingError(ValueError):
+class PackingError(MioUserError):
     """A backbone whose packed samples an attention mask cannot keep apart."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mio.userio import MioUserError
 from mio.vocab import VocabTable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,13 +44,13 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+            raise MioUserError(f"lora.rank must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be positive, got {self.alpha!r}")
+            raise MioUserError(f"lora.alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+            raise MioUserError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
-            raise ValueError("lora.target_modules is empty: name the linear layers to adapt, or 'all-linear'")
+            raise MioUserError("lora.target_modules is empty: name the linear layers to adapt, or 'all-linear'")
 
 
 def new_token_indices(table: VocabTable) -> list[int]:
@@ -79,7 +80,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, table: VocabTable, base
 
     have = model.get_input_embeddings().weight.shape[0]
     if have < table.total_size:
-        raise ValueError(f"{base_path}: the model has {have} embedding rows, its vocabulary table needs "
+        raise MioUserError(f"{base_path}: the model has {have} embedding rows, its vocabulary table needs "
                          f"{table.total_size}: LoRA needs a backbone already extended with mio's tokens")
     rows = _token_rows(model, new_token_indices(table)) if settings.train_new_tokens else None
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -88,7 +89,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, table: VocabTable, base
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise ValueError(f"lora.target_modules={settings.target_modules!r} does not fit this backbone "
+        raise MioUserError(f"lora.target_modules={settings.target_modules!r} does not fit this backbone "
                          f"({type(model).__name__}): {e}") from None
     # peft records the path the model was loaded from as given (maybe relative to the cwd);
     # an absolute path lets `PeftModel.from_pretrained` / `mio export` find it from anywhere.

@@ -23,6 +23,7 @@ import torch
 
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
 from mio.tokenizers.spec import resolve_checkpoints
+from mio.userio import MioUserError
 
 # Keys a released file may hold that the reference ignores. Derived from the reference module
 # definitions (MIO-Team/MIO image_tokenizer/models/seed_qformer/qformer_quantizer.py and
@@ -78,7 +79,7 @@ def load_seed_checkpoint(cfg: SeedConfig, spec: dict[str, Any], where: str) -> S
         lines = [f"  {files['vit']} lacks {len(from_vit)}: {[k.removeprefix('visual_encoder.') for k in from_vit]}"
                  if from_vit else "",
                  f"  {files['quantizer']} lacks {len(from_quantizer)}: {from_quantizer}" if from_quantizer else ""]
-        raise ValueError(
+        raise MioUserError(
             f"tokenizer spec {where}: {len(missing)} key(s) the SEED module needs are in neither file, "
             f"it would keep random weights there:\n" + "\n".join(line for line in lines if line)
         )
@@ -102,9 +103,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {err}") from err
+        raise MioUserError(f"checkpoint {path} cannot be read as a state dict: {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} is not a flat state dict of tensors")
+        raise MioUserError(f"checkpoint {path} is not a flat state dict of tensors")
     return state
 
 
@@ -113,7 +114,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sources: s
     needed = model.state_dict()
     missing = sorted(k for k in needed if k not in state)
     if missing:
-        raise ValueError(
+        raise MioUserError(
             f"{sources}: {len(missing)} key(s) the model needs are missing, the module would keep "
             f"random weights there: {missing}"
         )
@@ -123,7 +124,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sources: s
         if tuple(state[k].shape) != tuple(v.shape)
     ]
     if wrong:
-        raise ValueError(f"{sources}: {len(wrong)} shape mismatch(es): {wrong}")
+        raise MioUserError(f"{sources}: {len(wrong)} shape mismatch(es): {wrong}")
     extra = sorted(k for k in state if k not in needed)
     ignored = [k for k in extra if _IGNORED.search(k)]
     unexpected = [k for k in extra if not _IGNORED.search(k)]

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mio.dtypes import tokenizer_dtype
 from mio.media import read_image, to_rgb
 from mio.tokenizers.checkpoints import load_seed_checkpoint
 from mio.tokenizers.seed import SeedConfig, SeedQuantizer
-from mio.tokenizers.spec import resolve_device, resolve_dtype, seeded_generator
+from mio.tokenizers.spec import resolve_device, seeded_generator
+from mio.userio import MioUserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,7 +48,7 @@ class ImageTokenizer:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+            raise MioUserError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         cfg = model.config
         self.model = model.eval().to(device=device or torch.device("cpu"), dtype=dtype)
         self.device = device or torch.device("cpu")
@@ -66,10 +68,10 @@ class ImageTokenizer:
     def from_spec(cls, spec: dict[str, Any], where: str = "<dict>") -> "ImageTokenizer":
         interpolation = spec.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:  # checked before building a large model
-            raise ValueError(f"tokenizer spec {where}: interpolation must be one of {sorted(INTERPOLATIONS)}")
+            raise MioUserError(f"tokenizer spec {where}: interpolation must be one of {sorted(INTERPOLATIONS)}")
         cfg = SeedConfig.from_dict(spec.get("model", {}))
         device = resolve_device(spec.get("device"))
-        dtype = resolve_dtype(spec.get("dtype"), device)
+        dtype = tokenizer_dtype(spec.get("dtype"), device)
         if "seed" in spec:
             model = random_seed_quantizer(cfg, int(spec["seed"]))
         else:
@@ -126,13 +128,13 @@ class ImageTokenizer:
 
     def check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
-            raise ValueError(
+            raise MioUserError(
                 f"image codes must have shape (N, {self.tokens_per_image}), got {tuple(codes.shape)}"
             )
         bad = (codes < 0) | (codes >= self.codebook_size)
         if bad.any():
             i, j = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
+            raise MioUserError(
                 f"image code {int(codes[i, j])} (image {i}, position {j}) is outside the codebook "
                 f"[0, {self.codebook_size})"
             )

@@ -32,6 +32,7 @@ from mio.media import read_image
 from mio.segments import Image, Segment, Speech, Video
 from mio.tokenizers.build import build_tokenizer
 from mio.tokenizers.spec import load_spec
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 MODALITY_OF_SPEC_KIND = {"seed": IMAGE, "speechtokenizer": SPEECH, "video": VIDEO}
@@ -44,7 +45,7 @@ _BUILT: dict[str, Any] = {}  # spec identity -> tokenizer, for the whole process
 _BUILD_LOCK = threading.Lock()  # prepare's media threads may ask for a tokenizer first
 
 
-class MissingTokenizerError(ValueError):
+class MissingTokenizerError(MioUserError):
     """Media of a modality whose tokenizer is not known; the message says how to provide one."""
 
 
@@ -102,7 +103,7 @@ class MediaTokenizers:
         data filter); generation reads prompts of any length."""
         unknown = set(specs) - set(MODALITIES)
         if unknown:
-            raise ValueError(f"unknown media kinds {sorted(unknown)}; expected {MODALITIES}")
+            raise MioUserError(f"unknown media kinds {sorted(unknown)}; expected {MODALITIES}")
         self.specs = specs
         self.unclip = unclip
         self.problems = problems or {}
@@ -237,10 +238,10 @@ def specs_in_dir(folder: Path) -> Found:
     for path in sorted(folder.glob("*.yaml")):
         kind = MODALITY_OF_SPEC_KIND[load_spec(path)["kind"]]
         if kind in specs:
-            raise ValueError(f"{folder} holds two {kind} tokenizer specs: {specs[kind].origin} and {path}")
+            raise MioUserError(f"{folder} holds two {kind} tokenizer specs: {specs[kind].origin} and {path}")
         specs[kind] = SpecSource(str(path), str(path))
     if not specs and not tree.release:
-        raise ValueError(f"tokenizers folder {folder} holds neither tokenizer specs (*.yaml) nor MIO's checkpoint "
+        raise MioUserError(f"tokenizers folder {folder} holds neither tokenizer specs (*.yaml) nor MIO's checkpoint "
                          f"folders ({MIO_SEED_DIR}/, {MIO_SPEECH_DIR}/, {MIO_UNCLIP_DIR}/)")
     return Found({**tree.specs, **specs}, tree.unclip, tree.release)
 

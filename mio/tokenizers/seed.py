@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mio.userio import MioUserError
+
 
 @dataclass(frozen=True)
 class EvaViTConfig:
@@ -65,7 +67,7 @@ class SeedConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"unknown SEED model settings {sorted(unknown)}; known: {sorted(known)}")
+            raise MioUserError(f"unknown SEED model settings {sorted(unknown)}; known: {sorted(known)}")
         values = dict(raw)
         values["vit"] = _sub_config(EvaViTConfig, raw.get("vit", {}), "vit")
         values["qformer"] = _sub_config(QFormerConfig, raw.get("qformer", {}), "qformer")
@@ -81,7 +83,7 @@ def _sub_config(kind: type, raw: dict[str, Any], name: str) -> Any:
     known = {f for f in kind.__dataclass_fields__}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"unknown SEED {name} settings {sorted(unknown)}; known: {sorted(known)}")
+        raise MioUserError(f"unknown SEED {name} settings {sorted(unknown)}; known: {sorted(known)}")
     return kind(**raw)
 
 
@@ -146,7 +148,7 @@ class EvaViT(nn.Module):
     def __init__(self, cfg: EvaViTConfig) -> None:
         super().__init__()
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise MioUserError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.image_size = cfg.image_size
         self.patch_embed = PatchEmbed(cfg)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mio.userio import load_yaml_mapping
+from mio.userio import MioUserError, load_yaml_mapping
 
 KINDS = ("seed", "speechtokenizer", "video")
 
@@ -29,7 +29,7 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
 def check_kind(spec: dict[str, Any], where: str) -> str:
     kind = spec.get("kind")
     if kind not in KINDS:
-        raise ValueError(f"tokenizer spec {where}: `kind` must be one of {KINDS}, got {kind!r}")
+        raise MioUserError(f"tokenizer spec {where}: `kind` must be one of {KINDS}, got {kind!r}")
     return kind
 
 
@@ -53,7 +53,7 @@ def resolve_checkpoints(spec: dict[str, Any], wanted: dict[str, str], where: str
     files = []
     for key, what in wanted.items():
         if not spec.get(key):
-            raise ValueError(f"tokenizer spec {where}: `{key}` is required ({what})")
+            raise MioUserError(f"tokenizer spec {where}: `{key}` is required ({what})")
         files.append(CheckpointFile(key, root / os.path.expanduser(str(spec[key])), what))
     missing = [f for f in files if not f.path.is_file()]
     if missing:
@@ -71,16 +71,6 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`auto` (default): float16 on CUDA (as the released MIO pipeline ran), float32 on CPU."""
-    if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)} or auto, got {name!r}")
-    return dtypes[name]
 
 
 def seeded_generator(seed: int) -> torch.Generator:

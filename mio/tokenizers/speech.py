@@ -26,6 +26,7 @@ from speechtokenizer import SpeechTokenizer
 
 from mio.media import read_audio
 from mio.tokenizers.spec import resolve_checkpoints, resolve_device, seeded_generator
+from mio.userio import MioUserError
 
 # The package's constructor reads these keys; a tiny spec must give them all.
 MODEL_KEYS = (
@@ -55,7 +56,7 @@ class SpeechCodec:
         self.hop_length = int(np.prod(config["strides"]))  # samples per frame (320)
         self.frame_rate = self.sample_rate // self.hop_length
         if not 1 <= num_layers <= int(config["n_q"]):
-            raise ValueError(f"num_layers must be in [1, {config['n_q']}], got {num_layers}")
+            raise MioUserError(f"num_layers must be in [1, {config['n_q']}], got {num_layers}")
         self.num_layers = int(num_layers)
         self.max_seconds = None if max_seconds is None else float(max_seconds)
         self.batch_size = int(batch_size)
@@ -69,7 +70,7 @@ class SpeechCodec:
             config = dict(spec.get("model") or {})
             missing = [k for k in MODEL_KEYS if k not in config]
             if missing:
-                raise ValueError(f"tokenizer spec {where}: `model` lacks {missing}")
+                raise MioUserError(f"tokenizer spec {where}: `model` lacks {missing}")
             model = random_speech_tokenizer(config, int(spec["seed"]))
         else:
             files = resolve_checkpoints(
@@ -141,14 +142,14 @@ class SpeechCodec:
         """(L <= num_layers, frames) codes of one clip -> (frames * hop,) float32 waveform."""
         c = torch.as_tensor(np.asarray(codes), dtype=torch.long)
         if c.ndim != 2 or not 1 <= c.shape[0] <= self.num_layers or c.shape[1] == 0:
-            raise ValueError(
+            raise MioUserError(
                 f"speech codes must have shape (L, frames) with 1 <= L <= {self.num_layers} and "
                 f"frames >= 1, got {tuple(c.shape)}"
             )
         bad = (c < 0) | (c >= self.codebook_size)
         if bad.any():
             layer, frame = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
+            raise MioUserError(
                 f"speech code {int(c[layer, frame])} (layer {layer}, frame {frame}) is outside the "
                 f"codebook [0, {self.codebook_size})"
             )
@@ -159,12 +160,12 @@ class SpeechCodec:
     def _checked_padded(self, wave: np.ndarray, name: str, limit_length: bool) -> np.ndarray:
         w = np.asarray(wave, dtype=np.float32)
         if w.ndim != 1:
-            raise ValueError(f"{name}: expected a mono (T,) waveform, got shape {w.shape}")
+            raise MioUserError(f"{name}: expected a mono (T,) waveform, got shape {w.shape}")
         reason = self.refusal(w, limit_length)
         if reason:
-            raise ValueError(f"{name}: {reason}")
+            raise MioUserError(f"{name}: {reason}")
         if not np.isfinite(w).all():
-            raise ValueError(f"{name}: the waveform holds NaN or infinite samples")
+            raise MioUserError(f"{name}: the waveform holds NaN or infinite samples")
         frames = math.ceil(w.shape[0] / self.hop_length)
         return np.pad(w, (0, frames * self.hop_length - w.shape[0]))
 
@@ -174,15 +175,15 @@ def load_speech_checkpoint(config_path: Path, ckpt_path: Path) -> tuple[dict[str
     try:
         config = json.loads(Path(config_path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"SpeechTokenizer config {config_path} is not valid JSON: {err}") from err
+        raise MioUserError(f"SpeechTokenizer config {config_path} is not valid JSON: {err}") from err
     missing = [k for k in MODEL_KEYS if k not in config]
     if missing:
-        raise ValueError(f"SpeechTokenizer config {config_path} lacks {missing}")
+        raise MioUserError(f"SpeechTokenizer config {config_path} lacks {missing}")
     try:
         with _quiet_weight_norm():
             model = SpeechTokenizer.load_from_checkpoint(str(config_path), str(ckpt_path))
     except RuntimeError as err:  # load_state_dict's missing/unexpected/shape report
-        raise ValueError(f"SpeechTokenizer checkpoint {ckpt_path} does not fit {config_path}: {err}") from err
+        raise MioUserError(f"SpeechTokenizer checkpoint {ckpt_path} does not fit {config_path}: {err}") from err
     return config, model
 
 
@@ -246,12 +247,12 @@ def fill_codebooks_from_features(model: SpeechTokenizer, seed: int, seconds: flo
     layers = model.quantizer.vq.layers
     size = layers[0].codebook_size
     if residual.shape[0] < size:
-        raise ValueError(f"{residual.shape[0]} frames cannot fill a codebook of {size}; lengthen the audio")
+        raise MioUserError(f"{residual.shape[0]} frames cannot fill a codebook of {size}; lengthen the audio")
     with torch.no_grad():
         for layer in layers:
             candidates = torch.unique(residual, dim=0)  # sorted: deterministic, no duplicate rows
             if candidates.shape[0] < size:
-                raise ValueError(f"{candidates.shape[0]} distinct frames cannot fill a codebook of {size}")
+                raise MioUserError(f"{candidates.shape[0]} distinct frames cannot fill a codebook of {size}")
             rows = candidates[torch.randperm(candidates.shape[0], generator=gen)[:size]]  # (size, D)
             # Through the layer's state-dict keys: the names SpeechTokenizer's released checkpoints use.
             layer.load_state_dict({"_codebook.embed": rows, "_codebook.embed_avg": rows,

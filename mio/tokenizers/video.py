@@ -28,6 +28,7 @@ from PIL import Image
 
 from mio.tokenizers.image import ImageTokenizer
 from mio.tokenizers.spec import check_kind, load_spec
+from mio.userio import MioUserError
 
 SELECTIONS = ("paper", "mio-release")
 
@@ -43,11 +44,11 @@ class KeyFramePolicy:
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
-            raise ValueError(f"video frame selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise MioUserError(f"video frame selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError(f"need 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+            raise MioUserError(f"need 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if self.words_per_frame < 1:
-            raise ValueError(f"words_per_frame must be >= 1, got {self.words_per_frame}")
+            raise MioUserError(f"words_per_frame must be >= 1, got {self.words_per_frame}")
 
     def frame_count(self, text: str | None, num_scenes: int) -> int:
         """Frames to take: by the paired text's length, else one per scene; within [min, max]."""
@@ -66,16 +67,16 @@ class VideoTokenizer:
     def from_spec(cls, spec: dict[str, Any], where: str, base: Path) -> "VideoTokenizer":
         image_spec = spec.get("image")
         if image_spec is None:
-            raise ValueError(f"tokenizer spec {where}: `image` (the SEED spec for the frames) is required")
+            raise MioUserError(f"tokenizer spec {where}: `image` (the SEED spec for the frames) is required")
         image_where = "<dict>" if isinstance(image_spec, dict) else str(base / image_spec)
         parsed = image_spec if isinstance(image_spec, dict) else load_spec(base / image_spec)
         if check_kind(parsed, image_where) != "seed":
-            raise ValueError(f"tokenizer spec {where}: `image` must be a SEED (kind: seed) spec")
+            raise MioUserError(f"tokenizer spec {where}: `image` must be a SEED (kind: seed) spec")
         image = ImageTokenizer.from_spec(parsed, image_where)
         fields = KeyFramePolicy.__dataclass_fields__
         unknown = set(spec) - set(fields) - {"kind", "image"}
         if unknown:
-            raise ValueError(f"tokenizer spec {where}: unknown video settings {sorted(unknown)}")
+            raise MioUserError(f"tokenizer spec {where}: unknown video settings {sorted(unknown)}")
         return cls(image, KeyFramePolicy(**{k: spec[k] for k in fields if k in spec}))
 
     def encode(self, path: str | os.PathLike, text: str | None = None) -> np.ndarray:
@@ -106,7 +107,7 @@ class VideoTokenizer:
                 backend="pyav",
             )
         except Exception as err:  # scenedetect wraps decoder failures in several types
-            raise ValueError(f"video file {path}: scene detection failed: {err}") from err
+            raise MioUserError(f"video file {path}: scene detection failed: {err}") from err
         scenes = [(start.frame_num, min(end.frame_num, total)) for start, end in found]
         return [(s, e) for s, e in scenes if e > s], total
 
@@ -149,12 +150,12 @@ def count_frames(path: Path) -> int:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"video file {path} has no video stream")
+                raise MioUserError(f"video file {path} has no video stream")
             total = sum(1 for _ in container.decode(container.streams.video[0]))
     except av.FFmpegError as err:
-        raise ValueError(f"video file {path} cannot be decoded: {err}") from err
+        raise MioUserError(f"video file {path} cannot be decoded: {err}") from err
     if total == 0:
-        raise ValueError(f"video file {path} has no decodable frames")
+        raise MioUserError(f"video file {path} has no decodable frames")
     return total
 
 
@@ -172,8 +173,8 @@ def read_frames(path: Path, indices: list[int]) -> list[Image.Image]:
                 if len(found) == len(wanted):
                     break
     except av.FFmpegError as err:
-        raise ValueError(f"video file {path} cannot be decoded: {err}") from err
+        raise MioUserError(f"video file {path} cannot be decoded: {err}") from err
     missing = sorted(wanted - set(found))
     if missing:
-        raise ValueError(f"video file {path}: frames {missing} could not be decoded")
+        raise MioUserError(f"video file {path}: frames {missing} could not be decoded")
     return [found[i] for i in indices]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from mio.log import info
 
 
 class StepLog(L.Callback):
@@ -41,7 +42,7 @@ class StepLog(L.Callback):
         if "tok/s" in m:  # from the second step on: a rate needs the time between two steps
             parts.append(f"tokens/s {float(m['tok/s']):.0f}")
         parts.append(f"elapsed {elapsed:.0f}s left {left:.0f}s")
-        print("[mio] " + " ".join(parts), file=sys.stderr, flush=True)
+        info(" ".join(parts))
 
 
 class SampleLedger(L.Callback):

@@ -30,7 +30,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,6 +38,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from mio.log import info
+from mio.userio import MioUserError
 
 PARTIAL = ".partial"
 LAST = "last.ckpt"
@@ -110,11 +112,11 @@ class AtomicCheckpoint(L.Callback):
     def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None, keep_last: int = 1,
                  monitor: str | None = None, mode: str = "min") -> None:
         if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0 (0: no periodic checkpoints), got {every_n_train_steps}")
+            raise MioUserError(f"every_n_train_steps must be >= 0 (0: no periodic checkpoints), got {every_n_train_steps}")
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+            raise MioUserError(f"keep_last must be >= 1, got {keep_last}")
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise MioUserError(f"mode must be 'min' or 'max', got {mode!r}")
         self.every_n_train_steps = every_n_train_steps
         self.dirpath = dirpath
         self.keep_last = keep_last
@@ -178,7 +180,7 @@ class AtomicCheckpoint(L.Callback):
         if self.monitor is None or trainer.sanity_checking:
             return
         if self.monitor not in trainer.callback_metrics:
-            raise ValueError(f"checkpoint monitor {self.monitor!r} was not logged; logged: "
+            raise MioUserError(f"checkpoint monitor {self.monitor!r} was not logged; logged: "
                              f"{sorted(trainer.callback_metrics)}")
         value = float(trainer.callback_metrics[self.monitor])  # reduced over ranks: the same on all
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
@@ -209,8 +211,7 @@ class AtomicCheckpoint(L.Callback):
         if self._signum and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self._signum = signum
-        print(f"[mio] {signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint",
-              file=sys.stderr, flush=True)
+        info(f"{signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint")
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._handlers.items():
@@ -279,7 +280,7 @@ def _requeue_slurm_job() -> None:
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     outcome = "requeued" if done.returncode == 0 else f"could not be requeued ({done.stderr.strip()})"
-    print(f"[mio] SLURM job {job} {outcome}", file=sys.stderr, flush=True)
+    info(f"SLURM job {job} {outcome}")
 
 
 def _remove(path: str | os.PathLike) -> None:

@@ -37,11 +37,12 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mio.log import rank_zero_info
 from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
 from mio.train.sharding import FSDP2Strategy
-from mio.userio import run_command
+from mio.userio import MioUserError, run_command
 
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
@@ -54,7 +55,7 @@ DESCRIPTION = ("Train one stage: mio fit --config stages/X.yaml [--config OVERLA
 PARSER_KEY = re.compile(r'^Parser key "[\w.]+":\s*')  # jsonargparse's prefix of a value error
 
 
-class ConfigError(ValueError):
+class ConfigError(MioUserError):
     """A stage configuration that does not parse: the message names the file, the key and a close key."""
 
 
@@ -101,13 +102,13 @@ def check_resume(cfg: Namespace) -> None:
     last = find_last(folder)
     if cfg.ckpt_path == "last":
         if last is None:
-            raise ValueError(f"--ckpt_path last: no checkpoint to resume in {folder} (no last.ckpt there); this "
+            raise MioUserError(f"--ckpt_path last: no checkpoint to resume in {folder} (no last.ckpt there); this "
                              f"stage has not checkpointed yet, or checkpoint.dirpath / trainer.default_root_dir "
                              f"differ from the run's. Drop --ckpt_path to start the stage from the beginning")
         cfg.ckpt_path = str(last)
     elif cfg.ckpt_path is None and last is not None:
         if not requeued():
-            raise ValueError(f"{folder} holds the checkpoints of an earlier run of this stage (last: {last.name}): "
+            raise MioUserError(f"{folder} holds the checkpoints of an earlier run of this stage (last: {last.name}): "
                              f"add --ckpt_path last to resume it, or delete {folder} (or choose another "
                              f"trainer.default_root_dir) to start it from the beginning")
         cfg.ckpt_path = str(last)
@@ -120,7 +121,7 @@ def check_checkpoint_format(cfg: Namespace) -> None:
     if cfg.ckpt_path is None or not Path(cfg.ckpt_path).is_dir():
         return
     if not _class_path(cfg.trainer.strategy).endswith(f".{FSDP2Strategy.__name__}"):
-        raise ValueError(f"{cfg.ckpt_path} is a sharded checkpoint written under FSDP2: resume it with the FSDP2 "
+        raise MioUserError(f"{cfg.ckpt_path} is a sharded checkpoint written under FSDP2: resume it with the FSDP2 "
                          f"strategy (trainer.strategy: mio.train.sharding.FSDP2Strategy, e.g. the overlay "
                          f"stages/tiny/fsdp2.yaml or stages/cluster/fsdp2_7b.yaml), on any number of processes")
 
@@ -236,8 +237,7 @@ def _fit_and_print(argv: list[str]) -> int:
     try:
         out = fit(argv)
     except Interrupted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[mio] {e}\n[mio] resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        rank_zero_info(f"{e}\nresume with: {resume_command(argv)}")
         return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)

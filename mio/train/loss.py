@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mio.data.packing import IGNORE_INDEX
+from mio.vocab import IGNORE_INDEX
 
 
 def supervised_targets(labels: torch.Tensor) -> torch.Tensor:

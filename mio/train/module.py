@@ -24,7 +24,7 @@ from mio.train.data import DataReport
 from mio.train.flops import FlopCounts, peak_flops
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
 from mio.train.sharding import FSDP2Strategy, full_state_dict
-from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
+from mio.vocab import IGNORE_INDEX, MODALITY_NAMES, VocabError, VocabTable
 
 # The training loop's own figures, per rank and summed over the micro-batches since the last
 # logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
@@ -141,7 +141,7 @@ class MioModule(L.LightningModule):
         validation both average over tokens; and, when ``aux``, an MoE backbone's router loss (else None)."""
         out = self(batch, aux)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
-        supervised = targets != -100
+        supervised = targets != IGNORE_INDEX
         return token_cross_entropy(out.logits, supervised_targets(batch["labels"])), supervised, out.aux_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -28,9 +28,6 @@ sharding, which a sharded model cannot take.
 
 from __future__ import annotations
 
-import resource
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -42,7 +39,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mio.dtypes import dtype_named
+from mio.log import info
+from mio.process_memory import peak_rss_mb, reset_peak_rss, rss_mb
+from mio.userio import MioUserError
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -66,11 +66,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(self, hybrid: bool = False, param_dtype: str = "bfloat16", reduce_dtype: str = "float32",
                  reshard_after_forward: bool = True, process_group_backend: str | None = None) -> None:
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend)
-        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-            if value not in DTYPES:
-                raise ValueError(f"strategy {name} {value!r}: choose one of {sorted(DTYPES)}")
         self.hybrid = hybrid
-        self.policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+        self.policy = MixedPrecisionPolicy(param_dtype=dtype_named(param_dtype, "strategy param_dtype"),
+                                           reduce_dtype=dtype_named(reduce_dtype, "strategy reduce_dtype"))
         self.reshard_after_forward = reshard_after_forward
 
     def shard_mesh(self) -> DeviceMesh:
@@ -102,9 +100,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 dist.broadcast(buffer, src=0)
         del full, source, theirs
         sizes = tensor_mb(model)
-        print(f"[mio] rank {self.global_rank}: weights loaded into shards; peak RSS {peak_rss_mb():.0f} MB, "
-              f"{before:.0f} MB before loading; the model is {sum(sizes):.0f} MB, its largest tensor "
-              f"{max(sizes):.0f} MB", file=sys.stderr, flush=True)
+        info(f"rank {self.global_rank}: weights loaded into shards; peak RSS {peak_rss_mb():.0f} MB, "
+             f"{before:.0f} MB before loading; the model is {sum(sizes):.0f} MB, its largest tensor "
+             f"{max(sizes):.0f} MB")
 
     def shard(self, model: nn.Module) -> None:
         """``fully_shard`` each decoder layer, then (untied) the decoder and the output layer, then
@@ -131,7 +129,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.get_decoder().modules():
         if isinstance(module, nn.ModuleList) and len(module) == layers and len({type(m) for m in module}) == 1:
             return module
-    raise ValueError(f"{type(model).__name__}: found no list of {layers} decoder layers (config.num_hidden_layers) "
+    raise MioUserError(f"{type(model).__name__}: found no list of {layers} decoder layers (config.num_hidden_layers) "
                      f"to shard one by one")
 
 
@@ -144,28 +142,3 @@ def tensor_mb(model: nn.Module) -> list[float]:
     """Megabytes of each parameter and buffer of the model, whole (tied ones once)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     return [t.numel() * t.element_size() / 2**20 for t in tensors]
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in megabytes (Linux)."""
-    return _status_mb("VmRSS")
-
-
-def reset_peak_rss() -> None:
-    """Start a new window for :func:`peak_rss_mb` (Linux >= 4.0; elsewhere the peak is the process's)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since :func:`reset_peak_rss`, in megabytes."""
-    return _status_mb("VmHWM")
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: the process's peak

@@ -18,22 +18,25 @@ import dataclasses
 import itertools
 import math
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from mio.data.packing import IGNORE_INDEX, Pack, collate_packs
+from mio.data.packing import Pack
+from mio.data.pipeline import MicroBatch, micro_batch
+from mio.userio import MioUserError
+from mio.vocab import IGNORE_INDEX
 
 
 def hold_out(shards: Sequence[str], fraction: float, seed: int, name: str) -> tuple[list[str], list[str]]:
     """(training shards, held-out shards) of one dataset: ``round(fraction * n)`` whole shards
     (at least one), chosen by a shuffle seeded by ``seed`` over the sorted shard names."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
+        raise MioUserError(f"data.val_fraction must be in (0, 1), got {fraction}")
     order = sorted(shards)
     held = max(1, round(fraction * len(order)))
     if held >= len(order):
-        raise ValueError(f"dataset {name}: {len(order)} shard(s) cannot give a validation share of {fraction} by "
+        raise MioUserError(f"dataset {name}: {len(order)} shard(s) cannot give a validation share of {fraction} by "
                          f"whole shards and keep one for training; prepare it with a smaller shard_size, or give "
                          f"data.val_datasets")
     random.Random(f"val:{seed}:{name}").shuffle(order)
@@ -55,7 +58,7 @@ class ValBatches:
     def __init__(self, packs: Callable[[], Iterator[Pack]], count: int, batch_size: int, rank: int, world: int,
                  pad_id: int) -> None:
         if count < 1:
-            raise ValueError(f"data.val_packs must be positive, got {count}")
+            raise MioUserError(f"data.val_packs must be positive, got {count}")
         self.packs, self.count, self.batch_size, self.rank, self.world = packs, count, batch_size, rank, world
         self.pad_id = pad_id
         self._cache: list[Pack] | None = None
@@ -69,12 +72,10 @@ class ValBatches:
     def __len__(self) -> int:
         return math.ceil(self.count / (self.batch_size * self.world))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         packs = self.all_packs()
         for i in range(len(self)):
             start = (i * self.world + self.rank) * self.batch_size
             rows = packs[start:start + self.batch_size]
             rows += [_unsupervised(packs[0])] * (self.batch_size - len(rows))
-            batch = collate_packs(rows, pad_id=self.pad_id)
-            batch["keys"] = [r.keys for r in rows]
-            yield batch
+            yield micro_batch(rows, self.pad_id)
