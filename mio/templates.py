@@ -144,6 +144,18 @@ def render_chat(turns: Sequence[Turn], task: str | None = None, add_generation_p
     User speech is input (content codes only); assistant speech is output (all layers).
     """
     check_conversation(turns, for_training=not add_generation_prompt)
+    return _chatml(turns, task, add_generation_prompt)
+
+
+def unconditional_chat(turns: Sequence[Turn], task: str | None, content: Sequence[Segment]) -> list[Segment]:
+    """The unconditional branch of classifier-free guidance: the conversation with its condition
+    removed -- its system prompt (its own, or MIO's for ``task``), one user turn holding only
+    ``content`` (empty, or a negative prompt) and the generation prompt."""
+    system = [turns[0]] if turns and turns[0].role == "system" else []
+    return _chatml([*system, Turn("user", list(content))], task, add_generation_prompt=True)
+
+
+def _chatml(turns: Sequence[Turn], task: str | None, add_generation_prompt: bool) -> list[Segment]:
     system = turns[0].content if turns[0].role == "system" else [Text(system_prompt(task))]
     out: list[Segment] = [Text("<|im_start|>system\n", loss=False)]
     out += [_with_loss(s, False) for s in system]
