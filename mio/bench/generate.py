@@ -39,6 +39,7 @@ where wall-clock ratios there swung by 30% between identical runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 import time
 from typing import Any, Callable
@@ -177,6 +178,11 @@ def _measure(model: Any, tok: Any, table: Any, new_tokens: int, repeats: int, be
     }
 
 
+def _decode_each(loop: Decoder, prompts: list[list[int]], n: int, uncond: list[int]) -> None:
+    for p in prompts:
+        loop.run(p, n, seed=0, uncond_ids=uncond)
+
+
 def _measure_guidance(model: Any, tok: Any, table: Any, new_tokens: int, repeats: int) -> dict[str, Any]:
     """Guided over unguided CPU time per token of mio's loop, inside image blocks and in text."""
     texts = BATCH_TEXTS[:3]
@@ -191,7 +197,7 @@ def _measure_guidance(model: Any, tok: Any, table: Any, new_tokens: int, repeats
         for label, image in (("unguided", unguided), ("guided", GUIDED_MEDIA)):
             settings = {**{m: DecodeSettings(top_p=1.0, top_k=2000) for m in MODES}, "image": image}
             loop = Decoder(model, constraint, settings, stop_ids=[], use_cache=True)
-            runs[label] = lambda loop=loop: [loop.run(p, n, seed=0, uncond_ids=uncond + end) for p in prompts]
+            runs[label] = functools.partial(_decode_each, loop, prompts, n, uncond + end)
         t = _race(runs, repeats)
         figures[f"guidance_cost_{name}"] = round(t["guided"]["cpu"] / t["unguided"]["cpu"], 3)
     return figures
