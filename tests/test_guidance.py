@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,9 @@ from mio.generate.settings import (MODES, PRESETS, DecodeSettings, get_preset, o
                                    resolve_settings)
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
-from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
+from eval_support import tiny_clip_folder
+from test_eval import evalset  # noqa: F401 (fixture)
+from test_generate_support import media_model, one_thread, save_media_model  # noqa: F401 (autouse fixture)
 
 PROMPTS = ["a cat", "hello world, please generate an image of a cat sitting on a mat", "transcribe this speech",
            "hi", "You are MIO, an AI assistant"]
@@ -169,3 +173,36 @@ def test_guidance_settings():
     dec = Decoder(model, ModalityConstraint(table), settings_of(image=3.0), [tok.eos_token_id])
     with pytest.raises(ValueError, match="no unconditional prompt was given"):
         dec.run(prompt_ids(tok, "a cat"), 4)
+
+
+@pytest.mark.slow
+def test_guidance_through_mio_generate_and_mio_eval(tmp_path, capsys, evalset):
+    """`mio generate --set image.guidance=3 --negative-prompt ...` gives the Generator API's answer;
+    `mio eval --set image.guidance=3` decodes its image task guided (and differently from 1)."""
+    from mio.cli import main
+
+    folder = save_media_model(tmp_path / "model", seed=9, image_bias=3.0, speech_bias=3.0, scale=2.0)
+    out = tmp_path / "answer"
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--outputs", "image", "--out", str(out),
+            "--set", "image.guidance=3", "--set", "image.do_sample=false", "--negative-prompt", "blurry",
+            "--max-new-tokens", "40", "--steps", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    record = json.loads((out / "generation.json").read_text())
+    assert record["settings"]["image"]["guidance"] == 3.0
+    gen = Generator(folder)
+    api = gen.generate("a cat", outputs=["image"], settings={"image": {"guidance": 3.0, "do_sample": False}},
+                       negative_prompt="blurry", max_new_tokens=40)
+    assert record["new_ids"] == api.result.ids and IMAGE in api.result.modes
+    unguided = gen.generate("a cat", outputs=["image"], settings={"image": {"do_sample": False}}, max_new_tokens=40)
+    assert unguided.result.ids != api.result.ids
+    scores = {}  # the image task's decoded answers at guidance 1 and 3
+    clip = tiny_clip_folder(tmp_path / "clip")  # a CLIP score needs the image decoded
+    for scale in ("1", "3"):
+        code = main(["eval", str(folder), "--data", *map(str, evalset), "--tasks", "image_generation", "--out",
+                     str(tmp_path / f"eval{scale}"), "--max-new-tokens", "40", "--steps", "1", "--clip-model", str(clip),
+                     "--set", "all.num_beams=1", "--set", "all.do_sample=false", "--set", f"image.guidance={scale}"])
+        assert code == 0
+        capsys.readouterr()
+        rows = [json.loads(line) for line in (tmp_path / f"eval{scale}" / "generations.jsonl").read_text().splitlines()]
+        scores[scale] = [(tmp_path / f"eval{scale}" / r["media"][0]).read_bytes() for r in rows]
+    assert len(scores["3"]) == 1 and scores["3"] != scores["1"]  # the decoded images differ
