@@ -176,7 +176,7 @@ def test_guidance_settings():
 
 
 @pytest.mark.slow
-def test_guidance_through_mio_generate_and_mio_eval(tmp_path, capsys, evalset):
+def test_guidance_through_mio_generate_and_mio_eval(tmp_path, capsys, evalset):  # noqa: F811 (the fixture)
     """`mio generate --set image.guidance=3 --negative-prompt ...` gives the Generator API's answer;
     `mio eval --set image.guidance=3` decodes its image task guided (and differently from 1)."""
     from mio.cli import main

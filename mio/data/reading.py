@@ -69,7 +69,7 @@ class DatasetSpec:
         if unknown:
             raise ValueError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
         template_set(self.templates)
-        self.condition_dropout  # checks the families and probabilities
+        ConditionDropout(self.cond_dropout, self.cond_null_text)  # checks the families and probabilities
 
 
 # --- who reads what -----------------------------------------------------------------------
