@@ -99,7 +99,7 @@ def test_guided_logits_equal_two_plain_forwards(text_beams, sample):
             continue
         c_i, u_i = cond[len(prompt) + i - 1], free[len(uncond) + i - 1]
         want = u_i + scales[mode] * (c_i - u_i) if mode in scales else c_i
-        assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (i, mode, float((got - want).abs().max()))
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (i, mode, float((got - want).abs().max()))
         checked += 1
     assert checked >= sum(m != TEXT for m in r.modes)
 
