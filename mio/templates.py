@@ -296,6 +296,18 @@ def template_set(name: str) -> TemplateSet:
     return TEMPLATE_SETS[name]
 
 
+def condition_removed(text: str, replacement: str = "") -> str | None:
+    """``text`` with its condition replaced by ``replacement`` when it is the user turn of a
+    generation pair task (an SFT task whose template holds ``{text}``, in any template set):
+    the wording condition dropout trains the unconditional branch with. None for other text."""
+    for templates in TEMPLATE_SETS.values():
+        for template in templates.pair_tasks.values():
+            before, found, after = template.partition("{text}")
+            if found and len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after):
+                return before + replacement + after
+    return None
+
+
 def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER,
                       draw: ConditionDraw | None = None) -> list[Turn]:
     """A (media, text) pair -> a two-turn conversation of the given SFT task family (``draw``: the

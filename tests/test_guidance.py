@@ -15,16 +15,21 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 
+from mio.data.reading import DatasetSpec, Renderer
+from mio.data.shards import StoredSample
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import Decoder
 from mio.generate.generator import Generator
 from mio.generate.settings import (MODES, PRESETS, DecodeSettings, get_preset, overrides_from_strings,
                                    resolve_settings)
+from mio.segments import Image, Text
+from mio.templates import MIO_RELEASE, PAPER
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
 
 from eval_support import tiny_clip_folder
@@ -136,8 +141,9 @@ def test_guided_batch_equals_single_runs(sample):
 
 
 def test_the_unconditional_branch():
-    """Chat: the system prompt and a user turn of the negative prompt only; raw: the negative prompt;
-    a prompt ending in an open block lends the block's start to both branches."""
+    """Chat: the system prompt and a user turn of the negative prompt only (a pair task's wording with
+    its condition emptied); raw: the negative prompt; a prompt ending in an open block lends the
+    block's start to both branches."""
     model, tok, table = media_model(seed=1)
     gen = Generator.from_loaded(model, tok, table)
     turns = gen.prompt_turns("a cat")
@@ -145,6 +151,20 @@ def test_the_unconditional_branch():
     assert "blurry" in text and "a cat" not in text and text.endswith("<|im_start|>assistant\n")
     assert text.count("<|im_start|>user\n") == 1 and "You are MIO" in text
     assert gen.unconditional_segments(turns, False, None, None) == []
+    # A generation pair task's wording: the condition emptied in place (or the negative prompt), which is
+    # what condition dropout trains -- the prompt of a dropped sample, token for token.
+    for templates in (PAPER, MIO_RELEASE):
+        wording = templates.pair_tasks["descriptive_image_generation"]
+        asked = gen.prompt_turns(wording.replace("{text}", "a cat on a mat"))
+        assert gen.unconditional_segments(asked, True, None, "blurry")[-3].text == wording.replace("{text}", "blurry")
+        uncond = gen.renderer(gen.unconditional_segments(asked, True, None, None)).input_ids
+        image = Image(np.arange(32))
+        dropped = Renderer(tok, table)(StoredSample("k", "image_text", [image, Text("a cat on a mat")]),
+                                       DatasetSpec("d", format="sft", tasks=["descriptive_image_generation"],
+                                                   templates=templates.name, cond_dropout={"image_generation": 1.0}),
+                                       random.Random(0))
+        assert dropped.input_ids[:uncond.size].tolist() == uncond.tolist()
+        assert int(dropped.input_ids[uncond.size]) == table.image_begin  # then the answer: the image
     c = ModalityConstraint(table)
     prompt = np.asarray(prompt_ids(tok, "draw") + [table.image_begin, table.image_start + 5])
     ids = gen._unconditional_ids(c, prompt, [], 0)

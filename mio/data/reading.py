@@ -273,8 +273,9 @@ class Renderer:
             segs = [*segs, Text(self.eos, loss=segs[-1].loss)]
         return segs, text_only
 
-    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
-        return self.render(sample, *self.segments(sample, spec, rng))
+    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random, epoch: int = 0,
+                 seed: int = 0) -> TokenSample:
+        return self.render(sample, *self.segments(sample, spec, rng, _condition_draw(sample, spec, epoch, seed)))
 
     def render(self, sample: StoredSample, segs: list[Segment], text_only: bool) -> TokenSample:
         return self._sample(sample, self.renderer(segs, where=sample.key), text_only)
@@ -290,10 +291,9 @@ class Renderer:
         so the result equals rendering them one by one. A sample that fails goes to ``on_error``
         and is left out. The spec's condition dropout draws from (sample key, ``epoch``, ``seed``);
         ``cond`` (2,) counts the rendered samples it could drop, and the dropped ones."""
-        dropout = spec.condition_dropout
         drafts = []
         for sample in samples:
-            draw = ConditionDraw(dropout, sample.key, epoch, seed) if dropout.active else None
+            draw = _condition_draw(sample, spec, epoch, seed)
             try:
                 segs, text_only = self.segments(sample, spec, rng, draw)
                 drafts.append((sample, self.renderer.draft(segs, where=sample.key), text_only))
@@ -304,6 +304,12 @@ class Renderer:
                 cond += (1, int(draw.outcome))
         rendered = self.renderer.finish([d for _, d, _ in drafts])
         return [self._sample(sample, r, text_only) for (sample, _, text_only), r in zip(drafts, rendered)]
+
+
+def _condition_draw(sample: StoredSample, spec: DatasetSpec, epoch: int, seed: int) -> ConditionDraw | None:
+    """The sample's condition dropout draw, None where the spec drops nothing."""
+    dropout = spec.condition_dropout
+    return ConditionDraw(dropout, sample.key, epoch, seed) if dropout.active else None
 
 
 class _RenderFailures:

@@ -25,7 +25,7 @@ from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, 
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
-from mio.templates import Turn, content_only, render_chat, unconditional_chat
+from mio.templates import Turn, condition_removed, content_only, render_chat, unconditional_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
@@ -104,11 +104,18 @@ class Generator:
 
     def unconditional_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None,
                                negative_prompt: str | None = None) -> list[Segment]:
-        """The unconditional branch of guided decoding: the conversation with its condition removed
-        (its system prompt, then a user turn holding only ``negative_prompt``, empty when None), or
-        without the chat template the negative prompt alone (after the tokenizer's BOS)."""
-        content = [Text(negative_prompt)] if negative_prompt else []
-        return unconditional_chat(turns, task, content) if chat else content
+        """The unconditional branch of guided decoding: the conversation with its condition removed,
+        ``negative_prompt`` (if any) in its place. In a chat: its system prompt, then one user turn --
+        the last user turn's wording with the condition emptied where it is a generation pair task's
+        (the form condition dropout trains), else only the negative prompt (empty when None). Without
+        the chat template: the negative prompt alone (after the tokenizer's BOS)."""
+        replacement = negative_prompt or ""
+        if not chat:
+            return [Text(replacement)] if replacement else []
+        last = next((t.content for t in reversed(turns) if t.role == "user"), [])
+        wording = condition_removed(last[0].text, replacement) if len(last) == 1 and isinstance(last[0], Text) else None
+        text = wording if wording is not None else replacement
+        return unconditional_chat(turns, task, [Text(text)] if text else [])
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, preset: str = "paper",
