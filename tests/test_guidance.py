@@ -4,7 +4,8 @@
   sequence carries an unconditional row for another, guided modality);
 - with guidance above 1, the logits every media token was chosen from equal
   ``uncond + s * (cond - uncond)`` of two plain full-sequence forwards of the model (no KV cache,
-  no mio decoding code) over the conditional and the unconditional sequence; text tokens'
+  no mio decoding code) over the conditional and the unconditional sequence (the loop with and
+  without its KV cache); text tokens'
   logits are the conditional forward's -- with text decoded greedily and by beam search, whose
   abandoned beams the unconditional row must forget too;
 - a guided greedy answer's text equals the unguided one's up to its first media block;
@@ -82,8 +83,8 @@ def test_guidance_one_is_unguided_decoding():
     assert off.ids == plain.ids and all(torch.equal(a, b) for a, b in zip(off.logits, plain.logits))
 
 
-@pytest.mark.parametrize("text_beams,sample", [(1, True), (3, False)])
-def test_guided_logits_equal_two_plain_forwards(text_beams, sample):
+@pytest.mark.parametrize("text_beams,sample,cache", [(1, True, True), (3, False, True), (3, False, False)])
+def test_guided_logits_equal_two_plain_forwards(text_beams, sample, cache):
     """Every media token's logits are uncond + s * (cond - uncond) of two plain forwards over the
     finished sequences; text tokens', the conditional forward's."""
     model, tok, table = media_model(seed=6, image_bias=4.0, speech_bias=3.0, scale=2.0)
@@ -91,7 +92,7 @@ def test_guided_logits_equal_two_plain_forwards(text_beams, sample):
     c = ModalityConstraint(table, max_speech_frames=4)
     prompt, uncond = prompt_ids(tok, PROMPTS[0]), prompt_ids(tok, "a")
     r = Decoder(model, c, settings_of(text_beams, sample, **scales), model.generation_config.eos_token_id,
-                keep_logits=True).run(prompt, 160, seed=0, uncond_ids=uncond)
+                use_cache=cache, keep_logits=True).run(prompt, 160, seed=0, uncond_ids=uncond)
     # several media blocks, of every guided mode (speech where text is sampled)
     assert {IMAGE, VIDEO} | ({SPEECH} if sample else set()) <= set(r.modes), r.modes
     if text_beams > 1:
