@@ -5,9 +5,8 @@
 - with guidance above 1, the logits every media token was chosen from equal
   ``uncond + s * (cond - uncond)`` of two plain full-sequence forwards of the model (no KV cache,
   no mio decoding code) over the conditional and the unconditional sequence (the loop with and
-  without its KV cache); text tokens'
-  logits are the conditional forward's -- with text decoded greedily and by beam search, whose
-  abandoned beams the unconditional row must forget too;
+  without its KV cache); text tokens' logits are the conditional forward's -- with text decoded
+  greedily and by beam search, whose abandoned beams the unconditional row must forget too;
 - a guided greedy answer's text equals the unguided one's up to its first media block;
 - a batch of guided prompts equals the prompts run one at a time (greedy, seeded sampling);
 - the settings: guidance per media modality, beam search with guidance refused, presets.
