@@ -35,8 +35,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out)
     summary = json.loads((report.parent / "summary.json").read_text())
-    keys = ("caption_to_image_exact", "image_to_caption_exact", "asr_exact", "packing_efficiency", "final_loss", "val_loss",
-            "seconds")
+    keys = ("caption_to_image_exact", "caption_to_image_exact_guidance3", "image_to_caption_exact", "asr_exact",
+            "packing_efficiency", "final_loss", "val_loss", "seconds")
     info(json.dumps({k: summary[k] for k in keys}))
     print(report)
     return 0

@@ -11,9 +11,10 @@ continued training from MIO's weights sees the prompts MIO was trained with.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -63,12 +64,75 @@ def content_only(seg: Segment) -> Segment:
     return seg
 
 
+# --- condition dropout: classifier-free guidance's training side ----------------------------
+# The generation task families whose condition (caption, transcript, description) a stage may
+# drop, and the pretraining templates and SFT pair tasks of each.
+CONDITION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "image_generation": ("image_generation", "descriptive_image_generation"),
+    "tts": ("tts",),
+    "video_generation": ("video_generation",),
+}
+_FAMILY_OF = {name: family for family, names in CONDITION_FAMILIES.items() for name in names}
+
+
+def condition_draw(key: str, epoch: int, seed: int) -> float:
+    """A uniform number in [0, 1) that depends on (sample key, epoch, run seed) alone: the same on
+    every reader, rank and world size, and when a run resumes."""
+    digest = hashlib.sha256(f"cond:{seed}:{epoch}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+
+@dataclass(frozen=True)
+class ConditionDropout:
+    """A stage's condition dropout: per task family (:data:`CONDITION_FAMILIES`) the probability that
+    a generation sample's condition is replaced by ``null_text`` (empty: the template with its
+    condition left empty). The media it asks for, the sample's target, is unchanged."""
+
+    p: Mapping[str, float] = field(default_factory=dict)
+    null_text: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.p) - set(CONDITION_FAMILIES))
+        if unknown:
+            raise MioUserError(f"data.cond_dropout: unknown task family {unknown}; expected some of "
+                             f"{sorted(CONDITION_FAMILIES)}")
+        bad = {k: v for k, v in self.p.items() if not 0.0 <= float(v) <= 1.0}
+        if bad:
+            raise MioUserError(f"data.cond_dropout: probabilities must be in [0, 1], got {bad}")
+
+    @property
+    def active(self) -> bool:
+        return any(float(v) > 0 for v in self.p.values())
+
+
+@dataclass
+class ConditionDraw:
+    """One sample's condition dropout: drawn from (its key, the epoch, the run's seed) when a template
+    or pair task of a family with p > 0 asks for its condition; ``outcome`` records it (None: the
+    sample had no condition to drop)."""
+
+    dropout: ConditionDropout
+    key: str
+    epoch: int
+    seed: int
+    outcome: bool | None = None
+
+    def condition(self, name: str, text: str) -> str:
+        """The condition template or pair task ``name`` puts in: ``text``, or the null text."""
+        p = float(self.dropout.p.get(_FAMILY_OF.get(name, ""), 0.0))
+        if p <= 0.0:
+            return text
+        self.outcome = condition_draw(self.key, self.epoch, self.seed) < p
+        return self.dropout.null_text if self.outcome else text
+
+
 def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.Random,
-                      asr_template: str = "asr", templates: TemplateSet | None = None) -> list[Segment]:
+                      asr_template: str = "asr", templates: TemplateSet | None = None,
+                      draw: ConditionDraw | None = None) -> list[Segment]:
     """A stored sample's segments -> the segments one pretraining step sees.
 
     Pairs (media, text) get a template and a random direction; documents pass as they are,
-    with any speech in them as content codes.
+    with any speech in them as content codes. ``draw``: the sample's condition dropout.
     """
     if data_type in ("image_text", "video_text", "speech_text"):
         media, text = _pair(data_type, segments)
@@ -80,6 +144,8 @@ def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.R
         else:
             name = "tts" if generate else asr_template
             media = media if generate else content_only(media)
+        if draw is not None:
+            text = draw.condition(name, text)
         return fill_template((templates or PAPER).pretrain[name], text, media)
     if data_type in ("text", "interleaved", "video_interleaved"):
         return [content_only(s) for s in segments]
@@ -146,6 +212,18 @@ def render_chat(turns: Sequence[Turn], task: str | None = None, add_generation_p
     User speech is input (content codes only); assistant speech is output (all layers).
     """
     check_conversation(turns, for_training=not add_generation_prompt)
+    return _chatml(turns, task, add_generation_prompt)
+
+
+def unconditional_chat(turns: Sequence[Turn], task: str | None, content: Sequence[Segment]) -> list[Segment]:
+    """The unconditional branch of classifier-free guidance: the conversation with its condition
+    removed -- its system prompt (its own, or MIO's for ``task``), one user turn holding only
+    ``content`` (empty, or a negative prompt) and the generation prompt."""
+    system = [turns[0]] if turns and turns[0].role == "system" else []
+    return _chatml([*system, Turn("user", list(content))], task, add_generation_prompt=True)
+
+
+def _chatml(turns: Sequence[Turn], task: str | None, add_generation_prompt: bool) -> list[Segment]:
     system = turns[0].content if turns[0].role == "system" else [Text(system_prompt(task))]
     out: list[Segment] = [Text(f"{CHAT_START}system\n", loss=False)]
     out += [_with_loss(s, False) for s in system]
@@ -220,8 +298,22 @@ def template_set(name: str) -> TemplateSet:
     return TEMPLATE_SETS[name]
 
 
-def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER) -> list[Turn]:
-    """A (media, text) pair -> a two-turn conversation of the given SFT task family."""
+def condition_removed(text: str, replacement: str = "") -> str | None:
+    """``text`` with its condition replaced by ``replacement`` when it is the user turn of a
+    generation pair task (an SFT task whose template holds ``{text}``, in any template set):
+    the wording condition dropout trains the unconditional branch with. None for other text."""
+    for templates in TEMPLATE_SETS.values():
+        for template in templates.pair_tasks.values():
+            before, found, after = template.partition("{text}")
+            if found and len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after):
+                return before + replacement + after
+    return None
+
+
+def pair_conversation(task: str, media: Segment, text: str, templates: TemplateSet = PAPER,
+                      draw: ConditionDraw | None = None) -> list[Turn]:
+    """A (media, text) pair -> a two-turn conversation of the given SFT task family (``draw``: the
+    sample's condition dropout, for the tasks that ask for media)."""
     if task not in templates.pair_tasks:
         raise MioUserError(f"unknown pair task {task!r}; expected one of {sorted(templates.pair_tasks)}")
     template = templates.pair_tasks[task]
@@ -229,4 +321,6 @@ def pair_conversation(task: str, media: Segment, text: str, templates: TemplateS
         before, _, after = template.partition("{media}")
         question = ([Text(before)] if before else []) + [media] + ([Text(after)] if after else [])
         return [Turn("user", question), Turn("assistant", [Text(text)])]
+    if draw is not None:
+        text = draw.condition(task, text)
     return [Turn("user", [Text(template.replace("{text}", text))]), Turn("assistant", [media])]

@@ -28,10 +28,18 @@ where wall-clock ratios there swung by 30% between identical runs.
   as much in a batch as alone. ``batched_constraint_overhead``: 1 - constrained / plain tokens
   per second of transformers' ``model.generate`` on the 8 prompts left-padded as one batch
   (sampling). Target: at most 0.10.
+- ``guidance_cost_media``: CPU time per image token of mio's loop with classifier-free guidance
+  (the ``guided`` preset's image settings: guidance 3, top-k 2000) over the same settings at
+  guidance 1, decoding image codes after prompts that end inside ``<image>``: the guided
+  sequence's unconditional row doubles the model's batch. Target: at most 2.2.
+  ``guidance_cost_text``: the same for text tokens of a guided answer (a constraint that allows
+  text only, image guidance 3 still carrying the unconditional row). Target: at most 1.1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import tempfile
 import time
 from typing import Any, Callable
@@ -41,7 +49,7 @@ from transformers import LogitsProcessor
 
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import Decoder
-from mio.generate.settings import MODES, TABLE8, DecodeSettings
+from mio.generate.settings import GUIDED_MEDIA, MODES, TABLE8, DecodeSettings
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
 from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
@@ -164,7 +172,35 @@ def _measure(model: Any, tok: Any, table: Any, new_tokens: int, repeats: int, be
         "target_constraint_overhead_max": 0.10,
         **batched,
         "target_batched_speedup_min": 4.0,
+        **_measure_guidance(model, tok, table, new_tokens, repeats),
+        "target_guidance_cost_media_max": 2.2,
+        "target_guidance_cost_text_max": 1.1,
     }
+
+
+def _decode_each(loop: Decoder, prompts: list[list[int]], n: int, uncond: list[int]) -> None:
+    for p in prompts:
+        loop.run(p, n, seed=0, uncond_ids=uncond)
+
+
+def _measure_guidance(model: Any, tok: Any, table: Any, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Guided over unguided CPU time per token of mio's loop, inside image blocks and in text."""
+    texts = BATCH_TEXTS[:3]
+    uncond = [tok.bos_token_id]
+    unguided = dataclasses.replace(GUIDED_MEDIA, guidance=1.0)
+    figures: dict[str, Any] = {}
+    for name, end, constraint, n in (
+            ("media", [table.image_begin], ModalityConstraint(table), 32),  # exactly one image's codes
+            ("text", [], ModalityConstraint(table, allow_image=False, allow_speech=False), new_tokens)):
+        prompts = [[tok.bos_token_id, *tok(t)["input_ids"], *end] for t in texts]
+        runs = {}
+        for label, image in (("unguided", unguided), ("guided", GUIDED_MEDIA)):
+            settings = {**{m: DecodeSettings(top_p=1.0, top_k=2000) for m in MODES}, "image": image}
+            loop = Decoder(model, constraint, settings, stop_ids=[], use_cache=True)
+            runs[label] = functools.partial(_decode_each, loop, prompts, n, uncond + end)
+        t = _race(runs, repeats)
+        figures[f"guidance_cost_{name}"] = round(t["guided"]["cpu"] / t["unguided"]["cpu"], 3)
+    return figures
 
 
 BATCH_TEXTS = ["Please generate an image of a cat sitting on a mat", "a red rocket", "coffee in a white cup",

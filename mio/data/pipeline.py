@@ -81,12 +81,12 @@ class RankRows(torch.utils.data.IterableDataset):
 
     def _skipped(self, rows: Iterator[PackedRow]) -> Iterator[PackedRow]:
         """The rows after the first ``skip``. What those read and lost comes with the first row, so
-        a resumed run's error counts cover the whole stage; their tokens (shares of steps the run
-        does not train again) do not."""
+        a resumed run's error counts cover the whole stage; their tokens and dropped conditions
+        (shares of steps the run does not train again) do not."""
         counts = DataCounts(len(self.mixture.specs))
         for row in itertools.islice(rows, self.skip):
             counts.add(row.counts)
-        counts.tokens[:], counts.kind_tokens[:] = 0, 0
+        counts.tokens[:], counts.kind_tokens[:], counts.cond[:] = 0, 0, 0
         for row in rows:
             yield PackedRow(row.pack, counts.take().add(row.counts))
 

@@ -32,8 +32,8 @@ from mio.data.packing import BestFitPacker, Pack, TokenSample
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards, shard_sample_counts
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
-from mio.templates import (PAIR_TASKS, ConversationError, pair_conversation, pretrain_segments, render_chat,
-                           template_set)
+from mio.templates import (PAIR_TASKS, ConditionDraw, ConditionDropout, ConversationError, pair_conversation,
+                           pretrain_segments, render_chat, template_set)
 from mio.userio import MioUserError
 from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
 
@@ -44,7 +44,8 @@ class DatasetSpec:
 
     ``weight``: its share of the mixture (of tokens, or of samples for a mixture built with
     ``balance="samples"``). ``format``: rendered as pretraining text with templates, or as ChatML
-    conversations (pair data then becomes conversations of one of ``tasks``).
+    conversations (pair data then becomes conversations of one of ``tasks``). ``cond_dropout`` and
+    ``cond_null_text``: the stage's condition dropout (``data.cond_dropout``), set by the DataModule.
     """
 
     path: str
@@ -53,6 +54,12 @@ class DatasetSpec:
     tasks: list[str] = field(default_factory=list)
     asr_template: str = "asr"
     templates: str = "paper"  # the stage's template set (data.templates), set by the DataModule
+    cond_dropout: dict[str, float] = field(default_factory=dict)  # task family -> p (data.cond_dropout)
+    cond_null_text: str = ""  # what a dropped condition becomes (data.cond_null_text)
+
+    @property
+    def condition_dropout(self) -> ConditionDropout:
+        return ConditionDropout(self.cond_dropout, self.cond_null_text)
 
     def __post_init__(self) -> None:
         if self.format not in ("pretrain", "sft"):
@@ -63,6 +70,7 @@ class DatasetSpec:
         if unknown:
             raise MioUserError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
         template_set(self.templates)
+        ConditionDropout(self.cond_dropout, self.cond_null_text)  # checks the families and probabilities
 
 
 # --- who reads what -----------------------------------------------------------------------
@@ -115,8 +123,9 @@ class DataCounts:
     reasons, shards) lost per reason of ``ERROR_REASONS``; ``tokens``: (D,) real tokens packed;
     ``kind_tokens``: (3,) real tokens of text-only samples, of samples with images or video and of
     samples with speech (a sample's kind is the highest modality code it holds: text < image < speech);
-    ``examples``: the first example of each (dataset, reason) error, ``"<where>: <what>"``.
-    A plain class, so Lightning passes it through a batch untouched.
+    ``examples``: the first example of each (dataset, reason) error, ``"<where>: <what>"``;
+    ``cond``: (D, 2) generation samples rendered whose condition the stage's dropout could drop, and
+    of those the dropped ones. A plain class, so Lightning passes it through a batch untouched.
     """
 
     def __init__(self, datasets: int) -> None:
@@ -124,6 +133,7 @@ class DataCounts:
         self.errors = np.zeros((datasets, len(ERROR_REASONS)), np.int64)
         self.tokens = np.zeros(datasets, np.int64)
         self.kind_tokens = np.zeros(len(MODALITY_NAMES), np.int64)
+        self.cond = np.zeros((datasets, 2), np.int64)
         self.examples: dict[tuple[int, int], str] = {}
 
     def error(self, dataset: int, reason: str, example: str) -> None:
@@ -136,6 +146,7 @@ class DataCounts:
         self.errors += other.errors
         self.tokens += other.tokens
         self.kind_tokens += other.kind_tokens
+        self.cond += other.cond
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)
         return self
@@ -143,13 +154,14 @@ class DataCounts:
     def take(self) -> "DataCounts":
         """What accumulated since the last ``take``; this object starts again from zero."""
         out = DataCounts(len(self.read)).add(self)
-        self.read[:], self.errors[:], self.tokens[:], self.kind_tokens[:] = 0, 0, 0, 0
+        self.read[:], self.errors[:], self.tokens[:], self.kind_tokens[:], self.cond[:] = 0, 0, 0, 0, 0
         self.examples = {}
         return out
 
     def vector(self) -> np.ndarray:
         """The counts as one (K,) float64 vector (to sum over ranks), examples left out."""
-        return np.concatenate([self.read, self.errors.ravel(), self.tokens, self.kind_tokens]).astype(np.float64)
+        return np.concatenate([self.read, self.errors.ravel(), self.tokens, self.kind_tokens,
+                               self.cond.ravel()]).astype(np.float64)
 
     def from_vector(self, vector: Sequence[float]) -> "DataCounts":
         """Counts read back from a (summed) ``vector``, with this object's examples."""
@@ -157,7 +169,9 @@ class DataCounts:
         v = np.rint(np.asarray(vector, dtype=np.float64)).astype(np.int64)
         out = DataCounts(d)
         out.read, out.errors = v[:d], v[d:d + d * r].reshape(d, r)
-        out.tokens, out.kind_tokens = v[d + d * r:2 * d + d * r], v[2 * d + d * r:]
+        k = 2 * d + d * r + len(MODALITY_NAMES)
+        out.tokens, out.kind_tokens = v[d + d * r:2 * d + d * r], v[2 * d + d * r:k]
+        out.cond = v[k:].reshape(d, 2)
         out.examples = dict(self.examples)
         return out
 
@@ -215,8 +229,10 @@ def epoch_samples(shards: Sequence[str], slot: ReaderSlot, seed: int, epoch: int
 
 
 # --- rendering ------------------------------------------------------------------------------
-def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-    """The segments to train on, and whether the sample is text only (may be cut)."""
+def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Random,
+                      draw: ConditionDraw | None = None) -> tuple[list[Segment], bool]:
+    """The segments to train on, and whether the sample is text only (may be cut); ``draw``: the
+    sample's condition dropout (generation templates and pair tasks only)."""
     if spec.format == "sft":
         if sample.turns is not None:
             return render_chat(sample.turns, task=sample.task), False
@@ -227,10 +243,11 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
         text = "".join(s.text for s in sample.segments if isinstance(s, Text))
         if len(media) != 1:
             raise MioUserError(f"{sample.key}: a pair task needs one media segment, got {len(media)}")
-        return render_chat(pair_conversation(task, media[0], text, template_set(spec.templates)), task=task), False
+        return render_chat(pair_conversation(task, media[0], text, template_set(spec.templates), draw), task=task), False
     if sample.turns is not None:
         raise MioUserError(f"{sample.key}: a conversation in a dataset read with format 'pretrain'")
-    segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template, template_set(spec.templates))
+    segs = pretrain_segments(sample.data_type, sample.segments, rng, spec.asr_template, template_set(spec.templates),
+                             draw)
     return segs, all(isinstance(s, Text) for s in segs)
 
 
@@ -250,14 +267,16 @@ class TrainingRenderer:
         self.table = table
         self.eos = tokenizer.eos_token
 
-    def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> tuple[list[Segment], bool]:
-        segs, text_only = training_segments(sample, spec, rng)
+    def segments(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random,
+                 draw: ConditionDraw | None = None) -> tuple[list[Segment], bool]:
+        segs, text_only = training_segments(sample, spec, rng, draw)
         if spec.format == "pretrain" and self.eos is not None and segs:
             segs = [*segs, Text(self.eos, loss=segs[-1].loss)]
         return segs, text_only
 
-    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random) -> TokenSample:
-        return self.render(sample, *self.segments(sample, spec, rng))
+    def __call__(self, sample: StoredSample, spec: DatasetSpec, rng: random.Random, epoch: int = 0,
+                 seed: int = 0) -> TokenSample:
+        return self.render(sample, *self.segments(sample, spec, rng, _condition_draw(sample, spec, epoch, seed)))
 
     def render(self, sample: StoredSample, segs: list[Segment], text_only: bool) -> TokenSample:
         return self._sample(sample, self.renderer(segs, where=sample.key), text_only)
@@ -267,19 +286,31 @@ class TrainingRenderer:
                            modality=self.table.modality(r.input_ids), key=sample.key)
 
     def many(self, samples: Sequence[StoredSample], spec: DatasetSpec, rng: random.Random,
-             on_error: Callable[[StoredSample, Exception], None]) -> list[TokenSample]:
+             on_error: Callable[[StoredSample, Exception], None], epoch: int = 0, seed: int = 0,
+             cond: np.ndarray | None = None) -> list[TokenSample]:
         """Render a block of samples with one tokenizer call; draws are made in sample order,
         so the result equals rendering them one by one. A sample that fails goes to ``on_error``
-        and is left out."""
+        and is left out. The spec's condition dropout draws from (sample key, ``epoch``, ``seed``);
+        ``cond`` (2,) counts the rendered samples it could drop, and the dropped ones."""
         drafts = []
         for sample in samples:
+            draw = _condition_draw(sample, spec, epoch, seed)
             try:
-                segs, text_only = self.segments(sample, spec, rng)
+                segs, text_only = self.segments(sample, spec, rng, draw)
                 drafts.append((sample, self.renderer.draft(segs, where=sample.key), text_only))
             except RENDER_ERRORS as e:
                 on_error(sample, e)
+                continue
+            if cond is not None and draw is not None and draw.outcome is not None:
+                cond += (1, int(draw.outcome))
         rendered = self.renderer.finish([d for _, d, _ in drafts])
         return [self._sample(sample, r, text_only) for (sample, _, text_only), r in zip(drafts, rendered)]
+
+
+def _condition_draw(sample: StoredSample, spec: DatasetSpec, epoch: int, seed: int) -> ConditionDraw | None:
+    """The sample's condition dropout draw, None where the spec drops nothing."""
+    dropout = spec.condition_dropout
+    return ConditionDraw(dropout, sample.key, epoch, seed) if dropout.active else None
 
 
 class _RenderFailures:
@@ -314,7 +345,7 @@ def dataset_stream(shards: Sequence[str], spec: DatasetSpec, renderer: TrainingR
         rendered = 0
         samples = iter(epoch_samples(shards, slot, seed, epoch, counts, dataset, shuffle_buffer, order_rng, expected))
         while block := list(itertools.islice(samples, render_block)):
-            done = renderer.many(block, spec, rng, failures)
+            done = renderer.many(block, spec, rng, failures, epoch, seed, counts.cond[dataset])
             rendered += len(done)
             for sample in done:
                 sample.dataset = dataset

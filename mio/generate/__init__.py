@@ -6,8 +6,9 @@
     gen.write(out, "answers/cat")
 
 constraints  the logits processor with the block grammar (a transformers LogitsProcessor)
-settings     per-modality decoding settings and the presets (paper's Table 8, MIO's release)
-decoding     the loop: settings switched at block boundaries, KV cache, beam search in any mode
+settings     per-modality decoding settings and the presets (paper's Table 8, MIO's release, guided)
+decoding     the loop: settings switched at block boundaries, KV cache, beam search in any mode,
+             classifier-free guidance inside media blocks (an unconditional row beside each sequence)
 media        which tokenizers a model uses, prompt files -> codes
 prompt       the prompt syntax: where a prompt's media files go ({image}, <image_placeholder_0>)
 detok        codes -> images (SEED + unCLIP), speech (WAV), video (GIF)

@@ -3,6 +3,7 @@
     mio generate --model runs/demo/model --prompt "What is in this picture?" --image cat.jpg --out answers/cat
     mio generate --model MIO-7B-Instruct --preset mio-release --task tts --outputs speech --prompt "Say hello." --out hi
     mio generate --model runs/demo/model --prompts prompts.jsonl --batch-size 8 --out answers/
+    mio generate --model runs/demo/model --preset guided --outputs image --prompt "A red rocket." --out rocket
 
 With --prompts, each line of the JSONL file is one prompt, ``{"prompt": "What is this? {image}",
 "image": ["cat.jpg"], "id": "cat"}`` (media paths relative to the file; ``id`` names the answer's
@@ -59,19 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated modalities the answer may contain, of text,image,speech,video "
                         "(default: every one the model has tokens for); without text the answer is media only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="decoding defaults: paper (Table 8: text by beam search, media sampled) or mio-release "
+                   help="decoding defaults: paper (Table 8: text by beam search, media sampled), mio-release "
                         "(MIO's infer.py: one setting per task for the whole answer, 512 new tokens, stop at "
-                        "<|im_end|> in chat and at EOS with --raw)")
+                        "<|im_end|> in chat and at EOS with --raw), or guided (Table 8 with images and video "
+                        "frames under classifier-free guidance 3 and top-k 2000)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest answer in tokens (default: the preset's, 1024 or 512); capped at what the "
                         "model's positions allow")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and the unCLIP noise")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODALITY.FIELD=VALUE",
-                   help="override a setting of the preset, e.g. text.num_beams=1 or speech.repetition_penalty=1.2 "
+                   help="override a setting of the preset, e.g. text.num_beams=1, speech.repetition_penalty=1.2 or "
+                        "image.guidance=3 (classifier-free guidance inside image blocks; 1 = off) "
                         "(MODALITY: text, image, video, speech or all)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="with guidance: the unconditional branch's user text (default: the condition removed, "
+                        "an empty user turn)")
     p.add_argument("--max-speech-frames", type=int, default=750, help="longest speech answer in frames (50 per second)")
     p.add_argument("--steps", type=int, default=20, help="unCLIP denoising steps")
-    p.add_argument("--guidance", type=float, default=10.0, help="unCLIP guidance scale")
+    p.add_argument("--guidance", type=float, default=10.0,
+                   help="unCLIP guidance scale (the image decoder's; the token guidance is --set image.guidance=S)")
     p.add_argument("--noise-level", type=int, default=0, help="unCLIP noise level added to the image embedding")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -144,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         results = gen.generate_batch([items for _, items in chunk], chat=not args.raw, task=args.task,
                                      preset=args.preset, max_new_tokens=args.max_new_tokens, settings=overrides,
                                      outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
-                                     max_speech_frames=args.max_speech_frames)
+                                     max_speech_frames=args.max_speech_frames, negative_prompt=args.negative_prompt)
         for (name, _), result in zip(chunk, results):
             for note in result.result.notes:
                 info(note)

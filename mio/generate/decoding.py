@@ -27,6 +27,17 @@ next input is longer than one token (prompts; a beam phase's chosen hypothesis) 
 the left within the step's input; tokens a row no longer stands on (padding, abandoned beams)
 stay in the cache masked out, and hold the row's first token, which the repetition penalty
 already counts.
+
+Classifier-free guidance: a sequence whose settings guide a media modality (``guidance`` != 1)
+stands on one more row, its *unconditional* row, last among its rows: the unconditional prompt
+(the conversation without its condition, or with a negative prompt) with its own KV cache row,
+fed every token the sequence makes. Inside a block of a guided modality the next token's logits
+are ``uncond + s * (cond - uncond)`` of the two rows, before the penalties, the constraint and
+the warpers; everywhere else the conditional row's logits are used as they are, so text outside
+media is decoded exactly as without guidance. Guided modes never run a beam phase (the settings
+refuse it); a beam phase in another mode keeps the unconditional row going beside the beams (fed
+the first beam's tokens), and when the phase ends that row forgets them, as the chosen beam does,
+and reads the chosen hypothesis.
 """
 
 from __future__ import annotations
@@ -56,6 +67,9 @@ class DecodeResult:
     forward_passes: int = 0
     beam_phases: int = 0
     notes: list[str] = field(default_factory=list)  # what the loop changed of the request (a capped limit)
+    # With Decoder(keep_logits=True): per new token, the (V,) float32 logits it was chosen from
+    # (guided where guided; before penalties, constraint and warpers); None in a beam phase.
+    logits: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -214,7 +228,8 @@ class _Sequence:
     generator: torch.Generator
     result: DecodeResult = field(default_factory=lambda: DecodeResult([], [], LENGTH))
     phase: "_BeamPhase | None" = None
-    width: int = 1  # rows of the batch it stands on
+    guided: bool = False  # it stands on one more row, the unconditional one, last
+    width: int = 1  # rows of the batch it stands on (the unconditional row included)
 
     def append(self, tokens: Sequence[int], modes: Sequence[str]) -> None:
         self.buf.append(np.asarray(tokens, dtype=np.int64)[None])
@@ -241,12 +256,13 @@ class Decoder:
     a batch may replace per sequence)."""
 
     def __init__(self, model: Any, constraint: ModalityConstraint, settings: dict[str, DecodeSettings],
-                 stop_ids: Sequence[int], use_cache: bool = True) -> None:
+                 stop_ids: Sequence[int], use_cache: bool = True, keep_logits: bool = False) -> None:
         self.model = model
         self.constraint = constraint
         self.settings = settings
         self.stop_ids = sorted({int(i) for i in stop_ids})
         self.use_cache = use_cache
+        self.keep_logits = keep_logits
         self.device = next(model.parameters()).device
         self._processors: dict[DecodeSettings, tuple[Any, Any]] = {}
 
@@ -262,33 +278,47 @@ class Decoder:
         return self._processors[cfg]
 
     # --- the loop ----------------------------------------------------------------------------
-    def run(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, seed: int = 0) -> DecodeResult:
+    def run(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, seed: int = 0,
+            uncond_ids: Sequence[int] | np.ndarray | None = None) -> DecodeResult:
         """Decode after ``prompt_ids``; ``max_new_tokens`` is capped at what the model's positions
-        allow (the cap is reported in the result's ``notes``)."""
-        return self.run_batch([prompt_ids], max_new_tokens, [seed])[0]
+        allow (the cap is reported in the result's ``notes``). ``uncond_ids``: the unconditional
+        prompt, needed when the settings guide a modality."""
+        return self.run_batch([prompt_ids], max_new_tokens, [seed], uncond=[uncond_ids])[0]
 
     @torch.inference_mode()
     def run_batch(self, prompts: Sequence[Sequence[int] | np.ndarray], max_new_tokens: int, seeds: Sequence[int],
-                  settings: Sequence[dict[str, DecodeSettings]] | None = None) -> list[DecodeResult]:
-        """Decode after each prompt at once; ``seeds`` and ``settings`` (default: the decoder's)
-        are per sequence. A sequence's tokens are those :meth:`run` gives it alone."""
-        if not prompts or len(seeds) != len(prompts) or (settings is not None and len(settings) != len(prompts)):
-            raise ValueError(f"a batch needs at least one prompt and one seed (and settings) per prompt: got "
-                             f"{len(prompts)} prompts, {len(seeds)} seeds")
+                  settings: Sequence[dict[str, DecodeSettings]] | None = None,
+                  uncond: Sequence[Sequence[int] | np.ndarray | None] | None = None) -> list[DecodeResult]:
+        """Decode after each prompt at once; ``seeds``, ``settings`` (default: the decoder's) and
+        ``uncond`` (unconditional prompts, for sequences whose settings guide a modality) are
+        per sequence. A sequence's tokens are those :meth:`run` gives it alone."""
+        if not prompts or len(seeds) != len(prompts) or any(x is not None and len(x) != len(prompts)
+                                                            for x in (settings, uncond)):
+            raise ValueError(f"a batch needs at least one prompt and one seed (and settings, unconditional prompt) "
+                             f"per prompt: got {len(prompts)} prompts, {len(seeds)} seeds")
         start = time.perf_counter()
         seqs = []
+        first: list[list[int]] = []  # each row's prompt
         for i, ids in enumerate(prompts):
-            prompt = np.asarray(ids, dtype=np.int64)
-            if prompt.ndim != 1 or prompt.size == 0:
-                raise ValueError(f"the prompt must be a non-empty 1-D sequence of ids, got shape {prompt.shape}")
-            limit, note = bound_new_tokens(self.model, prompt.size, max_new_tokens)
-            seq = _Sequence(TokenBuffer(prompt[None]), dict(settings[i] if settings is not None else self.settings),
-                            limit, torch.Generator(device=self.device).manual_seed(int(seeds[i])))
+            prompt = _prompt_array(ids, "the prompt")
+            chosen = dict(settings[i] if settings is not None else self.settings)
+            guided = any(cfg.guided for cfg in chosen.values())
+            negative = uncond[i] if uncond is not None else None
+            if guided and negative is None:
+                raise ValueError(f"sequence {i}: its settings guide {sorted(m for m, c in chosen.items() if c.guided)} "
+                                 "(guidance != 1) but no unconditional prompt was given")
+            negative_ids = _prompt_array(negative, "the unconditional prompt") if guided else None
+            longest = max(prompt.size, negative_ids.size if negative_ids is not None else 0)
+            limit, note = bound_new_tokens(self.model, longest, max_new_tokens)
+            seq = _Sequence(TokenBuffer(prompt[None]), chosen, limit,
+                            torch.Generator(device=self.device).manual_seed(int(seeds[i])), guided=guided,
+                            width=2 if guided else 1)
             seq.result.notes += [note] if note else []
             seq.result.forward_passes = 1
             seqs.append(seq)
+            first += [prompt.tolist()] + ([negative_ids.tolist()] if negative_ids is not None else [])
         rows = _Rows(self.model, self.device, self.use_cache)
-        logits = rows.feed([s.buf.rows()[0].tolist() for s in seqs])  # (R, V)
+        logits = rows.feed(first)  # (R, V)
         live = seqs
         while live:
             index: list[int] = []
@@ -333,20 +363,28 @@ class Decoder:
             if s.done:
                 return None
             s.phase = _BeamPhase(self, s, self.constraint.state(s.buf.rows()[0]), column)
-        step = s.phase.advance(logits, ids)
+        beams = s.width - s.guided  # the unconditional row, last, takes no part in the search
+        step = s.phase.advance(logits[:beams], ids[:beams])
         if step is not None:
+            if s.guided:  # it goes along with the first beam's tokens, forgotten when the phase ends
+                step.rows.append(s.width - 1)
+                step.tokens.append(step.tokens[0])
             return step
         # The phase ended: the sequence goes on with its best hypothesis.
         phase, s.phase = s.phase, None
         best = phase.best()
         s.result.beam_phases += 1
         s.append(best, self._modes_of(phase.mode, phase.last, best))
+        if self.keep_logits:
+            s.result.logits += [None] * len(best)
         if best[-1] in self.stop_ids:
             s.result.stopped = STOP
         if s.done:
             return None
-        # It ended on a change of mode: one row goes on, its beam tokens forgotten, the chosen
-        # hypothesis run through the model.
+        # It ended on a change of mode: one row goes on (and the unconditional one), its beam
+        # tokens forgotten, the chosen hypothesis run through the model.
+        if s.guided:
+            return _Step([0, s.width - 1], [best, best], forget_from=phase.column)
         return _Step([0], [best], forget_from=phase.column)
 
     def _lone_state(self, s: _Sequence) -> BlockState | None:
@@ -362,7 +400,7 @@ class Decoder:
         """The next token of each sequence ``todo`` names (its position in the live list, itself, its
         state), keyed by position. Rows with equal settings are scored together, as (R, V), and the
         chosen tokens read once: each row's scores, and its own generator's draw, are what the row
-        alone would give."""
+        alone would give. A guided mode's scores start from ``uncond + s * (cond - uncond)``."""
         groups: dict[DecodeSettings, list[tuple[int, _Sequence, BlockState]]] = {}
         for item in todo:
             groups.setdefault(item[1].settings[item[2].mode], []).append(item)
@@ -371,7 +409,14 @@ class Decoder:
             at = [int(starts[p]) for p, _, _ in items]  # each sequence's one row
             rows = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[0] + len(at))) else \
                 torch.tensor(at, device=logits.device)
-            scores = self._penalties(cfg)(ids[rows], logits[rows])  # (R, V)
+            raw = logits[rows]  # (R, V) the conditional rows
+            if cfg.guided:  # every sequence in a guided mode has its unconditional row right after
+                uncond = logits[torch.tensor(at, device=logits.device) + 1]  # (R, V)
+                raw = uncond + cfg.guidance * (raw - uncond)
+            if self.keep_logits:
+                for (_, s, _), row in zip(items, raw.cpu()):
+                    s.result.logits.append(row)
+            scores = self._penalties(cfg)(ids[rows], raw)  # (R, V)
             keys = [self.constraint.allowed_key(state) for _, _, state in items]
             scores = scores + self.constraint.bias(keys, scores.shape[-1], scores.device, scores.dtype)
             if cfg.do_sample:
@@ -384,7 +429,7 @@ class Decoder:
                 s.append([token], [state.mode])
                 if state.mode == TEXT and token in self.stop_ids:
                     s.result.stopped = STOP
-                out[p] = None if s.done else _Step([0], [[token]])
+                out[p] = None if s.done else _Step(list(range(s.width)), [[token]] * s.width)
         return out
 
     def _phase_modes(self, settings: dict[str, DecodeSettings], cfg: DecodeSettings) -> set[str]:
@@ -407,6 +452,13 @@ class Decoder:
             modes.append(mode)
             mode, last = self.constraint.mode_after(mode, last, t), t
         return modes
+
+
+def _prompt_array(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+    prompt = np.asarray(ids, dtype=np.int64)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D sequence of ids, got shape {prompt.shape}")
+    return prompt
 
 
 class _BeamPhase:

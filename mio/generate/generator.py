@@ -25,7 +25,7 @@ from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, 
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
 from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
-from mio.templates import Turn, content_only, render_chat
+from mio.templates import Turn, condition_removed, content_only, render_chat, unconditional_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, chat_end_id, stop_ids
@@ -103,12 +103,27 @@ class Generator:
             return render_chat(list(turns), task=task, add_generation_prompt=True)
         return [content_only(x) for t in turns for x in t.content]
 
+    def unconditional_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None,
+                               negative_prompt: str | None = None) -> list[Segment]:
+        """The unconditional branch of guided decoding: the conversation with its condition removed,
+        ``negative_prompt`` (if any) in its place. In a chat: its system prompt, then one user turn --
+        the last user turn's wording with the condition emptied where it is a generation pair task's
+        (the form condition dropout trains), else only the negative prompt (empty when None). Without
+        the chat template: the negative prompt alone (after the tokenizer's BOS)."""
+        replacement = negative_prompt or ""
+        if not chat:
+            return [Text(replacement)] if replacement else []
+        last = next((t.content for t in reversed(turns) if t.role == "user"), [])
+        wording = condition_removed(last[0].text, replacement) if len(last) == 1 and isinstance(last[0], Text) else None
+        text = wording if wording is not None else replacement
+        return unconditional_chat(turns, task, [Text(text)] if text else [])
+
     # --- generation ------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, chat: bool = True, task: str | None = None, preset: str = "paper",
                  max_new_tokens: int | None = None,
                  settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
                  outputs: Iterable[str] | None = None, seed: int = 0, use_cache: bool = True,
-                 max_speech_frames: int = 750) -> Generation:
+                 max_speech_frames: int = 750, negative_prompt: str | None = None) -> Generation:
         """Generate an answer.
 
         ``preset`` names the decoding defaults (``paper``: Table 8; ``mio-release``: MIO's
@@ -119,16 +134,21 @@ class Generator:
         the model's positions allow (the result's ``notes`` say so). ``task`` chooses MIO's
         speech-only system prompt (tts, speech_generation; also used for a speech-only answer)
         and the release preset's task.
+
+        Classifier-free guidance (a modality's ``guidance`` setting above 1, or the ``guided``
+        preset) decodes the unconditional branch beside the answer: the same conversation with
+        the condition removed (:meth:`unconditional_segments`), or with ``negative_prompt`` in its
+        place; a prompt that ends inside an open media block lends the block's start to it too.
         """
         return self.generate_batch([prompt], chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
                                    settings=settings, outputs=outputs, seed=seed, use_cache=use_cache,
-                                   max_speech_frames=max_speech_frames)[0]
+                                   max_speech_frames=max_speech_frames, negative_prompt=negative_prompt)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, chat: bool = True, task: str | None = None,
                        preset: str = "paper", max_new_tokens: int | None = None,
                        settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
                        outputs: Iterable[str] | None = None, seed: int | Sequence[int] = 0, use_cache: bool = True,
-                       max_speech_frames: int = 750) -> list[Generation]:
+                       max_speech_frames: int = 750, negative_prompt: str | None = None) -> list[Generation]:
         """Answers to several prompts, decoded together (the keywords are :meth:`generate`'s).
 
         Each prompt keeps its own constraint state and settings (a preset may choose settings
@@ -148,7 +168,7 @@ class Generator:
             system_task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt ("voice" mode)
         else:
             system_task = task
-        turns, ids, resolved = [], [], []
+        turns, ids, resolved, uncond_segments = [], [], [], []
         for n, prompt in enumerate(prompts):
             where = f"prompt {n}: " if len(prompts) > 1 else ""
             turns.append(self.prompt_turns(prompt))
@@ -159,18 +179,36 @@ class Generator:
             ids.append(self.renderer(segments, where=f"prompt {n}").input_ids)
             if ids[-1].size == 0:
                 raise MioUserError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
+            guided = any(cfg.guided for cfg in resolved[-1].values())
+            uncond_segments.append(self.unconditional_segments(encoded, chat, system_task, negative_prompt)
+                                   if guided else None)
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
+        uncond = [None if u is None else self._unconditional_ids(constraint, p, u, n)
+                  for n, (p, u) in enumerate(zip(ids, uncond_segments))]
         decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
         limit = chosen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        results = decoder.run_batch(ids, limit, seeds, settings=resolved)
+        results = decoder.run_batch(ids, limit, seeds, settings=resolved, uncond=uncond)
         out = []
         for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
             answer, partial = self._split(constraint, p, r)
             out.append(Generation(t, p, r, answer, partial, s, sd, chat, chosen.name))
         return out
+
+    def _unconditional_ids(self, constraint: ModalityConstraint, prompt_ids: np.ndarray, segments: list[Segment],
+                           n: int) -> np.ndarray:
+        """The unconditional branch's ids; a prompt that ends inside an open block (``... <image>``)
+        lends the block's start, so both branches read the block's codes in the same place."""
+        ids = self.renderer(segments, where=f"prompt {n} (unconditional branch)").input_ids
+        opened = constraint.state(prompt_ids)
+        if opened.kind != TEXT:
+            ids = np.concatenate([ids, prompt_ids[opened.start:]])
+        if ids.size == 0:
+            raise MioUserError(f"prompt {n}: the unconditional branch of guided decoding is empty (no chat template, no "
+                             "negative prompt, and the tokenizer adds no BOS token): give a negative prompt")
+        return ids
 
     def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
         """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,

@@ -4,10 +4,12 @@ The setting in force for a token is the one of the block it lies in: text outsid
 image inside an ``<image>`` block, video inside an image block that follows a closed one
 (a video's second and later frames), speech inside ``<spch>``.
 
-Two presets: ``paper`` (the MIO paper's Table 8: text by beam search, media sampled) and
+Three presets: ``paper`` (the MIO paper's Table 8: text by beam search, media sampled),
 ``mio-release`` (the settings of MIO's released ``infer.py``: one setting for the whole
 answer, chosen by the task, 512 new tokens, and an answer that stops at ``<|im_end|>`` in
-chat and at EOS otherwise).
+chat and at EOS otherwise), both without classifier-free guidance as their sources, and
+``guided`` (Table 8 with images and video frames sampled under guidance 3 and top-k 2000,
+the values Emu3 and Lumina-mGPT publish).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ class DecodeSettings:
     """How one modality's tokens are chosen: beam search, greedy or sampling.
 
     Field names and meanings are those of transformers' ``GenerationConfig``; ``top_k=0``
-    switches top-k off, as MIO's released inference script does.
+    switches top-k off, as MIO's released inference script does. ``guidance`` is the
+    classifier-free guidance scale of a media modality (1 = off): the next token's logits are
+    ``uncond + guidance * (cond - uncond)`` before every other step (transformers' order for its
+    ``guidance_scale``). Beam search with guidance is refused.
     """
 
     num_beams: int = 1
@@ -41,6 +46,11 @@ class DecodeSettings:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     early_stopping: bool = False
+    guidance: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -55,6 +65,11 @@ class DecodeSettings:
             raise MioUserError(f"temperature must be positive, got {self.temperature}")
         if self.repetition_penalty <= 0.0:
             raise MioUserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.guidance <= 0.0:
+            raise MioUserError(f"guidance must be positive (1 = off), got {self.guidance}")
+        if self.guided and self.num_beams > 1:
+            raise MioUserError(f"beam search with guidance is not supported: guidance {self.guidance} needs num_beams=1 "
+                             f"(got {self.num_beams}); set num_beams=1, or guidance=1")
 
     def penalties(self) -> LogitsProcessorList:
         """What transformers runs before a user's logits processors (the constraint)."""
@@ -76,8 +91,11 @@ class DecodeSettings:
         return out
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """The same settings as keyword arguments of transformers' ``model.generate``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The same settings as keyword arguments of transformers' ``model.generate`` (which has no
+        guidance on a batch row of its own: guided settings have no such equivalent)."""
+        if self.guided:
+            raise ValueError("guided settings have no transformers generate() equivalent here")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "guidance"}
 
 
 # Table 8 of the paper: text by beam search, media by nucleus sampling.
@@ -156,9 +174,19 @@ class Preset:
         return dict(self.tasks[task])
 
 
+# Classifier-free guidance on images and video frames with the values published for
+# discrete-token image generators: scale 3.0 (Emu3's README, with top-k 2048 over its 32k
+# codebook; Lumina-mGPT's README uses 4.0) and top-k 2000 over the image codes, Lumina-mGPT's
+# `image_top_k` on Chameleon's 8192-code image vocabulary -- the size of SEED's codebook.
+# Top-p off and temperature 1, as both. Text and speech keep Table 8 (no anchor guides speech).
+GUIDED_MEDIA = DecodeSettings(top_p=1.0, top_k=2000, guidance=3.0)
+GUIDED: dict[str, DecodeSettings] = {**TABLE8, IMAGE: GUIDED_MEDIA,
+                                     VIDEO: dataclasses.replace(GUIDED_MEDIA, repetition_penalty=1.15)}
+
 PRESETS: dict[str, Preset] = {
     "paper": Preset("paper", {"any": TABLE8}, max_new_tokens=1024, stop=STOP_ANY),
     "mio-release": Preset("mio-release", RELEASE_TASKS, max_new_tokens=512, stop=STOP_TURN),
+    "guided": Preset("guided", {"any": GUIDED}, max_new_tokens=1024, stop=STOP_ANY),
 }
 
 
@@ -173,7 +201,8 @@ def resolve_settings(overrides: Mapping[str, DecodeSettings | Mapping[str, Any]]
     """``base`` (Table 8 by default), with whole settings or single fields replaced per modality.
 
     ``{"text": {"num_beams": 1}}`` keeps text greedy; ``{"speech": DecodeSettings(...)}``
-    replaces speech's settings; ``{"all": {...}}`` applies to every modality first.
+    replaces speech's settings; ``{"all": {...}}`` applies to every modality first (its
+    ``guidance`` to the media modalities only: guidance works inside media blocks).
     """
     out = dict(base)
     overrides = dict(overrides or {})
@@ -183,13 +212,19 @@ def resolve_settings(overrides: Mapping[str, DecodeSettings | Mapping[str, Any]]
     if "all" in overrides:
         every = overrides.pop("all")
         for mode in MODES:
-            out[mode] = _apply(out[mode], every, "all")
+            fields = every if mode != TEXT else dataclasses.replace(every, guidance=1.0) \
+                if isinstance(every, DecodeSettings) else {k: v for k, v in every.items() if k != "guidance"}
+            out[mode] = _apply(out[mode], fields, "all")
     for mode, value in overrides.items():
         out[mode] = _apply(out[mode], value, mode)
     return out
 
 
 def _apply(current: DecodeSettings, value: DecodeSettings | Mapping[str, Any], mode: str) -> DecodeSettings:
+    guidance = value.guidance if isinstance(value, DecodeSettings) else value.get("guidance", 1.0)
+    if mode == TEXT and guidance != 1.0:
+        raise MioUserError(f"text.guidance is {guidance}: guidance applies inside media blocks only; set "
+                         "image.guidance, video.guidance or speech.guidance")
     if isinstance(value, DecodeSettings):
         return value
     fields = {f.name: f.type for f in dataclasses.fields(DecodeSettings)}
@@ -199,7 +234,10 @@ def _apply(current: DecodeSettings, value: DecodeSettings | Mapping[str, Any], m
     changes = dict(value)
     if changes.get("num_beams", current.num_beams) > 1 and "do_sample" not in changes:
         changes["do_sample"] = False  # asking for beams implies deterministic search
-    return dataclasses.replace(current, **changes)
+    try:
+        return dataclasses.replace(current, **changes)
+    except ValueError as err:
+        raise MioUserError(f"{mode} decoding settings: {err}") from None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -71,6 +71,9 @@ class DataReport:
         metrics = {f"train/share_{name}": window.kind_tokens[m] / real for m, name in MODALITY_NAMES.items()}
         for d, name in enumerate(self.names):
             metrics[f"train/share/{name}"] = window.tokens[d] / real
+            if self.total.cond[d, 0]:  # condition dropout: the share of the window's generation samples dropped
+                metrics[f"train/cond_dropped/{name}"] = (window.cond[d, 1] / window.cond[d, 0] if window.cond[d, 0]
+                                                         else float("nan"))
             metrics[f"data/{name}/read"] = float(self.total.read[d])
             for r, reason in enumerate(ERROR_REASONS):
                 metrics[f"data/{name}/{reason}"] = float(self.total.errors[d, r])
@@ -160,6 +163,12 @@ class MioDataModule(L.LightningDataModule):
             ``trainer.val_check_interval`` training batches (with ``check_val_every_n_epoch: null``).
         templates: the template set every dataset of the stage is rendered with: ``paper`` (the
             paper's wording) or ``mio-release`` (MIO's released prompts, for training on from MIO).
+        cond_dropout: condition dropout for classifier-free guidance, per task family
+            (``image_generation``: caption -> image, pretraining and SFT; ``tts``; ``video_generation``):
+            the probability that a generation sample's condition is replaced by ``cond_null_text``
+            (empty: the template with its condition left empty); drawn from (sample key, epoch, seed),
+            so a resumed run and any world size drop the same samples. Default: none. Logged as
+            ``train/cond_dropped/<dataset>``; validation keeps every condition.
         max_error_fraction: the share of a dataset's samples that may be lost (damaged shards,
             samples that do not decode or render, media longer than the context) before the stage
             stops with an error naming the dataset, the reason and an example.
@@ -170,7 +179,8 @@ class MioDataModule(L.LightningDataModule):
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
                  val_packs: int = 16, templates: str = "paper", pack: bool = True,
-                 max_error_fraction: float = 0.05) -> None:
+                 max_error_fraction: float = 0.05, cond_dropout: dict[str, float] | None = None,
+                 cond_null_text: str = "") -> None:
         super().__init__()
         if val_datasets and val_fraction:
             raise ValueError("give data.val_datasets or data.val_fraction, not both")
@@ -191,7 +201,8 @@ class MioDataModule(L.LightningDataModule):
             if d.templates not in ("paper", templates):
                 raise ValueError(f"dataset {d.path} names template set {d.templates!r}: set data.templates for the "
                                  "whole stage instead")
-        self.datasets = [replace(d, templates=templates) for d in datasets]
+        self.datasets = [replace(d, templates=templates, cond_dropout=dict(cond_dropout or {}),
+                                 cond_null_text=cond_null_text) for d in datasets]
         self.root = root
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
@@ -315,7 +326,7 @@ class MioDataModule(L.LightningDataModule):
                 continue
             kept, out = hold_out(shards, self.val_fraction, self.seed, spec.path)
             train.append(kept)
-            val_specs.append(spec)
+            val_specs.append(replace(spec, cond_dropout={}))  # validation keeps every condition
             held.append(out)
         if whole and (self.trainer is None or self.trainer.is_global_zero):
             what = "no validation: every dataset" if not val_specs else ", ".join(whole)
