@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from mio.data.reading import DatasetSpec, Renderer
+from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import Decoder
@@ -159,7 +159,7 @@ def test_the_unconditional_branch():
         assert gen.unconditional_segments(asked, True, None, "blurry")[-3].text == wording.replace("{text}", "blurry")
         uncond = gen.renderer(gen.unconditional_segments(asked, True, None, None)).input_ids
         image = Image(np.arange(32))
-        dropped = Renderer(tok, table)(StoredSample("k", "image_text", [image, Text("a cat on a mat")]),
+        dropped = TrainingRenderer(tok, table)(StoredSample("k", "image_text", [image, Text("a cat on a mat")]),
                                        DatasetSpec("d", format="sft", tasks=["descriptive_image_generation"],
                                                    templates=templates.name, cond_dropout={"image_generation": 1.0}),
                                        random.Random(0))

@@ -21,7 +21,7 @@ import pytest
 from mio.bench.data import write_synthetic
 from mio.data.packing import IGNORE_INDEX
 from mio.data.pipeline import RankRows
-from mio.data.reading import DataCounts, DatasetSpec, Mixture, ReaderSlot, Renderer, dataset_stream
+from mio.data.reading import DataCounts, DatasetSpec, Mixture, ReaderSlot, TrainingRenderer, dataset_stream
 from mio.data.shards import StoredSample
 from mio.segments import Image, SegmentRenderer, Text
 from mio.templates import PAIR_TASKS, ConditionDropout, condition_draw, pair_conversation, render_chat
@@ -43,7 +43,7 @@ def pairs(n: int) -> list[StoredSample]:
             for i in range(n)]
 
 
-def render_all(renderer: Renderer, samples: list[StoredSample], spec: DatasetSpec, epoch: int = 0, seed: int = 0,
+def render_all(renderer: TrainingRenderer, samples: list[StoredSample], spec: DatasetSpec, epoch: int = 0, seed: int = 0,
                cond: np.ndarray | None = None) -> list:
     out, rng = [], random.Random(1)
     for i in range(0, len(samples), 500):
@@ -59,7 +59,7 @@ def targets(sample) -> bytes:
 @pytest.mark.slow
 def test_share_and_targets_over_ten_thousand_samples(mio_tokenizer, table):
     samples = pairs(10_000)
-    renderer = Renderer(mio_tokenizer, table)
+    renderer = TrainingRenderer(mio_tokenizer, table)
     p = 0.1
     dropping = DatasetSpec("d", format="sft", tasks=[TASK], cond_dropout={"image_generation": p})
     cond = np.zeros(2, np.int64)
@@ -81,7 +81,7 @@ def test_share_and_targets_over_ten_thousand_samples(mio_tokenizer, table):
 
 def test_pretraining_drops_the_generation_direction_to_the_null_text(mio_tokenizer, table):
     samples = pairs(400)
-    renderer = Renderer(mio_tokenizer, table)
+    renderer = TrainingRenderer(mio_tokenizer, table)
     cond = np.zeros(2, np.int64)
     spec = DatasetSpec("d", cond_dropout={"image_generation": 1.0}, cond_null_text="nothing")
     dropped = render_all(renderer, samples, spec, cond=cond)
@@ -100,7 +100,7 @@ def test_pretraining_drops_the_generation_direction_to_the_null_text(mio_tokeniz
 
 def test_the_draw_depends_on_key_epoch_and_seed_only(tmp_path, mio_tokenizer, table):
     shards = write_synthetic(tmp_path, "image_text", samples=240, shard_size=60)
-    renderer = Renderer(mio_tokenizer, table)
+    renderer = TrainingRenderer(mio_tokenizer, table)
     spec = DatasetSpec(str(tmp_path), format="sft", tasks=[TASK], cond_dropout={"image_generation": 0.5})
     plain_spec = DatasetSpec(str(tmp_path), format="sft", tasks=[TASK])
 
