@@ -1,0 +1,3 @@
+"""The chat page served at ``/``."""
+
+PAGE = "<!doctype html><title>mio</title>"
