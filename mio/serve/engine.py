@@ -1,13 +1,17 @@
-"""The server's engine: one thread owns the model and decodes every request; the web side waits
-on tickets.
+"""The server's engine: one thread owns the model and decodes every request in one running
+batch (continuous batching); the web side waits on tickets.
 
 A request becomes a :class:`Job` (its turns and generation options, the keywords of
 :meth:`Generator.generate`) and is submitted; :meth:`Engine.submit` refuses it at once when
-``max_queue`` requests are already waiting or decoding (the web side answers 503). The engine's
-thread writes each ticket's answer ids as they are decoded, then its :class:`Generation` (or the
-error that ended it); the web side awaits the ticket's changes on its event loop. Media of an
-answer (images, speech) are decoded to bytes on a second thread, so the model goes on decoding
-while an image is rendered.
+``max_queue`` requests are already waiting or decoding (the web side answers 503). Between two
+steps of the decoding loop the engine's thread starts every job submitted meanwhile
+(:meth:`Decoder.start`: it joins at the next step, its prompt beside the others' one token);
+a job that is done, or whose client went away, leaves the batch at once. Each row keeps its own
+settings, constraint (the outputs its request allows) and seeded generator, so an answer is the
+one it gets alone. After each step the thread writes each ticket's answer ids, and at the end
+its :class:`Generation` (or the error that ended it); the web side awaits the ticket's changes on
+its event loop. Media (a request's images and WAVs in, an answer's images and speech out) are
+encoded and decoded on a second thread, so the model goes on decoding meanwhile.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from mio.generate.decoding import Decoder
 from mio.generate.detok import DEFAULT_UNCLIP
-from mio.generate.generator import Generator
+from mio.generate.generator import Generator, Prepared
 from mio.generate.results import Generation
 from mio.segments import Image, Segment, Speech
 from mio.templates import Turn
@@ -148,22 +153,66 @@ class Engine:
             self._open -= 1
 
     def _work(self) -> None:
-        while True:
-            ticket = self._jobs.get()
-            if ticket is None:
-                return
-            try:
+        """The running batch: jobs join it at the next step, done and cancelled ones leave at once
+        (the one decoding loop of :class:`Decoder`, as ``generate_batch`` runs it)."""
+        decoder = Decoder(self.generator.model)
+        running: dict[int, tuple[Ticket, Prepared, Any]] = {}  # id(sequence) -> (ticket, prepared, sequence)
+        closing = False
+        while not closing or running:
+            closing = self._admit(decoder, running, wait=not running) or closing
+            for ticket, _, seq in running.values():
                 if ticket.cancelled.is_set():
-                    ticket.fail(asyncio.CancelledError())
-                    continue
-                o = ticket.job.options
-                ticket.finish(self.generator.generate(
-                    ticket.job.turns, chat=o.chat, task=o.task, preset=o.preset, max_new_tokens=o.max_new_tokens,
-                    settings=o.settings, outputs=o.outputs, seed=o.seed, max_speech_frames=o.max_speech_frames))
-            except Exception as err:  # noqa: BLE001 -- a request's failure is its answer; the thread serves on
-                ticket.fail(err)
-            finally:
+                    decoder.cancel(seq)
+            try:
+                ended = decoder.step()
+            except Exception as err:  # noqa: BLE001 -- the model failed: every running job fails, the thread serves on
+                for ticket, _, _ in running.values():
+                    ticket.fail(err)
+                    self._closed()
+                running.clear()
+                decoder = Decoder(self.generator.model)
+                continue
+            for seq in ended:
+                ticket, prepared, _ = running.pop(id(seq))
+                try:
+                    if seq.cancelled:
+                        ticket.fail(asyncio.CancelledError("the client went away"))
+                    else:
+                        ticket.finish(self.generator.finish(prepared, seq.result))
+                except Exception as err:  # noqa: BLE001 -- an answer that cannot be parsed fails its request only
+                    ticket.fail(err)
+                finally:
+                    self._closed()
+            for ticket, _, seq in running.values():
+                if len(seq.result.ids) != len(ticket.ids):
+                    ticket.progress(seq.result.ids)
+
+    def _admit(self, decoder: Decoder, running: dict[int, tuple[Ticket, Prepared, Any]], wait: bool) -> bool:
+        """Start every queued job (waiting for one when ``wait``); True once the queue is closed."""
+        while True:
+            try:
+                ticket = self._jobs.get(block=wait)
+            except queue.Empty:
+                return False
+            wait = False
+            if ticket is None:
+                return True
+            if ticket.cancelled.is_set():
+                ticket.fail(asyncio.CancelledError("the client went away"))
                 self._closed()
+                continue
+            try:
+                o = ticket.job.options
+                prepared = self.generator.prepare_batch(
+                    [ticket.job.turns], chat=o.chat, task=o.task, preset=o.preset, max_new_tokens=o.max_new_tokens,
+                    settings=o.settings, outputs=o.outputs, seed=o.seed, max_speech_frames=o.max_speech_frames)[0]
+                seq = decoder.start(prepared.ids, prepared.max_new_tokens, prepared.seed, prepared.settings,
+                                    prepared.constraint, prepared.stop_ids)
+            except Exception as err:  # noqa: BLE001 -- a request the model cannot take fails alone
+                ticket.fail(err)
+                self._closed()
+                continue
+            running[id(seq)] = (ticket, prepared, seq)
 
     # --- media, on the media thread ------------------------------------------------------
     async def encode(self, turns: list[Turn]) -> list[Turn]:
