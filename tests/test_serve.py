@@ -120,6 +120,7 @@ def test_n_choices_are_seeded_one_after_another(client):
     assert both.choices[1].message.content == second.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_images_speech_and_transcriptions(client):
     images = client.images.generate(model="model", prompt="a red rocket", n=1, response_format="b64_json")
     picture = PILImage.open(io.BytesIO(base64.b64decode(images.data[0].b64_json)))

@@ -94,6 +94,7 @@ def client(tmp_path_factory):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_get_their_one_at_a_time_answers(client):
     requests = [dict(messages=[{"role": "user", "content": p}], max_tokens=n, seed=sd, modalities=m, **kw)
                 for p, n, sd, m, kw in [

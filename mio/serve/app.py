@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import uvicorn
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +61,30 @@ class ServeConfig:
     limits: ServeLimits = field(default_factory=ServeLimits)
     api_key: str | None = None  # every endpoint but the page wants ``Authorization: Bearer KEY``
     model_name: str | None = None  # the id /v1/models lists (default: the model folder's name)
+
+
+@contextlib.contextmanager
+def serve_in_thread(generator: Generator, config: ServeConfig = ServeConfig(), host: str = "127.0.0.1",
+                    port: int = 0) -> Iterator[str]:
+    """The app on a real uvicorn server in a thread of this process (the tests, `mio bench serve`);
+    yields its base URL (``port`` 0: a free one); on exit it drains and stops."""
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(generator, config), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="mio-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(120)
 
 
 def create_app(generator: Generator, config: ServeConfig = ServeConfig()) -> FastAPI:
