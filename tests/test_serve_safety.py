@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ from mio.generate.generator import Generator
 from mio.serve.app import ServeConfig
 from mio.serve.limits import ServeLimits
 
-from serve_support import CAT, CLIP, b64, data_url, free_port, model_folder, running
+from serve_support import CAT, CLIP, data_url, free_port, model_folder, running
 from test_generate_support import ROOT, one_thread  # noqa: F401 (autouse fixture)
 
 LIMITS = ServeLimits(max_body_bytes=300_000, max_image_pixels=250 * 250, max_audio_seconds=5.0, max_n=2)

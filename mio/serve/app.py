@@ -47,7 +47,7 @@ from mio.serve.engine import Busy, Engine, GenerateOptions, Job, Ticket
 from mio.serve.limits import RequestError, ServeLimits, b64decode, check_image, check_wav, data_url_bytes
 from mio.serve.page import PAGE
 from mio.serve.schemas import ChatRequest, ImageRequest, MioFields, SpeechRequest, TranscriptionRequest
-from mio.segments import Segment, Speech, Text
+from mio.segments import Text
 from mio.templates import PAIR_TASKS, Turn, check_conversation
 from mio.vocab import IMAGE, SPEECH, TEXT
 
