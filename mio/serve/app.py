@@ -183,7 +183,8 @@ class _Served:
         return GenerateOptions(chat=True, task=task, preset=body.preset, max_new_tokens=max_tokens, settings=settings,
                                outputs=outputs, seed=body.seed, max_speech_frames=body.max_speech_frames)
 
-    async def run(self, turns: list[Turn], options: GenerateOptions, n: int, request: Request) -> list[Ticket]:
+    async def run(self, turns: list[Turn], options: GenerateOptions, n: int, request: Request,
+                  stream: bool = False) -> list[Ticket]:
         """Encode the turns' media, submit ``n`` jobs (seeds ``seed``, ``seed + 1``, ...) and wait
         until each has started (so a prompt the model cannot take is still a 400)."""
         try:
@@ -194,7 +195,7 @@ class _Served:
         tickets: list[Ticket] = []
         try:
             for i in range(n):
-                tickets.append(self.engine.submit(Job(encoded, _with_seed(options, options.seed + i))))
+                tickets.append(self.engine.submit(Job(encoded, _with_seed(options, options.seed + i)), stream))
             for t in tickets:
                 await _started(t, request)
         except BaseException:
@@ -212,7 +213,7 @@ class _Served:
         options = self.options(body, outputs, max_tokens, _sampling(body.temperature, body.top_p))
         with tempfile.TemporaryDirectory(prefix="mio-serve-") as tmp:
             turns = self.turns(body, Path(tmp))
-            tickets = await self.run(turns, options, body.n, request)
+            tickets = await self.run(turns, options, body.n, request, stream=body.stream)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(self.stream(cid, tickets, request), media_type="text/event-stream",

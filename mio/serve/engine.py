@@ -70,6 +70,7 @@ class Ticket:
         self.generation: Generation | None = None
         self.error: BaseException | None = None
         self.cancelled = threading.Event()  # the client went away: the engine drops the job
+        self.streamed = False  # wake the web side at every step (a stream), not only when it starts and ends
         self._changed = asyncio.Event()
 
     @property
@@ -100,8 +101,10 @@ class Ticket:
             pass
 
     def progress(self, ids: list[int]) -> None:
+        started = bool(self.ids)
         self.ids = list(ids)
-        self._notify()
+        if self.streamed or not started:  # a waiting handler only wants the start (errors come before it)
+            self._notify()
 
     def finish(self, generation: Generation) -> None:
         self.ids = list(generation.result.ids)
@@ -138,9 +141,11 @@ class Engine:
     def open_jobs(self) -> int:
         return self._open
 
-    def submit(self, job: Job) -> Ticket:
-        """Queue ``job``; :class:`Busy` when ``max_queue`` jobs are already open."""
+    def submit(self, job: Job, streamed: bool = False) -> Ticket:
+        """Queue ``job``; :class:`Busy` when ``max_queue`` jobs are already open. ``streamed``: its
+        ticket wakes the web side at every step, not only when the job starts and ends."""
         ticket = Ticket(job, asyncio.get_running_loop())
+        ticket.streamed = streamed
         with self._lock:
             if self._open >= self.max_queue:
                 raise Busy(f"the server has {self._open} requests open, its limit (--max-queue {self.max_queue})")
