@@ -116,3 +116,23 @@ def test_concurrent_requests_get_their_one_at_a_time_answers(client):
         together = list(pool.map(ask, requests))
     assert together == alone
     assert any(isinstance(c, list) for c, _, _ in alone) and any(a for _, a, _ in alone)  # images and speech among them
+
+
+def test_padding_counts_the_columns_a_join_adds():
+    """A newcomer's prompt pads every other row by its length: the engine stops taking newcomers
+    past mio.serve.engine.MAX_PADDING such columns, until the batch empties and starts afresh."""
+    model, tok, table = media_model(seed=9)
+    gen = Generator.from_loaded(model, tok, table)
+    long, short = (prepared(gen, p, GREEDY, 0, limit=30) for p in ("a cat sitting on a mat " * 4, "hi"))
+    dec = Decoder(model)
+    first = dec.start(long.ids, long.max_new_tokens, 0, long.settings, long.constraint, long.stop_ids)
+    for _ in range(3):
+        dec.step()
+    assert dec.padding == 0  # one row: every column is its own
+    dec.start(short.ids, short.max_new_tokens, 0, short.settings, short.constraint, short.stop_ids)
+    dec.step()
+    assert len(long.ids) + len(first.result.ids) > len(short.ids)
+    assert dec.padding == len(short.ids) - 1  # the first row's step was as long as the newcomer's prompt
+    while dec.busy:
+        dec.step()
+    assert dec.padding == 0

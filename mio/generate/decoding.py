@@ -315,6 +315,13 @@ class Decoder:
         """Some sequence is decoding or waiting to join."""
         return bool(self._live or self._waiting)
 
+    @property
+    def padding(self) -> int:
+        """Columns the batch carries beyond its longest live sequence: masked-out columns of rows
+        that joined late or of rows gone (they stay until the batch empties and starts afresh)."""
+        longest = max((s.buf.length for s in self._live), default=0)
+        return max(self._rows.length - longest, 0)
+
     def start(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, seed: int,
               settings: dict[str, DecodeSettings] | None = None, constraint: ModalityConstraint | None = None,
               stop_ids: Sequence[int] | None = None) -> _Sequence:

@@ -35,6 +35,12 @@ from mio.segments import Image, Segment, Speech
 from mio.templates import Turn
 
 
+# Past this many masked columns beyond its longest row, the running batch takes no newcomer until it
+# empties and starts afresh: under a steady stream of requests, joins would otherwise grow every
+# row's attention and KV cache without bound (each join pads every row by the newcomer's prompt).
+MAX_PADDING = 2048
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     """The keywords of :meth:`Generator.generate` a request sets."""
@@ -164,7 +170,8 @@ class Engine:
         running: dict[int, tuple[Ticket, Prepared, Any]] = {}  # id(sequence) -> (ticket, prepared, sequence)
         closing = False
         while not closing or running:
-            closing = self._admit(decoder, running, wait=not running) or closing
+            if not running or decoder.padding <= MAX_PADDING:
+                closing = self._admit(decoder, running, wait=not running) or closing
             for ticket, _, seq in running.values():
                 if ticket.cancelled.is_set():
                     decoder.cancel(seq)
