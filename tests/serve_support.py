@@ -5,11 +5,14 @@ port, in a thread of the test process)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import socket
 from pathlib import Path
+from typing import Iterator
 
-from mio.serve.app import serve_in_thread as running  # noqa: F401 (the tests' server)
+from mio.generate.generator import Generator
+from mio.serve.app import ServeConfig, create_app, serve_in_thread
 
 from test_generate_support import SAMPLES, save_media_model
 
@@ -27,6 +30,12 @@ def free_port() -> int:
 def model_folder(root: Path) -> Path:
     """A random model that likes media (so that random answers hold images and speech)."""
     return save_media_model(root / "model", seed=11, image_bias=4.0, speech_bias=4.0)
+
+
+@contextlib.contextmanager
+def running(generator: Generator, config: ServeConfig = ServeConfig()) -> Iterator[str]:
+    with serve_in_thread(create_app(generator, config)) as url:
+        yield url
 
 
 def data_url(path: Path, mime: str) -> str:

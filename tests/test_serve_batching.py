@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -136,3 +137,33 @@ def test_padding_counts_the_columns_a_join_adds():
     while dec.busy:
         dec.step()
     assert dec.padding == 0
+
+
+def test_a_client_that_goes_away_leaves_the_batch(tmp_path):
+    """A stream closed after its first chunk, and a plain request whose client times out: both jobs
+    end (the engine has no open job) long before their token limits, counted in forward passes."""
+    import httpx
+
+    from mio.serve.app import create_app, serve_in_thread
+
+    gen = Generator(model_folder(tmp_path), device="cpu")
+    app = create_app(gen)
+    engine = app.state.served.engine
+    forwards: list[int] = []
+    hook = gen.model.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
+    body = {"model": "model", "messages": [{"role": "user", "content": "hello"}], "modalities": ["image"],
+            "max_tokens": 900, "seed": 1}
+    try:
+        with serve_in_thread(app) as url:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+                next(r.iter_lines())
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
+            for _ in range(200):
+                if engine.open_jobs == 0:
+                    break
+                threading.Event().wait(0.05)
+            assert engine.open_jobs == 0
+    finally:
+        hook.remove()
+    assert len(forwards) < 900  # alone, each answer runs 882 forwards (to the positions' limit)

@@ -31,7 +31,7 @@ import torch
 
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone
-from mio.serve.app import ServeConfig, serve_in_thread
+from mio.serve.app import ServeConfig, create_app, serve_in_thread
 from mio.serve.limits import ServeLimits
 from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_STANDARD
 
@@ -51,7 +51,7 @@ def bench_serve(clients: int = 32, new_tokens: int = 48, short_tokens: int = 8, 
             model, tok, table = load_backbone(base, extend=True)
             gen = Generator.from_loaded(model.eval(), tok, table, name="tiny", device="cpu")
             limits = ServeLimits(max_queue=max(64, 2 * clients))
-            with serve_in_thread(gen, ServeConfig(limits)) as url, httpx.Client(timeout=600) as http:
+            with serve_in_thread(create_app(gen, ServeConfig(limits))) as url, httpx.Client(timeout=600) as http:
                 return _measure(url, http, clients, new_tokens, short_tokens, long_tokens, long_requests, repeats)
     finally:
         torch.set_num_threads(threads)

@@ -64,15 +64,14 @@ class ServeConfig:
 
 
 @contextlib.contextmanager
-def serve_in_thread(generator: Generator, config: ServeConfig = ServeConfig(), host: str = "127.0.0.1",
-                    port: int = 0) -> Iterator[str]:
-    """The app on a real uvicorn server in a thread of this process (the tests, `mio bench serve`);
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """``app`` on a real uvicorn server in a thread of this process (the tests, `mio bench serve`);
     yields its base URL (``port`` 0: a free one); on exit it drains and stops."""
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, config), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="mio-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
