@@ -139,6 +139,12 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from mio.serve.cli import serve_main
+
+    return serve_main(argv)
+
+
 def cmd_plan(argv: list[str]) -> int:
     from mio.plan import plan_main
 
@@ -147,7 +153,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 # Commands that parse their own arguments (LightningCLI, or a parser beside their code).
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"fit": cmd_fit, "generate": cmd_generate, "export": cmd_export,
-                                                     "eval": cmd_eval, "plan": cmd_plan}
+                                                     "eval": cmd_eval, "plan": cmd_plan, "serve": cmd_serve}
 
 
 def _mio_version() -> str:
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export", help="merge a LoRA adapter into a plain model: mio export --merge ...", add_help=False)
     sub.add_parser("plan", help="a stage's memory per GPU under DDP and FSDP2: mio plan --config stages/X.yaml "
                    "--gpus 8 32", add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible server with a chat page: mio serve MODEL_DIR", add_help=False)
     return p
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from mio.userio import MioUserError
 
-SECONDS = {"tokenizers": 215, "packing": 65, "data": 180, "train": 100, "generate": 110, "prepare": 10}
+SECONDS = {"tokenizers": 215, "packing": 65, "data": 180, "train": 100, "generate": 110, "prepare": 10, "serve": 90}
 
 
 def bench_module(part: str) -> ModuleType:

@@ -7,7 +7,10 @@ Tasks and their metrics: image_captioning, video_understanding (CIDEr, BLEU-4); 
 (VQAv2 accuracy); asr (WER); tts (WER of --asr-model's transcript); image_generation,
 descriptive_image_generation (CLIP score with --clip-model); every task also exact match.
 Writes generations.jsonl, metrics.json and report.html into --out; the metrics JSON is the
-last line of standard output.
+last line of standard output. Under torchrun (or srun) the ranks share the items, each on its own
+GPU, and rank 0 writes the files one process would:
+
+    torchrun --nproc_per_node 8 -m mio.cli eval runs/sft/model --data data/coco_val --tasks image_captioning --out eval/
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     from mio.eval.run import EvalSettings, evaluate
     from mio.generate.detok import UnclipSettings
     from mio.generate.generator import Generator
+    from mio.generate.spread import Spread
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     settings = EvalSettings(tasks=tasks, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -60,9 +64,15 @@ def _run(args: argparse.Namespace) -> int:
     for folder in args.data:
         if not folder.is_dir():
             raise FileNotFoundError(f"--data {folder} is not a folder (a prepared dataset from mio prepare)")
-    generator = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device)
-    metrics, _ = evaluate(generator, args.data, settings, args.out)
-    print(json.dumps(metrics))
+    spread = Spread.from_env()
+    try:
+        generator = Generator(args.model, args.tokenizers, unclip=args.unclip, device=spread.device(args.device))
+        generator.media.local_rank = spread.ranks.local_rank  # its tokenizers on this rank's GPU
+        done = evaluate(generator, args.data, settings, args.out, spread=spread)
+    finally:
+        spread.close()
+    if done is not None:  # rank 0 (or the only process)
+        print(json.dumps(done[0]))
     return 0
 
 

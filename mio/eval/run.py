@@ -6,7 +6,8 @@ paper's metrics, and write what a reader checks them against.
 
 Leaves in the output folder ``generations.jsonl`` (one row per item: prompt, answer, references,
 scores), ``metrics.json`` (per task) and ``report.html`` (both as tables), and ``media/`` with the
-decoded answers a metric listens to or looks at (TTS, image generation).
+decoded answers a metric listens to or looks at (TTS, image generation). Under torchrun or srun
+the ranks share the batches and rank 0 writes what one process would (:mod:`mio.generate.spread`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mio.data.ranks import resolve_ranks
 from mio.eval.metrics import (ClipScorer, Transcriber, caption_scores, exact_match, local_folder,
                               normalize_transcript, vqa_accuracy, word_error_rates)
 from mio.eval.report import write_html
@@ -28,6 +30,7 @@ from mio.eval.tasks import (ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, E
                             task_kind)
 from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
+from mio.generate.spread import Spread
 from mio.log import info
 from mio.segments import Image, Segment, Speech, Text, Video
 from mio.userio import MioUserError
@@ -115,27 +118,39 @@ def answer_batch(generator: Generator, prompts: Sequence[Any], settings: EvalSet
 
 
 def evaluate(generator: Generator, data: Sequence[str | os.PathLike], settings: EvalSettings,
-             out: str | os.PathLike, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[EvalAnswer]]:
+             out: str | os.PathLike, log: Callable[[str], None] | None = None,
+             spread: Spread | None = None) -> tuple[dict[str, Any], list[EvalAnswer]] | None:
     """Answer, score and write; returns the metrics (also ``out/metrics.json``) and every item's
-    answer with its scores."""
+    answer with its scores. ``spread``: the ranks of a torchrun or srun job, each answering its
+    batches (:mod:`mio.generate.spread`); rank 0 scores and writes them all in item order, the
+    other ranks return None."""
     log = log or info
+    spread = spread or Spread(resolve_ranks(0, 1))
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evalset = read_eval_set(data, settings.tasks, settings.limit)
     scorers = _Scorers(settings)  # model folders checked before any generation
-    rows: list[EvalAnswer] = []
     by_task: dict[str, list[EvalItem]] = {}
     for item in evalset.items:
         by_task.setdefault(item.task, []).append(item)
-    for task, items in by_task.items():
-        t0 = time.perf_counter()
-        for i in range(0, len(items), settings.batch_size):
-            chunk = items[i:i + settings.batch_size]
-            for item, g in zip(chunk, answer_batch(generator, [x.prompt for x in chunk], settings, task)):
-                rows.append(EvalAnswer(item, g))
-            log(f"eval {task}: {min(i + settings.batch_size, len(items))}/{len(items)} answered "
-                f"({time.perf_counter() - t0:.1f}s)")
+    # The batches one process decodes, task by task; each rank answers its share of them.
+    batches = [(task, items[i:i + settings.batch_size]) for task, items in by_task.items()
+               for i in range(0, len(items), settings.batch_size)]
+    mine: list[tuple[int, list[EvalAnswer]]] = []
+    todo = spread.batches(len(batches))
+    t0 = time.perf_counter()
+    for n, b in enumerate(todo, 1):
+        task, chunk = batches[b]
+        mine.append((b, [EvalAnswer(item, g) for item, g in zip(chunk, answer_batch(generator, [x.prompt for x in chunk],
+                                                                               settings, task))]))
+        log(f"eval: {n}/{len(todo)} batches answered"
+            f"{f' on rank {spread.ranks.rank}' if spread.ranks.world > 1 else ''} ({time.perf_counter() - t0:.1f}s; "
+            f"{task}: {len(chunk)} items)")
+    gathered = spread.gather(mine)
+    if gathered is None:
+        return None
+    rows = [r for batch in gathered for r in batch]
     metrics: dict[str, Any] = {"model": generator.name, "data": [str(d) for d in data], "tasks": {},
                                "not_computed": {}, "skipped_samples": evalset.skipped, "missing_tasks": evalset.missing}
     for task in by_task:

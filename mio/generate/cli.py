@@ -8,7 +8,11 @@
 With --prompts, each line of the JSONL file is one prompt, ``{"prompt": "What is this? {image}",
 "image": ["cat.jpg"], "id": "cat"}`` (media paths relative to the file; ``id`` names the answer's
 folder under --out, default the line number), and the prompts are generated --batch-size at a
-time with the same settings; each answer goes where a single prompt's would.
+time with the same settings; each answer goes where a single prompt's would. Under torchrun (or
+srun) the batches are spread over the ranks, each rank on its own GPU; the files are those one
+process writes, and rank 0 prints the answers in prompt order:
+
+    torchrun --nproc_per_node 8 -m mio.cli generate --model runs/sft/model --prompts prompts.jsonl --out answers/
 
 Media files go where the prompt names them: {image}, {speech}, {video} take the next file of
 their kind in command-line order; MIO's <image_placeholder_0>, <speech_placeholder_1> name a
@@ -28,6 +32,7 @@ from mio.dtypes import DTYPES
 from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.generate.settings import PRESETS, overrides_from_strings
+from mio.generate.spread import Spread
 from mio.log import info
 from mio.segments import Text
 from mio.userio import MioUserError, run_command
@@ -144,22 +149,37 @@ def _run(args: argparse.Namespace) -> int:
     unclip = UnclipSettings(steps=args.steps, guidance_scale=args.guidance, noise_level=args.noise_level, seed=args.seed)
     overrides = overrides_from_strings(args.overrides)
     outputs = None if args.outputs is None else [o.strip() for o in args.outputs.split(",") if o.strip()]
-    gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device,
-                    dtype=DTYPES[args.dtype] if args.dtype else None)
-    for i in range(0, len(jobs), args.batch_size):
-        chunk = jobs[i:i + args.batch_size]
-        results = gen.generate_batch([items for _, items in chunk], chat=not args.raw, task=args.task,
-                                     preset=args.preset, max_new_tokens=args.max_new_tokens, settings=overrides,
-                                     outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
-                                     max_speech_frames=args.max_speech_frames, negative_prompt=args.negative_prompt)
-        for (name, _), result in zip(chunk, results):
-            for note in result.result.notes:
-                info(note)
-            written = gen.write(result, args.out / name, unclip)
-            info(f"{name + ': ' if name else ''}{len(result.result.ids)} new tokens in "
-                 f"{result.result.seconds:.1f}s ({result.result.tokens_per_second:.1f}/s), stopped by {result.stopped}")
-            print(written.answer() or "(empty answer)")
-            print(f"transcript: {written.transcript}")
+    spread = Spread.from_env()
+    try:
+        gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=spread.device(args.device),
+                        dtype=DTYPES[args.dtype] if args.dtype else None)
+        gen.media.local_rank = spread.ranks.local_rank  # its tokenizers on this rank's GPU
+        batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+        shown = []
+        for b in spread.batches(len(batches)):
+            chunk = batches[b]
+            results = gen.generate_batch([items for _, items in chunk], chat=not args.raw, task=args.task,
+                                         preset=args.preset, max_new_tokens=args.max_new_tokens, settings=overrides,
+                                         outputs=outputs, seed=args.seed, use_cache=not args.no_cache,
+                                         max_speech_frames=args.max_speech_frames,
+                                         negative_prompt=args.negative_prompt)
+            answers = []
+            for (name, _), result in zip(chunk, results):
+                for note in result.result.notes:
+                    info(note)
+                written = gen.write(result, args.out / name, unclip)
+                info(f"{name + ': ' if name else ''}{len(result.result.ids)} new tokens in "
+                     f"{result.result.seconds:.1f}s ({result.result.tokens_per_second:.1f}/s), stopped by "
+                     f"{result.stopped}")
+                answers.append(f"{written.answer() or '(empty answer)'}\ntranscript: {written.transcript}")
+            if spread.ranks.world == 1:  # alone: each answer as soon as it is written
+                print("\n".join(answers), flush=True)
+            shown.append((b, answers))
+        if spread.ranks.world > 1:  # rank 0 prints every rank's answers, in prompt order
+            for answers in spread.gather(shown) or []:
+                print("\n".join(answers), flush=True)
+    finally:
+        spread.close()
     return 0
 
 

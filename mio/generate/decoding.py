@@ -28,6 +28,14 @@ the left within the step's input; tokens a row no longer stands on (padding, aba
 stay in the cache masked out, and hold the row's first token, which the repetition penalty
 already counts.
 
+The loop runs step by step (:meth:`Decoder.step`), and sequences may join between steps
+(:meth:`Decoder.start`): a newcomer's prompt is its row's input of the next step, beside the
+other rows' one token (the step is as long as the prompt), its row's earlier columns masked
+out. So `mio serve` decodes requests as they come in the same loop as a batch of prompts
+(:meth:`Decoder.run_batch`: all start, then steps until every one is done). Each sequence may
+carry its own constraint and stop tokens (requests asking for different outputs), and a
+cancelled one leaves the batch at the next step.
+
 Classifier-free guidance: a sequence whose settings guide a media modality (``guidance`` != 1)
 stands on one more row, its *unconditional* row, last among its rows: the unconditional prompt
 (the conversation without its condition, or with a negative prompt) with its own KV cache row,
@@ -160,6 +168,20 @@ class _Rows:
         if self.cache is not None:
             self.cache.reorder_cache(idx)
 
+    def add(self, first: list[int]) -> None:
+        """New rows (one per sequence joining, ``first``: its first token) after the others, their
+        columns so far masked out. Their cache entries are copies of row 0's, masked out too."""
+        if self.ids.shape[0] == 0:
+            return  # no rows yet: the next feed starts the batch
+        n, old = len(first), self.ids.shape[0]
+        first_t = torch.tensor(first, dtype=torch.long, device=self.device)
+        self.ids = torch.cat([self.ids, first_t[:, None].expand(n, self.ids.shape[1])])
+        self.mask = torch.cat([self.mask, torch.zeros((n, self.mask.shape[1]), dtype=torch.long, device=self.device)])
+        self.pos = torch.cat([self.pos, torch.zeros(n, dtype=torch.long, device=self.device)])
+        self.filler = torch.cat([self.filler, first_t])
+        if self.cache is not None:
+            self.cache.reorder_cache(torch.tensor(list(range(old)) + [0] * n, dtype=torch.long, device=self.device))
+
     def forget(self, row: int, column: int) -> None:
         """Row ``row`` no longer stands on its columns from ``column`` on (an abandoned beam phase)."""
         self.mask[row, column:self.length] = 0
@@ -226,10 +248,18 @@ class _Sequence:
     settings: dict[str, DecodeSettings]
     limit: int  # new tokens at most
     generator: torch.Generator
+    constraint: ModalityConstraint
+    stop_ids: list[int]
     result: DecodeResult = field(default_factory=lambda: DecodeResult([], [], LENGTH))
     phase: "_BeamPhase | None" = None
-    guided: bool = False  # it stands on one more row, the unconditional one, last
-    width: int = 1  # rows of the batch it stands on (the unconditional row included)
+    uncond: list[int] | None = None  # the unconditional prompt of a guided sequence
+    width: int = 1  # rows of the batch it stands on (the unconditional row, last, included)
+    started: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # leaves the batch at the next step, as it is
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None
 
     def append(self, tokens: Sequence[int], modes: Sequence[str]) -> None:
         self.buf.append(np.asarray(tokens, dtype=np.int64)[None])
@@ -238,7 +268,7 @@ class _Sequence:
 
     @property
     def done(self) -> bool:
-        return self.result.stopped == STOP or len(self.result.ids) >= self.limit
+        return self.result.stopped == STOP or len(self.result.ids) >= self.limit or self.cancelled
 
 
 @dataclass
@@ -252,19 +282,24 @@ class _Step:
 
 
 class Decoder:
-    """Runs the loop for one model, one constraint and one set of per-modality settings (which
-    a batch may replace per sequence)."""
+    """Runs the loop for one model; the constraint, per-modality settings and stop tokens given
+    here are every sequence's unless :meth:`start` gives it its own."""
 
-    def __init__(self, model: Any, constraint: ModalityConstraint, settings: dict[str, DecodeSettings],
-                 stop_ids: Sequence[int], use_cache: bool = True, keep_logits: bool = False) -> None:
+    def __init__(self, model: Any, constraint: ModalityConstraint | None = None,
+                 settings: dict[str, DecodeSettings] | None = None, stop_ids: Sequence[int] = (),
+                 use_cache: bool = True, keep_logits: bool = False) -> None:
         self.model = model
         self.constraint = constraint
-        self.settings = settings
+        self.settings = settings or {}
         self.stop_ids = sorted({int(i) for i in stop_ids})
         self.use_cache = use_cache
         self.keep_logits = keep_logits
         self.device = next(model.parameters()).device
         self._processors: dict[DecodeSettings, tuple[Any, Any]] = {}
+        self._rows = _Rows(model, self.device, use_cache)
+        self._live: list[_Sequence] = []  # in row order
+        self._waiting: list[_Sequence] = []  # joining at the next step
+        self._logits: torch.Tensor | None = None  # (R, V) the live rows' next-token scores
 
     def _penalties(self, cfg: DecodeSettings) -> Any:
         return self._procs(cfg)[0]
@@ -285,7 +320,6 @@ class Decoder:
         prompt, needed when the settings guide a modality."""
         return self.run_batch([prompt_ids], max_new_tokens, [seed], uncond=[uncond_ids])[0]
 
-    @torch.inference_mode()
     def run_batch(self, prompts: Sequence[Sequence[int] | np.ndarray], max_new_tokens: int, seeds: Sequence[int],
                   settings: Sequence[dict[str, DecodeSettings]] | None = None,
                   uncond: Sequence[Sequence[int] | np.ndarray | None] | None = None) -> list[DecodeResult]:
@@ -296,47 +330,75 @@ class Decoder:
                                                             for x in (settings, uncond)):
             raise ValueError(f"a batch needs at least one prompt and one seed (and settings, unconditional prompt) "
                              f"per prompt: got {len(prompts)} prompts, {len(seeds)} seeds")
-        start = time.perf_counter()
-        seqs = []
-        first: list[list[int]] = []  # each row's prompt
-        for i, ids in enumerate(prompts):
-            prompt = _prompt_array(ids, "the prompt")
-            chosen = dict(settings[i] if settings is not None else self.settings)
-            guided = any(cfg.guided for cfg in chosen.values())
-            negative = uncond[i] if uncond is not None else None
-            if guided and negative is None:
-                raise ValueError(f"sequence {i}: its settings guide {sorted(m for m, c in chosen.items() if c.guided)} "
-                                 "(guidance != 1) but no unconditional prompt was given")
-            negative_ids = _prompt_array(negative, "the unconditional prompt") if guided else None
-            longest = max(prompt.size, negative_ids.size if negative_ids is not None else 0)
-            limit, note = bound_new_tokens(self.model, longest, max_new_tokens)
-            seq = _Sequence(TokenBuffer(prompt[None]), chosen, limit,
-                            torch.Generator(device=self.device).manual_seed(int(seeds[i])), guided=guided,
-                            width=2 if guided else 1)
-            seq.result.notes += [note] if note else []
-            seq.result.forward_passes = 1
-            seqs.append(seq)
-            first += [prompt.tolist()] + ([negative_ids.tolist()] if negative_ids is not None else [])
-        rows = _Rows(self.model, self.device, self.use_cache)
-        logits = rows.feed(first)  # (R, V)
-        live = seqs
-        while live:
-            index: list[int] = []
-            new: list[list[int]] = []
-            forget: list[tuple[int, int]] = []
-            kept = []
-            offset = 0
-            ids = rows.token_ids()
-            states = [self._lone_state(s) for s in live]
-            starts = np.cumsum([0] + [s.width for s in live])[:-1]  # each sequence's first row
-            lone = self._lone_steps([(p, s, st) for p, (s, st) in enumerate(zip(live, states)) if st is not None],
+        seqs = [self.start(ids, max_new_tokens, seeds[i], settings[i] if settings is not None else None,
+                           uncond_ids=uncond[i] if uncond is not None else None)
+                for i, ids in enumerate(prompts)]
+        while self.busy:
+            self.step()
+        return [s.result for s in seqs]
+
+    @property
+    def busy(self) -> bool:
+        """Some sequence is decoding or waiting to join."""
+        return bool(self._live or self._waiting)
+
+    @property
+    def padding(self) -> int:
+        """Columns the batch carries beyond its longest live sequence: masked-out columns of rows
+        that joined late or of rows gone (they stay until the batch empties and starts afresh)."""
+        longest = max((s.buf.length for s in self._live), default=0)
+        return max(self._rows.length - longest, 0)
+
+    def start(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, seed: int,
+              settings: dict[str, DecodeSettings] | None = None, constraint: ModalityConstraint | None = None,
+              stop_ids: Sequence[int] | None = None,
+              uncond_ids: Sequence[int] | np.ndarray | None = None) -> _Sequence:
+        """A sequence that joins the batch at the next step (its result fills in as it decodes);
+        ``max_new_tokens`` is capped at what the model's positions allow (said in its ``notes``).
+        ``uncond_ids``: the unconditional prompt, needed when the settings guide a modality."""
+        prompt = _prompt_array(prompt_ids, "the prompt")
+        constraint = constraint or self.constraint
+        if constraint is None:
+            raise ValueError("a sequence needs a modality constraint: give one to the Decoder or to start()")
+        chosen = dict(settings if settings is not None else self.settings)
+        guided = sorted(m for m, c in chosen.items() if c.guided)
+        if guided and uncond_ids is None:
+            raise ValueError(f"the settings guide {guided} (guidance != 1) but no unconditional prompt was given")
+        uncond = _prompt_array(uncond_ids, "the unconditional prompt").tolist() if guided else None
+        longest = max(prompt.size, len(uncond) if uncond is not None else 0)
+        limit, note = bound_new_tokens(self.model, longest, max_new_tokens)
+        seq = _Sequence(TokenBuffer(prompt[None]), chosen, limit,
+                        torch.Generator(device=self.device).manual_seed(int(seed)), constraint,
+                        sorted({int(i) for i in (self.stop_ids if stop_ids is None else stop_ids)}),
+                        uncond=uncond, width=2 if guided else 1)
+        seq.result.notes += [note] if note else []
+        self._waiting.append(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[_Sequence]:
+        """One step: every live sequence chooses its next token(s) from the last scores, the done
+        and cancelled ones leave, the waiting ones join with their prompts, and the model runs once
+        over the rows. Returns the sequences that ended in this step (done or cancelled)."""
+        index: list[int] = []
+        new: list[list[int]] = []
+        forget: list[tuple[int, int]] = []
+        kept: list[_Sequence] = []
+        ended: list[_Sequence] = []
+        if self._live:
+            assert self._logits is not None
+            logits, ids, offset = self._logits, self._rows.token_ids(), 0
+            states = [self._lone_state(s) for s in self._live]
+            starts = np.cumsum([0] + [s.width for s in self._live])[:-1]  # each sequence's first row
+            lone = self._lone_steps([(p, s, st) for p, (s, st) in enumerate(zip(self._live, states)) if st is not None],
                                     logits, ids, starts)
-            for p, s in enumerate(live):
+            for p, s in enumerate(self._live):
                 width = s.width
-                step = lone[p] if p in lone else self._advance(s, logits[offset:offset + width],
-                                                               ids[offset:offset + width], rows.length)
+                step = None if s.cancelled else lone[p] if p in lone else \
+                    self._advance(s, logits[offset:offset + width], ids[offset:offset + width], self._rows.length)
                 if step is None:
-                    s.result.seconds = time.perf_counter() - start
+                    s.result.seconds = time.perf_counter() - s.started
+                    ended.append(s)
                 else:
                     if step.forget_from is not None:
                         forget += [(len(index) + j, step.forget_from) for j in range(len(step.rows))]
@@ -345,16 +407,30 @@ class Decoder:
                     s.width = len(step.rows)
                     kept.append(s)
                 offset += width
-            live = kept
-            if not live:
-                break
-            rows.select(index)
+        joining = [s for s in self._waiting if not s.cancelled]
+        ended += [s for s in self._waiting if s.cancelled]
+        self._waiting = []
+        if not kept:  # an empty batch starts afresh: no columns, no cache
+            self._rows = _Rows(self.model, self.device, self.use_cache)
+        else:
+            self._rows.select(index)
             for row, column in forget:
-                rows.forget(row, column)
-            logits = rows.feed(new)
-            for s in live:
-                s.result.forward_passes += 1
-        return [s.result for s in seqs]
+                self._rows.forget(row, column)
+        self._live = kept + joining
+        if not self._live:
+            self._logits = None
+            return ended
+        # a joining sequence's rows: its prompt, and a guided one's unconditional prompt after it
+        prompts = [row for s in joining for row in [s.buf.rows()[0].tolist()] + ([s.uncond] if s.guided else [])]
+        self._rows.add([row[0] for row in prompts])
+        self._logits = self._rows.feed(new + prompts)  # (R, V)
+        for s in self._live:
+            s.result.forward_passes += 1
+        return ended
+
+    def cancel(self, s: _Sequence) -> None:
+        """``s`` leaves the batch at the next step, its result as it stands."""
+        s.cancelled = True
 
     def _advance(self, s: _Sequence, logits: torch.Tensor, ids: torch.Tensor, column: int) -> _Step | None:
         """Choose ``s``'s next token(s) from the scores of its rows (``logits`` (W, V), ``ids``
@@ -362,7 +438,7 @@ class Decoder:
         if s.phase is None:
             if s.done:
                 return None
-            s.phase = _BeamPhase(self, s, self.constraint.state(s.buf.rows()[0]), column)
+            s.phase = _BeamPhase(self, s, s.constraint.state(s.buf.rows()[0]), column)
         beams = s.width - s.guided  # the unconditional row, last, takes no part in the search
         step = s.phase.advance(logits[:beams], ids[:beams])
         if step is not None:
@@ -374,10 +450,10 @@ class Decoder:
         phase, s.phase = s.phase, None
         best = phase.best()
         s.result.beam_phases += 1
-        s.append(best, self._modes_of(phase.mode, phase.last, best))
+        s.append(best, self._modes_of(s.constraint, phase.mode, phase.last, best))
         if self.keep_logits:
             s.result.logits += [None] * len(best)
-        if best[-1] in self.stop_ids:
+        if best[-1] in s.stop_ids:
             s.result.stopped = STOP
         if s.done:
             return None
@@ -392,20 +468,21 @@ class Decoder:
         phase), else None (done, in a beam phase, or starting one: :meth:`_advance`)."""
         if s.phase is not None or s.done:
             return None
-        state = self.constraint.state(s.buf.rows()[0])
+        state = s.constraint.state(s.buf.rows()[0])
         return state if s.settings[state.mode].num_beams == 1 else None
 
     def _lone_steps(self, todo: list[tuple[int, _Sequence, BlockState]], logits: torch.Tensor, ids: torch.Tensor,
                     starts: np.ndarray) -> dict[int, _Step | None]:
         """The next token of each sequence ``todo`` names (its position in the live list, itself, its
-        state), keyed by position. Rows with equal settings are scored together, as (R, V), and the
-        chosen tokens read once: each row's scores, and its own generator's draw, are what the row
-        alone would give. A guided mode's scores start from ``uncond + s * (cond - uncond)``."""
-        groups: dict[DecodeSettings, list[tuple[int, _Sequence, BlockState]]] = {}
+        state), keyed by position. Rows with equal settings (and constraint) are scored together, as
+        (R, V), and the chosen tokens read once: each row's scores, and its own generator's draw, are
+        what the row alone would give. A guided mode's scores start from ``uncond + s * (cond - uncond)``."""
+        groups: dict[tuple[DecodeSettings, int], list[tuple[int, _Sequence, BlockState]]] = {}
         for item in todo:
-            groups.setdefault(item[1].settings[item[2].mode], []).append(item)
+            groups.setdefault((item[1].settings[item[2].mode], id(item[1].constraint)), []).append(item)
         out: dict[int, _Step | None] = {}
-        for cfg, items in groups.items():
+        for (cfg, _), items in groups.items():
+            constraint = items[0][1].constraint
             at = [int(starts[p]) for p, _, _ in items]  # each sequence's one row
             rows = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[0] + len(at))) else \
                 torch.tensor(at, device=logits.device)
@@ -417,8 +494,8 @@ class Decoder:
                 for (_, s, _), row in zip(items, raw.cpu()):
                     s.result.logits.append(row)
             scores = self._penalties(cfg)(ids[rows], raw)  # (R, V)
-            keys = [self.constraint.allowed_key(state) for _, _, state in items]
-            scores = scores + self.constraint.bias(keys, scores.shape[-1], scores.device, scores.dtype)
+            keys = [constraint.allowed_key(state) for _, _, state in items]
+            scores = scores + constraint.bias(keys, scores.shape[-1], scores.device, scores.dtype)
             if cfg.do_sample:
                 probs = torch.softmax(self._warpers(cfg)(ids[rows], scores), dim=-1)
                 chosen = torch.cat([torch.multinomial(probs[k:k + 1], num_samples=1, generator=s.generator)[0]
@@ -427,7 +504,7 @@ class Decoder:
                 chosen = scores.argmax(-1).tolist()
             for (p, s, state), token in zip(items, chosen):
                 s.append([token], [state.mode])
-                if state.mode == TEXT and token in self.stop_ids:
+                if state.mode == TEXT and token in s.stop_ids:
                     s.result.stopped = STOP
                 out[p] = None if s.done else _Step(list(range(s.width)), [[token]] * s.width)
         return out
@@ -436,21 +513,21 @@ class Decoder:
         """The modes a beam phase with settings ``cfg`` may run through."""
         return {m for m, other in settings.items() if other == cfg}
 
-    def _ends(self, states: list[BlockState], last: np.ndarray, beam: np.ndarray, token: np.ndarray,
+    def _ends(self, s: _Sequence, states: list[BlockState], last: np.ndarray, beam: np.ndarray, token: np.ndarray,
               inside: set[str]) -> np.ndarray:
-        """(K,) bool: candidate (beam, token) ends its hypothesis: a stop token, or a token after
-        which the row is in a mode outside the phase's."""
-        stops = set(self.stop_ids)
+        """(K,) bool: candidate (beam, token) of ``s`` ends its hypothesis: a stop token, or a token
+        after which the row is in a mode outside the phase's."""
+        stops = set(s.stop_ids)
         return np.array([int(t) in stops or
-                         self.constraint.mode_after(states[b].mode, int(last[b]), int(t)) not in inside
+                         s.constraint.mode_after(states[b].mode, int(last[b]), int(t)) not in inside
                          for b, t in zip(beam, token)], dtype=bool)
 
-    def _modes_of(self, mode: str, last: int, tokens: list[int]) -> list[str]:
+    def _modes_of(self, constraint: ModalityConstraint, mode: str, last: int, tokens: list[int]) -> list[str]:
         """The mode each of ``tokens`` was chosen in, the first in ``mode`` after ``last``."""
         modes = []
         for t in tokens:
             modes.append(mode)
-            mode, last = self.constraint.mode_after(mode, last, t), t
+            mode, last = constraint.mode_after(mode, last, t), t
         return modes
 
 
@@ -471,6 +548,7 @@ class _BeamPhase:
 
     def __init__(self, dec: Decoder, s: _Sequence, state: BlockState, column: int) -> None:
         self.dec = dec
+        self.seq = s
         self.mode = state.mode
         self.cfg = s.settings[self.mode]
         self.inside = dec._phase_modes(s.settings, self.cfg)
@@ -482,7 +560,7 @@ class _BeamPhase:
         # Tokens that can end a hypothesis besides the stop tokens: block markers into or out
         # of modes with other settings (none when every mode has these settings, as in HF).
         enders = 0 if self.inside == set(s.settings) else 2
-        self.k = max(2, 1 + len(dec.stop_ids) + enders) * self.beams_n
+        self.k = max(2, 1 + len(s.stop_ids) + enders) * self.beams_n
         self.beams = TokenBuffer(np.repeat(s.buf.rows(), self.beams_n, axis=0))  # (B, L0 + step)
         self.running = torch.full((self.beams_n,), -1e9, device=dec.device)
         self.running[0] = 0.0  # only the first beam's continuations count at the first step
@@ -504,11 +582,12 @@ class _BeamPhase:
         logp = torch.log_softmax(logits, dim=-1)
         logp = dec._penalties(cfg)(ids, logp)
         rows = self.beams.rows()
-        states = dec.constraint.states(rows)
-        logp = logp + dec.constraint.bias([dec.constraint.allowed_key(x) for x in states], V, dec.device, logp.dtype)
+        constraint = self.seq.constraint
+        states = constraint.states(rows)
+        logp = logp + constraint.bias([constraint.allowed_key(x) for x in states], V, dec.device, logp.dtype)
         top_v, top_i = (logp + self.running[:, None]).view(-1).topk(self.k)  # (K,)
         beam, token = top_i // V, top_i % V
-        ends = dec._ends(states, rows[:, -1], beam.cpu().numpy(), token.cpu().numpy(), self.inside)
+        ends = dec._ends(self.seq, states, rows[:, -1], beam.cpu().numpy(), token.cpu().numpy(), self.inside)
         ends = torch.from_numpy(ends | (self.step + 1 >= self.budget)).to(dec.device)  # (K,)
         if self.improvable and not (len(self.pool) >= B and cfg.early_stopping):
             scale = float(self.step + 1) ** cfg.length_penalty

@@ -9,6 +9,7 @@ answer of text, images, speech and video, decoded back to files.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
@@ -33,6 +34,22 @@ from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, chat_end_id, stop_
 PromptItem = Union[str, Segment, MediaFile, os.PathLike]
 Prompt = Union[str, Sequence[PromptItem], Sequence[Turn]]
 OUTPUTS = (TEXT, IMAGE, SPEECH, VIDEO)
+
+
+@dataclass
+class Prepared:
+    """One prompt made ready for the decoding loop (:meth:`Generator.prepare_batch`)."""
+
+    turns: list[Turn]  # the prompt as given (media as files or codes)
+    ids: np.ndarray  # (P,) the rendered prompt
+    settings: dict[str, DecodeSettings]
+    seed: int
+    constraint: ModalityConstraint
+    stop_ids: list[int]
+    max_new_tokens: int
+    chat: bool
+    preset: str
+    uncond: np.ndarray | None = None  # (U,) the unconditional branch's prompt, where the settings guide a modality
 
 
 class Generator:
@@ -156,6 +173,24 @@ class Generator:
         one per prompt): answer ``i`` is what ``generate(prompts[i], seed=...)`` gives, up to
         the float rounding of a batched forward.
         """
+        prepared = self.prepare_batch(prompts, chat=chat, task=task, preset=preset, max_new_tokens=max_new_tokens,
+                                      settings=settings, outputs=outputs, seed=seed, max_speech_frames=max_speech_frames,
+                                      negative_prompt=negative_prompt)
+        decoder = Decoder(self.model, use_cache=use_cache)
+        seqs = [decoder.start(p.ids, p.max_new_tokens, p.seed, p.settings, p.constraint, p.stop_ids, uncond_ids=p.uncond)
+                for p in prepared]
+        while decoder.busy:
+            decoder.step()
+        return [self.finish(p, s.result) for p, s in zip(prepared, seqs)]
+
+    def prepare_batch(self, prompts: Sequence[Prompt], *, chat: bool = True, task: str | None = None,
+                      preset: str = "paper", max_new_tokens: int | None = None,
+                      settings: Mapping[str, DecodeSettings | Mapping[str, Any]] | None = None,
+                      outputs: Iterable[str] | None = None, seed: int | Sequence[int] = 0,
+                      max_speech_frames: int = 750, negative_prompt: str | None = None) -> list[Prepared]:
+        """Prompts -> what the decoding loop needs for each (:meth:`generate`'s keywords): its ids,
+        settings, seed, constraint, stop tokens and limit. `mio serve` starts them in its running
+        loop as requests come; :meth:`finish` turns each result into a :class:`Generation`."""
         prompts = list(prompts)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(x) for x in seed]
         if not prompts or len(seeds) != len(prompts):
@@ -168,33 +203,26 @@ class Generator:
             system_task = "speech_generation"  # a speech-only answer: MIO's speech-only system prompt ("voice" mode)
         else:
             system_task = task
-        turns, ids, resolved, uncond_segments = [], [], [], []
-        for n, prompt in enumerate(prompts):
-            where = f"prompt {n}: " if len(prompts) > 1 else ""
-            turns.append(self.prompt_turns(prompt))
-            encoded = self.encode_turns(turns[-1])
-            speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
-            resolved.append(resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in))))
-            segments = self.prompt_segments(encoded, chat, system_task)
-            ids.append(self.renderer(segments, where=f"prompt {n}").input_ids)
-            if ids[-1].size == 0:
-                raise MioUserError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
-            guided = any(cfg.guided for cfg in resolved[-1].values())
-            uncond_segments.append(self.unconditional_segments(encoded, chat, system_task, negative_prompt)
-                                   if guided else None)
         stop_ids = self.stop_ids_for(chosen, chat)
         constraint = ModalityConstraint(self.table, max_speech_frames=max_speech_frames,
                                         allow_image=wanted[IMAGE] or wanted[VIDEO], allow_speech=wanted[SPEECH],
                                         text_only_stops=None if wanted[TEXT] else stop_ids)
-        uncond = [None if u is None else self._unconditional_ids(constraint, p, u, n)
-                  for n, (p, u) in enumerate(zip(ids, uncond_segments))]
-        decoder = Decoder(self.model, constraint, resolved[0], stop_ids, use_cache=use_cache)
         limit = chosen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        results = decoder.run_batch(ids, limit, seeds, settings=resolved, uncond=uncond)
         out = []
-        for t, p, r, s, sd in zip(turns, ids, results, resolved, seeds):
-            answer, partial = self._split(constraint, p, r)
-            out.append(Generation(t, p, r, answer, partial, s, sd, chat, chosen.name))
+        for n, (prompt, sd) in enumerate(zip(prompts, seeds)):
+            where = f"prompt {n}: " if len(prompts) > 1 else ""
+            turns = self.prompt_turns(prompt)
+            encoded = self.encode_turns(turns)
+            speech_in = any(isinstance(x, Speech) for t in encoded for x in t.content)
+            resolved = resolve_settings(settings, chosen.settings(chosen.task_of(task, outputs, speech_in)))
+            segments = self.prompt_segments(encoded, chat, system_task)
+            ids = self.renderer(segments, where=f"prompt {n}").input_ids
+            if ids.size == 0:
+                raise MioUserError(f"{where}the prompt is empty and the tokenizer has no BOS token to start from")
+            guided = any(cfg.guided for cfg in resolved.values())
+            uncond = self._unconditional_ids(constraint, ids, self.unconditional_segments(
+                encoded, chat, system_task, negative_prompt), n) if guided else None
+            out.append(Prepared(turns, ids, resolved, sd, constraint, stop_ids, limit, chat, chosen.name, uncond))
         return out
 
     def _unconditional_ids(self, constraint: ModalityConstraint, prompt_ids: np.ndarray, segments: list[Segment],
@@ -209,6 +237,12 @@ class Generator:
             raise MioUserError(f"prompt {n}: the unconditional branch of guided decoding is empty (no chat template, no "
                              "negative prompt, and the tokenizer adds no BOS token): give a negative prompt")
         return ids
+
+    def finish(self, prepared: Prepared, result: DecodeResult) -> Generation:
+        """A decoded sequence -> its :class:`Generation` (the answer's segments, a cut-off block)."""
+        answer, partial = self._split(prepared.constraint, prepared.ids, result)
+        return Generation(prepared.turns, prepared.ids, result, answer, partial, prepared.settings, prepared.seed,
+                          prepared.chat, prepared.preset)
 
     def stop_ids_for(self, preset: Preset, chat: bool) -> list[int]:
         """Where an answer ends: every EOS id and ``<|im_end|>`` (``any``); or, as MIO's release,
