@@ -13,7 +13,7 @@ APT_PACKAGES := espeak-ng libgl1 libglib2.0-0 libxcb1 chromium
 UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes --custom-compile-command "make lock"
 
-.PHONY: demo test test-fast install lock check-env system-deps gpu-check clean
+.PHONY: demo test test-fast lint install lock check-env system-deps gpu-check clean
 
 install: $(STAMP)
 
@@ -50,11 +50,15 @@ system-deps:
 demo: check-env system-deps
 	$(VENV)/bin/mio demo
 
-test: check-env system-deps
+# ruff: lint and import order, configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mio tests
+
+test: check-env lint system-deps
 	$(VENV)/bin/python -m pytest -q
 
 # The development loop: everything but the tests marked slow (at most 2 minutes).
-test-fast: check-env system-deps
+test-fast: check-env lint system-deps
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 # Every check that needs a GPU, in one process tree (at most 8 minutes on one H100): flash-attn from

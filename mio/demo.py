@@ -23,7 +23,7 @@ from mio.assets import STAGES as ALL_STAGES
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
-from mio.eval.run import EvalSettings, EvalAnswer, evaluate
+from mio.eval.run import EvalAnswer, EvalSettings, evaluate
 from mio.eval.tasks import answer_text
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
@@ -156,7 +156,7 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
 # --- report ------------------------------------------------------------------------------------
 def _media_index(data_dir: Path) -> tuple[dict[bytes, str], dict[str, str]]:
     """Image codes -> bundled photo path, transcript -> bundled clip path (for display)."""
-    captions = {json.loads(l)["caption"]: l for l in (SAMPLES / "image_text.jsonl").read_text().splitlines()}
+    captions = {json.loads(line)["caption"]: line for line in (SAMPLES / "image_text.jsonl").read_text().splitlines()}
     photos: dict[bytes, str] = {}
     for shard in list_shards(data_dir / "image_text"):
         for s in iter_shard(shard):
@@ -164,7 +164,8 @@ def _media_index(data_dir: Path) -> tuple[dict[bytes, str], dict[str, str]]:
             cap = next(x.text for x in s.segments if isinstance(x, Text))
             if cap in captions:
                 photos[np.asarray(img.codes).tobytes()] = json.loads(captions[cap])["image"]
-    clips = {json.loads(l)["text"]: json.loads(l)["audio"] for l in (SAMPLES / "speech_text.jsonl").read_text().splitlines()}
+    clips = {json.loads(line)["text"]: json.loads(line)["audio"]
+             for line in (SAMPLES / "speech_text.jsonl").read_text().splitlines()}
     return photos, clips
 
 

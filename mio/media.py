@@ -22,7 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
-from PIL import Image as PILImage, ImageOps, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import ImageOps, UnidentifiedImageError
 
 from mio.userio import MioUserError
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from mio.vocab import BLOCK_MARKERS, IGNORE_INDEX, VocabError, VocabTable
+from tokenizers import Tokenizer
 
 
 # Segments compare by content and loss flag (a test comparing segments also checks the mask); the

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from tokenizers import AddedToken
 
 from mio.userio import MioUserError
+from tokenizers import AddedToken
 
 VOCAB_FILE = "mio_vocab.json"
 FORMAT = "mio-vocab/1"
@@ -82,8 +82,9 @@ class VocabTable:
                    (self.speech_start, self.speech_end_id, "speech codes")]
         ranges.sort()
         if ranges[0][0] < self.text_size:
-            raise VocabError(f"added token {ranges[0][2]!r} at id {ranges[0][0]} overlaps the text vocabulary (size {self.text_size})")
-        for (a0, a1, an), (b0, _, bn) in zip(ranges, ranges[1:]):
+            raise VocabError(f"added token {ranges[0][2]!r} at id {ranges[0][0]} overlaps the text vocabulary "
+                             f"(size {self.text_size})")
+        for (_, a1, an), (b0, _, bn) in zip(ranges, ranges[1:]):
             if b0 < a1:
                 raise VocabError(f"{an!r} and {bn!r} overlap in the vocabulary table")
 

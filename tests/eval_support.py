@@ -46,8 +46,13 @@ def tiny_whisper_folder(out: Path, says: str = "a") -> Path:
     layer norm is zeroed to a constant, so the logits are the same at every step, end of text
     first and ``says`` second; Whisper's begin-suppression of end of text makes the first
     token ``says``, the second end of text. Whatever speech it hears, it transcribes ``says``."""
-    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = {c: i for i, c in enumerate(CHARS + ["Ġ"])}

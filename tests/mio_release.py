@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import yaml
-
 from test_generate_support import TINY_SPEECH, tiny_media, tiny_unclip
 from test_seed_checkpoint import write_release
 

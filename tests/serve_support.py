@@ -11,10 +11,10 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from test_generate_support import SAMPLES, save_media_model
+
 from mio.generate.generator import Generator
 from mio.serve.app import ServeConfig, create_app, serve_in_thread
-
-from test_generate_support import SAMPLES, save_media_model
 
 CAT = SAMPLES / "images" / "cat.jpg"
 CLIP = SAMPLES / "speech" / "clip01.wav"
@@ -33,8 +33,8 @@ def model_folder(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running(generator: Generator, config: ServeConfig = ServeConfig()) -> Iterator[str]:
-    with serve_in_thread(create_app(generator, config)) as url:
+def running(generator: Generator, config: ServeConfig | None = None) -> Iterator[str]:
+    with serve_in_thread(create_app(generator, config or ServeConfig())) as url:
         yield url
 
 

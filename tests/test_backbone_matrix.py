@@ -13,26 +13,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizer_kinds
 import torch
+from train_support import shared_root, tiny_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import tokenizer_kinds
 from mio.cli import main
+from mio.data.packing import BestFitPacker, TokenSample, collate_packs
+from mio.data.reading import DatasetSpec
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.generator import Generator
 from mio.generate.settings import get_preset
-from mio.model.saved_tokenizer import save_tokenizer
-
-from mio.data.packing import BestFitPacker, TokenSample, collate_packs
 from mio.model.attention import effective_backend
 from mio.model.backbone import load_model
-from mio.model.forward import (PackingError, check_packing, router_aux_coefficient, supervised_logits,
-                               supervised_positions)
-from mio.data.reading import DatasetSpec
+from mio.model.forward import (
+    PackingError,
+    check_packing,
+    router_aux_coefficient,
+    supervised_logits,
+    supervised_positions,
+)
+from mio.model.saved_tokenizer import save_tokenizer
 from mio.train.cli import fit
 from mio.train.data import MioDataModule
 from mio.vocab import CHAT_MARKERS, VocabTable
-from train_support import shared_root, tiny_args
 
 VOCAB = 96
 TOL = 1e-5

@@ -10,11 +10,11 @@ import warnings
 from importlib.metadata import version
 
 import pytest
+from train_support import ROOT
 
 from mio.bench import SECONDS, bench_function, sizes, what_it_measures
 from mio.cli import main
 from mio.noise import NoiseFilter, quiet
-from train_support import ROOT
 
 CAT = str(ROOT / "data_recipes" / "samples" / "images" / "cat.jpg")
 
@@ -76,9 +76,9 @@ def test_noise_is_filtered_and_the_rest_shows(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet()
-        warnings.warn("old API", DeprecationWarning)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
         warnings.warn("It is recommended to use `self.log('val/loss', ..., sync_dist=True)` when logging on epoch "
-                      "level in distributed setting to accumulate the metric across devices.", UserWarning)
-        warnings.warn("something to act on", UserWarning)
+                      "level in distributed setting to accumulate the metric across devices.", UserWarning, stacklevel=1)
+        warnings.warn("something to act on", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something to act on"]
     assert any(isinstance(f, NoiseFilter) for f in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters)

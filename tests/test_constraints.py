@@ -8,14 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 from transformers import PreTrainedTokenizerFast
 
 from mio.generate.constraints import ModalityConstraint
 from mio.segments import Image, ParseError, Speech, Video, parse
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, extend_tokenizer
-
-from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 # A small table (MIO's order: specials, then image codes, then speech codes) keeps sets readable.
 SMALL = VocabTable.mio_default(20, image_codebook_size=8, speech_codebook_size=4, speech_layers=4)

@@ -8,11 +8,18 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image as PILImage
-
-from mio.generate.detok import (ImageDecoder, SpeechDecoder, TinyUnclipConfig, UnclipSettings, load_unclip_pipeline,
-                                tiny_unclip_pipeline, write_gif, write_wav)
-
 from test_generate_support import one_thread, tiny_media, tiny_unclip  # noqa: F401 (autouse fixture)
+
+from mio.generate.detok import (
+    ImageDecoder,
+    SpeechDecoder,
+    TinyUnclipConfig,
+    UnclipSettings,
+    load_unclip_pipeline,
+    tiny_unclip_pipeline,
+    write_gif,
+    write_wav,
+)
 
 FEW_STEPS = UnclipSettings(steps=2)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from eval_support import tiny_clip_folder, tiny_whisper_folder
+from test_generate_support import one_thread, save_media_model  # noqa: F401 (autouse fixture)
 
 from mio.cli import main
 from mio.data.shards import AtomicShardWriter, StoredSample
@@ -17,9 +19,6 @@ from mio.eval.metrics import ClipScorer, caption_scores, vqa_accuracy, word_erro
 from mio.eval.tasks import read_eval_set
 from mio.segments import Image, Speech, Text
 from mio.templates import Turn
-
-from eval_support import tiny_clip_folder, tiny_whisper_folder
-from test_generate_support import one_thread, save_media_model  # noqa: F401 (autouse fixture)
 
 RNG = np.random.default_rng(0)
 CAT, DOG = Image(RNG.integers(0, 8192, 32)), Image(RNG.integers(0, 8192, 32))

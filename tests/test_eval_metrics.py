@@ -8,12 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from mio.eval.metrics import (ClipScorer, caption_scores, exact_match, normalize_transcript, normalize_vqa_answer,
-                              ptb_tokenize, vqa_accuracy, word_error_rates)
-from mio.segments import Image, Text
-
 from eval_support import tiny_clip_folder
+
+from mio.eval.metrics import (
+    ClipScorer,
+    caption_scores,
+    exact_match,
+    normalize_transcript,
+    normalize_vqa_answer,
+    ptb_tokenize,
+    vqa_accuracy,
+    word_error_rates,
+)
+from mio.segments import Image, Text
 
 
 def test_ptb_tokenize_splits_clitics_and_drops_punctuation():

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)
 
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import LENGTH, STOP, Decoder
@@ -29,8 +30,6 @@ from mio.segments import Image, SegmentRenderer, Speech, Text, Video
 from mio.templates import Turn
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
-
-from test_generate_support import SAMPLES, media_model, one_thread, tiny_media  # noqa: F401 (autouse fixture)
 
 ONE_STEP = UnclipSettings(steps=1)
 
@@ -243,7 +242,8 @@ def test_table8_defaults_and_overrides():
     assert TABLE8[TEXT].num_beams == 5 and not TABLE8[TEXT].do_sample
     for m in (IMAGE, SPEECH, VIDEO):
         assert TABLE8[m].do_sample and TABLE8[m].top_p == 0.7 and TABLE8[m].num_beams == 1
-    assert (TABLE8[IMAGE].repetition_penalty, TABLE8[SPEECH].repetition_penalty, TABLE8[VIDEO].repetition_penalty) == (1.0, 1.15, 1.15)
+    penalties = (TABLE8[IMAGE].repetition_penalty, TABLE8[SPEECH].repetition_penalty, TABLE8[VIDEO].repetition_penalty)
+    assert penalties == (1.0, 1.15, 1.15)
     s = resolve_settings({"all": {"temperature": 0.5}, SPEECH: {"repetition_penalty": 2.0}})
     assert s[TEXT].temperature == 0.5 and s[SPEECH].repetition_penalty == 2.0 and s[SPEECH].top_p == 0.7
     assert resolve_settings({IMAGE: {"num_beams": 2}})[IMAGE] == DecodeSettings(num_beams=2, do_sample=False)

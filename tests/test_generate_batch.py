@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import pytest
+from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import STOP, Decoder
 from mio.generate.generator import Generator
 from mio.generate.settings import MODES, DecodeSettings
-
-from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
 PROMPTS = ["a cat", "hello world, please generate an image of a cat sitting on a mat", "transcribe this speech",
            "hi", "You are MIO, an AI assistant"]
@@ -89,9 +88,9 @@ def test_cli_prompts_file_in_batches(tmp_path, capsys):
     prompt generated alone; bad lines are named."""
     import json
 
-    from mio.generate.cli import generate_main, prompts_file
-
     from test_generate_support import save_media_model
+
+    from mio.generate.cli import generate_main, prompts_file
 
     folder = save_media_model(tmp_path / "model", seed=9, image_bias=3.0, speech_bias=3.0, stop_bias=2.6, scale=2.0)
     lines = [{"prompt": "What is this?", "id": "cat"}, {"prompt": "hello world"}, {"prompt": "a cat"}]
@@ -105,7 +104,7 @@ def test_cli_prompts_file_in_batches(tmp_path, capsys):
     assert [line.split("transcript: ")[1] for line in printed.splitlines() if line.startswith("transcript: ")] == [
         str(tmp_path / "out" / n / "transcript.md") for n in names]
     gen = Generator(folder)
-    for (name, items), n in zip(prompts_file(tmp_path / "p.jsonl"), names):
+    for (_, items), n in zip(prompts_file(tmp_path / "p.jsonl"), names):
         alone = gen.generate(items, max_new_tokens=24, settings=greedy(), outputs=["text"])
         assert json.loads((tmp_path / "out" / n / "generation.json").read_text())["new_ids"] == alone.result.ids
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y", "image": ["missing.jpg"]}\n')

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_generate_support import SAMPLES, one_thread, save_media_model, text_tokenizer  # noqa: F401
 
 from mio.generate.cli import generate_main
 from mio.generate.generator import Generator
@@ -18,8 +19,6 @@ from mio.generate.media import MediaFile
 from mio.generate.prompt import prompt_items
 from mio.segments import Image, Text
 from mio.vocab import VocabTable
-
-from test_generate_support import SAMPLES, one_thread, save_media_model, text_tokenizer  # noqa: F401
 
 CAT = SAMPLES / "images" / "cat.jpg"
 CLIP = SAMPLES / "speech" / "clip01.wav"
@@ -35,7 +34,8 @@ def fit_folder(tmp_path_factory) -> Path:
 def test_cli_writes_transcript_with_decoded_images_and_audio(fit_folder, tmp_path, capsys):
     out = tmp_path / "answer"
     rc = generate_main(["--model", str(fit_folder), "--prompt", "Look at {image} and listen:", "--image", str(CAT),
-                        "--speech", str(CLIP), "--video", str(VIDEO), "--out", str(out), "--max-new-tokens", "160", "--steps", "1",
+                        "--speech", str(CLIP), "--video", str(VIDEO), "--out", str(out), "--max-new-tokens", "160",
+                        "--steps", "1",
                         "--max-speech-frames", "3", "--set", "text.num_beams=1", "--set", "text.do_sample=true",
                         "--seed", "3"])
     assert rc == 0, capsys.readouterr().err

@@ -20,21 +20,19 @@ import random
 import numpy as np
 import pytest
 import torch
+from eval_support import tiny_clip_folder
+from test_eval import evalset  # noqa: F401 (fixture)
+from test_generate_support import media_model, one_thread, save_media_model  # noqa: F401 (autouse fixture)
 
 from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample
 from mio.generate.constraints import ModalityConstraint
 from mio.generate.decoding import Decoder
 from mio.generate.generator import Generator
-from mio.generate.settings import (MODES, PRESETS, DecodeSettings, get_preset, overrides_from_strings,
-                                   resolve_settings)
+from mio.generate.settings import MODES, PRESETS, DecodeSettings, get_preset, overrides_from_strings, resolve_settings
 from mio.segments import Image, Text
 from mio.templates import MIO_RELEASE, PAPER
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
-
-from eval_support import tiny_clip_folder
-from test_eval import evalset  # noqa: F401 (fixture)
-from test_generate_support import media_model, one_thread, save_media_model  # noqa: F401 (autouse fixture)
 
 PROMPTS = ["a cat", "hello world, please generate an image of a cat sitting on a mat", "transcribe this speech",
            "hi", "You are MIO, an AI assistant"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CORPUS
 from transformers import AutoModelForCausalLM
 
 from mio.export import export_main
@@ -17,13 +18,11 @@ from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.module import MioModule
 from mio.vocab import VocabTable
 
-from conftest import CORPUS
-
 ADDED = 12_294  # mio's added tokens: 6 specials + 8192 image + 4096 speech codes
-D, I, LAYERS, HEADS, KV = 64, 128, 2, 4, 2  # the tiny_base fixture's shape
+D, FFN, LAYERS, HEADS, KV = 64, 128, 2, 4, 2  # the tiny_base fixture's shape
 HEAD = D // HEADS
 LINEAR = {"q_proj": (D, HEADS * HEAD), "k_proj": (D, KV * HEAD), "v_proj": (D, KV * HEAD), "o_proj": (HEADS * HEAD, D),
-          "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}  # (in, out) per block
+          "gate_proj": (D, FFN), "up_proj": (D, FFN), "down_proj": (FFN, D)}  # (in, out) per block
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_trainable_parameters_equal_the_formula(extended, rank, targets, new_tok
 
 
 def test_tied_output_layer_shares_the_added_rows(tmp_path):
-    cfg = TinyLlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    cfg = TinyLlamaConfig(hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                           num_key_value_heads=KV, text_vocab_size=400, tie_word_embeddings=True)
     model, tok, table = load_backbone(build_tiny_backbone(CORPUS * 4, cfg, tmp_path / "base"), extend=True)
     folder = save_model_folder(model, tok, table, tmp_path / "ext")

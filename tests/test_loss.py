@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from train_support import shared_root, tiny_args
 
 from mio.data.packing import BestFitPacker, TokenSample, collate_packs
 from mio.model.forward import supervised_positions
 from mio.train.cli import fit
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_count, supervised_targets, token_cross_entropy
 from mio.train.module import MioModule
-from train_support import shared_root, tiny_args
 
 VOCAB = 53
 

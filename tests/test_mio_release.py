@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from mio_release import RELEASE_SPECIALS, build_release
+from test_generate_support import SAMPLES, one_thread, tiny_media  # noqa: F401 (autouse fixture)
+from train_support import shared_root, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mio.generate.cli import generate_main
@@ -25,10 +28,6 @@ from mio.segments import Image, Speech, Text
 from mio.tokenizers.media_tokenizers import MIO_SEED_DIR, MIO_UNCLIP_DIR, MediaTokenizers
 from mio.train.cli import fit
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable, folder_table
-
-from mio_release import RELEASE_SPECIALS, build_release
-from test_generate_support import SAMPLES, one_thread, tiny_media  # noqa: F401 (autouse fixture)
-from train_support import shared_root, tiny_args
 
 CAT = SAMPLES / "images" / "cat.jpg"
 
@@ -151,8 +150,15 @@ def test_template_sets_paper_and_mio_release():
     """`paper` keeps the paper's wording; `mio-release` quotes captions ``...'' and uses the
     release's SFT instructions for TTS, image and video generation; a stage chooses one."""
     from mio.data.reading import DatasetSpec
-    from mio.templates import (MIO_RELEASE, PAIR_TASKS, PAPER, PRETRAIN_TEMPLATES, fill_template, pair_conversation,
-                               template_set)
+    from mio.templates import (
+        MIO_RELEASE,
+        PAIR_TASKS,
+        PAPER,
+        PRETRAIN_TEMPLATES,
+        fill_template,
+        pair_conversation,
+        template_set,
+    )
     from mio.train.data import MioDataModule
 
     assert PAPER.pretrain == PRETRAIN_TEMPLATES and PAPER.pair_tasks == PAIR_TASKS

@@ -5,12 +5,12 @@ and the activation estimate equal the formulas mio/plan.py states."""
 import json
 
 import pytest
+from train_support import ROOT
 from transformers import LlamaConfig
 
 from mio.cli import main
 from mio.model.lora import LoraSettings
 from mio.plan import ModelShape, plan, stage_model
-from train_support import ROOT
 
 ADDED = 12_294
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image as PILImage
+from prepare_support import write_tar
 
 from mio.data.prepare import prepare
-from mio.data.tokenize_rows import recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
-
-from prepare_support import write_tar
+from mio.data.tokenize_rows import recipe_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"

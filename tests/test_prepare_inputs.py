@@ -20,19 +20,18 @@ import pytest
 import soundfile as sf
 import yaml
 from PIL import Image as PILImage
+from prepare_support import write_tar
 
+from mio.data.fields import MediaRef
 from mio.data.media import Recordings
 from mio.data.prepare import prepare
-from mio.data.tokenize_rows import recipe_tokenizers
 from mio.data.recipe import Recipe
 from mio.data.shards import iter_shard, list_shards
-from mio.data.fields import MediaRef
+from mio.data.tokenize_rows import recipe_tokenizers
 from mio.media import read_audio
 from mio.segments import Image, Text
 from mio.tokenizers import tokenize_cli
 from mio.tokenizers.media_tokenizers import MediaTokenizers, SpecSource
-
-from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from prepare_support import snapshot
 
 from mio.data.lock import LOCK, MEMBERS, FolderLock, FolderLocked, job_id
 from mio.data.prepare import prepare
-
-from prepare_support import snapshot
 
 WORDS = "the cat sat on a warm mat while rain fell over the quiet town".split()
 

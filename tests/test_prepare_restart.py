@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from prepare_support import snapshot
 
 from mio.data import units as units_module
 from mio.data.lock import LOCK
 from mio.data.prepare import prepare
 from mio.data.ranks import Ranks, resolve_ranks, unit_owner
 from mio.data.shards import MANIFEST, iter_shard, list_shards
-
-from prepare_support import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tokenizers" / "tiny"

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from prepare_support import write_tar
 
 from mio.data.prepare import prepare
 from mio.data.recipe import Recipe
 from mio.data.shards import file_sha256, iter_shard, list_shards
 from mio.segments import Image, Speech, Text, Video
-
-from prepare_support import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"

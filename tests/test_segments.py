@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 
 from mio.segments import Image, ParseError, SegmentRenderer, Speech, Text, Video, parse, text_form
-from mio.templates import (PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD, ConversationError, Turn,
-                           fill_template, pair_conversation, pretrain_segments, render_chat)
+from mio.templates import (
+    PRETRAIN_TEMPLATES,
+    SYSTEM_SPEECH,
+    SYSTEM_STANDARD,
+    ConversationError,
+    Turn,
+    fill_template,
+    pair_conversation,
+    pretrain_segments,
+    render_chat,
+)
 from mio.vocab import VocabError, VocabTable, extend_tokenizer
-
 
 
 @pytest.fixture(scope="module")

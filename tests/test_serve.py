@@ -16,13 +16,12 @@ import openai
 import pytest
 import soundfile as sf
 from PIL import Image as PILImage
+from serve_support import CAT, CLIP, b64, data_url, model_folder, running
+from test_generate_support import one_thread  # noqa: F401 (autouse fixture)
 
 from mio.generate.cli import generate_main
 from mio.generate.generator import Generator
 from mio.serve.app import ServeConfig
-
-from serve_support import CAT, CLIP, b64, data_url, model_folder, running
-from test_generate_support import one_thread  # noqa: F401 (autouse fixture)
 
 GREEDY = ["all.num_beams=1", "all.do_sample=false"]
 

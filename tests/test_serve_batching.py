@@ -14,12 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from serve_support import model_folder, running
+from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
 from mio.generate.decoding import Decoder
 from mio.generate.generator import Generator
-
-from serve_support import model_folder, running
-from test_generate_support import media_model, one_thread  # noqa: F401 (autouse fixture)
 
 GREEDY = {"all": {"num_beams": 1, "do_sample": False}}
 SAMPLED = {"all": {"num_beams": 1, "do_sample": True, "top_p": 0.9}}

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from PIL import Image as PILImage
-
-from mio.generate.generator import Generator
-
 from serve_support import CAT, data_url, model_folder, running
 from test_generate_support import one_thread  # noqa: F401 (autouse fixture)
+
+from mio.generate.generator import Generator
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

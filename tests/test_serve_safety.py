@@ -25,13 +25,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image as PILImage
+from serve_support import CAT, CLIP, data_url, free_port, model_folder, running
+from test_generate_support import ROOT, one_thread  # noqa: F401 (autouse fixture)
 
 from mio.generate.generator import Generator
 from mio.serve.app import ServeConfig
 from mio.serve.limits import ServeLimits
-
-from serve_support import CAT, CLIP, data_url, free_port, model_folder, running
-from test_generate_support import ROOT, one_thread  # noqa: F401 (autouse fixture)
 
 LIMITS = ServeLimits(max_body_bytes=300_000, max_image_pixels=250 * 250, max_audio_seconds=5.0, max_n=2)
 GREEDY = {"temperature": 0}
@@ -190,7 +189,8 @@ def test_sigterm_finishes_the_answer_in_flight_then_exits(folder):
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no start"
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no start"
             time.sleep(0.2)
         lines: list[str] = []
         signalled: list[int] = []

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from mio.cli import main
 from mio.data.prepare import prepare
 from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample, iter_shard, list_shards
@@ -19,7 +20,6 @@ from mio.model.attention import packed_attention_kwargs
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone, load_backbone, save_model_folder
 from mio.segments import Image, Speech, Text
 from mio.templates import SPEECH_ONLY_TASKS, SYSTEM_SPEECH, SYSTEM_STANDARD, Turn, render_chat
-from mio.cli import main
 from mio.train.data import MioDataModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,19 @@ import subprocess
 import numpy as np
 import pytest
 import webdataset as wds
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mio.data.shards import (AtomicShardWriter, ShardError, StoredSample, decode_sample, encode_sample, file_sha256,
-                             iter_shard, load_npy)
+from mio.data.shards import (
+    AtomicShardWriter,
+    ShardError,
+    StoredSample,
+    decode_sample,
+    encode_sample,
+    file_sha256,
+    iter_shard,
+    load_npy,
+)
 from mio.segments import Image, Speech, Text, Video
 from mio.templates import Turn
 

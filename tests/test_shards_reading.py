@@ -9,14 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mio.bench.data import DATA_TYPES, STAGES, stage_datasets, write_synthetic
 from mio.data.pipeline import RankBatches, RankRows
-from mio.data.reading import (ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, TrainingRenderer, dataset_stream,
-                              epoch_samples, reader_rng, split_shards)
-from mio.vocab import SPEECH_CODE
-from mio.vocab import VocabTable
+from mio.data.reading import (
+    ERROR_REASONS,
+    DataCounts,
+    DatasetSpec,
+    Mixture,
+    ReaderSlot,
+    TrainingRenderer,
+    dataset_stream,
+    epoch_samples,
+    reader_rng,
+    split_shards,
+)
+from mio.vocab import SPEECH_CODE, VocabTable
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_generate_support import ROOT, save_media_model
 
 from mio.data.ranks import Ranks
 from mio.data.shards import AtomicShardWriter, StoredSample
 from mio.generate.spread import Spread
 from mio.segments import Image, Speech, Text
 from mio.templates import Turn
-
-from test_generate_support import ROOT, save_media_model
 
 RNG = np.random.default_rng(0)
 TIMINGS = re.compile(r'("seconds": |"tokens_per_second": |- seconds: |- tokens_per_second: |<td>seconds</td><td>|'

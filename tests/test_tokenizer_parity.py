@@ -9,14 +9,15 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+import tokenizer_kinds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tokenizer_kinds
 from mio.data.reading import DatasetSpec, TrainingRenderer
 from mio.data.shards import StoredSample
-from mio.model.backbone import save_model_folder
 from mio.generate import Generator
+from mio.model.backbone import save_model_folder
 from mio.segments import Image, SegmentRenderer, Speech, Text, Video, canonical, parse, text_form
 from mio.templates import Turn, render_chat
 from mio.vocab import CHAT_MARKERS, VocabTable, extend_tokenizer, missing_chat_markers

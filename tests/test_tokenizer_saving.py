@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizer_kinds
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tokenizer_kinds
 from mio.cli import main as mio_main
 from mio.model import saved_tokenizer
 from mio.model.backbone import load_backbone, save_model_folder

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from train_support import shared_root, tiny_args
 from transformers import AutoModelForCausalLM
 
 from mio.model.backbone import load_backbone
 from mio.train.cli import fit
 from mio.vocab import VocabTable
-from train_support import shared_root, tiny_args
 
 STAGES = ("1_alignment.yaml", "2_interleaved.yaml", "3_speech.yaml", "4_sft.yaml")
 

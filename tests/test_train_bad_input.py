@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 
 from mio.cli import main
 from mio.train.cli import fit
-from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 
 CHECKPOINTED = ("--checkpoint.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 

@@ -10,11 +10,11 @@ import csv
 
 import pytest
 import yaml
+from train_support import ROOT, shared_root, tiny_args
 
 from mio.cli import main
 from mio.train.checkpoint import find_last
 from mio.train.cli import fit
-from train_support import ROOT, shared_root, tiny_args
 
 
 @pytest.fixture(scope="module")

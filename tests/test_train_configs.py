@@ -5,14 +5,14 @@ reduction, each layer recomputed once (by the model, not also by the strategy)."
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from jsonargparse import ArgumentParser
-import torch
 from lightning.pytorch.strategies import Strategy
+from train_support import ROOT
 
 from mio.train.cli import fit
 from mio.train.sharding import FSDP2Strategy
-from train_support import ROOT
 
 STAGES = ROOT / "stages"
 # Paper, Table 2: steps and the speech-text share of the tokens.

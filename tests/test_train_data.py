@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+from train_support import shared_root, tiny_args, write_dataset
 
 from mio.data.reading import ERROR_REASONS, DataCounts
 from mio.data.shards import AtomicShardWriter, StoredSample
@@ -21,7 +22,6 @@ from mio.segments import Speech, Text
 from mio.train.cli import fit
 from mio.train.data import DATA_REPORT, MIN_ERRORS_TO_STOP, DataError, DataReport
 from mio.vocab import MODALITY_NAMES, SPEECH_CODE
-from train_support import shared_root, tiny_args, write_dataset
 
 
 class Trained(L.Callback):

@@ -10,16 +10,17 @@ import sys
 from collections import Counter
 
 import pytest
+from train_support import ledger, shared_root, tiny_args
 
 from mio.train.cli import fit
-from train_support import ledger, shared_root, tiny_args
 
 STEPS = 6
 SAMPLES = 24  # image_text: one shard, so every row stream's share is the same in every epoch
 COMMON = ("--data.datasets=[{path: image_text}]", "--data.buffer_size=1", "--trainer.log_every_n_steps=1",
           "--trainer.callbacks+=mio.train.callbacks.SampleLedger", "--trainer.callbacks.weights_digest=true",
           # validation on 3 packs of the speech-text data every 3 steps (rank 1 of 2 gets one pack and a pad row)
-          "--data.val_fraction=0", "--data.val_datasets=[{path: speech_text}]", "--data.val_packs=3", "--trainer.val_check_interval=3",
+          "--data.val_fraction=0", "--data.val_datasets=[{path: speech_text}]", "--data.val_packs=3",
+          "--trainer.val_check_interval=3",
           "--trainer.check_val_every_n_epoch=null")
 
 

@@ -33,13 +33,13 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 from transformers import AutoModelForCausalLM
 
+from mio.cli import main
 from mio.model.backbone import load_backbone, save_model_folder
 from mio.train.checkpoint import find_last
-from mio.cli import main
 from mio.train.cli import fit
-from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 
 STEPS = 8
 TOLERANCE = 1e-5  # relative to each tensor's largest value (weights) or to the loss

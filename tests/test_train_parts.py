@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
+from train_support import shared_root
 from transformers import AutoTokenizer
 
 from mio.data.packing import BestFitPacker, TokenSample, collate_packs
@@ -23,7 +25,6 @@ from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.flops import FlopCounts
 from mio.train.module import MioModule
 from mio.vocab import extend_tokenizer
-from train_support import shared_root
 
 
 @pytest.fixture(scope="module")

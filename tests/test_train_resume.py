@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from train_support import ledger, shared_root, tiny_args
 
 from mio.train import checkpoint
 from mio.train.checkpoint import AtomicCheckpoint, _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
-from train_support import ledger, shared_root, tiny_args
 
 STEPS = 5
 # Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger (a loss for

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_support import ledger, tiny_base, write_dataset
 
 from mio.data.reading import DatasetSpec
 from mio.train.cli import fit
 from mio.train.data import MioDataModule
 from mio.train.validation import hold_out
-from train_support import ledger, tiny_base, write_dataset
 
 
 def test_hold_out_takes_whole_shards_deterministically():
@@ -51,8 +51,8 @@ def stage(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def val_module(root: Path, backbone: Path, rank: int = 0, world: int = 1) -> MioDataModule:
-    dm = MioDataModule([DatasetSpec("image_text"), DatasetSpec("text")], root=str(root / "data"), context_length=256, batch_size=2,
-                       buffer_size=4, backbone=str(backbone), extend_vocab=True, val_fraction=0.25, val_packs=3)
+    dm = MioDataModule([DatasetSpec("image_text"), DatasetSpec("text")], root=str(root / "data"), context_length=256,
+                       batch_size=2, buffer_size=4, backbone=str(backbone), extend_vocab=True, val_fraction=0.25, val_packs=3)
     dm.setup("fit")
     return dm
 

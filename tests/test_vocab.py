@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mio.model.backbone import load_backbone
 from mio.vocab import MIO_SPECIAL_ORDER, VocabError, VocabTable, extend_backbone, folder_table

@@ -79,8 +79,9 @@ def _vocab_and_merges(tok: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build(kind: str, tmp: Path) -> Any:
     """A text tokenizer of the given kind (see KINDS and SENTENCEPIECE_KINDS), as transformers loads it."""
-    from tokenizers import Regex, pre_tokenizers, processors
     from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    from tokenizers import Regex, pre_tokenizers, processors
 
     if kind in SENTENCEPIECE_KINDS:
         folder = sentencepiece_folder(tmp / kind, legacy=SENTENCEPIECE_KINDS[kind])

@@ -218,8 +218,8 @@ def _measure_batched(model: Any, tok: Any, table: Any, constraint: ModalityConst
     figures: dict[str, Any] = {"batch_size": rows}
     for name, settings in (("", DecodeSettings(do_sample=False)), ("_sampled", TABLE8["image"])):
         loop = Decoder(model, constraint, {m: settings for m in MODES}, stop_ids=[], use_cache=True)
-        t = _race({"one": lambda: [loop.run(p, new_tokens, seed=0) for p in prompts],
-                   "batch": lambda: loop.run_batch(prompts, new_tokens, seeds=[0] * rows)}, repeats)
+        t = _race({"one": lambda loop=loop: [loop.run(p, new_tokens, seed=0) for p in prompts],
+                   "batch": lambda loop=loop: loop.run_batch(prompts, new_tokens, seeds=[0] * rows)}, repeats)
         total = new_tokens * rows
         figures[f"batched_tokens_per_s{name}_batch1"] = round(total / t["one"]["wall"], 1)
         figures[f"batched_tokens_per_s{name}_batch{rows}"] = round(total / t["batch"]["wall"], 1)

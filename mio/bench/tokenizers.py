@@ -121,8 +121,8 @@ def by_batch_figures(seed: SeedQuantizer, interpolation: str, speech: SpeechToke
                                                              seeded_generator(b))]
             if b == batches[0]:  # warm-up
                 image.encode(pictures), codec.encode(clips)
-            images[str(b)] = round(b / timed(lambda: image.encode(pictures)), 4)
-            speech_s[str(b)] = round(4.0 * b / timed(lambda: codec.encode(clips)), 3)
+            images[str(b)] = round(b / timed(lambda pictures=pictures: image.encode(pictures)), 4)
+            speech_s[str(b)] = round(4.0 * b / timed(lambda clips=clips: codec.encode(clips)), 3)
     first, last = str(batches[0]), str(batches[-1])
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "seed_images_per_s": images, "speech_audio_s_per_s": speech_s,

@@ -155,7 +155,8 @@ def validation_cost(base: Path, data: Path, out: Path, steps: int, warmup: int, 
     datasets = ", ".join(f"{{path: {name}, weight: {w}}}" for name, w in MIXTURE.items())
     every = warmup + steps
     fit(stage_args(base, data, out, steps, warmup, context, rows, gpu) + [
-        "--data.val_fraction=0", f"--data.val_datasets=[{datasets}]", f"--data.val_packs={val_packs}", f"--trainer.val_check_interval={every}",
+        "--data.val_fraction=0", f"--data.val_datasets=[{datasets}]", f"--data.val_packs={val_packs}",
+        f"--trainer.val_check_interval={every}",
         "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0"])
     r = json.loads((out / "stopwatch.json").read_text())
     clock = "wall" if gpu else "cpu"

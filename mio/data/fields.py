@@ -24,7 +24,7 @@ def _parse_member_json(value: Any, where: str) -> Any:
 
 
 def _walk(value: Any, parts: list[str], where: str) -> Any:
-    for i, name in enumerate(parts):
+    for name in parts:
         if isinstance(value, (bytes, Path)):
             value = _parse_member_json(value, where)
         if isinstance(value, dict) and name in value:

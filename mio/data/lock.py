@@ -147,7 +147,7 @@ class FolderLock:
                     raise FolderLocked(
                         f"{self.folder} is being written by another `mio prepare` (job {holder.get('job')}, host "
                         f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('started')}); wait for it "
-                        f"to finish or stop it. (If no such process runs, remove {self.lock}.)")
+                        f"to finish or stop it. (If no such process runs, remove {self.lock}.)") from None
                 self._remove_stale(holder)
                 continue
             with os.fdopen(fd, "w") as fh:

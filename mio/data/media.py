@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from mio.data.recipe import Filters
 from mio.data.fields import MediaRef
 from mio.data.inputs import SkipSample
+from mio.data.recipe import Filters
 from mio.media import AudioFile, MediaError, MediaFileMissing, Window, checked_size, read_audio, read_image
 from mio.vocab import VIDEO
 

@@ -32,8 +32,16 @@ from mio.data.packing import BestFitPacker, Pack, TokenSample
 from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards, shard_sample_counts
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
-from mio.templates import (PAIR_TASKS, ConditionDraw, ConditionDropout, ConversationError, pair_conversation,
-                           pretrain_segments, render_chat, template_set)
+from mio.templates import (
+    PAIR_TASKS,
+    ConditionDraw,
+    ConditionDropout,
+    ConversationError,
+    pair_conversation,
+    pretrain_segments,
+    render_chat,
+    template_set,
+)
 from mio.userio import MioUserError
 from mio.vocab import MODALITY_NAMES, TEXT_CODE, VocabError, VocabTable
 

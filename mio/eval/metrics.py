@@ -58,7 +58,8 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(t for t in _PTB_TOKEN.findall(text) if t not in _PTB_DROP)
 
 
-def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
+def caption_scores(references: Sequence[Sequence[str]],
+                   hypotheses: Sequence[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Corpus CIDEr-D and BLEU-4 of ``hypotheses[i]`` against ``references[i]`` (one or more
     each), and the per-sample scores. CIDEr's document frequencies come from the references of
     this corpus, as in the COCO evaluation: score a whole eval set at once."""

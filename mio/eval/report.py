@@ -42,7 +42,8 @@ def write_html(path: Path, rows: Sequence[dict[str, Any]], metrics: dict[str, An
                      f"<td>{html.escape(r['answer'])}{_media(r['media'])}{heard}{note}</td><td>{refs}</td>"
                      f"<td>{html.escape(scores)}</td></tr>")
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>mio eval</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
+td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse}}pre{{white-space:pre-wrap;margin:0}}</style></head><body>
 <h1>mio eval: {html.escape(str(metrics['model']))}</h1>
 <p>Data: {html.escape(', '.join(metrics['data']))}. {len(rows)} items in {metrics['seconds']} s.</p>

@@ -23,11 +23,29 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mio.data.ranks import resolve_ranks
-from mio.eval.metrics import (ClipScorer, Transcriber, caption_scores, exact_match, local_folder,
-                              normalize_transcript, vqa_accuracy, word_error_rates)
+from mio.eval.metrics import (
+    ClipScorer,
+    Transcriber,
+    caption_scores,
+    exact_match,
+    local_folder,
+    normalize_transcript,
+    vqa_accuracy,
+    word_error_rates,
+)
 from mio.eval.report import write_html
-from mio.eval.tasks import (ASR, CAPTION, IMAGE_GENERATION, OUTPUTS, TTS, VQA, EvalItem, answer_text, read_eval_set,
-                            task_kind)
+from mio.eval.tasks import (
+    ASR,
+    CAPTION,
+    IMAGE_GENERATION,
+    OUTPUTS,
+    TTS,
+    VQA,
+    EvalItem,
+    answer_text,
+    read_eval_set,
+    task_kind,
+)
 from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
 from mio.generate.spread import Spread

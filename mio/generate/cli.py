@@ -39,7 +39,6 @@ from mio.userio import MioUserError, run_command
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mio generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,6 @@ from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
 
 
-
 @dataclass(frozen=True)
 class BlockState:
     """Where a row stands: outside media, or inside an open block and how far into it."""

@@ -17,9 +17,16 @@ import numpy as np
 import torch
 
 from mio.generate.constraints import ModalityConstraint
-from mio.generate.decoding import STOP, DecodeResult, Decoder
-from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
-                                write_wav)
+from mio.generate.decoding import STOP, Decoder, DecodeResult
+from mio.generate.detok import (
+    DEFAULT_UNCLIP,
+    ImageDecoder,
+    SpeechDecoder,
+    UnclipSettings,
+    unclip_for,
+    write_gif,
+    write_wav,
+)
 from mio.generate.media import MediaFile
 from mio.generate.results import Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
@@ -111,7 +118,8 @@ class Generator:
             for x in t.content:
                 if isinstance(x, MediaFile):
                     x.check()
-        return [Turn(t.role, [self.media.encode_file(x.kind, x.path).segment() if isinstance(x, MediaFile) else x for x in t.content]) for t in turns]
+        return [Turn(t.role, [self.media.encode_file(x.kind, x.path).segment() if isinstance(x, MediaFile) else x
+                              for x in t.content]) for t in turns]
 
     def prompt_segments(self, turns: Sequence[Turn], chat: bool = True, task: str | None = None) -> list[Segment]:
         """Turns of code segments -> what the model reads: ChatML with MIO's system prompt, or the
@@ -296,8 +304,9 @@ class Generator:
             cut = max(end.start - p, 0)
             inside = len(full) - end.start - 1
             want = f"{constraint.tokens_per_image} image codes" if end.kind == IMAGE else "all speech layers"
+            article = "an" if end.kind == IMAGE else "a"
             partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
-                                                     f"inside {'an' if end.kind == IMAGE else 'a'} {end.kind} block after {inside} codes, before {want} "
+                                                     f"inside {article} {end.kind} block after {inside} codes, before {want} "
                                                      f"and its end token; it is not decoded")
             ids = ids[:cut]
             if end.start < p:

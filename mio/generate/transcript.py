@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mio.generate.results import Decoded, Generation
 from mio.generate.media import MediaFile
+from mio.generate.results import Decoded, Generation
 from mio.segments import Image, Segment, Speech, Text, Video
 
 
@@ -130,7 +130,8 @@ def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], 
     body += f"<section class='answer'><h2>answer</h2>{''.join(_html(i) for i in answer) or '<em>(empty)</em>'}</section>"
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     (out / "transcript.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>mio generate</title>
-<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}} section{{margin:1em 0;padding:.5em 1em;border:1px solid #ddd}}
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
+section{{margin:1em 0;padding:.5em 1em;border:1px solid #ddd}}
 .text{{white-space:pre-wrap}} figure{{display:inline-block;margin:.5em}} img{{width:192px;image-rendering:pixelated}}
 .note{{color:#a33;font-style:italic;margin:.5em 0}} td{{padding:2px 8px;border-bottom:1px solid #eee}}</style></head>
 <body><h1>mio generate</h1>{body}<h2>run</h2><table>{rows}</table>

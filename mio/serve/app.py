@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import uvicorn
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,12 +41,12 @@ from mio.generate.generator import Generator
 from mio.generate.media import MediaFile
 from mio.generate.results import Generation
 from mio.generate.settings import TABLE8, get_preset, overrides_from_strings, resolve_settings
+from mio.segments import Text
 from mio.serve.answer import Piece, Streamer, pieces
 from mio.serve.engine import Busy, Engine, GenerateOptions, Job, Ticket
 from mio.serve.limits import RequestError, ServeLimits, b64decode, check_image, check_wav, data_url_bytes
 from mio.serve.page import PAGE
 from mio.serve.schemas import ChatRequest, ImageRequest, MioFields, SpeechRequest, TranscriptionRequest
-from mio.segments import Text
 from mio.templates import PAIR_TASKS, Turn, check_conversation
 from mio.vocab import IMAGE, SPEECH, TEXT
 

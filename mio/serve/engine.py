@@ -34,7 +34,6 @@ from mio.generate.results import Generation
 from mio.segments import Image, Segment, Speech
 from mio.templates import Turn
 
-
 # Past this many masked columns beyond its longest row, the running batch takes no newcomer until it
 # empties and starts afresh: under a steady stream of requests, joins would otherwise grow every
 # row's attention and KV cache without bound (each join pads every row by the newcomer's prompt).

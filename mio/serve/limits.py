@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 
 import soundfile as sf
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from mio.media import AudioFile, MediaError, read_image
 

@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from speechtokenizer import SpeechTokenizer
+from torch import nn
 
 from mio.media import read_audio
 from mio.tokenizers.spec import resolve_checkpoints, resolve_device, seeded_generator

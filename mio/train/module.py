@@ -16,8 +16,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from mio.model.attention import effective_backend, hf_attn_implementation
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
-from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
-                               supervised_positions)
+from mio.model.forward import (
+    SupervisedOutput,
+    check_packing,
+    router_aux_coefficient,
+    supervised_logits,
+    supervised_positions,
+)
 from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.data import DataReport
