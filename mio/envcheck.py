@@ -173,8 +173,11 @@ def module_problems() -> tuple[int, list[str]]:
         try:
             importlib.import_module(name)
         except Exception as e:  # report every module's failure, not only the first
+            missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+            fix = FIX_INSTALL if missing and not missing.startswith("mio") else \
+                "this is mio's own error: please report it with this line"
             problems.append(f"{name} does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            f"{FIX_INSTALL}")
+                            f"{fix}")
     return len(names), problems
 
 

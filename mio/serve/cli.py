@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from mio.dtypes import DTYPES
+from mio.log import info
 from mio.serve.limits import ServeLimits
-from mio.userio import log, run_command
+from mio.userio import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     gen = Generator(args.model, args.tokenizers, unclip=args.unclip, device=args.device,
                     dtype=DTYPES[args.dtype] if args.dtype else None)
     app = create_app(gen, ServeConfig(limits, api_key=args.api_key or None, model_name=args.model_name))
-    log(f"serving {args.model} at http://{args.host}:{args.port}/ (API under /v1"
+    info(f"serving {args.model} at http://{args.host}:{args.port}/ (API under /v1"
         f"{', bearer token required' if args.api_key else ''})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None)
     return 0
