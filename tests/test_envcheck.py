@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mio.envcheck import drift_problems, lock_problems, read_lock
+from mio.envcheck import drift_problems, lock_problems, module_problems, read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK, GPU_LOCK, PYPROJECT = ROOT / "requirements.lock", ROOT / "requirements-gpu.lock", ROOT / "pyproject.toml"
@@ -103,3 +103,10 @@ def test_a_mismatched_lock_fails_the_check(tmp_path):
     lines = out.stderr.strip().splitlines()
     # the range, and the installed release that is not the pinned one: both name torchaudio
     assert len(lines) == 2 and all("torchaudio" in ln for ln in lines), lines
+
+
+def test_every_mio_module_imports():
+    """The check's last step: an import that breaks a command (a name moved away) fails here, not in
+    the one test that happens to start that command."""
+    count, problems = module_problems()
+    assert problems == [] and count > 50
