@@ -99,6 +99,7 @@ def assert_packed_equals_alone(model: torch.nn.Module, reference: torch.nn.Modul
     assert abs(packed.item() - total / n_global.item()) <= TOL
 
 
+@pytest.mark.slow
 def test_position_ids_alone_leak_across_samples() -> None:
     """Why explicit masks exist: with restarted position ids but no mask, sdpa lets samples see each other."""
     model = tiny_llama("sdpa").eval()
@@ -145,6 +146,7 @@ def assert_same_gradients(packed: torch.nn.Module, alone: torch.nn.Module, tol: 
         assert scale > 0 and err <= tol * scale, f"gradient of {name} differs by {err} (largest entry {scale})"
 
 
+@pytest.mark.slow
 def test_flex_packed_logits_and_loss_equal_per_sample() -> None:
     """One compiled FlexAttention forward (CPU inductor) over padded packs of unequal fill."""
     model = tiny_llama(hf_attn_implementation("flex")).eval()
@@ -223,6 +225,7 @@ def _reference_varlen_attention(module, query, key, value, attention_mask, scali
     return out.view(batch, length, heads, dim), None
 
 
+@pytest.mark.slow
 def test_flash_kwargs_isolate_samples_through_transformers() -> None:
     """The flash path's cu_seqlens kwargs travel through the model to the attention and isolate samples
     (a torch varlen function registered like flash-attn stands in for the kernel on CPU)."""

@@ -38,6 +38,8 @@ from mio.train.cli import fit
 from mio.train.data import MioDataModule
 from mio.vocab import CHAT_MARKERS, VocabTable
 
+pytestmark = pytest.mark.slow  # every family built, trained and compared: minutes
+
 VOCAB = 96
 TOL = 1e-5
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

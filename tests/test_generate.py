@@ -268,6 +268,7 @@ def build_prompt(kind: str, table) -> tuple[object, bool]:
     return "a cat sitting on a mat", False
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), image_bias=st.floats(-2, 8), speech_bias=st.floats(-2, 8),
        stop_bias=st.floats(-2, 4), beams=st.integers(1, 3), text_sample=st.booleans(),

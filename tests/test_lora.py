@@ -63,6 +63,7 @@ def test_trainable_parameters_equal_the_formula(extended, rank, targets, new_tok
     assert report.lines()[0].startswith(f"parameters: {report.total:,} total, {want:,} trainable")
 
 
+@pytest.mark.slow
 def test_tied_output_layer_shares_the_added_rows(tmp_path):
     cfg = TinyLlamaConfig(hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                           num_key_value_heads=KV, text_vocab_size=400, tie_word_embeddings=True)
@@ -106,6 +107,7 @@ torch.save({"adapter": logits, "merged": merged, "mio_modules": mio}, out)
 """
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_plain_peft_and_merges_with_equal_logits(extended, tmp_path, capsys):
     model, table, adapter = trained_adapter(extended, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "mio_vocab.json"} <= {p.name for p in adapter.iterdir()}
@@ -131,6 +133,7 @@ def test_adapter_loads_in_plain_peft_and_merges_with_equal_logits(extended, tmp_
     assert VocabTable.load(merged) == table and (merged / "generation_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_input_with_clear_errors(extended, tmp_path, capsys):
     assert export_main(["--merge", str(extended), "--out", str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err

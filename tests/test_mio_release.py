@@ -72,6 +72,7 @@ def test_release_prompt_syntax():
         prompt_items("<image_placeholder_2>", [a, b])
 
 
+@pytest.mark.slow
 def test_generate_answers_with_both_presets(release, tmp_path, capsys):
     folder, seed_spec = release
     # CLI, paper preset: an image answer; the unCLIP pipeline comes from the model folder.
@@ -121,6 +122,7 @@ def test_generate_answers_with_both_presets(release, tmp_path, capsys):
     assert (written.transcript.parent / "image_1.png").is_file()
 
 
+@pytest.mark.slow
 def test_fit_continues_pretraining_and_lora_sft_from_the_release(release, tmp_path_factory):
     from peft import PeftModel
 

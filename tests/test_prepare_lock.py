@@ -33,6 +33,7 @@ def _input(folder: Path, rows: int) -> Path:
     return recipe
 
 
+@pytest.mark.slow
 def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     recipe = _input(tmp_path, 6000)
     out = tmp_path / "out"

@@ -42,6 +42,7 @@ def _recipe(folder: Path, shard_size: int, pattern: str = "part*.jsonl") -> Path
     return path
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_to_the_same_output(tmp_path):
     _text_input(tmp_path, parts=1, rows=10000)
     recipe = _recipe(tmp_path, shard_size=100)
@@ -130,6 +131,7 @@ def test_two_ranks_equal_one(tmp_path, parts, rows, shard_size):
     assert owners == {0, 1}
 
 
+@pytest.mark.slow
 def test_concurrent_ranks_from_torchrun_env(tmp_path):
     _text_input(tmp_path, parts=3, rows=400)
     recipe = _recipe(tmp_path, shard_size=100)
@@ -165,6 +167,7 @@ def test_rank_environment(monkeypatch):
         resolve_ranks()
 
 
+@pytest.mark.slow
 def test_media_two_ranks_equal_one(tmp_path):
     """Image tokenization batches within units, so rank count cannot change a code."""
     samples = ROOT / "data_recipes" / "samples"

@@ -14,6 +14,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from mio.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +75,7 @@ def check_output(argv: list[str], out: str, err: str) -> None:
         assert Path(last) == Path(argv[2]) / "report.html" and "Loss per modality" in Path(last).read_text()
 
 
+@pytest.mark.slow
 def test_readme_runs_as_written(tmp_path, monkeypatch, capsys):
     for name in DECLARATIVE:
         (tmp_path / name).symlink_to(ROOT / name)

@@ -22,6 +22,8 @@ from mio.segments import Image, Speech, Text
 from mio.templates import SPEECH_ONLY_TASKS, SYSTEM_SPEECH, SYSTEM_STANDARD, Turn, render_chat
 from mio.train.data import MioDataModule
 
+pytestmark = pytest.mark.slow  # each test trains a stage
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes" / "sft"
 TOKENIZERS = ROOT / "tokenizers" / "tiny"

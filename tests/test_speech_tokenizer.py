@@ -44,6 +44,7 @@ def spoken(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_real_speech_codes(codec: SpeechCodec, spoken: list[Path]) -> None:
     rate = sf.info(spoken[0]).samplerate
     assert rate != 16000  # so the resampling path runs
@@ -69,6 +70,7 @@ def test_decode_then_encode_content_layer_is_stable(codec: SpeechCodec, spoken: 
     assert wave.shape == (codes.shape[-1] * 320,)
 
 
+@pytest.mark.slow
 def test_load_from_checkpoint_gives_same_codes(codec: SpeechCodec, spoken: list[Path], tmp_path: Path) -> None:
     folder = tmp_path / "SpeechTokenizer"
     folder.mkdir()

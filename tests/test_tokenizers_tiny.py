@@ -108,6 +108,7 @@ def test_tiny_image_same_image_same_codes_batched_or_not(image_tok: ImageTokeniz
     np.testing.assert_array_equal(together, alone)
 
 
+@pytest.mark.slow
 def test_tiny_image_build_is_deterministic(image_tok: ImageTokenizer, images) -> None:
     again = build_tokenizer(load_spec(TINY_SEED))
     for (k, a), (k2, b) in zip(image_tok.model.state_dict().items(), again.model.state_dict().items()):
@@ -189,6 +190,7 @@ def test_tiny_speech_codes_shape_range_and_diversity(speech_tok: SpeechCodec, cl
         assert len(np.unique(np.stack([c[layer] for c in codes]))) >= 50, layer
 
 
+@pytest.mark.slow
 def test_tiny_speech_batches_clips_of_different_lengths(speech_tok: SpeechCodec, clips) -> None:
     waves = [clips[0], clips[1][:12345], clips[2][:700], clips[3]]
     together = speech_tok.encode(waves)
@@ -197,6 +199,7 @@ def test_tiny_speech_batches_clips_of_different_lengths(speech_tok: SpeechCodec,
         np.testing.assert_array_equal(speech_tok.encode([wave])[0], codes)
 
 
+@pytest.mark.slow
 def test_tiny_speech_build_is_deterministic(speech_tok: SpeechCodec, clips) -> None:
     again = build_tokenizer(load_spec(TINY_SPEECH))
     for (k, a), (k2, b) in zip(speech_tok.model.state_dict().items(), again.model.state_dict().items()):
