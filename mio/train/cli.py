@@ -155,6 +155,10 @@ class MioCLI(LightningCLI):
         complete_config(cfg)
         check_resume(cfg)
 
+    def before_fit(self) -> None:
+        # The one place the model and its data meet (each then needs nothing of the other).
+        self.model.connect(self.datamodule, stage_dir=self.trainer.default_root_dir)
+
 
 # --- configuration errors ----------------------------------------------------------------------
 def known_keys(parser: LightningArgumentParser) -> list[str]:

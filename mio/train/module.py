@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,56 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from mio.model.attention import effective_backend, hf_attn_implementation
+from mio.model.attention import effective_backend, hf_attn_implementation, pad_multiple
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
                                supervised_positions)
 from mio.model.lora import LoraSettings, apply_lora, parameter_report
 from mio.train.checkpoint import plain, rng_state, set_rng_state
-from mio.train.data import DataReport
+from mio.train.data import DataLink, MioDataModule
 from mio.train.flops import FlopCounts, peak_flops
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
 from mio.train.sharding import FSDP2Strategy, full_state_dict
 from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
-# The training loop's own figures, per rank and summed over the micro-batches since the last
-# logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
-# each modality of MODALITY_NAMES. A logged step sums it over ranks (with the data report's
-# counts) in one reduction and reads it back in one host sync.
-STATS = ("loss_sum", "supervised", "real", "capacity", "flops", "aux_loss", "micro_batches")
+
+@dataclass
+class Figures:
+    """The training loop's figures over some micro-batches of one rank: float64 tensors on the
+    device, (M,) per modality of MODALITY_NAMES; summed over ranks and read back at a logged step
+    (:meth:`MioModule._summed_window`), plain floats and arrays."""
+
+    loss_sum: Any  # cross-entropy summed over the supervised tokens
+    supervised: Any  # supervised tokens
+    real: Any  # real (not padding) tokens
+    capacity: Any  # token slots of the rows
+    flops: Any  # model FLOPs of the forward and backward
+    aux_loss: Any  # an MoE backbone's router loss, summed over micro-batches
+    micro_batches: Any
+    modality_loss_sum: Any  # (M,) per target modality
+    modality_supervised: Any  # (M,)
+    modality_real: Any  # (M,) real tokens of each modality
+
+    def __add__(self, other: "Figures") -> "Figures":
+        return Figures(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def vector(self) -> torch.Tensor:
+        """(K,) every figure in field order: what one all-reduce sums."""
+        return torch.cat([getattr(self, f.name).reshape(-1) for f in fields(self)])
+
+    @classmethod
+    def size(cls) -> int:
+        return sum(len(MODALITY_NAMES) if f.name.startswith("modality_") else 1 for f in fields(cls))
+
+    @classmethod
+    def read(cls, values: list[float]) -> "Figures":
+        """The figures of a :meth:`vector` read back to the host."""
+        named, i = {}, 0
+        for f in fields(cls):
+            n = len(MODALITY_NAMES) if f.name.startswith("modality_") else 1
+            named[f.name] = np.asarray(values[i:i + n]) if f.name.startswith("modality_") else values[i]
+            i += n
+        return cls(**named)
 
 
 class MioModule(L.LightningModule):
@@ -73,9 +107,10 @@ class MioModule(L.LightningModule):
         self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
         self._peak_flops: float | None = None
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
+        self.data: DataLink | None = None  # what connect() got from the data module
         self.output_path: Path | None = None
         self._t0 = 0.0
-        self._window: torch.Tensor | None = None  # (K,) the STATS since the last logged step
+        self._window: Figures | None = None  # the figures since the last logged step
         self._micro = 0  # micro-batches of the current optimizer step done
         self._n_step = torch.ones(())  # supervised tokens of the current optimizer step, all ranks
 
@@ -123,6 +158,15 @@ class MioModule(L.LightningModule):
             return self
         return super().cpu()
 
+    def connect(self, datamodule: MioDataModule, stage_dir: str | Path) -> None:
+        """The one meeting of the model and its data, before fitting: the data module gets the
+        model's tokenizer, vocabulary table and limits, and checks its data against them; the
+        model gets what it needs of the data (:class:`mio.train.data.DataLink`)."""
+        self.data = datamodule.connect(tokenizer=self.tokenizer, table=self.table,
+                                       max_positions=getattr(self.model.config, "max_position_embeddings", None),
+                                       pad_multiple=pad_multiple(self.attn_backend), specs=self.inherited_specs,
+                                       stage_dir=stage_dir)
+
     def setup(self, stage: str) -> None:
         if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
@@ -162,82 +206,82 @@ class MioModule(L.LightningModule):
             x = self.trainer.strategy.reduce(x, reduce_op="sum")
         return x
 
-    def _data_report(self) -> DataReport | None:
-        return getattr(getattr(self.trainer, "datamodule", None), "report", None)
-
     def _account(self, token_loss: torch.Tensor, batch: dict[str, Any], supervised: torch.Tensor,
                  aux_loss: torch.Tensor | None) -> None:
         """Add the micro-batch's figures to the window (on the device, no sync; the data counts on
         the host); after the last micro-batch of a step that Lightning logs, log the window."""
-        stats = self._step_stats(token_loss, batch, supervised, aux_loss)
-        self._window = stats if self._window is None else self._window + stats
-        report = self._data_report()
-        if report is not None and "data" in batch:
-            report.add(batch["data"])
+        figures = self._figures(token_loss, batch, supervised, aux_loss)
+        self._window = figures if self._window is None else self._window + figures
+        if self.data is not None and "data" in batch:
+            self.data.report.add(batch["data"])
         self._micro = (self._micro + 1) % self.trainer.accumulate_grad_batches
         every = self.trainer.log_every_n_steps
         if self._micro == 0 and every > 0 and (self.trainer.global_step + 1) % every == 0:
             self._log_window(batch["input_ids"].shape[0])
 
     @torch.no_grad()
-    def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
-                    aux_loss: torch.Tensor | None = None) -> torch.Tensor:
-        """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device. No
-        boolean indexing and no tensor made from a Python number: either would wait for the device."""
+    def _figures(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
+                 aux_loss: torch.Tensor | None = None) -> Figures:
+        """This micro-batch's figures on this rank, on the device. No boolean indexing and no tensor
+        made from a Python number: either would wait for the device."""
         modality = batch["modality"][:, 1:]  # (B, L-1) the modality of each target
         # (B, L-1): each supervised target's loss in its place (row-major, the order of token_loss), 0 elsewhere
         placed = torch.zeros(supervised.shape, dtype=token_loss.dtype, device=token_loss.device)
         placed = placed.masked_scatter(supervised, token_loss)
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
-        flops = self.flop_counts.step_flops(batch["seq_lens"], n_supervised)
 
         def number(v: float) -> torch.Tensor:
             return torch.full((), v, dtype=torch.float64, device=self.device)
 
-        values = [token_loss.sum(), n_supervised, real.sum(), number(real.numel()), flops,
-                  aux_loss.detach() if aux_loss is not None else number(0.0), number(1.0)]
-        for mid in MODALITY_NAMES:
-            sel = (modality == mid) & supervised
-            values += [torch.where(sel, placed, 0.0).sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
-        return torch.stack([v.to(torch.float64) for v in values])
+        def per_modality(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(values).to(torch.float64)
 
-    def _summed_window(self) -> tuple[list[float], list[float]]:
+        targets = [(modality == mid) & supervised for mid in MODALITY_NAMES]  # (B, L-1) each
+        return Figures(
+            loss_sum=token_loss.sum().to(torch.float64), supervised=n_supervised.to(torch.float64),
+            real=real.sum().to(torch.float64), capacity=number(real.numel()),
+            flops=self.flop_counts.step_flops(batch["seq_lens"], n_supervised).to(torch.float64),
+            aux_loss=aux_loss.detach().to(torch.float64) if aux_loss is not None else number(0.0),
+            micro_batches=number(1.0),
+            modality_loss_sum=per_modality([torch.where(sel, placed, 0.0).sum() for sel in targets]),
+            modality_supervised=per_modality([sel.sum() for sel in targets]),
+            modality_real=per_modality([((batch["modality"] == mid) & real).sum() for mid in MODALITY_NAMES]))
+
+    def _summed_window(self) -> tuple[Figures, list[float]]:
         """(the loop's figures, the data report's counts) since the last logged step, summed over
         ranks in one reduction: the one host sync of a logged step. A collective: every rank calls it."""
-        report = self._data_report()
+        report = self.data.report if self.data is not None else None
         host = torch.from_numpy(report.local_vector() if report is not None else np.zeros(0))
-        window = self._window if self._window is not None else torch.zeros(len(STATS) + 3 * len(MODALITY_NAMES),
-                                                                            dtype=torch.float64, device=self.device)
+        window = (self._window.vector() if self._window is not None
+                  else torch.zeros(Figures.size(), dtype=torch.float64, device=self.device))
         values = self._all_reduce(torch.cat([window, host.to(self.device, non_blocking=True)])).tolist()
         self._window = None
-        return values[:len(window)], values[len(window):]
+        return Figures.read(values[:len(window)]), values[len(window):]
 
     def _log_window(self, rows: int) -> None:
-        stats, data = self._summed_window()
-        figures = dict(zip(STATS, stats[:len(STATS)]))
-        real = figures["real"]
-        metrics = {"train/loss": figures["loss_sum"] / max(figures["supervised"], 1),
-                   "train/packing_efficiency": real / max(figures["capacity"], 1)}
+        figures, data = self._summed_window()
+        real = figures.real
+        metrics = {"train/loss": figures.loss_sum / max(figures.supervised, 1),
+                   "train/packing_efficiency": real / max(figures.capacity, 1)}
         if self.aux_coefficient > 0:  # the router loss, a mean over the window's micro-batches (and ranks)
-            metrics["train/aux_loss"] = figures["aux_loss"] / max(figures["micro_batches"], 1)
-        per_modality = np.asarray(stats[len(STATS):]).reshape(-1, 3)  # (modalities, 3)
-        for name, (loss_sum, count, tokens) in zip(MODALITY_NAMES.values(), per_modality):
+            metrics["train/aux_loss"] = figures.aux_loss / max(figures.micro_batches, 1)
+        for m, name in enumerate(MODALITY_NAMES.values()):
+            count = figures.modality_supervised[m]
             # NaN when the window has none: a missing key would show the previous window's value.
-            metrics[f"train/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
-            metrics[f"train/modality_share_{name}"] = tokens / max(real, 1)
+            metrics[f"train/loss_{name}"] = figures.modality_loss_sum[m] / count if count > 0 else float("nan")
+            metrics[f"train/modality_share_{name}"] = figures.modality_real[m] / max(real, 1)
         now = time.perf_counter()
         if self._t0:
             seconds = now - self._t0
             metrics["train/tokens_per_sec"] = real / seconds  # real tokens of all ranks
-            achieved = figures["flops"] / seconds / self.trainer.world_size  # per device
+            achieved = figures.flops / seconds / self.trainer.world_size  # per device
             metrics["train/tflops_per_device"] = achieved / 1e12
             if self._peak_flops:
                 metrics["train/mfu"] = achieved / self._peak_flops
         self._t0 = now
-        report = self._data_report()
-        if report is not None:
-            metrics.update(report.log(data))  # stops the stage past data.max_error_fraction
+        if self.data is not None:
+            metrics.update(self.data.report.log(data))  # stops the stage past data.max_error_fraction
         self.log_dict(metrics, prog_bar=False, batch_size=rows)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
@@ -245,29 +289,30 @@ class MioModule(L.LightningModule):
 
     # --- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_stats: torch.Tensor | None = None
+        self._val_figures: Figures | None = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         token_loss, supervised, _ = self.token_losses(batch, aux=False)  # validation reports no router loss
-        stats = self._step_stats(token_loss, batch, supervised)  # (K,) this rank's
-        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+        figures = self._figures(token_loss, batch, supervised)  # this rank's
+        self._val_figures = figures if self._val_figures is None else self._val_figures + figures
 
     def on_validation_epoch_end(self) -> None:
         """``val/loss`` and ``val/loss_<modality>``: sums over the pass's tokens on every rank,
         divided by their counts, as the training loss is."""
-        if self._val_stats is None:
+        if self._val_figures is None:
             return
-        values = self._all_reduce(self._val_stats).tolist()  # summed over ranks, read once per pass
-        figures = dict(zip(STATS, values[:len(STATS)]))
-        metrics = {"val/loss": figures["loss_sum"] / figures["supervised"] if figures["supervised"] else float("nan")}
-        for name, (loss_sum, count, _) in zip(MODALITY_NAMES.values(), np.reshape(values[len(STATS):], (-1, 3))):
-            metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+        # summed over ranks, read once per pass
+        figures = Figures.read(self._all_reduce(self._val_figures.vector()).tolist())
+        metrics = {"val/loss": figures.loss_sum / figures.supervised if figures.supervised else float("nan")}
+        for m, name in enumerate(MODALITY_NAMES.values()):
+            count = figures.modality_supervised[m]
+            metrics[f"val/loss_{name}"] = figures.modality_loss_sum[m] / count if count > 0 else float("nan")
         self.log_dict(metrics, prog_bar=False, batch_size=1)
         self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def on_fit_start(self) -> None:
         # Before any batch is read: packed rows need a backbone whose samples the attention mask isolates.
-        if getattr(self.trainer.datamodule, "pack", True):
+        if self.data is None or self.data.pack:
             check_packing(self.model, self.attn_backend)
 
     def on_train_start(self) -> None:
@@ -276,9 +321,8 @@ class MioModule(L.LightningModule):
     def on_train_end(self) -> None:
         # The closing data summary and report, with the steps since the last logged one.
         _, data = self._summed_window()
-        report = self._data_report()
-        if report is not None and self.trainer.is_global_zero:
-            report.close(data)
+        if self.data is not None and self.trainer.is_global_zero:
+            self.data.report.close(data)
 
     # --- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -325,27 +369,11 @@ class MioModule(L.LightningModule):
         state = full_state_dict(self.model) if isinstance(self.trainer.strategy, FSDP2Strategy) else None
         if not self.trainer.is_global_zero:
             return
-        specs = dict(self.inherited_specs)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            for kind, spec in datamodule.tokenizer_specs().items():
-                if kind in specs and specs[kind].get("sha256") != spec.get("sha256"):
-                    raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
-                                     f"one the backbone was trained with ({specs[kind]['path']})")
-                specs[kind] = _embed_spec(spec)
+        specs = self.data.specs if self.data is not None else self.inherited_specs
         save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs, state_dict=state)
-        report = self._data_report()
-        if report is not None:  # the stage output records what it was trained on, and what was lost
-            report.write(out)
+        if self.data is not None:  # the stage output records what it was trained on, and what was lost
+            self.data.report.write(out)
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
 
-
-def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Keep the spec's content beside its path, so a model folder decodes on another machine."""
-    if "content" in spec:
-        return spec
-    import yaml
-
-    return {**spec, "content": yaml.safe_load(Path(spec["path"]).read_text())}
