@@ -31,17 +31,28 @@ def test_the_grep_sees_the_forms_it_forbids():
     assert not THROUGH_TRAINER.search("self.data = datamodule.connect(tokenizer=t)")
 
 
-def test_figures_read_back_by_name():
+def test_figures_add_up_by_name():
+    """Two micro-batches' figures: sums add, the largest |logit| is a maximum; read back by name
+    from the two reduction vectors."""
+    import dataclasses
+
     import torch
 
-    m = len(MODALITY_NAMES)
-    one = Figures(*[torch.tensor(float(i)) for i in range(7)], *[torch.arange(m, dtype=torch.float64) + k
-                                                                 for k in (10, 20, 30)])
-    both = one + one
-    back = Figures.read(both.vector().tolist())
-    assert back.loss_sum == 0.0 and back.supervised == 2.0 and back.micro_batches == 12.0
-    assert list(back.modality_real) == [2.0 * (30 + i) for i in range(m)]
-    assert len(both.vector()) == Figures.size()
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for _ in range(2):
+        f = Figures.zeros(torch.device("cpu"))
+        for field in dataclasses.fields(f):
+            setattr(f, field.name, torch.rand(getattr(f, field.name).shape, generator=g, dtype=torch.float64))
+        parts.append(f)
+    both = parts[0] + parts[1]
+    summed, largest = both.vectors()
+    back = Figures.read(summed.tolist(), largest.tolist())
+    for field in dataclasses.fields(Figures):
+        a, b = (getattr(p, field.name).numpy() for p in parts)
+        want = max(a, b) if field.name == "logit_max" else a + b
+        assert getattr(back, field.name) == pytest.approx(want, rel=1e-12), field.name
+    assert len(back.modality_real) == len(MODALITY_NAMES)
 
 
 def test_connect_checks_the_data_and_hands_back_the_link(tmp_path_factory, tmp_path):

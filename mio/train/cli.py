@@ -37,12 +37,15 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
+from mio.train.checkpoint import (AtomicCheckpoint, Interrupted, find_last, requeued, resume_command,
+                                  skip_ahead_command)
 from mio.train.data import MioDataModule
+from mio.train.guard import NonFiniteWeights, UnstableRun
 from mio.train.module import MioModule
 from mio.train.sharding import FSDP2Strategy
 from mio.userio import run_command
 
+UNSTABLE_EXIT = 3  # a stage that stopped on its own instability (a user error is 2)
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
 LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
@@ -243,6 +246,18 @@ def _fit_and_print(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[mio] {e}\n[mio] resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
         return e.exit_code
+    except UnstableRun as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = (f"the last checkpoint, {e.checkpoint}, holds good weights (no skipped step changed any)"
+                     if e.checkpoint is not None else "the stage has no checkpoint yet")
+            print(f"[mio] error: {e}.\n[mio] {where}; resume from it past these batches with:\n"
+                  f"[mio]   {skip_ahead_command(argv, e.checkpoint, e.last_step)}\n[mio] (or lower model.lr)",
+                  file=sys.stderr, flush=True)
+        return UNSTABLE_EXIT
+    except NonFiniteWeights as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[mio] error: {e}", file=sys.stderr, flush=True)
+        return UNSTABLE_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

@@ -128,6 +128,22 @@ class DataReport:
         return self.write()
 
 
+@dataclass
+class SkipAhead:
+    """``data.skip``: when the run starts at optimizer step ``at_step`` (a fresh start at 0, or a
+    resume from that step's checkpoint), skip the next ``batches`` global batches. The data
+    position moves past them and checkpoints written after record it, so a later resume (a SLURM
+    requeue with the same command) does not skip again. The command a stage prints when it stops
+    on a run of skipped steps sets it."""
+
+    at_step: int = 0
+    batches: int = 0
+
+    def __post_init__(self) -> None:
+        if self.at_step < 0 or self.batches < 0:
+            raise ValueError(f"data.skip: at_step ({self.at_step}) and batches ({self.batches}) must be at least 0")
+
+
 @dataclass(frozen=True)
 class DataLink:
     """What the data module hands the model when the two connect (:meth:`MioDataModule.connect`)."""
@@ -172,6 +188,7 @@ class MioDataModule(L.LightningDataModule):
         max_error_fraction: the share of a dataset's samples that may be lost (damaged shards,
             samples that do not decode or render, media longer than the context) before the stage
             stops with an error naming the dataset, the reason and an example.
+        skip: skip global batches past a bad stretch (:class:`SkipAhead`).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
@@ -179,7 +196,7 @@ class MioDataModule(L.LightningDataModule):
                  seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
                  val_packs: int = 16, templates: str = "paper", pack: bool = True,
-                 max_error_fraction: float = 0.05) -> None:
+                 max_error_fraction: float = 0.05, skip: SkipAhead | None = None) -> None:
         super().__init__()
         if val_datasets and val_fraction:
             raise ValueError("give data.val_datasets or data.val_fraction, not both")
@@ -209,6 +226,7 @@ class MioDataModule(L.LightningDataModule):
         self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
         self.val_fraction, self.val_packs = val_fraction, val_packs
         self.pack, self.max_error_fraction = pack, max_error_fraction
+        self.skip = skip
         self.mixture: Mixture | None = None
         self.val_mixture: Mixture | None = None
         self.report: DataReport | None = None
@@ -339,6 +357,12 @@ class MioDataModule(L.LightningDataModule):
         assert self.mixture is not None, "setup() first"
         rank = self.trainer.global_rank if self.trainer is not None else 0
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        step = self.trainer.global_step if self.trainer is not None else 0  # restored before the loader is made
+        if self.skip is not None and self.skip.batches and step == self.skip.at_step:
+            self.consumed += self.skip.batches * accumulate  # a global batch: `accumulate` micro-batches per rank
+            if rank == 0:
+                print(f"[mio] data.skip: skipping global batches {step + 1}-{step + self.skip.batches} (at step {step})",
+                      file=sys.stderr, flush=True)
         rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
