@@ -9,7 +9,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -151,6 +151,7 @@ class DataLink:
     pack: bool  # several samples per row: the model's attention must keep them apart
     specs: dict[str, dict[str, Any]]  # the modality tokenizers the stage's output folder records (checked)
     report: DataReport  # what the stage reads and loses: the training loop feeds it, the output records it
+    first_batch: Callable[[], dict[str, Any]]  # the stage's first micro-batch (model.qk_norm calibrates on it)
 
 
 class MioDataModule(L.LightningDataModule):
@@ -278,7 +279,7 @@ class MioDataModule(L.LightningDataModule):
                              f"{self.backbone}'s max_position_embeddings {max_positions}")
         self.tokenizer, self.table = tokenizer, table
         self.report = DataReport([d.path for d in self.datasets], self.max_error_fraction, stage_dir)
-        return DataLink(pack=self.pack, specs=merged, report=self.report)
+        return DataLink(pack=self.pack, specs=merged, report=self.report, first_batch=self.first_batch)
 
     def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The stage's data must speak the model's vocabulary: codebook sizes and speech layers of
@@ -366,6 +367,14 @@ class MioDataModule(L.LightningDataModule):
         rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
+
+    def first_batch(self) -> dict[str, Any]:
+        """Rank 0's first micro-batch of the stage (from the start, whatever the data position)."""
+        if self.mixture is None:
+            self.setup("fit")
+        assert self.mixture is not None
+        rows = RankRows(self.mixture, first=0, count=self.batch_size, streams=self.rows)
+        return next(iter(RankBatches(rows)))
 
     def val_dataloader(self) -> ValBatches | Iterator[Any]:
         """This rank's share of the validation packs (none without validation data)."""

@@ -137,7 +137,11 @@ class NonFiniteWeights(RuntimeError):
 
 def check_finite_weights(state: Mapping[str, torch.Tensor], out: Path) -> None:
     """Refuse to write ``out`` from weights holding a non-finite value (rank 0's full state)."""
-    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    names = [name for name, t in state.items() if t.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(state[name]).all() for name in names]).tolist()  # one read
+    bad = [name for name, ok in zip(names, finite) if not ok]
     if bad:
         raise NonFiniteWeights(f"{len(bad)} of the stage's {len(state)} weight tensors hold NaN or Inf ({', '.join(bad[:3])}"
                                f"{', ...' if len(bad) > 3 else ''}): {out} was not written. The run diverged: resume "

@@ -21,6 +21,7 @@ from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_f
 from mio.model.forward import (SupervisedOutput, check_packing, router_aux_coefficient, supervised_logits,
                                supervised_positions)
 from mio.model.lora import LoraSettings, apply_lora, parameter_report
+from mio.model.qk_norm import check_convertible, has_qk_norm, skeleton, with_qk_norm
 from mio.train.checkpoint import plain, rng_state, set_rng_state
 from mio.train.data import DataLink, MioDataModule
 from mio.train.flops import FlopCounts, peak_flops
@@ -122,13 +123,16 @@ class MioModule(L.LightningModule):
         monitors: log ``train/grad_norm`` (before clipping), ``train/clipped_fraction``,
             ``train/logit_max`` and ``train/lse_mean`` (per modality too) at every log step.
         guard: which steps are kept out of the weights (mio/train/guard.py): non-finite ones by default.
+        qk_norm: per-head RMSNorm of queries and keys (mio/model/qk_norm.py): a Llama backbone
+            becomes Qwen3's layout, its norms calibrated on the stage's first micro-batch; a family
+            with it keeps it; any other is refused.
     """
 
     def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
                  min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False,
                  lora: LoraSettings | None = None, z_loss: float = 0.0, monitors: bool = True,
-                 guard: GuardSettings | None = None) -> None:
+                 guard: GuardSettings | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lora = lora
@@ -137,6 +141,10 @@ class MioModule(L.LightningModule):
         self.z_loss, self.monitors = z_loss, monitors
         self.guard_settings = guard if guard is not None else GuardSettings()
         self.guard: Guard | None = None  # made in setup (it writes into the stage folder)
+        if qk_norm and lora is not None:
+            raise ValueError("model.qk_norm adds norm weights that a frozen LoRA backbone would not train: convert "
+                             "in a full stage first (its output keeps QK-norm), then train adapters on it")
+        self.data: DataLink | None = None  # what connect() got from the data module
         if lora is not None and extend_vocab:
             raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
                              "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
@@ -154,7 +162,6 @@ class MioModule(L.LightningModule):
         self.flop_counts = FlopCounts.of(self.model)  # before any strategy shards the parameters
         self._peak_flops: float | None = None
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
-        self.data: DataLink | None = None  # what connect() got from the data module
         self.output_path: Path | None = None
         self._t0 = 0.0
         self._window: Figures | None = None  # the figures since the last logged step
@@ -174,8 +181,13 @@ class MioModule(L.LightningModule):
         # the skeleton leaves the stream untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch.initial_seed())
+            implementation = hf_attn_implementation(hp.attn_backend)
             model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
-                                                    attn_implementation=hf_attn_implementation(hp.attn_backend))
+                                                    attn_implementation=implementation)
+            if hp.qk_norm and not has_qk_norm(model):
+                check_convertible(model.config, hp.backbone)
+                model = (with_qk_norm(model, self._calibration_batch(), implementation) if weights
+                         else skeleton(model, implementation))
             if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
                 model = apply_lora(model, self.lora, table, hp.backbone)
         if hp.gradient_checkpointing:
@@ -184,6 +196,12 @@ class MioModule(L.LightningModule):
         model.config.use_cache = False
         model.train()  # from_pretrained returns the model in eval mode
         return model, tokenizer, table
+
+    def _calibration_batch(self) -> dict[str, torch.Tensor]:
+        if self.data is None:
+            raise ValueError("model.qk_norm calibrates its norms on the stage's first micro-batch: connect the data "
+                             "module first (MioModule.connect; mio fit does)")
+        return self.data.first_batch()
 
     def configure_model(self) -> None:
         """Give the model its weights: under ``FSDP2Strategy`` shard it first, then global rank 0
