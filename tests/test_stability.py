@@ -229,3 +229,29 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_both(tmp_path_factory):
     assert skip["step"] == 3 and skip["reason"] == "non-finite gradient norm"
     assert skip["keys"] == ranks[0][2]["keys"] + ranks[1][2]["keys"]
     assert [r["train/skipped_steps"] for r in metrics(run)] == [0, 0, 1, 1, 1]
+
+
+def test_mio_report_plots_the_monitors(tmp_path, capsys):
+    from mio.report import find_stages, stage_figures
+
+    monitors = {"train/grad_norm": [3.0, 0.5, 2.0], "train/clipped_fraction": [1.0, 0.0, 1.0],
+                "train/logit_max": [12.0, 30.0, 20.0], "train/lse_mean": [9.0, 8.0, 7.0],
+                "train/lse_mean_text": [9.5, 8.5, 7.5], "train/z_loss": [1e-3, 9e-4, 8e-4],
+                "train/skipped_steps": [0.0, 1.0, 1.0]}
+    folder = tmp_path / "stage" / "logs" / "version_0"
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["step", "train/loss", *monitors])
+        writer.writeheader()
+        writer.writerows({"step": s, "train/loss": 5.0 - s, **{k: v[s] for k, v in monitors.items()}} for s in range(3))
+    (stage,) = find_stages([tmp_path / "stage"])
+    figures = stage_figures(stage)
+    assert figures["steps clipped"] == pytest.approx(2 / 3) and figures["max logit"] == 30.0
+    assert figures["skipped steps"] == 1.0
+    from mio.cli import main as mio_main
+
+    assert mio_main(["report", str(tmp_path / "stage")]) == 0
+    page = (tmp_path / "stage" / "report.html").read_text()
+    for title in ("Gradient norm before clipping", "Share of steps clipped", "Largest |logit|",
+                  "Mean logsumexp of the logits, per target modality", "z-loss", "Skipped steps"):
+        assert f"<h2>{title}" in page
