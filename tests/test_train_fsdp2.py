@@ -200,6 +200,7 @@ def test_sharded_gradient_norm_is_that_of_one_process(chain):
     got = {r["step"]: r["train/grad_norm"] for r in read_metrics(chain["run"]) if "train/grad_norm" in r}
     sharded = [s for s in range(STEPS) if s != k]  # logged 0-based: step k+1 is row k
     assert set(sharded) <= set(got) and sorted(want) == list(range(STEPS))
+    print({step: (got[step] - want[step]) / want[step] for step in sharded})
     for step in sharded:
         assert got[step] == pytest.approx(want[step], rel=TOLERANCE), step
 

@@ -31,6 +31,7 @@ from mio.train.sharding import FSDP2Strategy, full_state_dict
 from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 
+MONITOR_ROWS = 4096  # supervised positions per slice of the monitors' logsumexp
 # How a figure adds up: over the micro-batches and steps of one rank, then over ranks.
 SUMMED = {}  # a sum over micro-batches and over ranks
 PER_STEP = {"ranks": "max"}  # a figure of the whole optimizer step, the same on every rank: summed over steps only
@@ -263,10 +264,11 @@ class MioModule(L.LightningModule):
         if self.z_loss > 0 and torch.is_grad_enabled():
             lse = token_logsumexp(out.logits)
         elif monitors:
-            with torch.no_grad():
-                lse = token_logsumexp(out.logits)
+            with torch.no_grad():  # in slices: a float32 copy of a slice at a time, not of all (N, V)
+                lse = torch.cat([token_logsumexp(part) for part in out.logits.split(MONITOR_ROWS)])
         if monitors and out.logits.shape[0]:  # a shape, known on the host
-            logit_max = out.logits.detach().abs().amax()
+            logits = out.logits.detach()
+            logit_max = torch.maximum(logits.amax(), logits.amin().neg())  # no |logits| copy
         return Scored(token_loss, supervised, out.aux_loss, lse, logit_max)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -363,8 +365,8 @@ class MioModule(L.LightningModule):
         if self._norm is None or gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif gradient_clip_val:
-            grads = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, self._norm)
+            with_grads = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(with_grads, gradient_clip_val, self._norm)
 
     @torch.no_grad()
     def _figures(self, scored: Scored, batch: dict[str, torch.Tensor]) -> Figures:
