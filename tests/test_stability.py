@@ -24,7 +24,7 @@ from mio.train.data import MioDataModule
 from mio.train.guard import SKIPS_FILE, Guard, GuardSettings, NonFiniteWeights, SkippedStep, UnstableRun, \
     check_finite_weights
 from mio.train.module import MioModule
-from train_support import ledger, shared_root, tiny_args
+from train_support import ROOT, ledger, shared_root, tiny_args
 
 DATASETS = ("--data.datasets=[{path: image_text}, {path: speech_text}]", "--data.val_fraction=0",
             "--trainer.log_every_n_steps=1")
@@ -204,27 +204,33 @@ def test_consecutive_skips_stop_the_stage_and_its_command_resumes_exactly_past_t
 
 
 @pytest.mark.slow
-def test_a_non_finite_step_on_one_rank_is_skipped_on_both(tmp_path_factory):
-    """Two DDP processes: rank 1's loss is NaN at step 3. Both ranks skip it -- their weights
-    after it are those before it -- and the skips file names the rows of both."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_non_finite_step_on_one_rank_is_skipped_on_both(tmp_path_factory, strategy):
+    """Two processes (DDP under torchrun; FSDP2 started by Lightning): rank 1's loss is NaN at
+    step 3. Both ranks skip it -- their weights (FSDP2: their shards) after it are those before it
+    -- and the skips file names the rows of both."""
     root = shared_root(tmp_path_factory)
-    run = root / "runs" / "poisoned-ddp"
+    run = root / "runs" / f"poisoned-{strategy}"
     script = root / "runs" / "poisoned.py"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(POISONED)
     args = tiny_args(root, run, "--data.datasets=[{path: image_text}]", "--data.val_fraction=0",
-                     "--trainer.log_every_n_steps=1", *LEDGER, "--trainer.devices=2", "--trainer.strategy=ddp",
-                     "--data.batch_size=1", steps=5)
+                     "--trainer.log_every_n_steps=1", *LEDGER, steps=5)
     env = dict(os.environ, OMP_NUM_THREADS="1", POISON_STEPS="2", POISON_RANK="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    if strategy == "ddp":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                   *args, "--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=1"]
+    else:
+        command = [sys.executable, str(script), *args, "--config", str(ROOT / "stages" / "tiny" / "fsdp2.yaml")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [ledger(run, 0), ledger(run, 1)]
     for lines in ranks:
         digests = [line["weights"] for line in lines]
         assert digests[2] == digests[1]  # step 3 kept out of the weights
         assert len(set(digests)) == 4  # every other step moved them
-    assert ranks[0][2]["weights"] == ranks[1][2]["weights"]
+    if strategy == "ddp":
+        assert ranks[0][2]["weights"] == ranks[1][2]["weights"]
     (skip,) = [json.loads(line) for line in (run / SKIPS_FILE).read_text().splitlines()]
     assert skip["step"] == 3 and skip["reason"] == "non-finite gradient norm"
     assert skip["keys"] == ranks[0][2]["keys"] + ranks[1][2]["keys"]
