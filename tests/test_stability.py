@@ -111,18 +111,35 @@ def test_z_loss_is_the_mean_square_logsumexp_over_the_shifted_supervised_positio
     assert logged == pytest.approx(independent_z_loss(module.model.eval(), batch, Z), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_z_loss_weight_zero_leaves_the_loss_bitwise_unchanged(tmp_path_factory):
+    """training_step's loss at weight 0 is bitwise the cross-entropy token mean it was before
+    z-loss existed; at weight w it is that plus w x the mean square logsumexp (from the logits
+    computed apart), and the monitors' copy of the logsumexp carries no gradient."""
+    from types import SimpleNamespace
+
+    from mio.train.loss import micro_batch_loss, supervised_targets, token_cross_entropy
+
     root = shared_root(tmp_path_factory)
     batch = stage_batches(root, 1)[0]
-    losses = []
-    for weight in (0.0, 1e-5):
+    labels = batch["labels"]
+    losses = {}
+    for weight in (0.0, Z):
         torch.manual_seed(0)
         module = MioModule(str(root / "base"), extend_vocab=True, z_loss=weight)
         module.load_weights()
-        scored = module.token_losses(batch, monitors=True)
-        losses.append((scored.token_loss.sum(), scored.lse))
-    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=0, atol=0)
-    assert not losses[0][1].requires_grad and losses[1][1].requires_grad  # the monitors' copy carries no gradient
+        module.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1)  # what training_step reads
+        losses[weight] = module.training_step(batch, 0)
+        logits = module(batch).logits.detach()  # (N, V)
+        count = (labels[:, 1:] != -100).sum()
+        before = micro_batch_loss(token_cross_entropy(logits, supervised_targets(labels)), count)
+        square = torch.logsumexp(logits.double(), dim=-1).square().mean()
+    assert torch.equal(losses[0.0].detach(), before)
+    assert float((losses[Z] - losses[0.0]).detach()) == pytest.approx(Z * float(square), rel=1e-4)
+    scored = module.token_losses(batch, monitors=True)
+    assert scored.lse.requires_grad  # under z-loss: the term's gradient flows
+    module.z_loss = 0.0
+    assert not module.token_losses(batch, monitors=True).lse.requires_grad
 
 
 # --- the guard ----------------------------------------------------------------------------------
