@@ -15,6 +15,10 @@ What mio adds to every stage's config (``--print_config`` shows it, and the stag
   report` reads) and TensorBoard (``<default_root_dir>/tensorboard``);
 - Lightning's ``LearningRateMonitor``, so the learning rate is logged with the loss.
 
+A stage that stops on ``model.guard.max_consecutive_skips`` skipped steps in a row, or whose weights
+hold a NaN or Inf at the end, exits 3 (mio/train/guard.py); the first case prints the command that
+resumes from the last checkpoint past the skipped batches (``data.skip``).
+
 ``--ckpt_path last`` resumes the stage from its newest checkpoint, to the sample; with no
 checkpoint to resume it is an error naming where mio looked, and a run started without it in a
 stage folder that holds checkpoints is refused rather than silently starting over.
