@@ -128,7 +128,8 @@ def test_z_loss_weight_zero_leaves_the_loss_bitwise_unchanged(tmp_path_factory):
         torch.manual_seed(0)
         module = MioModule(str(root / "base"), extend_vocab=True, z_loss=weight)
         module.load_weights()
-        module.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1)  # what training_step reads
+        module.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, log_every_n_steps=1,
+                                         global_step=0)  # what training_step reads
         losses[weight] = module.training_step(batch, 0)
         logits = module(batch).logits.detach()  # (N, V)
         count = (labels[:, 1:] != -100).sum()

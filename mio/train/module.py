@@ -51,12 +51,14 @@ class Figures:
     flops: Any = field(metadata=SUMMED)  # model FLOPs of the forward and backward
     aux_loss: Any = field(metadata=SUMMED)  # an MoE backbone's router loss, summed over micro-batches
     micro_batches: Any = field(metadata=SUMMED)
-    lse_sum: Any = field(metadata=SUMMED)  # logsumexp(logits) summed over the supervised positions
+    lse_sum: Any = field(metadata=SUMMED)  # logsumexp(logits) summed over the supervised positions scored for it
     lse_square_sum: Any = field(metadata=SUMMED)  # its square: the z-loss term before the weight
+    lse_count: Any = field(metadata=SUMMED)  # the supervised positions of lse_sum
     modality_loss_sum: Any = field(metadata=SUMMED)  # (M,) per target modality
     modality_supervised: Any = field(metadata=SUMMED)  # (M,)
     modality_real: Any = field(metadata=SUMMED)  # (M,) real tokens of each modality
     modality_lse_sum: Any = field(metadata=SUMMED)  # (M,)
+    modality_lse_count: Any = field(metadata=SUMMED)  # (M,)
     logit_max: Any = field(metadata=LARGEST)  # the largest |logit| at a supervised position
     grad_norm_sum: Any = field(metadata=PER_STEP)  # the gradient norm before clipping, summed over steps
     clipped: Any = field(metadata=PER_STEP)  # steps whose gradient norm was over trainer.gradient_clip_val
@@ -272,7 +274,9 @@ class MioModule(L.LightningModule):
         return Scored(token_loss, supervised, out.aux_loss, lse, logit_max)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        scored = self.token_losses(batch, monitors=self.monitors)
+        # The logit monitors cost a pass over the (N, V) logits: taken on the steps that are logged
+        # (under z-loss the logsumexp is there on every step anyway).
+        scored = self.token_losses(batch, monitors=self.monitors and self._logged_step())
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
             self._n_step = step_tokens(batch["step_supervised"].to(self.device))
             self._step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -328,9 +332,13 @@ class MioModule(L.LightningModule):
             self._add(step)
             if guard:
                 self._judge(optimizer, norm)
-        every = self.trainer.log_every_n_steps
-        if every > 0 and (self.trainer.global_step + 1) % every == 0:
+        if self._logged_step():
             self._log_window(self._rows)
+
+    def _logged_step(self) -> bool:
+        """The optimizer step under way is one Lightning logs."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.trainer.global_step + 1) % every == 0
 
     def _judge(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> None:
         """The guard's decision, the same on every rank: taken from the step's loss and gradient
@@ -403,12 +411,15 @@ class MioModule(L.LightningModule):
             micro_batches=number(1.0),
             lse_sum=lse.sum().to(torch.float64) if lse is not None else zero,
             lse_square_sum=lse.square().sum().to(torch.float64) if lse is not None else zero,
+            lse_count=n_supervised.to(torch.float64) if lse is not None else zero,
             modality_loss_sum=per_modality([torch.where(sel, losses, 0.0).sum() for sel in targets]),
             modality_supervised=per_modality([sel.sum() for sel in targets]),
             modality_real=per_modality([((batch["modality"] == mid) & real).sum() for mid in MODALITY_NAMES]),
             modality_lse_sum=(per_modality([torch.where(sel, lse_grid, 0.0).sum() for sel in targets])
                               if lse_grid is not None else torch.zeros(len(targets), dtype=torch.float64,
                                                                        device=self.device)),
+            modality_lse_count=(per_modality([sel.sum() for sel in targets]) if lse is not None
+                                else torch.zeros(len(targets), dtype=torch.float64, device=self.device)),
             logit_max=scored.logit_max.to(torch.float64) if scored.logit_max is not None else zero,
             grad_norm_sum=zero, clipped=zero, steps=zero)
 
@@ -437,7 +448,7 @@ class MioModule(L.LightningModule):
             metrics[f"train/loss_{name}"] = figures.modality_loss_sum[m] / count if count > 0 else float("nan")
             metrics[f"train/modality_share_{name}"] = figures.modality_real[m] / max(real, 1)
         if self.z_loss > 0:  # the term the loss holds: the weight times the mean square logsumexp
-            metrics["train/z_loss"] = self.z_loss * figures.lse_square_sum / max(figures.supervised, 1)
+            metrics["train/z_loss"] = self.z_loss * figures.lse_square_sum / max(figures.lse_count, 1)
         if self.monitors:
             metrics |= monitor_metrics(figures)
         if self.guard is not None and self.guard_settings.enabled:
@@ -568,12 +579,13 @@ def gradient_norm(parameters: Any) -> torch.Tensor | None:
 def monitor_metrics(figures: Figures) -> dict[str, float]:
     """The instability monitors of a window: the gradient norm before clipping (mean over its
     steps), the share of steps clipped, the largest |logit| and the mean logsumexp (per target
-    modality too): logits drifting up show in the last two long before bf16 overflows."""
-    steps, supervised = max(figures.steps, 1), max(figures.supervised, 1)
+    modality too) of the logged step: logits drifting up show in the last two long before bf16
+    overflows."""
+    steps = max(figures.steps, 1)
     metrics = {"train/grad_norm": figures.grad_norm_sum / steps if figures.steps else float("nan"),
                "train/clipped_fraction": figures.clipped / steps, "train/logit_max": figures.logit_max,
-               "train/lse_mean": figures.lse_sum / supervised}
+               "train/lse_mean": figures.lse_sum / figures.lse_count if figures.lse_count else float("nan")}
     for m, name in enumerate(MODALITY_NAMES.values()):
-        count = figures.modality_supervised[m]
+        count = figures.modality_lse_count[m]
         metrics[f"train/lse_mean_{name}"] = figures.modality_lse_sum[m] / count if count > 0 else float("nan")
     return metrics
