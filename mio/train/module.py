@@ -31,7 +31,6 @@ from mio.train.sharding import FSDP2Strategy, full_state_dict
 from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
 
 
-MONITOR_ROWS = 4096  # supervised positions per slice of the monitors' logsumexp
 # How a figure adds up: over the micro-batches and steps of one rank, then over ranks.
 SUMMED = {}  # a sum over micro-batches and over ranks
 PER_STEP = {"ranks": "max"}  # a figure of the whole optimizer step, the same on every rank: summed over steps only
@@ -253,30 +252,31 @@ class MioModule(L.LightningModule):
         keep = supervised_positions(batch["labels"])  # (B, L)
         return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=aux and self.aux_coefficient > 0)
 
-    def token_losses(self, batch: dict[str, torch.Tensor], aux: bool = True, monitors: bool = False) -> Scored:
+    def token_losses(self, batch: dict[str, torch.Tensor], aux: bool = True, monitors: bool = False,
+                     largest: bool = False) -> Scored:
         """The loss of every supervised token (N,) and where they are (B, L-1): what training and
         validation both average over tokens; when ``aux``, an MoE backbone's router loss; the
-        logits' logsumexp (N,) under z-loss (with its gradient) or for ``monitors``, and their
-        largest magnitude for ``monitors``."""
+        logits' logsumexp (N,) under z-loss (with its gradient) or for ``monitors``; and, when
+        ``largest``, their largest magnitude (a pass over the (N, V) logits)."""
         out = self(batch, aux)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != -100
-        token_loss = token_cross_entropy(out.logits, supervised_targets(batch["labels"]))
+        wanted = supervised_targets(batch["labels"])  # (N,)
+        token_loss = token_cross_entropy(out.logits, wanted)
         lse = logit_max = None
         if self.z_loss > 0 and torch.is_grad_enabled():
-            lse = token_logsumexp(out.logits)
+            lse = token_logsumexp(out.logits, wanted, token_loss)
         elif monitors:
-            with torch.no_grad():  # in slices: a float32 copy of a slice at a time, not of all (N, V)
-                lse = torch.cat([token_logsumexp(part) for part in out.logits.split(MONITOR_ROWS)])
-        if monitors and out.logits.shape[0]:  # a shape, known on the host
+            with torch.no_grad():
+                lse = token_logsumexp(out.logits, wanted, token_loss)
+        if largest and out.logits.shape[0]:  # a shape, known on the host
             logits = out.logits.detach()
             logit_max = torch.maximum(logits.amax(), logits.amin().neg())  # no |logits| copy
         return Scored(token_loss, supervised, out.aux_loss, lse, logit_max)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # The logit monitors cost a pass over the (N, V) logits: taken on the steps that are logged
-        # (under z-loss the logsumexp is there on every step anyway).
-        scored = self.token_losses(batch, monitors=self.monitors and self._logged_step())
+        # The largest |logit| costs a pass over the (N, V) logits: taken on the steps that are logged.
+        scored = self.token_losses(batch, monitors=self.monitors, largest=self.monitors and self._logged_step())
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
             self._n_step = step_tokens(batch["step_supervised"].to(self.device))
             self._step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -578,8 +578,8 @@ def gradient_norm(parameters: Any) -> torch.Tensor | None:
 
 def monitor_metrics(figures: Figures) -> dict[str, float]:
     """The instability monitors of a window: the gradient norm before clipping (mean over its
-    steps), the share of steps clipped, the largest |logit| and the mean logsumexp (per target
-    modality too) of the logged step: logits drifting up show in the last two long before bf16
+    steps), the share of steps clipped, the mean logsumexp (per target modality too) and the
+    largest |logit| of the logged step: logits drifting up show in the last two long before bf16
     overflows."""
     steps = max(figures.steps, 1)
     metrics = {"train/grad_norm": figures.grad_norm_sum / steps if figures.steps else float("nan"),
