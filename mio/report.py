@@ -7,8 +7,9 @@ version per start; a later version replaces the earlier one's steps from where i
 
 The page: figures per stage (steps, final training and validation loss, packing efficiency, token
 shares, throughput), then curves over the optimizer steps of the stages in sequence: loss (and
-validation loss), loss per modality, learning rate, token share per modality and real tokens per
-second.
+validation loss), loss per modality, learning rate, token share per modality, real tokens per
+second, and the instability monitors (README "Long runs"): gradient norm before clipping with the
+share of steps clipped, the largest |logit| and the mean logsumexp per modality, z-loss, skipped steps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from mio.vocab import MODALITY_NAMES
 METRICS = "logs/version_*/metrics.csv"
 LOSS, VAL_LOSS = "train/loss", "val/loss"
 PACKING, TOKENS_PER_S = "train/packing_efficiency", "train/tokens_per_sec"
+GRAD_NORM, CLIPPED, SKIPPED = "train/grad_norm", "train/clipped_fraction", "train/skipped_steps"
+LOGIT_MAX, LSE_MEAN, Z_LOSS = "train/logit_max", "train/lse_mean", "train/z_loss"
 MODALITIES = tuple(MODALITY_NAMES.values())
 
 
@@ -111,6 +114,9 @@ def stage_figures(stage: StageLog) -> dict[str, float]:
     figures |= {f"{m} share": stage.mean(f"train/share_{m}") for m in MODALITIES}
     if stage.lr_key:
         figures["final lr"] = stage.last(stage.lr_key)
+    if stage.series(GRAD_NORM)[0]:
+        figures |= {"steps clipped": stage.mean(CLIPPED), "max logit": max(stage.series(LOGIT_MAX)[1], default=math.nan),
+                    "skipped steps": stage.last(SKIPPED)}
     return figures
 
 
@@ -181,7 +187,14 @@ def curves(stages: list[StageLog]) -> str:
              ("Loss per modality", _plot(stages, {m: f"train/loss_{m}" for m in MODALITIES}, "loss", log=True)),
              ("Learning rate", _plot(stages, {"learning rate": lr}, "learning rate") if lr else ""),
              ("Token shares", _plot(stages, {m: f"train/share_{m}" for m in MODALITIES}, "share of real tokens")),
-             ("Throughput", _plot(stages, {"tokens/s": TOKENS_PER_S}, "real tokens per second"))]
+             ("Throughput", _plot(stages, {"tokens/s": TOKENS_PER_S}, "real tokens per second")),
+             ("Gradient norm before clipping", _plot(stages, {"gradient norm": GRAD_NORM}, "gradient norm", log=True)),
+             ("Share of steps clipped", _plot(stages, {"clipped": CLIPPED}, "share of the logged steps")),
+             ("Largest |logit| (supervised positions)", _plot(stages, {"max |logit|": LOGIT_MAX}, "max |logit|")),
+             ("Mean logsumexp of the logits, per target modality",
+              _plot(stages, {"all": LSE_MEAN, **{m: f"{LSE_MEAN}_{m}" for m in MODALITIES}}, "logsumexp")),
+             ("z-loss", _plot(stages, {"z-loss": Z_LOSS}, "z-loss (weighted)", log=True)),
+             ("Skipped steps (running total)", _plot(stages, {"skipped": SKIPPED}, "steps kept out of the weights"))]
     return "".join(f'<h2>{title}</h2><img src="data:image/png;base64,{png}">' for title, png in plots if png)
 
 

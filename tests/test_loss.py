@@ -44,7 +44,7 @@ def test_the_modules_loss_equals_transformers_own(tiny_base) -> None:
                zip(torch.randint(0, 300, (3, 20), generator=g), random_labels(g, 3, 20))]
     batch = collate_packs(list(BestFitPacker(20, buffer_size=1)(samples)))  # one sample per row
     with torch.no_grad():
-        token_loss, _, _ = module.token_losses(batch)
+        token_loss = module.token_losses(batch).token_loss
         ours = micro_batch_loss(token_loss, step_tokens(supervised_count(batch["labels"])))
         theirs = module.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     assert torch.allclose(ours, theirs, atol=1e-6)
@@ -115,13 +115,16 @@ def test_count_is_all_reduced_over_ranks() -> None:
 
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu")
-LOOP = ("module.py", "loss.py", "flops.py", "data.py")  # mio/train/: the step, its loss, figures and data report
+# mio/train/: the step, its loss, figures, guard and data report
+LOOP = ("module.py", "loss.py", "flops.py", "data.py", "guard.py")
 
 
-def test_one_device_read_per_logged_step(tmp_path_factory, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("guard", [False, True])
+def test_one_device_read_per_logged_step(tmp_path_factory, tmp_path, monkeypatch, guard) -> None:
     """On a GPU, every read of a device tensor by the host stalls the stream: the training loop
     reads its figures back once per logged step, none per micro-batch (callbacks that print the
-    logged figures are not counted: they read them when they print, at logged steps)."""
+    logged figures are not counted: they read them when they print, at logged steps); the
+    guard, on by default, reads its decision's two figures once per optimizer step."""
     reads: list[str] = []
     for name in READS:
         real = getattr(torch.Tensor, name)
@@ -135,6 +138,7 @@ def test_one_device_read_per_logged_step(tmp_path_factory, tmp_path, monkeypatch
         monkeypatch.setattr(torch.Tensor, name, counted)
     root = shared_root(tmp_path_factory)
     fit(tiny_args(root, tmp_path, "--trainer.log_every_n_steps=2", "--trainer.accumulate_grad_batches=2",
-                  "--data.val_fraction=0", steps=4))
-    # Two logged steps (of 2 optimizer steps x 2 micro-batches each) and the closing data report.
-    assert len(reads) == 3, reads
+                  "--data.val_fraction=0", f"--model.guard.enabled={str(guard).lower()}", steps=4))
+    # Two logged steps (of 2 optimizer steps x 2 micro-batches each), the closing data report and
+    # the finite-weights check before the model folder; with the guard, one more per optimizer step.
+    assert len(reads) == 4 + (4 if guard else 0), reads

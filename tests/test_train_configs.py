@@ -39,8 +39,11 @@ def test_full_stage_has_the_papers_settings(stage, capsys):
         weights = {d["path"]: d["weight"] for d in data["datasets"]}
         speech = sum(w for p, w in weights.items() if p.startswith("speech_text"))
         assert trainer["max_steps"] == steps and speech / sum(weights.values()) == speech_share
+        # Long runs: z-loss and the spike guard in the pretraining stages.
+        assert model["z_loss"] == 1e-5 and model["guard"]["spike_factor"] == 2.0 and model["guard"]["enabled"]
     else:
         assert all(d["format"] == "sft" for d in data["datasets"]) and len(data["datasets"]) == 16
+        assert model["z_loss"] == 0.0 and model["guard"] is None  # SFT: non-finite steps skipped, no spike check
 
 
 def test_stages_chain_through_their_output_folders(capsys):

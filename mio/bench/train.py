@@ -13,6 +13,11 @@ what it costs, while its wall time also counts the other processes (the wall-clo
 reported beside it). Each side runs ``repeats`` times, alternating, and keeps its best
 steady-state rate (after ``warmup`` steps).
 
+``stability_overhead`` = 1 - fit tokens/s / fit tokens/s without the monitors and the guard
+(``model.monitors: false``, ``model.guard.enabled: false``; goal: at most 0.02): the gradient norm,
+the logit figures, and the guard's one device read per optimizer step. Its runs alternate with the
+others in the same process; the best of each side counts.
+
 ``validation_cost_share_at_1pct``: what validating on 1% of a stage's tokens costs, as a share of
 the stage's time (goal: at most 0.02). One more `mio fit` run validates once on ``val_packs``
 packs after its last step; the seconds per validated token (a first pass, which also reads,
@@ -227,15 +232,19 @@ def measure(base: Path, data: Path, runs: Path, steps: int, warmup: int, context
     device = torch.device("cuda" if gpu else "cpu")
     backend = "flash" if gpu else "sdpa"
     batches = fit_batches(base, data, warmup + steps, context, rows)
-    bare, fit, mfu = [], [], []
+    bare, fit, unguarded, mfu = [], [], [], []
     for r in range(repeats):
         bare.append(bare_loop(base, batches, warmup, device, backend, settings))
         out = runs / f"fit{r}"
         rate, step_mfu = run_fit(stage_args(base, data, out, steps, warmup, context, rows, gpu), out)
         fit.append(rate)
         mfu.append(step_mfu)
+        out = runs / f"fit_unguarded{r}"
+        unguarded.append(run_fit(stage_args(base, data, out, steps, warmup, context, rows, gpu)
+                                 + ["--model.monitors=false", "--model.guard.enabled=false"], out)[0])
     clock = "wall" if gpu else "cpu"
     best_bare, best_fit = max(b[clock] for b in bare), max(f[clock] for f in fit)
+    best_unguarded = max(u[clock] for u in unguarded)
     model, _, _ = load_backbone(base, extend=True)
     counts = FlopCounts.of(model)
     result = {
@@ -245,6 +254,9 @@ def measure(base: Path, data: Path, runs: Path, steps: int, warmup: int, context
         "overhead_vs_bare_loop": round(1 - best_fit / best_bare, 4),
         "fit_runs_tokens_per_s": [{k: round(v, 1) for k, v in x.items()} for x in fit],
         "bare_runs_tokens_per_s": [{k: round(v, 1) for k, v in x.items()} for x in bare],
+        "stability_overhead": round(1 - best_fit / best_unguarded, 4),
+        "target_stability_overhead_max": 0.02,
+        "unguarded_runs_tokens_per_s": [{k: round(v, 1) for k, v in x.items()} for x in unguarded],
         "parameters": sum(p.numel() for p in model.parameters()),
         "flop_counts": counts.__dict__,
         "tokens_per_step": int(sum(int((b["document_ids"] >= 0).sum()) for b in batches) / len(batches)),

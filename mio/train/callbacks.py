@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 from mio.log import info
 
@@ -50,7 +51,7 @@ class SampleLedger(L.Callback):
     one line per step with the global step, the keys of the samples of each row (of every
     micro-batch of the step), the step's loss (null on a step the trainer does not log: set
     ``trainer.log_every_n_steps`` to 1 for every step's) and, with ``weights_digest``, a SHA-256 of the
-    weights after the step (identical on every rank of a data-parallel run).
+    weights after the step (identical on every rank of a data-parallel run; under FSDP2, of the rank's shards).
 
     A resumed run first drops the lines past the step it resumed from, so the ledger is the
     history of the run as checkpointed: after a kill and a resume, no step appears twice.
@@ -87,11 +88,13 @@ class SampleLedger(L.Callback):
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in order: equal exactly when the weights are."""
+    """SHA-256 of every parameter's bytes, in order: equal exactly when the weights are (under
+    FSDP2, this rank's shards)."""
     h = hashlib.sha256()
     for name, p in module.named_parameters():
+        local = p.detach().to_local() if isinstance(p, DTensor) else p.detach()
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(local.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -40,6 +40,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from mio.log import info
+from mio.train.guard import UnstableRun
 from mio.userio import MioUserError
 
 PARTIAL = ".partial"
@@ -79,16 +80,40 @@ class Interrupted(Exception):
 def resume_command(argv: list[str]) -> str:
     """``mio fit`` with the same arguments, resuming from the last checkpoint (any ``--ckpt_path``
     given replaced)."""
+    return shlex.join(["mio", "fit", *_without(argv, ("--ckpt_path",)), "--ckpt_path", "last"])
+
+
+def skip_ahead_command(argv: list[str], checkpoint: Path | None, last_skipped: int) -> str:
+    """``mio fit`` with the same arguments from ``checkpoint`` (None: from the start), skipping the
+    global batches from there through step ``last_skipped`` (any ``--ckpt_path`` and ``data.skip``
+    given replaced)."""
+    at = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    args = _without(argv, ("--ckpt_path", "--data.skip", "--data.skip.at_step", "--data.skip.batches"))
+    resume = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
+    return shlex.join(["mio", "fit", *args, *resume, f"--data.skip.at_step={at}",
+                       f"--data.skip.batches={last_skipped - at}"])
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a ``step=N.ckpt`` checkpoint was written at."""
+    match = STEP.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint}: not a step=N.ckpt checkpoint")
+    return int(match.group(1))
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``options`` (as ``--key value`` or ``--key=value``)."""
     args: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--ckpt_path":
+        elif arg in options:
             skip = True
-        elif not arg.startswith("--ckpt_path="):
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
             args.append(arg)
-    return shlex.join(["mio", "fit", *args, "--ckpt_path", "last"])
+    return args
 
 
 class AtomicCheckpoint(L.Callback):
@@ -200,6 +225,8 @@ class AtomicCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if isinstance(exception, UnstableRun):  # the checkpoint to resume from past the skipped batches
+            exception.checkpoint = find_last(self.folder)
 
     # --- signals ----------------------------------------------------------------------------
     @staticmethod

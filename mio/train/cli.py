@@ -15,6 +15,10 @@ What mio adds to every stage's config (``--print_config`` shows it, and the stag
   report` reads) and TensorBoard (``<default_root_dir>/tensorboard``);
 - Lightning's ``LearningRateMonitor``, so the learning rate is logged with the loss.
 
+A stage that stops on ``model.guard.max_consecutive_skips`` skipped steps in a row, or whose weights
+hold a NaN or Inf at the end, exits 3 (mio/train/guard.py); the first case prints the command that
+resumes from the last checkpoint past the skipped batches (``data.skip``).
+
 ``--ckpt_path last`` resumes the stage from its newest checkpoint, to the sample; with no
 checkpoint to resume it is an error naming where mio looked, and a run started without it in a
 stage folder that holds checkpoints is refused rather than silently starting over.
@@ -38,12 +42,14 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mio.log import rank_zero_info
-from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command
+from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command, skip_ahead_command
 from mio.train.data import MioDataModule
+from mio.train.guard import NonFiniteWeights, UnstableRun
 from mio.train.module import MioModule
 from mio.train.sharding import FSDP2Strategy
 from mio.userio import MioUserError, run_command
 
+UNSTABLE_EXIT = 3  # a stage that stopped on its own instability (a user error is 2)
 CHECKPOINTS_PER_STAGE = 20  # the default interval: trainer.max_steps / 20 optimizer steps
 CHECKPOINT = f"{AtomicCheckpoint.__module__}.{AtomicCheckpoint.__qualname__}"
 LR_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
@@ -156,6 +162,10 @@ class MioCLI(LightningCLI):
         complete_config(cfg)
         check_resume(cfg)
 
+    def before_fit(self) -> None:
+        # The one place the model and its data meet (each then needs nothing of the other).
+        self.model.connect(self.datamodule, stage_dir=self.trainer.default_root_dir)
+
 
 # --- configuration errors ----------------------------------------------------------------------
 def known_keys(parser: LightningArgumentParser) -> list[str]:
@@ -239,6 +249,18 @@ def _fit_and_print(argv: list[str]) -> int:
     except Interrupted as e:
         rank_zero_info(f"{e}\nresume with: {resume_command(argv)}")
         return e.exit_code
+    except UnstableRun as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = (f"the last checkpoint, {e.checkpoint}, holds good weights (no skipped step changed any)"
+                     if e.checkpoint is not None else "the stage has no checkpoint yet")
+            print(f"[mio] error: {e}.\n[mio] {where}; resume from it past these batches with:\n"
+                  f"[mio]   {skip_ahead_command(argv, e.checkpoint, e.last_step)}\n[mio] (or lower model.lr)",
+                  file=sys.stderr, flush=True)
+        return UNSTABLE_EXIT
+    except NonFiniteWeights as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[mio] error: {e}", file=sys.stderr, flush=True)
+        return UNSTABLE_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

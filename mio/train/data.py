@@ -7,9 +7,9 @@ from __future__ import annotations
 import glob
 import math
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, error_summary
 from mio.data.shards import list_shards, read_manifest, write_json_atomic
-from mio.model.attention import pad_multiple
 from mio.templates import template_set
 from mio.train.validation import ValBatches, hold_out
 from mio.vocab import MODALITY_NAMES, VocabTable, extend_tokenizer, folder_table, is_extended
@@ -132,11 +131,38 @@ class DataReport:
         return self.write()
 
 
+@dataclass
+class SkipAhead:
+    """``data.skip``: when the run starts at optimizer step ``at_step`` (a fresh start at 0, or a
+    resume from that step's checkpoint), skip the next ``batches`` global batches. The data
+    position moves past them and checkpoints written after record it, so a later resume (a SLURM
+    requeue with the same command) does not skip again. The command a stage prints when it stops
+    on a run of skipped steps sets it."""
+
+    at_step: int = 0
+    batches: int = 0
+
+    def __post_init__(self) -> None:
+        if self.at_step < 0 or self.batches < 0:
+            raise ValueError(f"data.skip: at_step ({self.at_step}) and batches ({self.batches}) must be at least 0")
+
+
+@dataclass(frozen=True)
+class DataLink:
+    """What the data module hands the model when the two connect (:meth:`MioDataModule.connect`)."""
+
+    pack: bool  # several samples per row: the model's attention must keep them apart
+    specs: dict[str, dict[str, Any]]  # the modality tokenizers the stage's output folder records (checked)
+    report: DataReport  # what the stage reads and loses: the training loop feeds it, the output records it
+    first_batch: Callable[[], dict[str, Any]]  # the stage's first micro-batch (model.qk_norm calibrates on it)
+
+
 class MioDataModule(L.LightningDataModule):
     """Micro-batches of ``batch_size`` packs of ``context_length`` tokens per rank.
 
-    ``backbone`` and ``extend_vocab`` are linked from the model's settings by the CLI: the text
-    tokenizer comes from the backbone folder, the vocabulary table from the model.
+    ``backbone`` and ``extend_vocab`` are linked from the model's settings by the CLI. The model
+    connects to it before fitting (:meth:`connect`: its tokenizer, vocabulary table and limits); a
+    data module used alone reads the tokenizer and table from the backbone folder.
 
     Args:
         datasets: the mixture: prepared dataset folders (or shard globs) under ``root`` with weights
@@ -172,6 +198,7 @@ class MioDataModule(L.LightningDataModule):
         max_error_fraction: the share of a dataset's samples that may be lost (damaged shards,
             samples that do not decode or render, media longer than the context) before the stage
             stops with an error naming the dataset, the reason and an example.
+        skip: skip global batches past a bad stretch (:class:`SkipAhead`).
     """
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
@@ -180,7 +207,7 @@ class MioDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
                  val_packs: int = 16, templates: str = "paper", pack: bool = True,
                  max_error_fraction: float = 0.05, cond_dropout: dict[str, float] | None = None,
-                 cond_null_text: str = "") -> None:
+                 cond_null_text: str = "", skip: SkipAhead | None = None) -> None:
         super().__init__()
         if val_datasets and val_fraction:
             raise ValueError("give data.val_datasets or data.val_fraction, not both")
@@ -211,9 +238,13 @@ class MioDataModule(L.LightningDataModule):
         self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
         self.val_fraction, self.val_packs = val_fraction, val_packs
         self.pack, self.max_error_fraction = pack, max_error_fraction
+        self.skip = skip
         self.mixture: Mixture | None = None
         self.val_mixture: Mixture | None = None
         self.report: DataReport | None = None
+        self.tokenizer: Any = None  # the model's, given by connect(); else read from the backbone folder in setup()
+        self.table: VocabTable | None = None
+        self.pad = pad_to_multiple_of  # pack lengths are multiples of it (the attention backend's too, once connected)
         self.rows = 0  # rows of the global batch (batch_size x world size), set in setup
         self.consumed = 0  # micro-batches this run's position is past: the data position
 
@@ -245,20 +276,28 @@ class MioDataModule(L.LightningDataModule):
                 specs[kind] = spec
         return specs
 
-    def vocab_table(self, tokenizer: Any) -> VocabTable:
-        """The table of a model attached to a trainer is authoritative; else the backbone folder's."""
-        if self.trainer is not None and getattr(self.trainer.lightning_module, "table", None) is not None:
-            return self.trainer.lightning_module.table
-        table = folder_table(self.backbone, tokenizer, extend=self.extend_vocab)
-        if self.extend_vocab and not is_extended(tokenizer):  # a text-only backbone's: as the model's gets them
-            extend_tokenizer(tokenizer, table)
-        return table
+    # --- the model's side: one call before fitting ----------------------------------------------
+    def connect(self, *, tokenizer: Any, table: VocabTable, max_positions: int | None, pad_multiple: int,
+                specs: dict[str, dict[str, Any]], stage_dir: str | Path) -> DataLink:
+        """Take the model's tokenizer, vocabulary table, position limit, the pack-length multiple its
+        attention backend needs and the modality tokenizer specs its backbone was trained with;
+        check the stage's data against them and return what the model needs of the data."""
+        merged = self.check_tokenizers(table, specs)
+        self.pad = math.lcm(self.pad_to_multiple_of, pad_multiple)
+        length = -(-self.context_length // self.pad) * self.pad
+        if max_positions is not None and length > max_positions:
+            raise ValueError(f"data.context_length {self.context_length} (padded to {length}) exceeds the backbone "
+                             f"{self.backbone}'s max_position_embeddings {max_positions}")
+        self.tokenizer, self.table = tokenizer, table
+        self.report = DataReport([d.path for d in self.datasets], self.max_error_fraction, stage_dir)
+        return DataLink(pack=self.pack, specs=merged, report=self.report, first_batch=self.first_batch)
 
-    # --- checks before any step ------------------------------------------------------------------
-    def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> None:
+    def check_tokenizers(self, table: VocabTable, inherited: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The stage's data must speak the model's vocabulary: codebook sizes and speech layers of
         the tokenizers the data was prepared with equal the table's, and a modality the backbone
-        was trained on keeps the tokenizer it was trained with."""
+        was trained on keeps the tokenizer it was trained with. Returns the specs the stage's
+        output records: the inherited ones and the data's, with their content embedded."""
+        merged = dict(inherited)
         for kind, spec in self.tokenizer_specs().items():
             if kind in inherited and inherited[kind].get("sha256") != spec.get("sha256"):
                 raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the one "
@@ -268,31 +307,22 @@ class MioDataModule(L.LightningDataModule):
                     raise ValueError(f"vocabulary table mismatch: the {kind} tokenizer of this stage's data "
                                      f"({spec['path']}) needs {field} {size}, the table of the backbone "
                                      f"{self.backbone} has {getattr(table, field)}")
+            merged[kind] = _embed_spec(spec)
+        return merged
 
-    def check_context(self, model_config: Any, backend: str) -> int:
-        """The padded pack length, checked against the backbone's position limit."""
-        pad = math.lcm(self.pad_to_multiple_of, pad_multiple(backend))
-        length = -(-self.context_length // pad) * pad
-        limit = getattr(model_config, "max_position_embeddings", None)
-        if limit is not None and length > limit:
-            raise ValueError(f"data.context_length {self.context_length} (padded to {length}) exceeds the backbone "
-                             f"{self.backbone}'s max_position_embeddings {limit}")
-        return pad
+    def _read_vocabulary(self) -> None:
+        """Alone (no model connected): the backbone folder's tokenizer and table."""
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
+        self.table = folder_table(self.backbone, self.tokenizer, extend=self.extend_vocab)
+        if self.extend_vocab and not is_extended(self.tokenizer):  # a text-only backbone's: as the model's gets them
+            extend_tokenizer(self.tokenizer, self.table)
 
     # --- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.mixture is not None:
             return
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        # The model's own (extended) tokenizer when there is a model; else the backbone folder's.
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
-        table = self.vocab_table(tokenizer)
-        pad = self.pad_to_multiple_of
-        if module is not None:
-            self.check_tokenizers(table, getattr(module, "inherited_specs", {}))
-            pad = self.check_context(module.model.config, module.attn_backend)
+        if self.table is None:
+            self._read_vocabulary()
         world = self.trainer.world_size if self.trainer is not None else 1
         self.rows = self.batch_size * world
         for d in self.datasets:
@@ -303,13 +333,14 @@ class MioDataModule(L.LightningDataModule):
                              "trainer.val_check_interval is not a number of training batches: the training stream "
                              "has no epochs, so set e.g. trainer.val_check_interval: 500 and "
                              "trainer.check_val_every_n_epoch: null")
-        settings = (tokenizer, table, self.context_length, self.buffer_size, pad, self.seed, self.balance,
-                    self.shuffle_buffer)
+        settings = (self.tokenizer, self.table, self.context_length, self.buffer_size, self.pad, self.seed,
+                    self.balance, self.shuffle_buffer)
         self.mixture = Mixture(self.datasets, self.root, *settings, shards=train_shards, pack=self.pack)
         if val_specs:
             self.val_mixture = Mixture(val_specs, self.root, *settings, shards=val_shards, pack=self.pack)
-        out_dir = self.trainer.default_root_dir if self.trainer is not None else "."
-        self.report = DataReport([d.path for d in self.datasets], self.max_error_fraction, out_dir)
+        if self.report is None:  # alone: the report goes to the trainer's folder
+            out_dir = self.trainer.default_root_dir if self.trainer is not None else "."
+            self.report = DataReport([d.path for d in self.datasets], self.max_error_fraction, out_dir)
 
     def split(self) -> tuple[list[list[str]] | None, list[DatasetSpec], list[list[str]] | None]:
         """(training shards per dataset, validation datasets, their shards): with ``val_fraction``,
@@ -338,9 +369,23 @@ class MioDataModule(L.LightningDataModule):
         assert self.mixture is not None, "setup() first"
         rank = self.trainer.global_rank if self.trainer is not None else 0
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        step = self.trainer.global_step if self.trainer is not None else 0  # restored before the loader is made
+        if self.skip is not None and self.skip.batches and step == self.skip.at_step:
+            self.consumed += self.skip.batches * accumulate  # a global batch: `accumulate` micro-batches per rank
+            if rank == 0:
+                print(f"[mio] data.skip: skipping global batches {step + 1}-{step + self.skip.batches} (at step {step})",
+                      file=sys.stderr, flush=True)
         rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
+
+    def first_batch(self) -> dict[str, Any]:
+        """Rank 0's first micro-batch of the stage (from the start, whatever the data position)."""
+        if self.mixture is None:
+            self.setup("fit")
+        assert self.mixture is not None
+        rows = RankRows(self.mixture, first=0, count=self.batch_size, streams=self.rows)
+        return next(iter(RankBatches(rows)))
 
     def val_dataloader(self) -> ValBatches | Iterator[Any]:
         """This rank's share of the validation packs (none without validation data)."""
@@ -382,6 +427,13 @@ class MioDataModule(L.LightningDataModule):
         if not self.pack:  # one sample per row: other rows
             order["pack"] = False
         return order
+
+
+def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Keep the spec's content beside its path, so a model folder decodes on another machine."""
+    if "content" in spec:
+        return spec
+    return {**spec, "content": yaml.safe_load(Path(spec["path"]).read_text())}
 
 
 def _spec_content(spec: dict[str, Any]) -> dict[str, Any] | None:

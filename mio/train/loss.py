@@ -7,6 +7,13 @@ number of supervised tokens of its whole optimizer step (all micro-batches, all 
 micro-batch losses of one step then add up to the global token mean. ``MioModule.training_step``
 computes its loss with these functions, and the tests check them.
 
+z-loss (PaLM; Chameleon and Lumina-mGPT at weight 1e-5) pulls each supervised position's
+``logsumexp(logits)`` towards 0, so output logits cannot drift out of bf16's range: its per-token
+term ``logsumexp^2`` (:func:`token_logsumexp`, float32, from the cross-entropy itself) at the same
+shifted, supervised positions
+as the loss goes through :func:`micro_batch_loss` like the cross-entropy, so it is a mean over
+the global batch's supervised tokens, whatever the number of processes.
+
 Logits are the model's own, at the supervised positions only (``mio.model.forward``): (N, V) in
 row-major order, the order of :func:`supervised_targets`.
 """
@@ -37,6 +44,14 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
         raise ValueError(f"token_cross_entropy: logits must be (N, V) and targets (N,), got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def token_logsumexp(logits: torch.Tensor, targets: torch.Tensor, token_loss: torch.Tensor) -> torch.Tensor:
+    """(N,) ``logsumexp`` of each supervised position's logits (N, V), float32, from its
+    cross-entropy (:func:`token_cross_entropy`): ``ce = lse - logit[target]``, so ``lse = ce +
+    logit[target]``, without a second pass over the (N, V) logits; its gradient is the softmax, as
+    logsumexp's."""
+    return token_loss + logits.gather(1, targets[:, None]).squeeze(1).float()
 
 
 def step_tokens(count: torch.Tensor) -> torch.Tensor:

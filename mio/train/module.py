@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from mio.model.attention import effective_backend, hf_attn_implementation
+from mio.model.attention import effective_backend, hf_attn_implementation, pad_multiple
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.forward import (
     SupervisedOutput,
@@ -24,18 +26,88 @@ from mio.model.forward import (
     supervised_positions,
 )
 from mio.model.lora import LoraSettings, apply_lora, parameter_report
+from mio.model.qk_norm import check_convertible, has_qk_norm, skeleton, with_qk_norm
 from mio.train.checkpoint import plain, rng_state, set_rng_state
-from mio.train.data import DataReport
+from mio.train.data import DataLink, MioDataModule
 from mio.train.flops import FlopCounts, peak_flops
-from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
+from mio.train.guard import Guard, GuardSettings, SkippedStep, check_finite_weights
+from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy, token_logsumexp
 from mio.train.sharding import FSDP2Strategy, full_state_dict
 from mio.vocab import IGNORE_INDEX, MODALITY_NAMES, VocabError, VocabTable
 
-# The training loop's own figures, per rank and summed over the micro-batches since the last
-# logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
-# each modality of MODALITY_NAMES. A logged step sums it over ranks (with the data report's
-# counts) in one reduction and reads it back in one host sync.
-STATS = ("loss_sum", "supervised", "real", "capacity", "flops", "aux_loss", "micro_batches")
+# How a figure adds up: over the micro-batches and steps of one rank, then over ranks.
+SUMMED = {}  # a sum over micro-batches and over ranks
+PER_STEP = {"ranks": "max"}  # a figure of the whole optimizer step, the same on every rank: summed over steps only
+LARGEST = {"within": "max", "ranks": "max"}  # a maximum
+
+
+@dataclass
+class Figures:
+    """The training loop's figures over some micro-batches (and optimizer steps) of one rank:
+    float64 tensors on the device, (M,) per modality of MODALITY_NAMES; added up over ranks and
+    read back at a logged step (:meth:`MioModule._summed_window`): plain floats and arrays."""
+
+    loss_sum: Any = field(metadata=SUMMED)  # cross-entropy summed over the supervised tokens
+    supervised: Any = field(metadata=SUMMED)  # supervised tokens
+    real: Any = field(metadata=SUMMED)  # real (not padding) tokens
+    capacity: Any = field(metadata=SUMMED)  # token slots of the rows
+    flops: Any = field(metadata=SUMMED)  # model FLOPs of the forward and backward
+    aux_loss: Any = field(metadata=SUMMED)  # an MoE backbone's router loss, summed over micro-batches
+    micro_batches: Any = field(metadata=SUMMED)
+    lse_sum: Any = field(metadata=SUMMED)  # logsumexp(logits) summed over the supervised positions scored for it
+    lse_square_sum: Any = field(metadata=SUMMED)  # its square: the z-loss term before the weight
+    lse_count: Any = field(metadata=SUMMED)  # the supervised positions of lse_sum
+    modality_loss_sum: Any = field(metadata=SUMMED)  # (M,) per target modality
+    modality_supervised: Any = field(metadata=SUMMED)  # (M,)
+    modality_real: Any = field(metadata=SUMMED)  # (M,) real tokens of each modality
+    modality_lse_sum: Any = field(metadata=SUMMED)  # (M,)
+    modality_lse_count: Any = field(metadata=SUMMED)  # (M,)
+    logit_max: Any = field(metadata=LARGEST)  # the largest |logit| at a supervised position
+    grad_norm_sum: Any = field(metadata=PER_STEP)  # the gradient norm before clipping, summed over steps
+    clipped: Any = field(metadata=PER_STEP)  # steps whose gradient norm was over trainer.gradient_clip_val
+    steps: Any = field(metadata=PER_STEP)  # optimizer steps
+
+    def __add__(self, other: "Figures") -> "Figures":
+        def add(f: Any) -> Any:
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            return torch.maximum(a, b) if f.metadata.get("within") == "max" else a + b
+
+        return Figures(**{f.name: add(f) for f in fields(self)})
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Figures":
+        return cls(**{f.name: torch.zeros(len(MODALITY_NAMES) if f.name.startswith("modality_") else (),
+                                          dtype=torch.float64, device=device) for f in fields(cls)})
+
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((S,) the figures summed over ranks, (X,) those whose largest over ranks counts), in field order."""
+        def part(reduce: str) -> torch.Tensor:
+            return torch.cat([getattr(self, f.name).reshape(-1) for f in fields(self)
+                              if f.metadata.get("ranks", "sum") == reduce])
+
+        return part("sum"), part("max")
+
+    @classmethod
+    def read(cls, summed: list[float], largest: list[float]) -> "Figures":
+        """The figures of :meth:`vectors` reduced over ranks and read back to the host."""
+        named, parts = {}, {"sum": list(summed), "max": list(largest)}
+        for f in fields(cls):
+            values = parts[f.metadata.get("ranks", "sum")]
+            n = len(MODALITY_NAMES) if f.name.startswith("modality_") else 1
+            named[f.name] = np.asarray(values[:n]) if f.name.startswith("modality_") else values[0]
+            del values[:n]
+        return cls(**named)
+
+
+@dataclass
+class Scored:
+    """What the model's logits give of one micro-batch, at its supervised positions (N of them)."""
+
+    token_loss: torch.Tensor  # (N,) cross-entropy, float32
+    supervised: torch.Tensor  # (B, L-1) where the N positions are
+    aux_loss: torch.Tensor | None  # an MoE backbone's router loss
+    lse: torch.Tensor | None  # (N,) logsumexp of the logits, float32 (with its gradient under z-loss)
+    logit_max: torch.Tensor | None  # () the largest |logit|
 
 
 class MioModule(L.LightningModule):
@@ -52,15 +124,33 @@ class MioModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass.
         lora: train LoRA adapters (and the added tokens' rows) on a frozen backbone; the stage
             then writes a PEFT adapter folder (default ``<trainer.default_root_dir>/adapter``).
+        z_loss: weight of the z-loss, the mean of ``logsumexp(logits)^2`` over the loss's supervised
+            positions (mio/train/loss.py); 0 (default) leaves the loss bitwise as without it.
+        monitors: log ``train/grad_norm`` (before clipping), ``train/clipped_fraction``,
+            ``train/logit_max`` and ``train/lse_mean`` (per modality too) at every log step.
+        guard: which steps are kept out of the weights (mio/train/guard.py): non-finite ones by default.
+        qk_norm: per-head RMSNorm of queries and keys (mio/model/qk_norm.py): a Llama backbone
+            becomes Qwen3's layout, its norms calibrated on the stage's first micro-batch; a family
+            with it keeps it; any other is refused.
     """
 
     def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
                  min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None, z_loss: float = 0.0, monitors: bool = True,
+                 guard: GuardSettings | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lora = lora
+        if z_loss < 0:
+            raise ValueError(f"model.z_loss is a weight, at least 0 (the pretraining stages use 1e-5), got {z_loss}")
+        self.z_loss, self.monitors = z_loss, monitors
+        self.guard_settings = guard if guard is not None else GuardSettings()
+        self.guard: Guard | None = None  # made in setup (it writes into the stage folder)
+        if qk_norm and lora is not None:
+            raise ValueError("model.qk_norm adds norm weights that a frozen LoRA backbone would not train: convert "
+                             "in a full stage first (its output keeps QK-norm), then train adapters on it")
+        self.data: DataLink | None = None  # what connect() got from the data module
         if lora is not None and extend_vocab:
             raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
                              "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
@@ -80,9 +170,14 @@ class MioModule(L.LightningModule):
         self.inherited_specs = load_tokenizer_specs(backbone) or {}
         self.output_path: Path | None = None
         self._t0 = 0.0
-        self._window: torch.Tensor | None = None  # (K,) the STATS since the last logged step
+        self._window: Figures | None = None  # the figures since the last logged step
         self._micro = 0  # micro-batches of the current optimizer step done
         self._n_step = torch.ones(())  # supervised tokens of the current optimizer step, all ranks
+        self._step_loss = torch.zeros((), dtype=torch.float64)  # this rank's loss sum of the current step
+        self._step_keys: list[list[str]] = []  # the samples of this rank's rows of the current step
+        self._norm: torch.Tensor | None = None  # the current step's gradient norm (a DTensor under FSDP2)
+        self._skipping = False  # the current step is kept out of the weights
+        self._rows = 1  # rows of the last micro-batch (what Lightning's logging counts as the batch size)
 
     def _build(self, weights: bool) -> tuple[Any, Any, VocabTable]:
         """The backbone as this stage trains it: extended, with LoRA adapters, checkpointed layers."""
@@ -92,8 +187,13 @@ class MioModule(L.LightningModule):
         # the skeleton leaves the stream untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch.initial_seed())
+            implementation = hf_attn_implementation(hp.attn_backend)
             model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
-                                                    attn_implementation=hf_attn_implementation(hp.attn_backend))
+                                                    attn_implementation=implementation)
+            if hp.qk_norm and not has_qk_norm(model):
+                check_convertible(model.config, hp.backbone)
+                model = (with_qk_norm(model, self._calibration_batch(), implementation) if weights
+                         else skeleton(model, implementation))
             if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
                 model = apply_lora(model, self.lora, table, hp.backbone)
         if hp.gradient_checkpointing:
@@ -102,6 +202,12 @@ class MioModule(L.LightningModule):
         model.config.use_cache = False
         model.train()  # from_pretrained returns the model in eval mode
         return model, tokenizer, table
+
+    def _calibration_batch(self) -> dict[str, torch.Tensor]:
+        if self.data is None:
+            raise ValueError("model.qk_norm calibrates its norms on the stage's first micro-batch: connect the data "
+                             "module first (MioModule.connect; mio fit does)")
+        return self.data.first_batch()
 
     def configure_model(self) -> None:
         """Give the model its weights: under ``FSDP2Strategy`` shard it first, then global rank 0
@@ -128,7 +234,17 @@ class MioModule(L.LightningModule):
             return self
         return super().cpu()
 
+    def connect(self, datamodule: MioDataModule, stage_dir: str | Path) -> None:
+        """The one meeting of the model and its data, before fitting: the data module gets the
+        model's tokenizer, vocabulary table and limits, and checks its data against them; the
+        model gets what it needs of the data (:class:`mio.train.data.DataLink`)."""
+        self.data = datamodule.connect(tokenizer=self.tokenizer, table=self.table,
+                                       max_positions=getattr(self.model.config, "max_position_embeddings", None),
+                                       pad_multiple=pad_multiple(self.attn_backend), specs=self.inherited_specs,
+                                       stage_dir=stage_dir)
+
     def setup(self, stage: str) -> None:
+        self.guard = Guard(self.guard_settings, self.trainer.default_root_dir, writer=self.trainer.is_global_zero)
         if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
                 print(f"[mio] {line}", file=sys.stderr, flush=True)
@@ -140,109 +256,218 @@ class MioModule(L.LightningModule):
         keep = supervised_positions(batch["labels"])  # (B, L)
         return supervised_logits(self.model, batch, keep, self.attn_backend, aux_loss=aux and self.aux_coefficient > 0)
 
-    def token_losses(self, batch: dict[str, torch.Tensor],
-                     aux: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def token_losses(self, batch: dict[str, torch.Tensor], aux: bool = True, monitors: bool = False,
+                     largest: bool = False) -> Scored:
         """The loss of every supervised token (N,) and where they are (B, L-1): what training and
-        validation both average over tokens; and, when ``aux``, an MoE backbone's router loss (else None)."""
+        validation both average over tokens; when ``aux``, an MoE backbone's router loss; the
+        logits' logsumexp (N,) under z-loss (with its gradient) or for ``monitors``; and, when
+        ``largest``, their largest magnitude (a pass over the (N, V) logits)."""
         out = self(batch, aux)  # the model's own logits (N, V)
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != IGNORE_INDEX
-        return token_cross_entropy(out.logits, supervised_targets(batch["labels"])), supervised, out.aux_loss
+        wanted = supervised_targets(batch["labels"])  # (N,)
+        token_loss = token_cross_entropy(out.logits, wanted)
+        lse = logit_max = None
+        if self.z_loss > 0 and torch.is_grad_enabled():
+            lse = token_logsumexp(out.logits, wanted, token_loss)
+        elif monitors:
+            with torch.no_grad():
+                lse = token_logsumexp(out.logits, wanted, token_loss)
+        if largest and out.logits.shape[0]:  # a shape, known on the host
+            logits = out.logits.detach()
+            logit_max = torch.maximum(logits.amax(), logits.amin().neg())  # no |logits| copy
+        return Scored(token_loss, supervised, out.aux_loss, lse, logit_max)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_loss, supervised, aux_loss = self.token_losses(batch)  # (N,), (B, L-1), () or None
+        # The largest |logit| costs a pass over the (N, V) logits: taken on the steps that are logged.
+        scored = self.token_losses(batch, monitors=self.monitors, largest=self.monitors and self._logged_step())
         if self._micro == 0:  # the supervised tokens of the whole optimizer step, over all ranks
             self._n_step = step_tokens(batch["step_supervised"].to(self.device))
+            self._step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._step_keys = []
         # Every supervised token of the optimizer step's global batch weighs the same (mio/train/loss.py).
         replicas = self.trainer.world_size * self.trainer.accumulate_grad_batches
-        loss = micro_batch_loss(token_loss, self._n_step, replicas)
-        if aux_loss is not None:
+        loss = micro_batch_loss(scored.token_loss, self._n_step, replicas)
+        if self.z_loss > 0 and scored.lse is not None:  # normalized as the loss: a mean over the global batch
+            loss = loss + self.z_loss * micro_batch_loss(scored.lse.square(), self._n_step, replicas)
+        if scored.aux_loss is not None:
             # A mean over this micro-batch's real tokens: Lightning's and DDP's averaging is right for it.
-            loss = loss + self.aux_coefficient * aux_loss
-        self._account(token_loss.detach(), batch, supervised, aux_loss)
+            loss = loss + self.aux_coefficient * scored.aux_loss
+        self._step_loss = self._step_loss + scored.token_loss.detach().sum()
+        self._step_keys += batch.get("keys", [])
+        self._account(scored, batch)
         return loss
 
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.trainer.world_size > 1:
-            x = self.trainer.strategy.reduce(x, reduce_op="sum")
+            if op == "sum":
+                x = self.trainer.strategy.reduce(x, reduce_op="sum")
+            else:  # Lightning's reduce knows sum and mean only
+                x = x.clone()
+                torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
         return x
 
-    def _data_report(self) -> DataReport | None:
-        return getattr(getattr(self.trainer, "datamodule", None), "report", None)
-
-    def _account(self, token_loss: torch.Tensor, batch: dict[str, Any], supervised: torch.Tensor,
-                 aux_loss: torch.Tensor | None) -> None:
-        """Add the micro-batch's figures to the window (on the device, no sync; the data counts on
-        the host); after the last micro-batch of a step that Lightning logs, log the window."""
-        stats = self._step_stats(token_loss, batch, supervised, aux_loss)
-        self._window = stats if self._window is None else self._window + stats
-        report = self._data_report()
-        if report is not None and "data" in batch:
-            report.add(batch["data"])
+    def _account(self, scored: Scored, batch: dict[str, Any]) -> None:
+        """Add the micro-batch's figures to the window (on the device, no sync; the data counts on the host)."""
+        self._add(self._figures(scored, batch))
+        if self.data is not None and "data" in batch:
+            self.data.report.add(batch["data"])
         self._micro = (self._micro + 1) % self.trainer.accumulate_grad_batches
+        self._rows = batch["input_ids"].shape[0]
+
+    def _add(self, figures: Figures) -> None:
+        self._window = figures if self._window is None else self._window + figures
+
+    # --- the optimizer step: gradient norm, guard, clipping ------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the step's last backward, before clipping: the gradient norm, the guard's decision
+        (a skipped step's gradients are set to None, so AdamW changes nothing), the step's figures;
+        then, at a step Lightning logs, the window's."""
+        guard = self.guard_settings.enabled and self.guard is not None
+        self._norm, self._skipping = None, False
+        if self.monitors or guard:
+            self._norm = gradient_norm(self.model.parameters())
+        if self._norm is not None:
+            norm = (self._norm.full_tensor() if isinstance(self._norm, DTensor) else self._norm).to(torch.float64)
+            step = Figures.zeros(self.device)
+            clip = self.trainer.gradient_clip_val
+            step.grad_norm_sum, step.steps = norm, torch.ones_like(norm)
+            step.clipped = (norm > clip).to(torch.float64) if clip else torch.zeros_like(norm)
+            self._add(step)
+            if guard:
+                self._judge(optimizer, norm)
+        if self._logged_step():
+            self._log_window(self._rows)
+
+    def _logged_step(self) -> bool:
+        """The optimizer step under way is one Lightning logs."""
         every = self.trainer.log_every_n_steps
-        if self._micro == 0 and every > 0 and (self.trainer.global_step + 1) % every == 0:
-            self._log_window(batch["input_ids"].shape[0])
+        return every > 0 and (self.trainer.global_step + 1) % every == 0
+
+    def _judge(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> None:
+        """The guard's decision, the same on every rank: taken from the step's loss and gradient
+        norm summed over ranks in one reduction and read back (the guard's one host sync per step)."""
+        assert self.guard is not None
+        world = self.trainer.world_size
+        count = self._n_step.to(device=self.device, dtype=torch.float64) / world  # the same on every rank
+        loss_sum, norms, count = self._all_reduce(torch.stack([self._step_loss, norm, count])).tolist()
+        loss, grad_norm = loss_sum / max(count, 1), norms / world
+        reason = self.guard.judge(loss, grad_norm)
+        if reason is None:
+            self.guard.keep(loss)
+            return
+        self._skipping = True
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves a parameter without a gradient untouched
+        keys = self._step_keys
+        if world > 1:  # the rows of every rank, in rank order (a collective, on a skipped step only)
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, keys)
+            keys = [row for part in gathered for row in part]
+        step = self.trainer.global_step + 1
+        if self.trainer.is_global_zero:
+            print(f"[mio] step {step} skipped: {reason} (loss {loss:.4g}, gradient norm {grad_norm:.4g})",
+                  file=sys.stderr, flush=True)
+        self.guard.skip(SkippedStep(step, reason, loss, grad_norm, keys))  # raises after too many in a row
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip with the norm the step computed already (a skipped step has no gradients to clip)."""
+        if self._skipping:
+            return
+        if self._norm is None or gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_val:
+            with_grads = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(with_grads, gradient_clip_val, self._norm)
 
     @torch.no_grad()
-    def _step_stats(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor], supervised: torch.Tensor,
-                    aux_loss: torch.Tensor | None = None) -> torch.Tensor:
-        """The figures of STATS for this micro-batch on this rank: (K,) float64, on the device. No
-        boolean indexing and no tensor made from a Python number: either would wait for the device."""
+    def _figures(self, scored: Scored, batch: dict[str, torch.Tensor]) -> Figures:
+        """This micro-batch's figures on this rank, on the device. No boolean indexing and no tensor
+        made from a Python number: either would wait for the device."""
+        token_loss, supervised, aux_loss = scored.token_loss.detach(), scored.supervised, scored.aux_loss
         modality = batch["modality"][:, 1:]  # (B, L-1) the modality of each target
-        # (B, L-1): each supervised target's loss in its place (row-major, the order of token_loss), 0 elsewhere
-        placed = torch.zeros(supervised.shape, dtype=token_loss.dtype, device=token_loss.device)
-        placed = placed.masked_scatter(supervised, token_loss)
+
+        def placed(values: torch.Tensor) -> torch.Tensor:
+            """(B, L-1): each supervised target's value in its place (row-major, the order of
+            token_loss), 0 elsewhere."""
+            grid = torch.zeros(supervised.shape, dtype=values.dtype, device=values.device)
+            return grid.masked_scatter(supervised, values)
+
+        losses = placed(token_loss)
+        lse = scored.lse.detach() if scored.lse is not None else None
+        lse_grid = placed(lse) if lse is not None else None
         real = batch["document_ids"] >= 0  # (B, L)
         n_supervised = supervised.sum()
-        flops = self.flop_counts.step_flops(batch["seq_lens"], n_supervised)
 
         def number(v: float) -> torch.Tensor:
             return torch.full((), v, dtype=torch.float64, device=self.device)
 
-        values = [token_loss.sum(), n_supervised, real.sum(), number(real.numel()), flops,
-                  aux_loss.detach() if aux_loss is not None else number(0.0), number(1.0)]
-        for mid in MODALITY_NAMES:
-            sel = (modality == mid) & supervised
-            values += [torch.where(sel, placed, 0.0).sum(), sel.sum(), ((batch["modality"] == mid) & real).sum()]
-        return torch.stack([v.to(torch.float64) for v in values])
+        def per_modality(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(values).to(torch.float64)
 
-    def _summed_window(self) -> tuple[list[float], list[float]]:
+        targets = [(modality == mid) & supervised for mid in MODALITY_NAMES]  # (B, L-1) each
+        zero = number(0.0)
+        return Figures(
+            loss_sum=token_loss.sum().to(torch.float64), supervised=n_supervised.to(torch.float64),
+            real=real.sum().to(torch.float64), capacity=number(real.numel()),
+            flops=self.flop_counts.step_flops(batch["seq_lens"], n_supervised).to(torch.float64),
+            aux_loss=aux_loss.detach().to(torch.float64) if aux_loss is not None else zero,
+            micro_batches=number(1.0),
+            lse_sum=lse.sum().to(torch.float64) if lse is not None else zero,
+            lse_square_sum=lse.square().sum().to(torch.float64) if lse is not None else zero,
+            lse_count=n_supervised.to(torch.float64) if lse is not None else zero,
+            modality_loss_sum=per_modality([torch.where(sel, losses, 0.0).sum() for sel in targets]),
+            modality_supervised=per_modality([sel.sum() for sel in targets]),
+            modality_real=per_modality([((batch["modality"] == mid) & real).sum() for mid in MODALITY_NAMES]),
+            modality_lse_sum=(per_modality([torch.where(sel, lse_grid, 0.0).sum() for sel in targets])
+                              if lse_grid is not None else torch.zeros(len(targets), dtype=torch.float64,
+                                                                       device=self.device)),
+            modality_lse_count=(per_modality([sel.sum() for sel in targets]) if lse is not None
+                                else torch.zeros(len(targets), dtype=torch.float64, device=self.device)),
+            logit_max=scored.logit_max.to(torch.float64) if scored.logit_max is not None else zero,
+            grad_norm_sum=zero, clipped=zero, steps=zero)
+
+    def _summed_window(self) -> tuple[Figures, list[float]]:
         """(the loop's figures, the data report's counts) since the last logged step, summed over
         ranks in one reduction: the one host sync of a logged step. A collective: every rank calls it."""
-        report = self._data_report()
+        report = self.data.report if self.data is not None else None
         host = torch.from_numpy(report.local_vector() if report is not None else np.zeros(0))
-        window = self._window if self._window is not None else torch.zeros(len(STATS) + 3 * len(MODALITY_NAMES),
-                                                                            dtype=torch.float64, device=self.device)
-        values = self._all_reduce(torch.cat([window, host.to(self.device, non_blocking=True)])).tolist()
+        summed, largest = (self._window if self._window is not None else Figures.zeros(self.device)).vectors()
+        summed = self._all_reduce(torch.cat([summed, host.to(self.device, non_blocking=True)]))
+        values = torch.cat([summed, self._all_reduce(largest, "max")]).tolist()
         self._window = None
-        return values[:len(window)], values[len(window):]
+        n = len(summed) - len(host)
+        return Figures.read(values[:n], values[len(summed):]), values[n:len(summed)]
 
     def _log_window(self, rows: int) -> None:
-        stats, data = self._summed_window()
-        figures = dict(zip(STATS, stats[:len(STATS)]))
-        real = figures["real"]
-        metrics = {"train/loss": figures["loss_sum"] / max(figures["supervised"], 1),
-                   "train/packing_efficiency": real / max(figures["capacity"], 1)}
+        figures, data = self._summed_window()
+        real = figures.real
+        metrics = {"train/loss": figures.loss_sum / max(figures.supervised, 1),
+                   "train/packing_efficiency": real / max(figures.capacity, 1)}
         if self.aux_coefficient > 0:  # the router loss, a mean over the window's micro-batches (and ranks)
-            metrics["train/aux_loss"] = figures["aux_loss"] / max(figures["micro_batches"], 1)
-        per_modality = np.asarray(stats[len(STATS):]).reshape(-1, 3)  # (modalities, 3)
-        for name, (loss_sum, count, tokens) in zip(MODALITY_NAMES.values(), per_modality):
+            metrics["train/aux_loss"] = figures.aux_loss / max(figures.micro_batches, 1)
+        for m, name in enumerate(MODALITY_NAMES.values()):
+            count = figures.modality_supervised[m]
             # NaN when the window has none: a missing key would show the previous window's value.
-            metrics[f"train/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
-            metrics[f"train/modality_share_{name}"] = tokens / max(real, 1)
+            metrics[f"train/loss_{name}"] = figures.modality_loss_sum[m] / count if count > 0 else float("nan")
+            metrics[f"train/modality_share_{name}"] = figures.modality_real[m] / max(real, 1)
+        if self.z_loss > 0:  # the term the loss holds: the weight times the mean square logsumexp
+            metrics["train/z_loss"] = self.z_loss * figures.lse_square_sum / max(figures.lse_count, 1)
+        if self.monitors:
+            metrics |= monitor_metrics(figures)
+        if self.guard is not None and self.guard_settings.enabled:
+            metrics["train/skipped_steps"] = float(self.guard.skipped)
         now = time.perf_counter()
         if self._t0:
             seconds = now - self._t0
             metrics["train/tokens_per_sec"] = real / seconds  # real tokens of all ranks
-            achieved = figures["flops"] / seconds / self.trainer.world_size  # per device
+            achieved = figures.flops / seconds / self.trainer.world_size  # per device
             metrics["train/tflops_per_device"] = achieved / 1e12
             if self._peak_flops:
                 metrics["train/mfu"] = achieved / self._peak_flops
         self._t0 = now
-        report = self._data_report()
-        if report is not None:
-            metrics.update(report.log(data))  # stops the stage past data.max_error_fraction
+        if self.data is not None:
+            metrics.update(self.data.report.log(data))  # stops the stage past data.max_error_fraction
         self.log_dict(metrics, prog_bar=False, batch_size=rows)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
         if "train/tokens_per_sec" in metrics:
@@ -250,29 +475,32 @@ class MioModule(L.LightningModule):
 
     # --- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_stats: torch.Tensor | None = None
+        self._val_figures: Figures | None = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        token_loss, supervised, _ = self.token_losses(batch, aux=False)  # validation reports no router loss
-        stats = self._step_stats(token_loss, batch, supervised)  # (K,) this rank's
-        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+        scored = self.token_losses(batch, aux=False)  # validation reports no router loss
+        figures = self._figures(scored, batch)  # this rank's
+        self._val_figures = figures if self._val_figures is None else self._val_figures + figures
 
     def on_validation_epoch_end(self) -> None:
         """``val/loss`` and ``val/loss_<modality>``: sums over the pass's tokens on every rank,
         divided by their counts, as the training loss is."""
-        if self._val_stats is None:
+        if self._val_figures is None:
             return
-        values = self._all_reduce(self._val_stats).tolist()  # summed over ranks, read once per pass
-        figures = dict(zip(STATS, values[:len(STATS)]))
-        metrics = {"val/loss": figures["loss_sum"] / figures["supervised"] if figures["supervised"] else float("nan")}
-        for name, (loss_sum, count, _) in zip(MODALITY_NAMES.values(), np.reshape(values[len(STATS):], (-1, 3))):
-            metrics[f"val/loss_{name}"] = loss_sum / count if count > 0 else float("nan")
+        # summed over ranks, read once per pass
+        summed, largest = self._val_figures.vectors()
+        values = torch.cat([self._all_reduce(summed), self._all_reduce(largest, "max")]).tolist()
+        figures = Figures.read(values[:len(summed)], values[len(summed):])
+        metrics = {"val/loss": figures.loss_sum / figures.supervised if figures.supervised else float("nan")}
+        for m, name in enumerate(MODALITY_NAMES.values()):
+            count = figures.modality_supervised[m]
+            metrics[f"val/loss_{name}"] = figures.modality_loss_sum[m] / count if count > 0 else float("nan")
         self.log_dict(metrics, prog_bar=False, batch_size=1)
         self.log("val_loss", metrics["val/loss"], prog_bar=True, logger=False, batch_size=1)
 
     def on_fit_start(self) -> None:
         # Before any batch is read: packed rows need a backbone whose samples the attention mask isolates.
-        if getattr(self.trainer.datamodule, "pack", True):
+        if self.data is None or self.data.pack:
             check_packing(self.model, self.attn_backend)
 
     def on_train_start(self) -> None:
@@ -281,9 +509,8 @@ class MioModule(L.LightningModule):
     def on_train_end(self) -> None:
         # The closing data summary and report, with the steps since the last logged one.
         _, data = self._summed_window()
-        report = self._data_report()
-        if report is not None and self.trainer.is_global_zero:
-            report.close(data)
+        if self.data is not None and self.trainer.is_global_zero:
+            self.data.report.close(data)
 
     # --- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -295,6 +522,8 @@ class MioModule(L.LightningModule):
             states = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(states, rng_state())
         checkpoint["mio_rng"] = states
+        if self.guard is not None:  # the spike median's history and the skip count go on
+            checkpoint["mio_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("mio_vocab")
@@ -304,6 +533,8 @@ class MioModule(L.LightningModule):
         states = checkpoint.get("mio_rng") or []
         if len(states) == self.trainer.world_size:  # else (another world size) the seeds of this run stay
             set_rng_state(states[self.trainer.global_rank])
+        if self.guard is not None and "mio_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["mio_guard"])
 
     # --- optimizer ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -330,27 +561,35 @@ class MioModule(L.LightningModule):
         state = full_state_dict(self.model) if isinstance(self.trainer.strategy, FSDP2Strategy) else None
         if not self.trainer.is_global_zero:
             return
-        specs = dict(self.inherited_specs)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            for kind, spec in datamodule.tokenizer_specs().items():
-                if kind in specs and specs[kind].get("sha256") != spec.get("sha256"):
-                    raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the "
-                                     f"one the backbone was trained with ({specs[kind]['path']})")
-                specs[kind] = _embed_spec(spec)
+        specs = self.data.specs if self.data is not None else self.inherited_specs
+        # A stage never writes a folder the next one would start from broken.
+        check_finite_weights(state if state is not None else self.model.state_dict(), out)
         save_model_folder(self.model, self.tokenizer, self.table, out, tokenizer_specs=specs, state_dict=state)
-        report = self._data_report()
-        if report is not None:  # the stage output records what it was trained on, and what was lost
-            report.write(out)
+        if self.data is not None:  # the stage output records what it was trained on, and what was lost
+            self.data.report.write(out)
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if config.is_file():
             (out / "mio_stage_config.yaml").write_text(config.read_text())
 
 
-def _embed_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Keep the spec's content beside its path, so a model folder decodes on another machine."""
-    if "content" in spec:
-        return spec
-    import yaml
 
-    return {**spec, "content": yaml.safe_load(Path(spec["path"]).read_text())}
+def gradient_norm(parameters: Any) -> torch.Tensor | None:
+    """The 2-norm of all gradients together, before clipping (a DTensor under FSDP2, reduced over
+    the shards when read); None without gradients."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def monitor_metrics(figures: Figures) -> dict[str, float]:
+    """The instability monitors of a window: the gradient norm before clipping (mean over its
+    steps), the share of steps clipped, the mean logsumexp (per target modality too) and the
+    largest |logit| of the logged step: logits drifting up show in the last two long before bf16
+    overflows."""
+    steps = max(figures.steps, 1)
+    metrics = {"train/grad_norm": figures.grad_norm_sum / steps if figures.steps else float("nan"),
+               "train/clipped_fraction": figures.clipped / steps, "train/logit_max": figures.logit_max,
+               "train/lse_mean": figures.lse_sum / figures.lse_count if figures.lse_count else float("nan")}
+    for m, name in enumerate(MODALITY_NAMES.values()):
+        count = figures.modality_lse_count[m]
+        metrics[f"train/lse_mean_{name}"] = figures.modality_lse_sum[m] / count if count > 0 else float("nan")
+    return metrics
