@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, Image, Segment, Speech, Text, Video
 
 # --- pretraining -------------------------------------------------------------------------
 PRETRAIN_TEMPLATES: dict[str, str] = {
@@ -170,6 +170,8 @@ def _with_loss(seg: Segment, loss: bool) -> Segment:
         return Image(seg.codes, loss=loss)
     if isinstance(seg, Video):
         return Video(seg.frames, loss=loss)
+    if isinstance(seg, Box):
+        return Box(seg.coords, seg.phrase, loss=loss)
     return Speech(seg.codes, loss=loss)
 
 

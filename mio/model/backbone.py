@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import PreTrainedTokenizerFast
 
 from mio.model.attention import effective_backend
-from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table
+from mio.vocab import CHAT_MARKERS, LocationTokens, VocabTable, extend_backbone, folder_table
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
 
@@ -76,7 +76,8 @@ def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: 
 
 
 def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", extend: bool = False,
-                  dtype: torch.dtype = torch.float32, weights: bool = True) -> tuple[Any, Any, VocabTable]:
+                  dtype: torch.dtype = torch.float32, weights: bool = True,
+                  locations: LocationTokens | None = None) -> tuple[Any, Any, VocabTable]:
     """Load a causal LM and its tokenizer from a local folder (never a hub).
 
     ``extend=True`` takes a text-only backbone and adds mio's tokens; otherwise the folder
@@ -91,7 +92,10 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
                                 f"downloads one. A tiny one to try things: mio tiny-base PREPARED_DATA_DIR --out {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = load_model(folder, attn_implementation, dtype, weights)
-    table = extend_backbone(model, tokenizer) if extend else folder_table(folder, tokenizer)
+    if locations is not None and not extend:
+        raise ValueError(f"{folder}: location tokens are added when a stage extends a text-only backbone "
+                         "(model.extend_vocab: true); this folder's vocabulary table is already fixed")
+    table = extend_backbone(model, tokenizer, locations=locations) if extend else folder_table(folder, tokenizer)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < table.total_size:
         raise ValueError(f"{folder}: model has {rows} embedding rows, its vocabulary table needs {table.total_size}")

@@ -24,7 +24,7 @@ from mio.train.data import DataReport
 from mio.train.flops import FlopCounts, peak_flops
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy
 from mio.train.sharding import FSDP2Strategy, full_state_dict
-from mio.vocab import MODALITY_NAMES, VocabError, VocabTable
+from mio.vocab import MODALITY_NAMES, LocationTokens, VocabError, VocabTable
 
 # The training loop's own figures, per rank and summed over the micro-batches since the last
 # logged step: a vector with these entries, then (loss sum, supervised targets, real tokens) for
@@ -40,6 +40,8 @@ class MioModule(L.LightningModule):
         backbone: local model folder: a text-only LM (with ``extend_vocab``) or the previous
             stage's output.
         extend_vocab: add mio's 12,294 tokens (6 specials, 8192 image and 4096 speech codes) to a text-only backbone first.
+        location_tokens: with ``extend_vocab``, also add box markers and location tokens after them
+            (grounding; ``{scheme: bins, size: B}`` or ``{scheme: grid, size: P}``; default none).
         attn_backend: per-sample attention isolation: ``sdpa`` (4D mask), ``flex`` or ``flash``.
         lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW with cosine decay.
         output_dir: where the stage's ``save_pretrained`` folder goes
@@ -52,7 +54,7 @@ class MioModule(L.LightningModule):
     def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
                  min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None, location_tokens: LocationTokens | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lora = lora
@@ -88,7 +90,8 @@ class MioModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch.initial_seed())
             model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
-                                                    attn_implementation=hf_attn_implementation(hp.attn_backend))
+                                                    attn_implementation=hf_attn_implementation(hp.attn_backend),
+                                                    locations=hp.location_tokens)
             if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
                 model = apply_lora(model, self.lora, table, hp.backbone)
         if hp.gradient_checkpointing:
