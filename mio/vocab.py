@@ -102,19 +102,22 @@ class LocationTokens:
         x1, y1, x2, y2 = ((q + 0.5) / self.size).tolist()
         return x1, y1, x2, y2
 
-    def allowed_next(self, codes: Sequence[int]) -> np.ndarray:
-        """(count,) bool: the codes that may follow a box's first ``len(codes)`` codes so that
-        x2 >= x1 and y2 >= y1 (any code first; every box completed this way decodes valid)."""
-        ok = np.ones(self.count, dtype=bool)
+    def bound(self, codes: Sequence[int]) -> int | None:
+        """The code that bounds the next one after a box's first ``len(codes)`` codes (None: any
+        code may come): ``bins``: x2 is bounded by x1, y2 by y1; ``grid``: the bottom-right cell by
+        the top-left one."""
         n = len(codes)
         if self.scheme == "bins":
-            if n >= 2:  # x2 >= x1, then y2 >= y1
-                ok[:int(codes[n - 2])] = False
-            return ok
-        if n == 1:  # the bottom-right cell: column >= x1's, row >= y1's
-            cells = np.arange(self.count)
-            ok = (cells % self.size >= codes[0] % self.size) & (cells // self.size >= codes[0] // self.size)
-        return ok
+            return int(codes[n - 2]) if n >= 2 else None
+        return int(codes[0]) if n == 1 else None
+
+    def allowed_from(self, bound: int) -> np.ndarray:
+        """(count,) bool: the codes allowed after ``bound`` (see :meth:`bound`), so that x2 >= x1 and
+        y2 >= y1: every box completed under them decodes valid."""
+        codes = np.arange(self.count)
+        if self.scheme == "bins":
+            return codes >= bound
+        return (codes % self.size >= bound % self.size) & (codes // self.size >= bound // self.size)
 
 
 class VocabError(ValueError):

@@ -215,17 +215,19 @@ class Generator:
             ids = ids[:-1]
         p = len(prompt_ids)
         opened = constraint.state(prompt_ids)
-        lead = [int(i) for i in prompt_ids[opened.start:]] if opened.kind != TEXT else []
+        lead = [int(i) for i in prompt_ids[opened.start:]] if opened.start >= 0 else []  # a block or box open
         full = np.concatenate([prompt_ids, np.asarray(ids, dtype=np.int64)])
         end = constraint.state(full)
         partial = None
-        if end.kind != TEXT:
+        if end.start >= 0:  # a media block, or a box or phrase, the limit cut
             cut = max(end.start - p, 0)
             inside = len(full) - end.start - 1
-            want = f"{constraint.tokens_per_image} image codes" if end.kind == IMAGE else "all speech layers"
-            partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
-                                                     f"inside {'an' if end.kind == IMAGE else 'a'} {end.kind} block after {inside} codes, before {want} "
-                                                     f"and its end token; it is not decoded")
+            kind = end.kind if end.kind != TEXT else "box"
+            want = {IMAGE: f"{constraint.tokens_per_image} image codes", SPEECH: "all speech layers",
+                    "box": "its location tokens"}[kind]
+            partial = PartialBlock(kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
+                                                 f"inside {'an' if kind == IMAGE else 'a'} {kind} block after {inside} "
+                                                 f"tokens, before {want} and its end token; it is not decoded")
             ids = ids[:cut]
             if end.start < p:
                 lead = []
