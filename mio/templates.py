@@ -191,10 +191,11 @@ PAIR_TASKS: dict[str, str] = {
 
 
 # --- grounding --------------------------------------------------------------------------------
-# A stored grounding sample is an image and then either ONE box whose phrase is its referring
-# expression or region description (a *region*: RefCOCO/+/g, Visual Genome), or texts and
-# phrase-linked boxes, a *grounded caption* (GrIT, Flickr30k Entities). A phrase grounded by
-# several boxes is its Box with the phrase followed by the others without one.
+# A stored grounding sample is an image and then either *regions*, boxes each with its referring
+# expression or region description as its phrase and no other text (RefCOCO/+/g: a ref's
+# sentences, one box each; Visual Genome: an image's regions), or a *grounded caption*, texts and
+# phrase-linked boxes (GrIT, Flickr30k Entities). A phrase grounded by several boxes is its Box
+# with the phrase followed by the others without one.
 GROUNDING_PRETRAIN: dict[str, str] = {
     "refexp": '{image} The region of "{text}" is {box}',  # comprehension: text -> box
     "refexp_generation": "{image} The region {box} shows: {text}",  # generation: box -> text
@@ -207,8 +208,7 @@ GROUNDING_TASKS: dict[str, str] = {
     "grounded_captioning": "{media}\nDescribe this image, linking each phrase to its box.",
     "phrase_grounding": '{media}\nIn the sentence "{caption}", where is "{text}"? Answer with its box.',
 }
-# Which tasks each form serves.
-REGION_TASKS = ("refexp", "refexp_generation")
+# Which tasks each form serves: regions refexp and refexp_generation, captions the other two.
 CAPTION_TASKS = ("grounded_captioning", "phrase_grounding")
 
 
@@ -221,7 +221,8 @@ def grounding_parts(segments: Sequence[Segment]) -> tuple[Image, list[Segment]]:
 
 
 def is_region(rest: Sequence[Segment]) -> bool:
-    return len(rest) == 1 and isinstance(rest[0], Box) and bool(rest[0].phrase)
+    """Regions (boxes each with its phrase, no text), not a grounded caption."""
+    return all(isinstance(s, Box) and bool(s.phrase) for s in rest)
 
 
 def caption_text(rest: Sequence[Segment]) -> str:
@@ -246,11 +247,11 @@ def _bare(box: Box) -> Box:
 
 
 def grounding_pretrain(segments: Sequence[Segment], rng: random.Random, templates: TemplateSet) -> list[Segment]:
-    """A region goes either direction at random (comprehension or generation); a grounded
-    caption is written whole after its image."""
+    """One of the regions, drawn at random, either direction at random (comprehension or
+    generation); a grounded caption is written whole after its image."""
     image, rest = grounding_parts(segments)
     if is_region(rest):
-        box = rest[0]
+        box = rest[rng.randrange(len(rest))]
         name = "refexp" if rng.random() < 0.5 else "refexp_generation"
         return _fill(templates.grounding_pretrain[name], image, box.phrase or "", _bare(box), [])
     return _fill(templates.grounding_pretrain["grounded_captioning"], image, "", None, rest)
@@ -280,20 +281,19 @@ def _fill(template: str, image: Segment, text: str, box: Box | None, caption: Se
 def grounding_conversations(task: str, segments: Sequence[Segment],
                             templates: TemplateSet | None = None) -> list[list[Turn]]:
     """Every two-turn conversation of an SFT grounding task a stored sample serves (none when its
-    form does not serve the task): a region gives one, a grounded caption one per phrase for
-    ``phrase_grounding`` (whose answer is all the phrase's boxes)."""
+    form does not serve the task): one per region, and for ``phrase_grounding`` one per phrase of
+    a grounded caption (whose answer is all the phrase's boxes)."""
     wording = (templates or PAPER).grounding_tasks
     if task not in wording:
         raise ValueError(f"unknown grounding task {task!r}; expected one of {sorted(wording)}")
     image, rest = grounding_parts(segments)
     region = is_region(rest)
-    if task in REGION_TASKS and region:
-        box = rest[0]
-        expression = box.phrase or ""
-        if task == "refexp":
-            return [[Turn("user", _fill(wording[task], image, expression, None, [])), Turn("assistant", [_bare(box)])]]
-        return [[Turn("user", _fill(wording[task], image, "", _bare(box), [])),
-                 Turn("assistant", [Text(expression)])]]
+    if task == "refexp" and region:
+        return [[Turn("user", _fill(wording[task], image, b.phrase or "", None, [])), Turn("assistant", [_bare(b)])]
+                for b in rest]
+    if task == "refexp_generation" and region:
+        return [[Turn("user", _fill(wording[task], image, "", _bare(b), [])), Turn("assistant", [Text(b.phrase or "")])]
+                for b in rest]
     if task in CAPTION_TASKS and not region:
         if task == "grounded_captioning":
             return [[Turn("user", _fill(wording[task], image, "", None, [])), Turn("assistant", list(rest))]]

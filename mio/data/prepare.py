@@ -33,14 +33,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from mio.data.grounding import grounding_draft, part_rows
 from mio.data.lock import LOCK, MEMBERS, FolderLock, FolderLocked
 from mio.data.media import Recordings, VideoFile, load_image
 from mio.data.recipe import Recipe
 from mio.data.shards import (MANIFEST, SHARD_FORMAT, AtomicShardWriter, StoredSample, token_counts,
                              write_json_atomic)
-from mio.data.sources import (Draft, Item, MediaRef, Part, Row, SkipSample, draft_row, iter_rows, list_parts,
+from mio.data.sources import (Draft, Item, MediaRef, Part, Row, SkipSample, draft_row, list_parts,
                               media_refs)
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, Image, Segment, Speech, Text, Video
 from mio.templates import ConversationError, Turn, check_conversation
 from mio.tokenizers.media_tokenizers import MediaTokenizers, MissingTokenizerError, SpecSource
 
@@ -207,11 +208,13 @@ class Context:
 
 
 def _text_chars(draft: Draft) -> int:
-    return sum(len(x.text.strip()) for x in draft.all_items() if isinstance(x, Text))
+    return sum(len(x.text.strip()) if isinstance(x, Text) else len(x.phrase or "") if isinstance(x, Box) else 0
+               for x in draft.all_items())
 
 
 def _draft(ctx: Context, row: Row) -> Draft:
-    draft = draft_row(ctx.recipe, row)
+    grounding = ctx.recipe.data_type == "grounding"
+    draft = grounding_draft(ctx.recipe, row.fields(), row) if grounding else draft_row(ctx.recipe, row)
     if ctx.recipe.data_type != "sft" and _text_chars(draft) < ctx.recipe.filters.min_text_chars:
         raise SkipSample("text_too_short", f"{row.where}: {_text_chars(draft)} characters of text, "
                                            f"fewer than {ctx.recipe.filters.min_text_chars}")
@@ -356,7 +359,7 @@ def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> d
 
 
 def _segment(item: Item, codes: Iterator[Any]) -> Segment:
-    if isinstance(item, Text):
+    if isinstance(item, (Text, Box)):
         return item
     c = next(codes)
     return {"image": Image, "speech": Speech, "video": Video}[item.kind](c)
@@ -528,7 +531,7 @@ def run_part(ctx: Context, part: Part, n_parts: int, ranks: Ranks) -> list[dict[
             job = None
 
     try:
-        for index, row in enumerate(iter_rows(part)):
+        for index, row in enumerate(part_rows(part)):
             if index // size != chunk:
                 close(last=False)
                 chunk, rows_in_chunk = index // size, 0

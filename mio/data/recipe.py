@@ -21,8 +21,9 @@ from typing import Any
 from mio.templates import DATA_TYPES
 from mio.userio import load_yaml_mapping
 
-INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
-LAYOUTS = ("segments", "obelics", "mmc4", "llava")
+INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls", "flickr30k_entities")
+GROUNDING_LAYOUTS = ("refcoco", "grit", "flickr30k_entities", "visual_genome")  # read by mio/data/grounding.py
+LAYOUTS = ("segments", "obelics", "mmc4", "llava", *GROUNDING_LAYOUTS)
 MEDIA_KINDS = ("image", "speech", "video")
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
 JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it
@@ -37,6 +38,7 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
                     "image_info": "image_info"},
     "video_interleaved": {"segments": "segments"},
     "sft": {"messages": "messages", "task": "task", "conversations": "conversations", "image": "image"},
+    "grounding": {},  # each layout's own names (mio/data/grounding.py)
 }
 
 
@@ -181,6 +183,9 @@ class Recipe:
         if "original_size" in self.fields and len(self.fields["original_size"].split(",")) != 2:
             raise ValueError(f"recipe {where}: fields.original_size must name two fields, WIDTH,HEIGHT "
                              f"(e.g. json.original_width,json.original_height); got {self.fields['original_size']!r}")
+        if (self.layout in GROUNDING_LAYOUTS) != (self.data_type == "grounding"):
+            raise ValueError(f"recipe {where}: data_type grounding goes with a grounding layout {GROUNDING_LAYOUTS} "
+                             f"and back; got data_type {self.data_type!r} with layout {self.layout!r}")
         if self.image_first and self.layout != "llava":
             raise ValueError(f"recipe {where}: image_first applies to layout llava only")
         if self.filters.languages and "language" not in self.fields:
