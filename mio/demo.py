@@ -20,14 +20,14 @@ import numpy as np
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
-from mio.eval.run import EvalSettings, Row, evaluate
+from mio.eval.run import EvalSettings, Row, evaluate, show
 from mio.eval.tasks import answer_text
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
 from mio.report import StageLog, final_loss, find_stages, packing_efficiency
 from mio.report import write_report as write_training_report
-from mio.segments import Image, Speech, Text
-from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
+from mio.segments import Box, Image, Speech, Text
+from mio.templates import GROUNDING_PRETRAIN, GROUNDING_TASKS, PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "data_recipes" / "demo"
@@ -49,6 +49,14 @@ EVAL = EvalSettings(tasks=(*EVAL_TASKS, "image_qa"), max_new_tokens=96, batch_si
 # trained, so SFT validates on the pairs as conversations, which it does not train on.
 STAGE_OVERRIDES = {"4_sft": ["--data.val_fraction=0", "--data.val_datasets=[{path: image_text, format: sft, tasks: "
                                                       "[image_captioning]}, {path: speech_text, format: sft, tasks: [asr]}]"]}
+# Grounding (DESIGN.md, Grounding): stage I adds location tokens (32 bins per axis), SFT trains the
+# hand-drawn boxes of data_recipes/samples/grounding/ as refexp and refexp_generation conversations,
+# and `mio eval` scores refexp on them (accuracy at IoU >= 0.5; the demo memorises them).
+GROUNDING_STAGES = {"1_alignment": ["--model.location_tokens={scheme: bins, size: 32}"],
+                    "4_sft": ["--data.datasets=[{path: sft, format: sft}, {path: grounding, format: sft, "
+                              "tasks: [refexp, refexp_generation]}]"]}
+GROUNDING_EVAL = EvalSettings(tasks=("refexp",), max_new_tokens=16, batch_size=8,
+                              decode={"all": {"num_beams": 1, "do_sample": False}})
 
 
 def check_bundle() -> None:
@@ -80,10 +88,12 @@ def corpus(data_dir: Path) -> list[str]:
     """Every text of the prepared data plus the templates' and chat markup's strings: what
     the tiny text tokenizer is trained on."""
     texts = list(PRETRAIN_TEMPLATES.values()) + [SYSTEM_STANDARD, SYSTEM_SPEECH, "user", "assistant", "system"]
+    texts += list(GROUNDING_TASKS.values()) + list(GROUNDING_PRETRAIN.values())
     for shard in sorted(data_dir.glob("*/*.tar")):
         for s in iter_shard(str(shard)):
             segs = [x for t in s.turns for x in t.content] if s.turns is not None else s.segments
-            texts += [x.text for x in segs if isinstance(x, Text)]
+            texts += [x.text if isinstance(x, Text) else x.phrase for x in segs
+                      if isinstance(x, Text) or (isinstance(x, Box) and x.phrase)]
     return texts
 
 
@@ -105,7 +115,7 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
         shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
                         f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false",
-                        *STAGE_OVERRIDES.get(cfg.stem, [])])
+                        *STAGE_OVERRIDES.get(cfg.stem, []), *GROUNDING_STAGES.get(cfg.stem, [])])
         stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})
         log(f"stage {cfg.stem}: done in {stages[-1]['seconds']}s -> {backbone}")
     return backbone, stages
@@ -127,8 +137,12 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
         shutil.rmtree(model_dir)
     shutil.copytree(final, model_dir)
     log(f"mio eval of {model_dir} on {data_dir / 'sft'}")
-    metrics, rows = evaluate(Generator(model_dir), [data_dir / "sft"], EVAL, out / "eval", log)
+    generator = Generator(model_dir)
+    metrics, rows = evaluate(generator, [data_dir / "sft"], EVAL, out / "eval", log)
     summary: dict[str, Any] = {key: metrics["tasks"].get(task, {}).get("exact", 0.0) for task, key in EVAL_TASKS.items()}
+    grounding, grounding_rows = evaluate(generator, [data_dir / "grounding"], GROUNDING_EVAL, out / "eval_grounding", log)
+    summary["refexp_accuracy"] = grounding["tasks"]["refexp"]["accuracy@0.5"]
+    rows += grounding_rows
     logs = find_stages([out / s["stage"] for s in stages])
     summary["val_loss"] = logs[-1].last("val/loss")
     summary["eval"] = metrics["tasks"]
@@ -176,6 +190,8 @@ def _show(segs: list[Any], photos: dict[bytes, str], clips: dict[str, str]) -> s
                 parts.append(f"<code>[image codes {codes}: no bundled photo has these codes]</code>")
         elif isinstance(s, Speech):
             parts.append(f"<code>[speech: {np.asarray(s.codes).shape[1]} frames]</code>")
+        elif isinstance(s, Box):
+            parts.append(f"<code>{html.escape(show([s]))}</code>")
     return " ".join(parts)
 
 

@@ -19,7 +19,7 @@ from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.data.sources import SkipSample
 from mio.media import read_image
-from mio.segments import Box, Image, Text
+from mio.segments import Box, Image
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"

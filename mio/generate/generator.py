@@ -20,11 +20,11 @@ from mio.generate.decoding import STOP, DecodeResult, Decoder
 from mio.generate.detok import (DEFAULT_UNCLIP, ImageDecoder, SpeechDecoder, UnclipSettings, unclip_for, write_gif,
                                 write_wav)
 from mio.generate.media import MediaFile
-from mio.generate.results import Decoded, Generation, PartialBlock, Written
+from mio.generate.results import BOX, Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
-from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
+from mio.segments import Box, Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
 from mio.templates import Turn, content_only, render_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
@@ -264,6 +264,9 @@ class Generator:
             if isinstance(seg, Text):
                 decoded.append(Decoded(TEXT, text=seg.text))
                 continue
+            if isinstance(seg, Box):  # drawn on the image it points at by the transcript
+                decoded.append(Decoded(BOX, text=seg.phrase or "", codes=list(seg.coords)))
+                continue
             kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
             counts[kind] += 1
             decoded.append(self._decode_media(seg, kind, counts[kind], out, unclip))
@@ -305,7 +308,7 @@ class Generator:
 def _as_item(x: PromptItem) -> Segment | MediaFile:
     if isinstance(x, str):
         return Text(x)
-    if isinstance(x, (Text, Image, Speech, Video, MediaFile)):
+    if isinstance(x, (Text, Image, Speech, Video, Box, MediaFile)):
         return x
     if isinstance(x, os.PathLike):
         return MediaFile.guess(x)
