@@ -100,3 +100,40 @@ def test_a_thousand_sampled_boxes_all_parse_valid(loc, text_tokenizer):
     # The samples differ and the bound was exercised: many boxes start past the first bin or cell,
     # where an unbounded draw of their second corner could fall before it.
     assert len(codes) >= 10 and sum(loc.bound(c[:loc.per_box - 1]) > 0 for c in codes) >= 5
+
+
+def test_generate_reads_and_writes_boxes_and_draws_them(tmp_path):
+    """A box in the prompt ({box:...}) and boxes in the answer are drawn on the prompt's image in
+    transcript.html; a model without location tokens refuses a box prompt, saying why."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from mio.generate.generator import Generator
+    from mio.generate.media import MediaFile
+    from mio.generate.prompt import prompt_items
+    from mio.vocab import extend_backbone
+    from test_generate_support import SAMPLES, text_tokenizer, tiny_media
+
+    tok = copy.deepcopy(text_tokenizer())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = PhiForCausalLM(PhiConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=512))
+        table = extend_backbone(model, tok, locations=LocationTokens("bins", 16))
+        with torch.no_grad():
+            model.lm_head.bias[table.specials["<box>"]] += 12.0  # boxes in every answer
+    gen = Generator.from_loaded(model.eval(), tok, table, tiny_media())
+    items = prompt_items("What is in {box:0.25,0.25,0.75,0.5} of {image}?", [MediaFile.guess(SAMPLES / "images" / "cat.jpg")])
+    assert items[1] == Box((0.25, 0.25, 0.75, 0.5))
+    g = gen.generate([*items], chat=False, max_new_tokens=12, settings={TEXT: {"num_beams": 1}})
+    answer_boxes = [s for s in g.segments if isinstance(s, Box)]
+    assert answer_boxes and all(b.coords[2] >= b.coords[0] and b.coords[3] >= b.coords[1] for b in answer_boxes)
+    gen.write(g, tmp_path)
+    html = (tmp_path / "transcript.html").read_text()
+    assert html.count('<div class="box"') == 1 + len(answer_boxes)
+    assert "left:25.00%;top:25.00%;width:50.00%;height:25.00%" in html  # the prompt's box, on the cat
+    with pytest.raises(ValueError, match=r"\{box:x1,y1,x2,y2\}"):
+        prompt_items("{box:0.5,0.1}", [])
+    plain = VocabTable.mio_default(len(text_tokenizer()) + 2)
+    from mio.segments import segment_ids
+    with pytest.raises(Exception, match="no location tokens"):
+        segment_ids(Box((0.1, 0.1, 0.2, 0.2)), plain)

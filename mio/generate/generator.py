@@ -227,7 +227,8 @@ class Generator:
                     "box": "its location tokens"}[kind]
             partial = PartialBlock(kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
                                                  f"inside {'an' if kind == IMAGE else 'a'} {kind} block after {inside} "
-                                                 f"tokens, before {want} and its end token; it is not decoded")
+                                                 f"{'location tokens' if kind == 'box' else 'codes'}, before {want} "
+                                                 f"and its end token; it is not decoded")
             ids = ids[:cut]
             if end.start < p:
                 lead = []

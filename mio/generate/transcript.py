@@ -1,6 +1,5 @@
 """A generation written out: ``transcript.md``, ``transcript.html`` (images shown, speech
-playable, video frames animated, boxes drawn on the image they point at: the last image before
-them in the conversation) and ``generation.json`` (ids, codes and settings).
+playable, video frames animated, boxes drawn on the image they point at) and ``generation.json`` (ids, codes and settings).
 
 Prompt media files are copied beside the transcript, so the folder stands on its own.
 """
@@ -82,13 +81,21 @@ def answer_items(decoded: list[Decoded]) -> list[Shown]:
 
 
 def attach_boxes(items: list[Shown]) -> None:
-    """Each box is drawn on the last image before it (in reading order over the prompt and answer)."""
+    """Each box is drawn on the last image before it in reading order over the prompt and answer
+    ("where is the cat in {image}?" -> a box), or, with none before it, on the first image after
+    it ("what is in {box} of {image}?")."""
     image: Shown | None = None
+    waiting: list[Shown] = []
     for item in items:
         if item.kind == IMAGE and item.file is not None:
             image = item
-        elif item.kind == BOX and image is not None:
-            image.boxes.append((item.coords, item.text))
+            image.boxes += [(b.coords, b.text) for b in waiting]
+            waiting = []
+        elif item.kind == BOX:
+            if image is None:
+                waiting.append(item)
+            else:
+                image.boxes.append((item.coords, item.text))
 
 
 def _box_label(item: Shown) -> str:
