@@ -68,6 +68,13 @@ class LocationTokens:
         if not isinstance(self.size, int) or self.size < 2:
             raise VocabError(f"location_tokens.size must be an integer >= 2, got {self.size!r}")
 
+    @classmethod
+    def of(cls, value: "LocationTokens | Mapping[str, Any] | None") -> "LocationTokens | None":
+        """A stage setting as parsed (a mapping, or the dataclass itself) -> LocationTokens or None."""
+        if value is None or isinstance(value, LocationTokens):
+            return value
+        return cls(**value)
+
     @property
     def count(self) -> int:
         """Location tokens in the vocabulary: B bins, or P*P cells."""

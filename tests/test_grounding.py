@@ -122,3 +122,22 @@ def test_malformed_boxes_do_not_parse(grounded):
     if table.location_scheme == "bins":  # x2 < x1
         with pytest.raises(ParseError, match="x2 >= x1"):
             parse([begin, loc + 5, loc, loc + 1, loc + 3, end], table, tok)
+
+
+def test_a_stage_extends_a_backbone_with_location_tokens(tiny_base, tmp_path):
+    """model.location_tokens: the extended model, tokenizer and saved table agree; the settings
+    arrive as the dataclass or as the mapping a config gives."""
+    from mio.model.backbone import load_backbone, save_model_folder
+    from mio.vocab import folder_table
+
+    loc = LocationTokens.of({"scheme": "grid", "size": 4})
+    model, tok, table = load_backbone(tiny_base, extend=True, locations=loc)
+    assert table.locations == loc and len(tok) == table.total_size == model.get_input_embeddings().weight.shape[0]
+    assert tok.convert_tokens_to_ids(["<box>", "<loc15>"]) == [table.specials["<box>"], table.location_start + 15]
+    folder = save_model_folder(model, tok, table, tmp_path / "model")
+    from transformers import AutoTokenizer
+
+    base_tok = AutoTokenizer.from_pretrained(tiny_base, local_files_only=True)
+    assert VocabTable.load(folder) == table == folder_table(tiny_base, base_tok, extend=True, locations=loc)
+    with pytest.raises(ValueError, match="extend_vocab"):
+        load_backbone(folder, locations=loc)  # a fixed table gains no tokens

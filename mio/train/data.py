@@ -196,7 +196,8 @@ class MioDataModule(L.LightningDataModule):
         self.root = root
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
-        self.backbone, self.extend_vocab, self.location_tokens = backbone, extend_vocab, location_tokens
+        self.backbone, self.extend_vocab = backbone, extend_vocab
+        self.location_tokens = LocationTokens.of(location_tokens)
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
         self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
         self.val_fraction, self.val_packs = val_fraction, val_packs

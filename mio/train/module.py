@@ -58,6 +58,7 @@ class MioModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.lora = lora
+        self.location_tokens = LocationTokens.of(location_tokens)
         if lora is not None and extend_vocab:
             raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
                              "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
@@ -91,7 +92,7 @@ class MioModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed())
             model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
                                                     attn_implementation=hf_attn_implementation(hp.attn_backend),
-                                                    locations=hp.location_tokens)
+                                                    locations=self.location_tokens)
             if self.lora is not None:  # mio/model/lora.py: a frozen backbone, adapters and added-token rows train
                 model = apply_lora(model, self.lora, table, hp.backbone)
         if hp.gradient_checkpointing:
