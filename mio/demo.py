@@ -72,6 +72,10 @@ def check_bundle() -> None:
                 for key in ("image", "audio", "speech", "video"):
                     if key in ref and not (SAMPLES / ref[key]).is_file():
                         raise FileNotFoundError(f"{jsonl.name}:{lineno}: sample file {ref[key]} is missing")
+    regions = SAMPLES / "grounding" / "region_descriptions.json"  # Visual Genome's layout: {id}.jpg in images/
+    for photo in json.loads(regions.read_text()):
+        if not (SAMPLES / "images" / f"{photo['id']}.jpg").is_file():
+            raise FileNotFoundError(f"{regions}: photo images/{photo['id']}.jpg is missing")
 
 
 def prepare_all(data_dir: Path, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:

@@ -21,3 +21,15 @@ def test_missing_sample_file_is_named(tmp_path, monkeypatch):
 def test_bundle_is_complete():
     demo.check_bundle()
     assert all((demo.STAGES / f"{name}.yaml").is_file() for name in demo.DEMO_STAGES)
+
+
+def test_missing_grounding_photo_is_named(tmp_path, monkeypatch):
+    samples = tmp_path / "samples"
+    shutil.copytree(demo.SAMPLES, samples)
+    regions = samples / "grounding" / "region_descriptions.json"
+    rows = json.loads(regions.read_text())
+    rows[0]["id"] = "no_such_photo"
+    regions.write_text(json.dumps(rows))
+    monkeypatch.setattr(demo, "SAMPLES", samples)
+    with pytest.raises(FileNotFoundError, match="photo images/no_such_photo.jpg is missing"):
+        demo.check_bundle()
