@@ -97,3 +97,22 @@ def test_refexp_generation_is_scored_by_cider(tmp_path):
     figures, _ = score_task("refexp_generation", rows, None, None, tmp_path)
     corpus, _ = caption_scores([["the cat"], ["a dog"]], ["the cat", "a cat"])  # the existing scorer, tested by hand
     assert figures["cider"] == pytest.approx(corpus["cider"]) and figures["exact"] == 0.5
+
+
+def test_training_draws_a_task_the_sample_serves():
+    from mio.data.reading import DatasetSpec, training_segments
+
+    spec = DatasetSpec("g", format="sft", tasks=["refexp", "grounded_captioning"])
+    for seed in range(5):  # a region only serves refexp of the two; a caption only grounded_captioning
+        segs, _ = training_segments(StoredSample("r0", "grounding", REGION), spec, random.Random(seed))
+        boxes = [s for s in segs if isinstance(s, Box)]
+        assert boxes == [Box(CAT.coords)] and boxes[0].loss  # the answer, supervised
+        segs, _ = training_segments(StoredSample("c0", "grounding", CAPTION), spec, random.Random(seed))
+        assert [s for s in segs if isinstance(s, Box)] == [CAT, DOG, DOG2]
+    with pytest.raises(ValueError, match="serves none of the tasks"):
+        training_segments(StoredSample("c0", "grounding", CAPTION), DatasetSpec("g", format="sft", tasks=["refexp"]),
+                          random.Random(0))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        DatasetSpec("g", format="sft", tasks=["where_is_waldo"])
+    segs, _ = training_segments(StoredSample("r0", "grounding", REGION), DatasetSpec("g"), random.Random(0))
+    assert segs[0] == IMG and Box(CAT.coords) in segs  # pretraining: a template, either direction
