@@ -141,3 +141,23 @@ def test_a_stage_extends_a_backbone_with_location_tokens(tiny_base, tmp_path):
     assert VocabTable.load(folder) == table == folder_table(tiny_base, base_tok, extend=True, locations=loc)
     with pytest.raises(ValueError, match="extend_vocab"):
         load_backbone(folder, locations=loc)  # a fixed table gains no tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sentencepiece_legacy", "sentencepiece", "gpt2", "qwen2", "llama3"])
+def test_boxes_render_as_every_tokenizer_kind_encodes(kind, tmp_path):
+    """render == tokenizer(text_form) and render(parse(render)) == render with boxes and phrases, on
+    SentencePiece (legacy and not), GPT-2, Qwen2 and Llama-3 style tokenizers."""
+    import tokenizer_kinds
+
+    tok = tokenizer_kinds.build(kind, tmp_path)
+    table = extension_table(tok, LocationTokens("bins", 16))
+    extend_tokenizer(tok, table)
+    renderer = SegmentRenderer(tok, table)
+    samples = [[Text("where is the cat?"), Box((0.1, 0.2, 0.3, 0.4))],
+               [Image(np.arange(32)), Text(" a "), Box((0.5, 0.5, 0.9, 1.0), "red rocket"), Text(" on the pad")],
+               [Box((0.0, 0.0, 1.0, 1.0), " the sky"), Box((0.2, 0.2, 0.4, 0.4)), Text("and a dog")]]
+    for segs in samples:
+        r = renderer(segs)
+        assert r.input_ids.tolist() == tok(text_form(segs, table))["input_ids"]
+        assert renderer(parse(r.input_ids, table, tok)).input_ids.tolist() == r.input_ids.tolist()
