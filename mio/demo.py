@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
@@ -49,12 +50,12 @@ EVAL = EvalSettings(tasks=(*EVAL_TASKS, "image_qa"), max_new_tokens=96, batch_si
 # trained, so SFT validates on the pairs as conversations, which it does not train on.
 STAGE_OVERRIDES = {"4_sft": ["--data.val_fraction=0", "--data.val_datasets=[{path: image_text, format: sft, tasks: "
                                                       "[image_captioning]}, {path: speech_text, format: sft, tasks: [asr]}]"]}
-# Grounding (DESIGN.md, Grounding): stage I adds location tokens (32 bins per axis), SFT trains the
-# hand-drawn boxes of data_recipes/samples/grounding/ as refexp and refexp_generation conversations,
-# and `mio eval` scores refexp on them (accuracy at IoU >= 0.5; the demo memorises them).
-GROUNDING_STAGES = {"1_alignment": ["--model.location_tokens={scheme: bins, size: 32}"],
-                    "4_sft": ["--data.datasets=[{path: sft, format: sft}, {path: grounding, format: sft, "
-                              "tasks: [refexp, refexp_generation]}]"]}
+# Grounding (DESIGN.md, Grounding): stage I adds location tokens (32 bins per axis) and pretrains on the
+# hand-drawn boxes of data_recipes/samples/grounding/ (both directions), SFT trains them as refexp and
+# refexp_generation conversations, and `mio eval` scores refexp on them (accuracy at IoU >= 0.5; the
+# demo memorises them). The stage files stay as they are: these join their own datasets.
+GROUNDING_DATA = {"1_alignment": {"path": "grounding", "weight": 4},
+                  "4_sft": {"path": "grounding", "weight": 1, "format": "sft", "tasks": ["refexp", "refexp_generation"]}}
 GROUNDING_EVAL = EvalSettings(tasks=("refexp",), max_new_tokens=16, batch_size=8,
                               decode={"all": {"num_beams": 1, "do_sample": False}})
 
@@ -109,6 +110,16 @@ def build_base(data_dir: Path, out: Path) -> Path:
     return build_tiny_backbone(corpus(Path(data_dir)), TinyLlamaConfig(), out)
 
 
+def grounding_overrides(stage: Path) -> list[str]:
+    """The settings that add the grounding task to a demo stage: location tokens where the backbone
+    is extended, and the grounding dataset beside the stage's own."""
+    args = ["--model.location_tokens={scheme: bins, size: 32}"] if stage.stem == "1_alignment" else []
+    if stage.stem in GROUNDING_DATA:
+        datasets = yaml.safe_load(stage.read_text())["data"]["datasets"]
+        args.append("--data.datasets=" + json.dumps([*datasets, GROUNDING_DATA[stage.stem]]))
+    return args
+
+
 def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]) -> tuple[Path, list[dict[str, Any]]]:
     from mio.train.cli import fit
 
@@ -119,7 +130,7 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
         shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
                         f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false",
-                        *STAGE_OVERRIDES.get(cfg.stem, []), *GROUNDING_STAGES.get(cfg.stem, [])])
+                        *STAGE_OVERRIDES.get(cfg.stem, []), *grounding_overrides(cfg)])
         stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})
         log(f"stage {cfg.stem}: done in {stages[-1]['seconds']}s -> {backbone}")
     return backbone, stages
