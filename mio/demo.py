@@ -17,20 +17,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from mio.assets import DATA_RECIPES, TOKENIZER_SPECS
 from mio.assets import STAGES as ALL_STAGES
 from mio.data.prepare import prepare
 from mio.data.shards import iter_shard, list_shards
 from mio.eval.report import metrics_table
-from mio.eval.run import EvalAnswer, EvalSettings, evaluate
+from mio.eval.run import EvalAnswer, EvalSettings, evaluate, show
 from mio.eval.tasks import answer_text
 from mio.generate.generator import Generator
 from mio.model.backbone import TinyLlamaConfig, build_tiny_backbone
 from mio.report import StageLog, final_loss, find_stages, packing_efficiency
 from mio.report import write_report as write_training_report
-from mio.segments import Image, Speech, Text
-from mio.templates import PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
+from mio.segments import Box, Image, Speech, Text
+from mio.templates import GROUNDING_PRETRAIN, GROUNDING_TASKS, PRETRAIN_TEMPLATES, SYSTEM_SPEECH, SYSTEM_STANDARD
 
 RECIPES = DATA_RECIPES / "demo"
 SAMPLES = DATA_RECIPES / "samples"
@@ -57,6 +58,14 @@ EVAL_GUIDED = dataclasses.replace(EVAL, tasks=("image_generation",),
 # trained, so SFT validates on the pairs as conversations, which it does not train on.
 STAGE_OVERRIDES = {"4_sft": ["--data.val_fraction=0", "--data.val_datasets=[{path: image_text, format: sft, tasks: "
                                                       "[image_captioning]}, {path: speech_text, format: sft, tasks: [asr]}]"]}
+# Grounding (DESIGN.md, Grounding): stage I adds location tokens (32 bins per axis) and pretrains on the
+# hand-drawn boxes of data_recipes/samples/grounding/ (both directions), SFT trains them as refexp and
+# refexp_generation conversations, and `mio eval` scores refexp on them (accuracy at IoU >= 0.5; the
+# demo memorises them). The stage files stay as they are: these join their own datasets.
+GROUNDING_DATA = {"1_alignment": {"path": "grounding", "weight": 4},
+                  "4_sft": {"path": "grounding", "weight": 1, "format": "sft", "tasks": ["refexp", "refexp_generation"]}}
+GROUNDING_EVAL = EvalSettings(tasks=("refexp",), max_new_tokens=16, batch_size=8,
+                              decode={"all": {"num_beams": 1, "do_sample": False}})
 
 
 def check_bundle() -> None:
@@ -72,6 +81,10 @@ def check_bundle() -> None:
                 for key in ("image", "audio", "speech", "video"):
                     if key in ref and not (SAMPLES / ref[key]).is_file():
                         raise FileNotFoundError(f"{jsonl.name}:{lineno}: sample file {ref[key]} is missing")
+    regions = SAMPLES / "grounding" / "region_descriptions.json"  # Visual Genome's layout: {id}.jpg in images/
+    for photo in json.loads(regions.read_text()):
+        if not (SAMPLES / "images" / f"{photo['id']}.jpg").is_file():
+            raise FileNotFoundError(f"{regions}: photo images/{photo['id']}.jpg is missing")
 
 
 def prepare_all(data_dir: Path, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -88,10 +101,12 @@ def corpus(data_dir: Path) -> list[str]:
     """Every text of the prepared data plus the templates' and chat markup's strings: what
     the tiny text tokenizer is trained on."""
     texts = list(PRETRAIN_TEMPLATES.values()) + [SYSTEM_STANDARD, SYSTEM_SPEECH, "user", "assistant", "system"]
+    texts += list(GROUNDING_TASKS.values()) + list(GROUNDING_PRETRAIN.values())
     for shard in sorted(data_dir.glob("*/*.tar")):
         for s in iter_shard(str(shard)):
             segs = [x for t in s.turns for x in t.content] if s.turns is not None else s.segments
-            texts += [x.text for x in segs if isinstance(x, Text)]
+            texts += [x.text if isinstance(x, Text) else x.phrase for x in segs
+                      if isinstance(x, Text) or (isinstance(x, Box) and x.phrase)]
     return texts
 
 
@@ -101,6 +116,16 @@ def build_base(data_dir: Path, out: Path) -> Path:
         raise FileNotFoundError(f"{data_dir}: no prepared datasets (<name>/*.tar) to train the text tokenizer on; "
                                 f"run `mio prepare RECIPE --out {data_dir}/<name>` first")
     return build_tiny_backbone(corpus(Path(data_dir)), TinyLlamaConfig(), out)
+
+
+def grounding_overrides(stage: Path) -> list[str]:
+    """The settings that add the grounding task to a demo stage: location tokens where the backbone
+    is extended, and the grounding dataset beside the stage's own."""
+    args = ["--model.location_tokens={scheme: bins, size: 32}"] if stage.stem == "1_alignment" else []
+    if stage.stem in GROUNDING_DATA:
+        datasets = yaml.safe_load(stage.read_text())["data"]["datasets"]
+        args.append("--data.datasets=" + json.dumps([*datasets, GROUNDING_DATA[stage.stem]]))
+    return args
 
 
 def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]) -> tuple[Path, list[dict[str, Any]]]:
@@ -113,7 +138,7 @@ def run_stages(base: Path, data_dir: Path, out: Path, log: Callable[[str], None]
         shutil.rmtree(out / cfg.stem, ignore_errors=True)  # a rerun into the same --out starts afresh
         backbone = fit(["--config", str(cfg), f"--model.backbone={backbone}", f"--data.root={data_dir}",
                         f"--trainer.default_root_dir={out / cfg.stem}", "--trainer.enable_progress_bar=false",
-                        *STAGE_OVERRIDES.get(cfg.stem, [])])
+                        *STAGE_OVERRIDES.get(cfg.stem, []), *grounding_overrides(cfg)])
         stages.append({"stage": cfg.stem, "seconds": round(time.perf_counter() - t, 1)})
         log(f"stage {cfg.stem}: done in {stages[-1]['seconds']}s -> {backbone}")
     return backbone, stages
@@ -135,11 +160,16 @@ def run_demo(out: Path | None = None, log: Callable[[str], None] = print) -> Pat
         shutil.rmtree(model_dir)
     shutil.copytree(final, model_dir)
     log(f"mio eval of {model_dir} on {data_dir / 'sft'}")
-    metrics, rows = evaluate(Generator(model_dir), [data_dir / "sft"], EVAL, out / "eval", log)
+    generator = Generator(model_dir)
+    metrics, rows = evaluate(generator, [data_dir / "sft"], EVAL, out / "eval", log)
     summary: dict[str, Any] = {key: metrics["tasks"].get(task, {}).get("exact", 0.0) for task, key in EVAL_TASKS.items()}
     log(f"mio eval of {model_dir} on {data_dir / 'sft'}: image generation with guidance 3")
     guided, _ = evaluate(Generator(model_dir), [data_dir / "sft"], EVAL_GUIDED, out / "eval_guidance3", log)
     summary["caption_to_image_exact_guidance3"] = guided["tasks"].get("image_generation", {}).get("exact", 0.0)
+
+    grounding, grounding_rows = evaluate(generator, [data_dir / "grounding"], GROUNDING_EVAL, out / "eval_grounding", log)
+    summary["refexp_accuracy"] = grounding["tasks"]["refexp"]["accuracy@0.5"]
+    rows += grounding_rows
     logs = find_stages([out / s["stage"] for s in stages])
     summary["val_loss"] = logs[-1].last("val/loss")
     summary["eval"] = metrics["tasks"]
@@ -188,6 +218,8 @@ def _show(segs: list[Any], photos: dict[bytes, str], clips: dict[str, str]) -> s
                 parts.append(f"<code>[image codes {codes}: no bundled photo has these codes]</code>")
         elif isinstance(s, Speech):
             parts.append(f"<code>[speech: {np.asarray(s.codes).shape[1]} frames]</code>")
+        elif isinstance(s, Box):
+            parts.append(f"<code>{html.escape(show([s]))}</code>")
     return " ".join(parts)
 
 

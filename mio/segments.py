@@ -2,7 +2,9 @@
 
 Sequences (DESIGN.md): an image is ``<image>`` + 32 codes + ``</image>``; a video is
 consecutive image blocks; speech is ``<spch>`` + codes + ``</spch>`` where the codes are the
-content layer only (speech as input) or all layers one after another (speech as output).
+content layer only (speech as input) or all layers one after another (speech as output). A box
+(a table with location tokens only) is ``<box>`` + its location tokens + ``</box>``, and a box
+linked to a phrase ``<phrase>text</phrase><box>...</box>``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from mio.vocab import BLOCK_MARKERS, IGNORE_INDEX, VocabError, VocabTable
+from mio.vocab import BLOCK_MARKERS, BOX_BEGIN, BOX_END, IGNORE_INDEX, PHRASE_BEGIN, PHRASE_END, VocabError, VocabTable
 from tokenizers import Tokenizer
 
 
@@ -54,7 +56,38 @@ class Video:
         return isinstance(other, Video) and np.array_equal(self.frames, other.frames) and self.loss == other.loss
 
 
-Segment = Union[Text, Image, Speech, Video]
+class BoxError(ValueError):
+    """Box coordinates that are not a box: outside [0, 1], or x2 < x1 or y2 < y1."""
+
+
+@dataclass(frozen=True, eq=False)
+class Box:
+    """A region of the image it refers to, as (x1, y1, x2, y2) normalized to [0, 1] in the
+    ORIGINAL image's frame (x right, y down; (x1, y1) the top-left corner). Rendered as its
+    location tokens (see :class:`mio.vocab.LocationTokens`), it reads back within half a bin.
+    ``phrase``: the text the box grounds, written ``<phrase>phrase</phrase>`` before the box (a
+    grounded caption is texts and phrase-linked boxes). Input ("what is in <box>...</box>?") or
+    output ("where is the cat?" -> a box) like any segment."""
+
+    coords: tuple[float, float, float, float]
+    phrase: str | None = None
+    loss: bool = True
+
+    def __post_init__(self) -> None:
+        c = tuple(float(v) for v in self.coords)
+        if len(c) != 4 or not all(0.0 <= v <= 1.0 for v in c) or c[2] < c[0] or c[3] < c[1]:
+            raise BoxError(f"a box is (x1, y1, x2, y2) in [0, 1] with x2 >= x1 and y2 >= y1, got {self.coords}")
+        object.__setattr__(self, "coords", c)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Box) and self.coords == other.coords and self.phrase == other.phrase
+
+    def prefix(self) -> str:
+        """The text written before the box: its phrase in markers, or nothing."""
+        return "" if self.phrase is None else f"{PHRASE_BEGIN}{self.phrase}{PHRASE_END}"
+
+
+Segment = Union[Text, Image, Speech, Video, Box]
 
 
 @dataclass
@@ -91,6 +124,9 @@ def segment_ids(seg: Segment, table: VocabTable, where: str = "sample") -> np.nd
         out[0], out[-1] = table.speech_begin, table.speech_end
         out[1:-1] = table.speech_ids(codes, where).reshape(-1)  # layer-major: a1..an b1..bn ...
         return out
+    if isinstance(seg, Box):
+        codes = table.locations.encode(seg.coords) + table.location_start
+        return np.concatenate([[table.specials[BOX_BEGIN]], codes, [table.specials[BOX_END]]]).astype(np.int64)
     raise VocabError(f"{where}: unknown segment type {type(seg).__name__}")
 
 
@@ -107,7 +143,8 @@ def text_form(segments: Sequence[Segment], table: VocabTable) -> str:
     strings (``<image><img12>...</image>``). Rendering gives exactly ``tokenizer(text_form)``."""
     names = table.added_tokens()
     return "".join(seg.text if isinstance(seg, Text) else
-                   "".join(names[i - table.text_size] for i in segment_ids(seg, table).tolist())
+                   (seg.prefix() if isinstance(seg, Box) else "")
+                   + "".join(names[i - table.text_size] for i in segment_ids(seg, table).tolist())
                    for seg in segments)
 
 
@@ -195,10 +232,11 @@ class SegmentRenderer:
                 pieces.append(seg.text)
                 continue
             ids = segment_ids(seg, self.table, where)
+            prefix = seg.prefix() if isinstance(seg, Box) else ""  # a phrase: text, tokenized with the rest
             if stand_in is None:
-                pieces.append("".join(self.names[i - self.table.text_size] for i in ids.tolist()))
+                pieces.append(prefix + "".join(self.names[i - self.table.text_size] for i in ids.tolist()))
             else:
-                pieces.append(stand_in[0])
+                pieces.append(prefix + stand_in[0])
                 blocks.append(ids)
         return RenderDraft(segments, "".join(pieces), blocks, [len(p) for p in pieces], [seg.loss for seg in segments],
                      where)
@@ -335,7 +373,13 @@ def parse(ids: Sequence[int] | np.ndarray, table: VocabTable, tokenizer: Any,
             out.append(Speech(_speech_layers(ids[i + 1:end], table, i + 1)))
             i = text_start = end + 1
             continue
-        if tok in table.specials.values() or table.is_image(tok) or table.is_speech(tok):
+        if table.has_locations and tok in (table.specials[BOX_BEGIN], table.specials[PHRASE_BEGIN]):
+            flush_text(i)
+            box, i = _parse_box(ids, i, table, decode)
+            out.append(box)
+            text_start = i
+            continue
+        if tok in table.specials.values() or table.is_image(tok) or table.is_speech(tok) or table.is_location(tok):
             raise ParseError(f"token {tok} ({table.describe(tok)[0]}) outside a media block", i)
         i += 1
     flush_text(n)
@@ -389,6 +433,33 @@ class TextDecoder:
         return self.tokenizer(self.added[after] + text, add_special_tokens=False)["input_ids"][1:]
 
 
+def _parse_box(ids: np.ndarray, i: int, table: VocabTable, decode: TextDecoder) -> tuple[Box, int]:
+    """``[<phrase> text </phrase>] <box> locations </box>`` at ``i`` -> (the Box, the index after it)."""
+    phrase = None
+    begin, end = table.specials[BOX_BEGIN], table.specials[BOX_END]
+    if ids[i] == table.specials[PHRASE_BEGIN]:
+        close = np.flatnonzero(ids[i + 1:] == table.specials[PHRASE_END])
+        if close.size == 0:
+            raise ParseError("<phrase> without </phrase>", i)
+        j = i + 1 + int(close[0])
+        inner = ids[i + 1:j]
+        if np.isin(inner, list(table.specials.values())).any():
+            raise ParseError("a phrase holds a block or box marker", i)
+        phrase = decode(inner.tolist(), int(ids[i]))
+        if j + 1 >= len(ids) or ids[j + 1] != begin:
+            raise ParseError("</phrase> must be followed by <box>", j)
+        i = j + 1
+    per_box = table.locations.per_box
+    stop = i + 1 + per_box
+    if stop >= len(ids) or ids[stop] != end:
+        raise ParseError(f"<box> must be followed by {per_box} location tokens and </box>", i)
+    codes = _expect(table.is_location, ids[i + 1:stop], i + 1, "location token") - table.location_start
+    try:
+        return Box(table.locations.decode(codes), phrase), stop + 1
+    except BoxError as e:
+        raise ParseError(str(e), i) from None
+
+
 def _expect(pred: Any, ids: np.ndarray, offset: int, what: str) -> np.ndarray:
     ok = pred(ids)
     if not np.all(ok):
@@ -431,6 +502,8 @@ def canonical(segments: Sequence[Segment]) -> list[Segment]:
                 prev_frames = prev.codes[None] if isinstance(prev, Image) else prev.frames
                 frames = np.concatenate([prev_frames, frames])
             out.append(Image(frames[0]) if len(frames) == 1 else Video(frames))
+        elif isinstance(seg, Box):
+            out.append(Box(seg.coords, seg.phrase))
         else:
             out.append(Speech(np.asarray(seg.codes)))
     return out

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, Image, Segment, Speech, Text, Video
 from mio.userio import MioUserError
 from mio.vocab import CHAT_END, CHAT_START
 
@@ -34,7 +34,7 @@ PRETRAIN_TEMPLATES: dict[str, str] = {
     "tts": 'Please generate a speech of "{text}": {speech}',
 }
 
-DATA_TYPES = ("image_text", "text", "interleaved", "video_text", "video_interleaved", "speech_text", "sft")
+DATA_TYPES = ("image_text", "text", "interleaved", "video_text", "video_interleaved", "speech_text", "grounding", "sft")
 
 # Probability of the generation direction (text -> media) per pair type (paper, Sec. 3).
 GENERATION_PROB = {"image_text": 0.5, "video_text": 0.6, "speech_text": 0.5}
@@ -149,6 +149,8 @@ def pretrain_segments(data_type: str, segments: Sequence[Segment], rng: random.R
         return fill_template((templates or PAPER).pretrain[name], text, media)
     if data_type in ("text", "interleaved", "video_interleaved"):
         return [content_only(s) for s in segments]
+    if data_type == "grounding":
+        return grounding_pretrain(segments, rng, templates or PAPER)
     raise MioUserError(f"unknown pretraining data type {data_type!r}; expected one of {DATA_TYPES[:-1]}")
 
 
@@ -250,6 +252,8 @@ def _with_loss(seg: Segment, loss: bool) -> Segment:
         return Image(seg.codes, loss=loss)
     if isinstance(seg, Video):
         return Video(seg.frames, loss=loss)
+    if isinstance(seg, Box):
+        return Box(seg.coords, seg.phrase, loss=loss)
     return Speech(seg.codes, loss=loss)
 
 
@@ -266,13 +270,130 @@ PAIR_TASKS: dict[str, str] = {
 }
 
 
+# --- grounding --------------------------------------------------------------------------------
+# A stored grounding sample is an image and then either *regions*, boxes each with its referring
+# expression or region description as its phrase and no other text (RefCOCO/+/g: a ref's
+# sentences, one box each; Visual Genome: an image's regions), or a *grounded caption*, texts and
+# phrase-linked boxes (GrIT, Flickr30k Entities). A phrase grounded by several boxes is its Box
+# with the phrase followed by the others without one.
+GROUNDING_PRETRAIN: dict[str, str] = {
+    "refexp": '{image} The region of "{text}" is {box}',  # comprehension: text -> box
+    "refexp_generation": "{image} The region {box} shows: {text}",  # generation: box -> text
+    "grounded_captioning": "{image} The grounded caption of this image is: {caption}",
+}
+# SFT task families: the user turn of each (``{media}`` the image, ``{box}`` a box given as input).
+GROUNDING_TASKS: dict[str, str] = {
+    "refexp": '{media}\nWhere is "{text}" in this image? Answer with its box.',
+    "refexp_generation": "{media}\nWhat is in the region {box}? Describe it in a few words.",
+    "grounded_captioning": "{media}\nDescribe this image, linking each phrase to its box.",
+    "phrase_grounding": '{media}\nIn the sentence "{caption}", where is "{text}"? Answer with its box.',
+}
+# Which tasks each form serves: regions refexp and refexp_generation, captions the other two.
+CAPTION_TASKS = ("grounded_captioning", "phrase_grounding")
+
+
+def grounding_parts(segments: Sequence[Segment]) -> tuple[Image, list[Segment]]:
+    """A stored grounding sample -> (its image, the rest: one phrase box, or a grounded caption)."""
+    if not segments or not isinstance(segments[0], Image) or not any(isinstance(s, Box) for s in segments[1:]):
+        raise ValueError(f"a grounding sample is an image, then boxes (with texts), got "
+                         f"{[type(s).__name__ for s in segments]}")
+    return segments[0], list(segments[1:])
+
+
+def is_region(rest: Sequence[Segment]) -> bool:
+    """Regions (boxes each with its phrase, no text), not a grounded caption."""
+    return all(isinstance(s, Box) and bool(s.phrase) for s in rest)
+
+
+def caption_text(rest: Sequence[Segment]) -> str:
+    """A grounded caption's plain text: its texts and phrases, without boxes."""
+    return "".join(s.text if isinstance(s, Text) else (s.phrase or "") for s in rest)
+
+
+def phrase_groups(rest: Sequence[Segment]) -> list[tuple[str, list[Box]]]:
+    """A grounded caption's phrases, each with its boxes (the box with the phrase and those right after it)."""
+    groups: list[tuple[str, list[Box]]] = []
+    for s in rest:
+        if isinstance(s, Box):
+            if s.phrase is not None:
+                groups.append((s.phrase, [s]))
+            elif groups:
+                groups[-1][1].append(s)
+    return groups
+
+
+def _bare(box: Box) -> Box:
+    return Box(box.coords)
+
+
+def grounding_pretrain(segments: Sequence[Segment], rng: random.Random, templates: TemplateSet) -> list[Segment]:
+    """One of the regions, drawn at random, either direction at random (comprehension or
+    generation); a grounded caption is written whole after its image."""
+    image, rest = grounding_parts(segments)
+    if is_region(rest):
+        box = rest[rng.randrange(len(rest))]
+        name = "refexp" if rng.random() < 0.5 else "refexp_generation"
+        return _fill(templates.grounding_pretrain[name], image, box.phrase or "", _bare(box), [])
+    return _fill(templates.grounding_pretrain["grounded_captioning"], image, "", None, rest)
+
+
+def _fill(template: str, image: Segment, text: str, box: Box | None, caption: Sequence[Segment],
+          sentence: str = "") -> list[Segment]:
+    """Split a grounding template at its placeholders: ``{image}``/``{media}``, ``{box}``,
+    ``{caption}`` (segments), ``{text}`` and ``{caption_text}`` (strings)."""
+    out: list[Segment] = []
+    for piece in re.split(r"(\{(?:image|media|box|caption|text|caption_text)\})", template):
+        if piece in ("{image}", "{media}"):
+            out.append(image)
+        elif piece == "{box}":
+            out.append(box)  # type: ignore[arg-type]
+        elif piece == "{caption}":
+            out += list(caption)
+        elif piece:
+            piece = {"{text}": text, "{caption_text}": sentence}.get(piece, piece)
+            if out and isinstance(out[-1], Text):  # one text between two non-texts
+                out[-1] = Text(out[-1].text + piece)
+            else:
+                out.append(Text(piece))
+    return out
+
+
+def grounding_conversations(task: str, segments: Sequence[Segment],
+                            templates: TemplateSet | None = None) -> list[list[Turn]]:
+    """Every two-turn conversation of an SFT grounding task a stored sample serves (none when its
+    form does not serve the task): one per region, and for ``phrase_grounding`` one per phrase of
+    a grounded caption (whose answer is all the phrase's boxes)."""
+    wording = (templates or PAPER).grounding_tasks
+    if task not in wording:
+        raise ValueError(f"unknown grounding task {task!r}; expected one of {sorted(wording)}")
+    image, rest = grounding_parts(segments)
+    region = is_region(rest)
+    if task == "refexp" and region:
+        return [[Turn("user", _fill(wording[task], image, b.phrase or "", None, [])), Turn("assistant", [_bare(b)])]
+                for b in rest]
+    if task == "refexp_generation" and region:
+        return [[Turn("user", _fill(wording[task], image, "", _bare(b), [])), Turn("assistant", [Text(b.phrase or "")])]
+                for b in rest]
+    if task in CAPTION_TASKS and not region:
+        if task == "grounded_captioning":
+            return [[Turn("user", _fill(wording[task], image, "", None, [])), Turn("assistant", list(rest))]]
+        sentence = caption_text(rest)
+        return [[Turn("user", _fill(wording[task].replace("{caption}", "{caption_text}"), image, phrase, None, [],
+                                    sentence)),
+                 Turn("assistant", [_bare(b) for b in boxes])] for phrase, boxes in phrase_groups(rest)]
+    return []
+
+
 @dataclass(frozen=True)
 class TemplateSet:
-    """The wording a stage trains with: pretraining templates and the SFT pair tasks' user turns."""
+    """The wording a stage trains with: pretraining templates and the SFT pair tasks' user turns
+    (and the grounding tasks')."""
 
     name: str
     pretrain: Mapping[str, str]
     pair_tasks: Mapping[str, str]
+    grounding_pretrain: Mapping[str, str] = field(default_factory=lambda: GROUNDING_PRETRAIN)
+    grounding_tasks: Mapping[str, str] = field(default_factory=lambda: GROUNDING_TASKS)
 
 
 PAPER = TemplateSet("paper", PRETRAIN_TEMPLATES, PAIR_TASKS)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -49,6 +49,88 @@ MODALITY_NAMES = dict(enumerate(TOKEN_MODALITIES))  # code -> name
 # The label of a position nothing is trained to predict there (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
 
+# Grounding (DESIGN.md, Grounding): a box is ``<box>`` + location tokens + ``</box>``; a phrase
+# linked to it is ``<phrase>text</phrase>`` right before it (Kosmos-2's markdown-like form).
+BOX_BEGIN, BOX_END, PHRASE_BEGIN, PHRASE_END = "<box>", "</box>", "<phrase>", "</phrase>"
+BOX_MARKERS = (BOX_BEGIN, BOX_END, PHRASE_BEGIN, PHRASE_END)
+# Location schemes: "bins" (Unified-IO 2 style: each coordinate quantized to one of B bins, a box
+# is four tokens x1 y1 x2 y2) and "grid" (Kosmos-2 style: P x P cells numbered row-major, a box is
+# two tokens, its top-left cell and its bottom-right cell).
+LOCATION_SCHEMES = {"bins": 4, "grid": 2}  # scheme -> location tokens per box
+
+
+@dataclass(frozen=True)
+class LocationTokens:
+    """A stage's location tokens (``model.location_tokens``): the scheme and its size, B bins per
+    axis (``bins``) or P cells per side (``grid``). They come after MIO's layout, so MIO's ids stay."""
+
+    scheme: str = "bins"
+    size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.scheme not in LOCATION_SCHEMES:
+            raise VocabError(f"location_tokens.scheme must be one of {sorted(LOCATION_SCHEMES)}, got {self.scheme!r}")
+        if not isinstance(self.size, int) or self.size < 2:
+            raise VocabError(f"location_tokens.size must be an integer >= 2, got {self.size!r}")
+
+    @classmethod
+    def of(cls, value: "LocationTokens | Mapping[str, Any] | None") -> "LocationTokens | None":
+        """A stage setting as parsed (a mapping, or the dataclass itself) -> LocationTokens or None."""
+        if value is None or isinstance(value, LocationTokens):
+            return value
+        return cls(**value)
+
+    @property
+    def count(self) -> int:
+        """Location tokens in the vocabulary: B bins, or P*P cells."""
+        return self.size if self.scheme == "bins" else self.size * self.size
+
+    @property
+    def per_box(self) -> int:
+        return LOCATION_SCHEMES[self.scheme]
+
+    def bins(self, values: np.ndarray) -> np.ndarray:
+        """Normalized coordinates in [0, 1] -> their bin (or cell column/row) in [0, size)."""
+        return np.minimum((np.asarray(values, dtype=np.float64) * self.size).astype(np.int64), self.size - 1)
+
+    def encode(self, box: Sequence[float]) -> np.ndarray:
+        """(x1, y1, x2, y2) normalized -> the box's location codes, (per_box,) int64: ``bins``:
+        the bins of x1, y1, x2, y2 in that order; ``grid``: the cells ``row * size + column`` of
+        the top-left corner (x1, y1) and of the bottom-right corner (x2, y2)."""
+        q = self.bins(np.asarray(box, dtype=np.float64))  # (4,) x1 y1 x2 y2
+        if self.scheme == "bins":
+            return q
+        return np.array([q[1] * self.size + q[0], q[3] * self.size + q[2]], dtype=np.int64)
+
+    def decode(self, codes: Sequence[int]) -> tuple[float, float, float, float]:
+        """Location codes -> (x1, y1, x2, y2), each the centre of its bin (or cell): within half a
+        bin of what :meth:`encode` was given."""
+        c = np.asarray(codes, dtype=np.int64)
+        if c.shape != (self.per_box,) or c.min() < 0 or c.max() >= self.count:
+            raise VocabError(f"a {self.scheme} box needs {self.per_box} location codes in [0, {self.count}), got "
+                             f"{c.tolist()}")
+        q = c if self.scheme == "bins" else np.array([c[0] % self.size, c[0] // self.size,
+                                                        c[1] % self.size, c[1] // self.size])
+        x1, y1, x2, y2 = ((q + 0.5) / self.size).tolist()
+        return x1, y1, x2, y2
+
+    def bound(self, codes: Sequence[int]) -> int | None:
+        """The code that bounds the next one after a box's first ``len(codes)`` codes (None: any
+        code may come): ``bins``: x2 is bounded by x1, y2 by y1; ``grid``: the bottom-right cell by
+        the top-left one."""
+        n = len(codes)
+        if self.scheme == "bins":
+            return int(codes[n - 2]) if n >= 2 else None
+        return int(codes[0]) if n == 1 else None
+
+    def allowed_from(self, bound: int) -> np.ndarray:
+        """(count,) bool: the codes allowed after ``bound`` (see :meth:`bound`), so that x2 >= x1 and
+        y2 >= y1: every box completed under them decodes valid."""
+        codes = np.arange(self.count)
+        if self.scheme == "bins":
+            return codes >= bound
+        return (codes % self.size >= bound % self.size) & (codes // self.size >= bound // self.size)
+
 
 class VocabError(MioUserError):
     """A token id, code or layout that does not fit the vocabulary table."""
@@ -72,14 +154,27 @@ class VocabTable:
     image_token: str = "<img{}>"
     speech_token: str = "<spch{}>"
     format: str = field(default=FORMAT)
+    # Location tokens (off by default): the scheme, its size and the first token's id; the four
+    # BOX_MARKERS are then in ``specials``.
+    location_scheme: str | None = None
+    location_size: int = 0
+    location_start: int = -1
+    location_token: str = "<loc{}>"
 
     def __post_init__(self) -> None:
         missing = [t for t in BLOCK_MARKERS if t not in self.specials]
         if missing:
             raise VocabError(f"vocabulary table lacks the block markers {missing}")
+        if self.location_scheme is not None:
+            LocationTokens(self.location_scheme, self.location_size)  # checks them
+            missing = [t for t in BOX_MARKERS if t not in self.specials]
+            if missing:
+                raise VocabError(f"vocabulary table has location tokens but lacks the box markers {missing}")
         ranges = [(i, i + 1, t) for t, i in self.specials.items()]
         ranges += [(self.image_start, self.image_end_id, "image codes"),
                    (self.speech_start, self.speech_end_id, "speech codes")]
+        if self.location_scheme is not None:
+            ranges.append((self.location_start, self.location_end_id, "location tokens"))
         ranges.sort()
         if ranges[0][0] < self.text_size:
             raise VocabError(f"added token {ranges[0][2]!r} at id {ranges[0][0]} overlaps the text vocabulary "
@@ -91,14 +186,26 @@ class VocabTable:
     # --- construction -------------------------------------------------------------------
     @classmethod
     def mio_default(cls, text_size: int, image_codebook_size: int = 8192,
-                    speech_codebook_size: int = 1024, speech_layers: int = 4) -> "VocabTable":
-        """MIO's layout: specials at V..V+5, then image codes, then speech codes."""
+                    speech_codebook_size: int = 1024, speech_layers: int = 4,
+                    locations: LocationTokens | None = None) -> "VocabTable":
+        """MIO's layout: specials at V..V+5, then image codes, then speech codes; with
+        ``locations``, then the four box markers and the location tokens."""
         specials = {tok: text_size + i for i, tok in enumerate(MIO_SPECIAL_ORDER)}
         image_start = text_size + len(MIO_SPECIAL_ORDER)
-        return cls(text_size=text_size, specials=specials, image_start=image_start,
-                   speech_start=image_start + image_codebook_size,
-                   image_codebook_size=image_codebook_size,
-                   speech_codebook_size=speech_codebook_size, speech_layers=speech_layers)
+        table = cls(text_size=text_size, specials=specials, image_start=image_start,
+                    speech_start=image_start + image_codebook_size,
+                    image_codebook_size=image_codebook_size,
+                    speech_codebook_size=speech_codebook_size, speech_layers=speech_layers)
+        return table.with_locations(locations) if locations is not None else table
+
+    def with_locations(self, locations: LocationTokens) -> "VocabTable":
+        """This table with box markers and location tokens after its last id (its ids stay)."""
+        if self.location_scheme is not None:
+            raise VocabError("the vocabulary table has location tokens already")
+        end = self.total_size
+        specials = {**self.specials, **{t: end + i for i, t in enumerate(BOX_MARKERS)}}
+        return replace(self, specials=specials, location_scheme=locations.scheme, location_size=locations.size,
+                       location_start=end + len(BOX_MARKERS))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, config: Mapping[str, Any] | None = None) -> "VocabTable":
@@ -155,8 +262,31 @@ class VocabTable:
         return self.speech_start + self.speech_codebook_size * self.speech_layers
 
     @property
+    def location_end_id(self) -> int:
+        return self.location_start + self.locations.count if self.location_scheme is not None else self.location_start
+
+    @property
+    def locations(self) -> LocationTokens:
+        """The table's location tokens; a table without them raises, saying what to do."""
+        if self.location_scheme is None:
+            raise VocabError("this model's vocabulary has no location tokens, so it cannot read or write boxes: "
+                             "train it from a stage that extends the backbone with model.location_tokens "
+                             "(e.g. {scheme: bins, size: 1000})")
+        return LocationTokens(self.location_scheme, self.location_size)
+
+    @property
+    def has_locations(self) -> bool:
+        return self.location_scheme is not None
+
+    def is_location(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if self.location_scheme is None:
+            return np.zeros(ids.shape, dtype=bool)
+        return (ids >= self.location_start) & (ids < self.location_end_id)
+
+    @property
     def total_size(self) -> int:
-        return max(self.image_end_id, self.speech_end_id, max(self.specials.values()) + 1)
+        return max(self.image_end_id, self.speech_end_id, self.location_end_id, max(self.specials.values()) + 1)
 
     @property
     def num_added(self) -> int:
@@ -187,6 +317,9 @@ class VocabTable:
             tokens[self.image_start + c - self.text_size] = self.image_token.format(c)
         for c in range(self.speech_codebook_size * self.speech_layers):
             tokens[self.speech_start + c - self.text_size] = self.speech_token.format(c)
+        if self.location_scheme is not None:
+            for c in range(self.locations.count):
+                tokens[self.location_start + c - self.text_size] = self.location_token.format(c)
         holes = [i + self.text_size for i, t in enumerate(tokens) if t is None]
         if holes:
             raise VocabError(f"vocabulary table leaves ids {holes[:5]} unassigned")
@@ -246,6 +379,8 @@ class VocabTable:
         if self.is_speech(token_id):
             layer, code = self.speech_codes(np.array([token_id]))
             return SPEECH, int(layer[0]), int(code[0])
+        if self.is_location(token_id):
+            return "location", 0, token_id - self.location_start
         if token_id in self.specials.values():
             return "special", 0, token_id
         return TEXT, 0, token_id
@@ -313,10 +448,11 @@ def missing_chat_markers(tokenizer: Any) -> list[str]:
     return [t for t in CHAT_MARKERS if t not in vocab]
 
 
-def extension_table(tokenizer: Any) -> VocabTable:
+def extension_table(tokenizer: Any, locations: LocationTokens | None = None) -> VocabTable:
     """The table that extending a text-only backbone with this tokenizer gives (extend_backbone): mio's
-    tokens after the text vocabulary, which first gains the chat markers it lacks."""
-    return VocabTable.mio_default(len(tokenizer) + len(missing_chat_markers(tokenizer)))
+    tokens after the text vocabulary, which first gains the chat markers it lacks (then, with
+    ``locations``, the box markers and location tokens)."""
+    return VocabTable.mio_default(len(tokenizer) + len(missing_chat_markers(tokenizer)), locations=locations)
 
 
 def is_extended(tokenizer: Any) -> bool:
@@ -326,7 +462,8 @@ def is_extended(tokenizer: Any) -> bool:
     return "<img0>" in vocab or "<spch0>" in vocab
 
 
-def folder_table(folder: str | os.PathLike, tokenizer: Any, extend: bool = False) -> VocabTable:
+def folder_table(folder: str | os.PathLike, tokenizer: Any, extend: bool = False,
+                 locations: LocationTokens | None = None) -> VocabTable:
     """The vocabulary table of a model folder: the one rule every command uses.
 
     1. the folder's ``mio_vocab.json`` (every folder mio writes has one);
@@ -343,7 +480,7 @@ def folder_table(folder: str | os.PathLike, tokenizer: Any, extend: bool = False
     if is_extended(tokenizer) or (config is not None and "image_bos_id" in config):
         return VocabTable.from_tokenizer(tokenizer, config)
     if extend:
-        return extension_table(tokenizer)
+        return extension_table(tokenizer, locations)
     raise VocabError(f"{path} is not extended with mio's tokens (no {VOCAB_FILE}, no <img0>/<spch0> tokens): set "
                      "model.extend_vocab: true to extend it (stage 1), or start from a stage's output folder")
 
@@ -375,7 +512,8 @@ def extend_tokenizer(tokenizer: Any, table: VocabTable | None = None) -> VocabTa
 
 
 
-def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None) -> VocabTable:
+def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None,
+                    locations: LocationTokens | None = None) -> VocabTable:
     """Add mio's tokens to a Hugging Face causal LM and its tokenizer, in place.
 
     New embedding rows (and output rows, when untied) start at the mean of the existing
@@ -387,7 +525,7 @@ def extend_backbone(model: Any, tokenizer: Any, table: VocabTable | None = None)
             f"tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; mio extends both in "
             "step, so they must agree: if the rows past the tokenizer's ids are padding (some families round their "
             "vocabulary up), resize the model to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))")
-    table = extend_tokenizer(tokenizer, table)
+    table = extend_tokenizer(tokenizer, table or extension_table(tokenizer, locations))
     # A model on the meta device (built before sharding) has no rows to average.
     model.resize_token_embeddings(table.total_size, mean_resizing=not model.get_input_embeddings().weight.is_meta)
     return table

@@ -55,6 +55,8 @@ def _demo_recipe(name: str, tmp: Path) -> tuple[Path, list[dict]]:
     bundled rows (for SFT: two of every task family) from the bundled files."""
     recipe = RECIPES / "demo" / f"{name}.yaml"
     raw = yaml.safe_load(recipe.read_text())
+    if name == "grounding":  # Visual Genome's layout: one JSON array, one row per photo
+        return recipe, json.loads((SAMPLES / "grounding" / "region_descriptions.json").read_text())
     rows = _rows(Path(raw["input"]).name)
     if name not in SUBSETS:
         return recipe, rows
@@ -98,6 +100,9 @@ def test_demo_recipe_on_bundled_samples(name, tmp_path):
     elif name in ("interleaved", "video_interleaved"):
         kinds = [("text" if isinstance(s, Text) else "media") for s in first.segments]
         assert kinds == [("text" if "text" in d else "media") for d in row["segments"]]
+    elif name == "grounding":
+        assert isinstance(first.segments[0], Image) and [b.phrase for b in first.segments[1:]] == \
+            [r["phrase"] for r in row["regions"]]
     else:
         assert {s.task for s in stored} == {r["task"] for r in rows}
         assert all(s.turns and s.turns[-1].role == "assistant" for s in stored)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mio.data.shards import file_sha256, iter_shard, list_shards, read_manifest
-from mio.segments import Image, Segment, Text, Video
+from mio.segments import Box, Image, Segment, Text, Video
 from mio.vocab import IGNORE_INDEX
 
 
@@ -23,6 +23,9 @@ def describe_segment(seg: Segment, max_chars: int = 160) -> str:
         return f"<image: {np.asarray(seg.codes).size} codes {np.asarray(seg.codes)[:4].tolist()}...>"
     if isinstance(seg, Video):
         return f"<video: {len(seg.frames)} key frames>"
+    if isinstance(seg, Box):
+        phrase = f"{json.dumps(seg.phrase, ensure_ascii=False)} " if seg.phrase is not None else ""
+        return f"<box {phrase}" + " ".join(f"{v:.3f}" for v in seg.coords) + ">"
     codes = np.asarray(seg.codes)
     return f"<speech: {codes.shape[0]} layer(s) x {codes.shape[1]} frames ({codes.shape[1] / 50:.2f}s)>"
 

@@ -33,10 +33,12 @@ from mio.data.shards import ShardError, StoredSample, decode_sample, list_shards
 from mio.data.tars import ShardFailure, TarSamples
 from mio.segments import Rendered, Segment, SegmentRenderer, Text
 from mio.templates import (
+    GROUNDING_TASKS,
     PAIR_TASKS,
     ConditionDraw,
     ConditionDropout,
     ConversationError,
+    grounding_conversations,
     pair_conversation,
     pretrain_segments,
     render_chat,
@@ -74,9 +76,10 @@ class DatasetSpec:
             raise MioUserError(f"dataset {self.path}: format must be 'pretrain' or 'sft', got {self.format!r}")
         if self.weight <= 0:
             raise MioUserError(f"dataset {self.path}: weight must be positive, got {self.weight}")
-        unknown = [t for t in self.tasks if t not in PAIR_TASKS]
+        unknown = [t for t in self.tasks if t not in PAIR_TASKS and t not in GROUNDING_TASKS]
         if unknown:
-            raise MioUserError(f"dataset {self.path}: unknown tasks {unknown}; known: {sorted(PAIR_TASKS)}")
+            raise MioUserError(f"dataset {self.path}: unknown tasks {unknown}; known: "
+                               f"{sorted([*PAIR_TASKS, *GROUNDING_TASKS])}")
         template_set(self.templates)
         ConditionDropout(self.cond_dropout, self.cond_null_text)  # checks the families and probabilities
 
@@ -246,6 +249,13 @@ def training_segments(sample: StoredSample, spec: DatasetSpec, rng: random.Rando
             return render_chat(sample.turns, task=sample.task), False
         if not spec.tasks:
             raise MioUserError(f"dataset {spec.path}: {sample.data_type} samples under format 'sft' need `tasks`")
+        if sample.data_type == "grounding":  # a task the sample's form serves, then one of its conversations
+            served = [(t, c) for t in spec.tasks if t in GROUNDING_TASKS
+                      for c in [grounding_conversations(t, sample.segments, template_set(spec.templates))] if c]
+            if not served:
+                raise MioUserError(f"{sample.key}: this grounding sample serves none of the tasks {spec.tasks}")
+            task, conversations = served[rng.randrange(len(served))]
+            return render_chat(conversations[rng.randrange(len(conversations))], task=task), False
         task = spec.tasks[rng.randrange(len(spec.tasks))]
         media = [s for s in sample.segments if not isinstance(s, Text)]
         text = "".join(s.text for s in sample.segments if isinstance(s, Text))

@@ -23,7 +23,8 @@ from mio.templates import DATA_TYPES
 from mio.userio import MioUserError, load_yaml_mapping
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
-INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls")
+INPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "folder", "tar", "urls",
+                 "flickr30k_entities")  # a split list beside Sentences/ and Annotations/ (mio/data/layouts/grounding.py)
 MEDIA_KINDS = (IMAGE, SPEECH, VIDEO)
 BAD_MEDIA_POLICIES = ("drop_media", "drop_document")
 JSONL_ARCHIVES = (".jsonl.zip", ".jsonl.tgz", ".jsonl.tar.gz")  # one JSONL file inside, as releases publish it

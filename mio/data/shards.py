@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence, TypedDict
 import numpy as np
 
 from mio.data.tars import tar_samples, tar_writer
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, BoxError, Image, Segment, Speech, Text, Video
 from mio.templates import DATA_TYPES, Turn
 from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO
@@ -103,6 +103,8 @@ def token_counts(segments: list[Segment]) -> dict[str, int]:
     for s in segments:
         if isinstance(s, Text):
             counts["text_chars"] += len(s.text)
+        elif isinstance(s, Box):
+            counts["text_chars"] += len(s.phrase or "")
         elif isinstance(s, Image):
             counts[IMAGE] += int(np.asarray(s.codes).size)
         elif isinstance(s, Video):
@@ -125,6 +127,8 @@ def encode_sample(sample: StoredSample) -> dict[str, Any]:
         nonlocal media_index
         if isinstance(seg, Text):
             return {TEXT: seg.text}
+        if isinstance(seg, Box):  # normalized coordinates, as given (quantized only when rendered)
+            return {"box": list(seg.coords), **({"phrase": seg.phrase} if seg.phrase is not None else {})}
         kind, arr = _media_array(seg)
         name = f"m{media_index}.npy"
         media_index += 1
@@ -215,6 +219,11 @@ def decode_sample(raw: dict[str, Any]) -> StoredSample:
             return Video(media(d[VIDEO], VIDEO, 2))
         if SPEECH in d:
             return Speech(media(d[SPEECH], SPEECH, 2))
+        if "box" in d:
+            try:
+                return Box(tuple(d["box"]), d.get("phrase"))
+            except (BoxError, ValueError, TypeError) as e:
+                raise ShardError(f"{where}: bad box {d['box']!r}: {e}") from None
         raise ShardError(f"{where}: unknown segment {d}")
 
     data_type = meta.get("data_type")

@@ -23,7 +23,7 @@ from mio.data.media import Recordings, VideoFile, load_image
 from mio.data.progress import Meter
 from mio.data.recipe import Recipe
 from mio.data.shards import StoredSample
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, Image, Segment, Speech, Text, Video
 from mio.templates import ConversationError, Turn, check_conversation
 from mio.tokenizers.media_tokenizers import MediaTokenizers, MissingTokenizerError, SpecSource
 from mio.vocab import IMAGE, SPEECH, VIDEO
@@ -66,7 +66,8 @@ class Context:
 
 
 def _text_chars(draft: RowDraft) -> int:
-    return sum(len(x.text.strip()) for x in draft.all_items() if isinstance(x, Text))
+    return sum(len(x.text.strip()) if isinstance(x, Text) else len(x.phrase or "") if isinstance(x, Box) else 0
+               for x in draft.all_items())
 
 
 def _draft(ctx: Context, row: InputRow) -> RowDraft:
@@ -216,7 +217,7 @@ def _encode(ctx: Context, results: list[Any], loaded: dict[int, list[Any]]) -> d
 
 
 def _segment(item: Item, codes: Iterator[Any]) -> Segment:
-    if isinstance(item, Text):
+    if isinstance(item, (Text, Box)):
         return item
     c = next(codes)
     return {IMAGE: Image, SPEECH: Speech, VIDEO: Video}[item.kind](c)

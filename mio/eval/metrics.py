@@ -9,7 +9,10 @@
 - ASR (and TTS through an ASR model): word error rate from jiwer over texts normalized by
   Whisper's English normalizer (the ``whisper-normalizer`` package: OpenAI's code as a library);
 - image generation: CLIP score, 100 * max(cos(image, text), 0), with a local CLIP folder;
-- exact match of the generated segments, as the demo has always scored its memorised pairs.
+- exact match of the generated segments, as the demo has always scored its memorised pairs;
+- grounding: a predicted box is right when its IoU with a reference box is at least 0.5 (the
+  RefCOCO/+/g accuracy of referring expression comprehension, and Flickr30k Entities' recall@1
+  per phrase under the "any box" protocol Kosmos-2 reports: any of the phrase's boxes counts).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mio.segments import Segment, Text
+from mio.segments import Box, Segment, Text
 from mio.userio import MioUserError
 
 
@@ -40,6 +43,29 @@ def exact_match(output: Sequence[Segment], target: Sequence[Segment]) -> bool:
         elif not o == t:
             return False
     return True
+
+
+# --- grounding: IoU of boxes -------------------------------------------------------------------
+IOU_THRESHOLD = 0.5
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes (0 when both are empty)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def top_box_iou(answer: Sequence[Segment], references: Sequence[Sequence[Segment]]) -> float:
+    """The IoU of the answer's first box (its top-1 prediction) with the closest box of any
+    reference; 0 when the answer holds no box."""
+    predicted = next((s for s in answer if isinstance(s, Box)), None)
+    boxes = [s for ref in references for s in ref if isinstance(s, Box)]
+    if predicted is None or not boxes:
+        return 0.0
+    return max(box_iou(predicted.coords, b.coords) for b in boxes)
 
 
 # --- captioning: CIDEr and BLEU-4 ------------------------------------------------------------

@@ -24,12 +24,14 @@ import numpy as np
 
 from mio.data.ranks import resolve_ranks
 from mio.eval.metrics import (
+    IOU_THRESHOLD,
     ClipScorer,
     Transcriber,
     caption_scores,
     exact_match,
     local_folder,
     normalize_transcript,
+    top_box_iou,
     vqa_accuracy,
     word_error_rates,
 )
@@ -37,6 +39,8 @@ from mio.eval.report import write_html
 from mio.eval.tasks import (
     ASR,
     CAPTION,
+    GROUNDING,
+    GROUNDING_FIGURES,
     IMAGE_GENERATION,
     OUTPUTS,
     TTS,
@@ -50,7 +54,7 @@ from mio.generate.detok import DEFAULT_UNCLIP, UnclipSettings
 from mio.generate.generator import Generation, Generator
 from mio.generate.spread import Spread
 from mio.log import info
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.segments import Box, Image, Segment, Speech, Text, Video
 from mio.userio import MioUserError
 
 
@@ -117,6 +121,9 @@ def show(segments: Sequence[Segment]) -> str:
         elif isinstance(s, Speech):
             layers, frames = np.asarray(s.codes).shape
             parts.append(f"[speech: {layers} x {frames} codes]")
+        elif isinstance(s, Box):
+            phrase = f"<phrase>{s.phrase}</phrase>" if s.phrase is not None else ""
+            parts.append(phrase + "[box " + " ".join(f"{v:.3f}" for v in s.coords) + "]")
     return "".join(parts).strip()
 
 
@@ -234,6 +241,13 @@ def score_task(task: str, rows: list[EvalAnswer], generator: Generator, scorers:
         else:
             _transcribe(rows, generator, scorers.asr(), out)
             figures.update(_wer(rows, "tts_wer", [r.item.condition for r in rows], [r.transcript or "" for r in rows]))
+    elif kind == GROUNDING:
+        name = GROUNDING_FIGURES[task]
+        for r in rows:
+            r.scores["iou"] = top_box_iou(r.generation.segments, r.item.references)
+            r.scores[name] = float(r.scores["iou"] >= IOU_THRESHOLD)
+        figures[name] = float(np.mean([r.scores[name] for r in rows]))
+        figures["mean_iou"] = float(np.mean([r.scores["iou"] for r in rows]))
     elif kind == IMAGE_GENERATION:
         if scorers.clip_folder is None:
             not_computed["clip_score"] = "needs --clip-model (a local CLIP folder)"

@@ -20,21 +20,25 @@ from typing import Any, Sequence
 import numpy as np
 
 from mio.data.shards import StoredSample, iter_shard, list_shards
-from mio.segments import Segment, Text
-from mio.templates import PAIR_TASKS, Turn, pair_conversation
+from mio.segments import Box, Segment, Text
+from mio.templates import GROUNDING_TASKS, PAIR_TASKS, Turn, grounding_conversations, pair_conversation
 from mio.userio import MioUserError
 
 # The kinds of task, by how their answers are scored (every task also gets exact match).
 CAPTION, VQA, ASR, TTS, IMAGE_GENERATION = "caption", "vqa", "asr", "tts", "image_generation"
+GROUNDING = "grounding"  # the answer's first box against the reference boxes, IoU >= 0.5
 TASK_KINDS: dict[str, str] = {
-    "image_captioning": CAPTION, "video_understanding": CAPTION,
+    "image_captioning": CAPTION, "video_understanding": CAPTION, "refexp_generation": CAPTION,
+    "refexp": GROUNDING, "phrase_grounding": GROUNDING,
     "image_qa": VQA, "vqa": VQA,
     "asr": ASR, "tts": TTS,
     "image_generation": IMAGE_GENERATION, "descriptive_image_generation": IMAGE_GENERATION,
 }
 # What an answer may contain, per metric family: the modality scored (and text); other tasks: anything.
 OUTPUTS: dict[str, tuple[str, ...]] = {CAPTION: ("text",), VQA: ("text",), ASR: ("text",), TTS: ("text", "speech"),
-                                       IMAGE_GENERATION: ("text", "image")}
+                                       IMAGE_GENERATION: ("text", "image"), GROUNDING: ("text",)}
+# The name each grounding task's figure has in its benchmark's papers.
+GROUNDING_FIGURES = {"refexp": "accuracy@0.5", "phrase_grounding": "recall@1"}
 # The pair data type each pair task reads.
 PAIR_DATA = {"image_captioning": "image_text", "descriptive_image_generation": "image_text", "asr": "speech_text",
              "tts": "speech_text", "video_understanding": "video_text", "video_generation": "video_text"}
@@ -68,6 +72,8 @@ def _fingerprint(task: str, turns: Sequence[Turn]) -> tuple[Any, ...]:
     def seg(x: Segment) -> tuple[Any, ...]:
         if isinstance(x, Text):
             return ("text", x.text)
+        if isinstance(x, Box):
+            return ("box", x.coords, x.phrase)
         arr = np.asarray(getattr(x, "codes", getattr(x, "frames", None)))
         return (type(x).__name__, arr.shape, arr.astype(np.int64).tobytes())
 
@@ -90,7 +96,8 @@ class EvalSet:
 def read_eval_set(folders: Sequence[str | os.PathLike], tasks: Sequence[str], limit: int | None = None) -> EvalSet:
     """The items of ``tasks`` in the prepared datasets ``folders`` (at most ``limit`` per task)."""
     if not tasks:
-        raise MioUserError("no eval task given: name some of " + ", ".join(sorted(set(TASK_KINDS) | set(PAIR_TASKS))))
+        raise MioUserError("no eval task given: name some of " + ", ".join(sorted(set(TASK_KINDS) | set(PAIR_TASKS)
+                                                                                   | set(GROUNDING_TASKS))))
     if limit is not None and limit < 1:
         raise MioUserError(f"--limit must be positive, got {limit}")
     wanted = set(tasks)
@@ -133,6 +140,8 @@ def _conversations(sample: StoredSample, wanted: set[str], skipped: collections.
             return []
         prompt = list(sample.turns[:-1])
         return [(task, prompt, list(sample.turns[-1].content), _user_text(prompt))]
+    if sample.data_type == "grounding":
+        return _grounding_conversations(sample, wanted, available)
     out = []
     for task, data_type in PAIR_DATA.items():
         if data_type != sample.data_type:
@@ -147,4 +156,18 @@ def _conversations(sample: StoredSample, wanted: set[str], skipped: collections.
             continue
         turns = pair_conversation(task, media[0], texts[0])
         out.append((task, turns[:-1], list(turns[-1].content), texts[0]))
+    return out
+
+
+def _grounding_conversations(sample: StoredSample, wanted: set[str],
+                             available: collections.Counter[str]) -> list[tuple[str, list[Turn], list[Segment], str]]:
+    """A grounding sample's conversations of the wanted grounding tasks (a region serves refexp and
+    refexp_generation; a grounded caption serves grounded_captioning and one phrase_grounding item
+    per phrase)."""
+    out = []
+    for task in GROUNDING_TASKS:
+        conversations = grounding_conversations(task, sample.segments)
+        available[task] += len(conversations)
+        if task in wanted:
+            out += [(task, turns[:-1], list(turns[-1].content), _user_text(turns[:-1])) for turns in conversations]
     return out

@@ -3,7 +3,11 @@
 Outside media: text tokens or a media start token. Inside ``<image>``: image codes only,
 exactly ``tokens_per_image`` of them, then ``</image>``. Inside output ``<spch>``: the speech
 layers in order, each exactly as long as the first, then ``</spch>``. A video is consecutive
-image blocks, so an image block that opens right after ``</image>`` is a video frame.
+image blocks, so an image block that opens right after ``</image>`` is a video frame. With
+location tokens in the table: after ``<box>`` exactly the scheme's number of location tokens,
+each allowed only where x2 >= x1 and y2 >= y1 still hold, then ``</box>``; inside ``<phrase>``
+text until ``</phrase>``, which must be followed by ``<box>``. Boxes are written with the text
+settings (they are the answer's text, in location tokens).
 
 The state is derived from each row's ids on every call, so it is right under beam search
 (whose rows are reordered between steps) and with the KV cache. Deriving it costs a few
@@ -21,7 +25,7 @@ import torch
 from transformers import LogitsProcessor
 
 from mio.userio import MioUserError
-from mio.vocab import IMAGE, SPEECH, TEXT, VIDEO, VocabTable
+from mio.vocab import BOX_BEGIN, BOX_END, IMAGE, PHRASE_BEGIN, PHRASE_END, SPEECH, TEXT, VIDEO, VocabTable
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class BlockState:
     first_layer_len: int = 0  # speech: codes of layer 0
     video_frame: bool = False  # image: the block opens right after a closed image block
     after_block: bool = False  # text: the last token closed a media block
+    box: tuple[int, ...] | None = None  # text: inside <box> (start: its index), the location codes so far
+    phrase: bool = False  # text: inside <phrase> (start: its index)
+    after_phrase: bool = False  # text: the last token is </phrase>, a <box> must follow
 
     @property
     def mode(self) -> str:
@@ -64,6 +71,10 @@ class ModalityConstraint(LogitsProcessor):
         self.max_speech_frames = max_speech_frames
         self.allow_image, self.allow_speech = allow_image, allow_speech
         self.text_only_stops = None if text_only_stops is None else sorted({int(i) for i in text_only_stops})
+        # Boxes: where the table has location tokens and the answer may hold text.
+        self.boxes = table.has_locations and text_only_stops is None
+        self.box_marks = [table.specials[m] for m in (BOX_BEGIN, BOX_END, PHRASE_BEGIN, PHRASE_END)] \
+            if table.has_locations else []
         self._biases: dict[tuple[int, str, torch.dtype], tuple[dict[str, int], torch.Tensor]] = {}
 
     # --- state ---------------------------------------------------------------------------
@@ -74,8 +85,8 @@ class ModalityConstraint(LogitsProcessor):
         marks = np.flatnonzero((row == t.image_begin) | (row == t.image_end)
                                | (row == t.speech_begin) | (row == t.speech_end))
         if marks.size == 0:
-            return OUTSIDE
-        after = AFTER_BLOCK if row[-1] in (t.image_end, t.speech_end) else OUTSIDE
+            return self._box_state(row, OUTSIDE)
+        after = self._box_state(row, AFTER_BLOCK if row[-1] in (t.image_end, t.speech_end) else OUTSIDE)
         start = int(marks[-1])
         opener, body = row[start], row[start + 1:]
         # A begin token followed by anything but its codes was a literal mention in text
@@ -92,9 +103,38 @@ class ModalityConstraint(LogitsProcessor):
             return BlockState(SPEECH, start, count=int(counts[layer]), layer=layer, first_layer_len=int(counts[0]))
         return after
 
+    def _box_state(self, row: np.ndarray, outside: BlockState) -> BlockState:
+        """A row outside media: inside a box or a phrase, right after a phrase, or ``outside``."""
+        if not self.box_marks:
+            return outside
+        t = self.table
+        box_begin, _, phrase_begin, phrase_end = self.box_marks
+        marks = np.flatnonzero(np.isin(row, self.box_marks))
+        if marks.size == 0:
+            return outside
+        start = int(marks[-1])
+        body = row[start + 1:]
+        if row[start] == box_begin and t.is_location(body).all():
+            return BlockState(TEXT, start, box=tuple((body - t.location_start).tolist()))
+        if row[start] == phrase_begin:
+            return BlockState(TEXT, start, phrase=True)
+        if row[start] == phrase_end and start == len(row) - 1:
+            return BlockState(TEXT, after_phrase=True)
+        return outside
+
     def allowed_key(self, s: BlockState) -> str:
         """The name of the allowed set that follows state ``s`` (see :meth:`_allowed_masks`)."""
         if s.kind == TEXT:
+            if s.box is not None:
+                locations = self.table.locations
+                if len(s.box) >= locations.per_box:
+                    return "box_end"
+                bound = locations.bound(s.box)
+                return "location" if bound is None else f"location_from:{bound}"
+            if s.phrase:
+                return "phrase"
+            if s.after_phrase:
+                return "box_begin"
             return "after_block" if s.after_block else "outside"
         if s.kind == IMAGE:
             return "image" if s.count < self.tokens_per_image else "image_end"
@@ -132,6 +172,14 @@ class ModalityConstraint(LogitsProcessor):
                    "image_end": ids == t.image_end, "speech_end": speech_end,
                    "after_layer0": after_layer0, "layer0_or_next": layers[0] | after_layer0}
         allowed.update({f"layer{k}": m for k, m in enumerate(layers)})
+        if self.box_marks:
+            box_begin, box_end, phrase_begin, phrase_end = self.box_marks
+            if self.boxes:
+                allowed["outside"] = outside | (ids == box_begin) | (ids == phrase_begin)
+                allowed["after_block"] = after_block | (ids == box_begin) | (ids == phrase_begin)
+            allowed.update({"location": (ids >= t.location_start) & (ids < t.location_end_id),
+                            "box_end": ids == box_end, "box_begin": ids == box_begin,
+                            "phrase": (ids < t.text_size) | (ids == phrase_end)})
         return allowed
 
     def biases(self, vocab: int, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor]:
@@ -152,9 +200,22 @@ class ModalityConstraint(LogitsProcessor):
     def bias(self, keys: list[str], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The allowed sets named by ``keys`` (one per row) as a (B, V) additive bias."""
         rows, bias = self.biases(vocab, device, dtype)
+        if any(k not in rows for k in keys):  # a box's bounded coordinate: its row built for the step
+            return torch.stack([bias[rows[k]] if k in rows else self._bounded(k, bias[rows["location"]]) for k in keys])
         if len(keys) == 1:
             return bias[rows[keys[0]]][None]  # (1, V)
         return bias.index_select(0, torch.tensor([rows[k] for k in keys], device=device))  # (B, V)
+
+    def _bounded(self, key: str, location: torch.Tensor) -> torch.Tensor:
+        """The (V,) bias of ``location_from:{bound}``: the location row with the codes that would
+        make x2 < x1 or y2 < y1 forbidden. Built per use (a step writes at most a few), not kept:
+        one cached row per bound would hold up to B rows of the whole vocabulary."""
+        t = self.table
+        bound = int(key.partition(":")[2])
+        forbidden = torch.from_numpy(~t.locations.allowed_from(bound)).to(location.device)
+        row = location.clone()
+        row[t.location_start:t.location_end_id].masked_fill_(forbidden, float("-inf"))
+        return row
 
     def states(self, rows: np.ndarray) -> list[BlockState]:
         """(B, L) ids -> each row's state. Rows whose last block marker closes a block (or that
@@ -165,6 +226,8 @@ class ModalityConstraint(LogitsProcessor):
         marks = opens | (rows == t.image_end) | (rows == t.speech_end)
         last = rows.shape[1] - 1 - np.argmax(marks[:, ::-1], axis=1)  # (B,) last marker, if any
         inside = marks.any(1) & opens[np.arange(len(rows)), last]
+        if self.box_marks:  # rows holding a box or phrase marker: derived one by one
+            inside |= np.isin(rows, self.box_marks).any(1)
         closed = (rows[:, -1] == t.image_end) | (rows[:, -1] == t.speech_end)
         return [self.state(r) if maybe else AFTER_BLOCK if after else OUTSIDE
                 for r, maybe, after in zip(rows, inside, closed)]

@@ -28,11 +28,11 @@ from mio.generate.detok import (
     write_wav,
 )
 from mio.generate.media import MediaFile
-from mio.generate.results import Decoded, Generation, PartialBlock, Written
+from mio.generate.results import BOX, Decoded, Generation, PartialBlock, Written
 from mio.generate.settings import STOP_ANY, DecodeSettings, Preset, get_preset, resolve_settings
 from mio.generate.transcript import write_transcript
 from mio.model.backbone import load_backbone
-from mio.segments import Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
+from mio.segments import Box, Image, Segment, SegmentRenderer, Speech, Text, TextDecoder, Video, parse
 from mio.templates import Turn, condition_removed, content_only, render_chat, unconditional_chat
 from mio.tokenizers.media_tokenizers import MediaTokenizers
 from mio.userio import MioUserError
@@ -296,18 +296,20 @@ class Generator:
             ids = ids[:-1]
         p = len(prompt_ids)
         opened = constraint.state(prompt_ids)
-        lead = [int(i) for i in prompt_ids[opened.start:]] if opened.kind != TEXT else []
+        lead = [int(i) for i in prompt_ids[opened.start:]] if opened.start >= 0 else []  # a block or box open
         full = np.concatenate([prompt_ids, np.asarray(ids, dtype=np.int64)])
         end = constraint.state(full)
         partial = None
-        if end.kind != TEXT:
+        if end.start >= 0:  # a media block, or a box or phrase, the limit cut
             cut = max(end.start - p, 0)
             inside = len(full) - end.start - 1
-            want = f"{constraint.tokens_per_image} image codes" if end.kind == IMAGE else "all speech layers"
-            article = "an" if end.kind == IMAGE else "a"
-            partial = PartialBlock(end.kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
-                                                     f"inside {article} {end.kind} block after {inside} codes, before {want} "
-                                                     f"and its end token; it is not decoded")
+            kind = end.kind if end.kind != TEXT else "box"
+            want = {IMAGE: f"{constraint.tokens_per_image} image codes", SPEECH: "all speech layers",
+                    "box": "its location tokens"}[kind]
+            partial = PartialBlock(kind, inside, f"the token limit ({len(result.ids)} new tokens) stopped generation "
+                                                 f"inside {'an' if kind == IMAGE else 'a'} {kind} block after {inside} "
+                                                 f"{'location tokens' if kind == 'box' else 'codes'}, before {want} "
+                                                 f"and its end token; it is not decoded")
             ids = ids[:cut]
             if end.start < p:
                 lead = []
@@ -343,6 +345,9 @@ class Generator:
         for seg in generation.segments:
             if isinstance(seg, Text):
                 decoded.append(Decoded(TEXT, text=seg.text))
+                continue
+            if isinstance(seg, Box):  # drawn on the image it points at by the transcript
+                decoded.append(Decoded(BOX, text=seg.phrase or "", codes=list(seg.coords)))
                 continue
             kind = IMAGE if isinstance(seg, Image) else SPEECH if isinstance(seg, Speech) else VIDEO
             counts[kind] += 1
@@ -385,7 +390,7 @@ class Generator:
 def _as_item(x: PromptItem) -> Segment | MediaFile:
     if isinstance(x, str):
         return Text(x)
-    if isinstance(x, (Text, Image, Speech, Video, MediaFile)):
+    if isinstance(x, (Text, Image, Speech, Video, Box, MediaFile)):
         return x
     if isinstance(x, os.PathLike):
         return MediaFile.guess(x)

@@ -42,11 +42,14 @@ class Generation:
         return self.result.stopped
 
 
+BOX = "box"  # a Decoded box: drawn on the image it points at, not decoded to a file
+
+
 @dataclass
 class Decoded:
     """One answer segment as written: text, or a media file, or why it was not decoded."""
 
-    kind: str  # text, image, speech, video or partial
+    kind: str  # text, image, speech, video, box (codes: its normalized x1 y1 x2 y2; text: its phrase) or partial
     text: str = ""
     file: str | None = None  # relative to the output folder
     note: str = ""

@@ -1,5 +1,5 @@
 """A generation written out: ``transcript.md``, ``transcript.html`` (images shown, speech
-playable, video frames animated) and ``generation.json`` (ids, codes and settings).
+playable, video frames animated, boxes drawn on the image they point at) and ``generation.json`` (ids, codes and settings).
 
 Prompt media files are copied beside the transcript, so the folder stands on its own.
 """
@@ -16,17 +16,20 @@ from typing import Any
 import numpy as np
 
 from mio.generate.media import MediaFile
-from mio.generate.results import Decoded, Generation
-from mio.segments import Image, Segment, Speech, Text, Video
+from mio.generate.results import BOX, Decoded, Generation
+from mio.segments import Box, Image, Segment, Speech, Text, Video
+from mio.vocab import IMAGE
 
 
 @dataclasses.dataclass
 class Shown:
     """One item of the page: text, a media file, or a note."""
 
-    kind: str  # text, image, speech, video, note
+    kind: str  # text, image, speech, video, box, note
     text: str = ""
     file: str | None = None
+    boxes: list[tuple[tuple[float, ...], str]] = dataclasses.field(default_factory=list)  # image: boxes drawn on it
+    coords: tuple[float, ...] = ()  # box: normalized x1 y1 x2 y2
 
 
 def shown_turns(generation: Generation, out: Path) -> list[tuple[str, list[Shown]]]:
@@ -38,6 +41,8 @@ def shown_turns(generation: Generation, out: Path) -> list[tuple[str, list[Shown
         for x in turn.content:
             if isinstance(x, Text):
                 shown.append(Shown("text", x.text))
+            elif isinstance(x, Box):
+                shown.append(Shown(BOX, x.phrase or "", coords=x.coords))
             elif isinstance(x, MediaFile):
                 copied += 1
                 name = f"prompt/{copied}_{x.path.name}"
@@ -66,6 +71,8 @@ def answer_items(decoded: list[Decoded]) -> list[Shown]:
     for d in decoded:
         if d.kind == "text":
             out.append(Shown("text", d.text))
+        elif d.kind == BOX:
+            out.append(Shown(BOX, d.text, coords=tuple(d.codes)))
         elif d.kind == "partial" or d.file is None:
             out.append(Shown("note", f"{d.kind}: {d.note}"))
         else:
@@ -73,9 +80,34 @@ def answer_items(decoded: list[Decoded]) -> list[Shown]:
     return out
 
 
+def attach_boxes(items: list[Shown]) -> None:
+    """Each box is drawn on the last image before it in reading order over the prompt and answer
+    ("where is the cat in {image}?" -> a box), or, with none before it, on the first image after
+    it ("what is in {box} of {image}?")."""
+    image: Shown | None = None
+    waiting: list[Shown] = []
+    for item in items:
+        if item.kind == IMAGE and item.file is not None:
+            image = item
+            image.boxes += [(b.coords, b.text) for b in waiting]
+            waiting = []
+        elif item.kind == BOX:
+            if image is None:
+                waiting.append(item)
+            else:
+                image.boxes.append((item.coords, item.text))
+
+
+def _box_label(item: Shown) -> str:
+    coords = " ".join(f"{v:.3f}" for v in item.coords)
+    return f"[{item.text + ': ' if item.text else ''}box {coords}]"
+
+
 def _md(item: Shown) -> str:
     if item.kind == "text":
         return item.text
+    if item.kind == BOX:
+        return _box_label(item)
     if item.kind == "note":
         return f"\n> {item.text}\n"
     label = f"{item.kind}: {item.text}" if item.text else item.kind
@@ -87,6 +119,8 @@ def _md(item: Shown) -> str:
 def _html(item: Shown) -> str:
     if item.kind == "text":
         return f'<span class="text">{html.escape(item.text)}</span>'
+    if item.kind == BOX:
+        return f'<span class="boxref">{html.escape(_box_label(item))}</span>'
     if item.kind == "note":
         return f'<div class="note">{html.escape(item.text)}</div>'
     src = html.escape(item.file or "")
@@ -95,13 +129,17 @@ def _html(item: Shown) -> str:
         return f'<figure><audio controls src="{src}"></audio>{caption}</figure>'
     if item.kind == "video" and not src.endswith(".gif"):
         return f'<figure><video controls loop autoplay muted src="{src}"></video>{caption}</figure>'
-    return f'<figure><img src="{src}" alt="{html.escape(item.kind)}">{caption}</figure>'
+    boxes = "".join(  # percentages of the shown image: the boxes are normalized to it
+        f'<div class="box" style="left:{x1 * 100:.2f}%;top:{y1 * 100:.2f}%;width:{(x2 - x1) * 100:.2f}%;'
+        f'height:{(y2 - y1) * 100:.2f}%" title="{html.escape(label)}"></div>' for (x1, y1, x2, y2), label in item.boxes)
+    return f'<figure><div class="frame"><img src="{src}" alt="{html.escape(item.kind)}">{boxes}</div>{caption}</figure>'
 
 
 def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], info: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     turns = shown_turns(generation, out)
     answer = answer_items(decoded)
+    attach_boxes([i for _, items in turns for i in items] + answer)
     r = generation.result
     summary = {
         "model": info.get("model"),
@@ -133,7 +171,9 @@ def write_transcript(out: Path, generation: Generation, decoded: list[Decoded], 
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
 section{{margin:1em 0;padding:.5em 1em;border:1px solid #ddd}}
 .text{{white-space:pre-wrap}} figure{{display:inline-block;margin:.5em}} img{{width:192px;image-rendering:pixelated}}
-.note{{color:#a33;font-style:italic;margin:.5em 0}} td{{padding:2px 8px;border-bottom:1px solid #eee}}</style></head>
+.note{{color:#a33;font-style:italic;margin:.5em 0}} .frame{{position:relative;display:inline-block;line-height:0}}
+.box{{position:absolute;border:2px solid #ff0;box-shadow:0 0 0 1px #000}} .boxref{{color:#775;font-family:monospace}}
+td{{padding:2px 8px;border-bottom:1px solid #eee}}</style></head>
 <body><h1>mio generate</h1>{body}<h2>run</h2><table>{rows}</table>
 <pre>{html.escape(json.dumps(settings, indent=1))}</pre></body></html>
 """)

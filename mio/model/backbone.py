@@ -28,7 +28,7 @@ from mio.log import info
 from mio.model.attention import effective_backend
 from mio.model.saved_tokenizer import check_round_trip, save_tokenizer
 from mio.userio import MioUserError
-from mio.vocab import CHAT_MARKERS, VocabTable, extend_backbone, folder_table, stop_ids
+from mio.vocab import CHAT_MARKERS, LocationTokens, VocabTable, extend_backbone, folder_table, stop_ids
 
 TOKENIZER_SPECS_FILE = "mio_tokenizers.json"
 
@@ -85,7 +85,8 @@ def build_tiny_backbone(texts: Iterable[str], config: TinyLlamaConfig, out_dir: 
 
 
 def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", extend: bool = False,
-                  dtype: torch.dtype = torch.float32, weights: bool = True) -> tuple[Any, Any, VocabTable]:
+                  dtype: torch.dtype = torch.float32, weights: bool = True,
+                  locations: LocationTokens | None = None) -> tuple[Any, Any, VocabTable]:
     """Load a causal LM and its tokenizer from a local folder (never a hub).
 
     ``extend=True`` takes a text-only backbone and adds mio's tokens, then checks once that the
@@ -102,8 +103,11 @@ def load_backbone(path: str | os.PathLike, attn_implementation: str = "sdpa", ex
                                 f"downloads one. A tiny one to try things: mio tiny-base PREPARED_DATA_DIR --out {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = load_model(folder, attn_implementation, dtype, weights)
+    if locations is not None and not extend:
+        raise MioUserError(f"{folder}: location tokens are added when a stage extends a text-only backbone "
+                           "(model.extend_vocab: true); this folder's vocabulary table is already fixed")
     if extend:
-        table = extend_backbone(model, tokenizer)
+        table = extend_backbone(model, tokenizer, locations=locations)
         check_round_trip(tokenizer, table, folder)
     else:
         table = folder_table(folder, tokenizer)

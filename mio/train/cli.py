@@ -147,6 +147,7 @@ class MioCLI(LightningCLI):
         # The data pipeline reads the text tokenizer and vocabulary from the model's backbone.
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.extend_vocab", "data.extend_vocab")
+        parser.link_arguments("model.location_tokens", "data.location_tokens")
         parser.add_lightning_class_args(AtomicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": None})  # None: from trainer.max_steps
         self.fit_parser = parser

@@ -21,7 +21,7 @@ from mio.data.reading import ERROR_REASONS, DataCounts, DatasetSpec, Mixture, Re
 from mio.data.shards import list_shards, read_manifest, write_json_atomic
 from mio.templates import template_set
 from mio.train.validation import ValBatches, hold_out
-from mio.vocab import MODALITY_NAMES, VocabTable, extend_tokenizer, folder_table, is_extended
+from mio.vocab import MODALITY_NAMES, LocationTokens, VocabTable, extend_tokenizer, folder_table, is_extended
 
 DATA_REPORT = "mio_data_report.json"
 # A dataset is held to data.max_error_fraction once it has lost this many samples: one damaged
@@ -203,7 +203,8 @@ class MioDataModule(L.LightningDataModule):
 
     def __init__(self, datasets: list[DatasetSpec], root: str = ".", context_length: int = 2800,
                  batch_size: int = 1, buffer_size: int = 64, pad_to_multiple_of: int = 1, num_workers: int = 0,
-                 seed: int = 0, backbone: str = "", extend_vocab: bool = False, balance: str = "tokens",
+                 seed: int = 0, backbone: str = "", extend_vocab: bool = False,
+                 location_tokens: LocationTokens | None = None, balance: str = "tokens",
                  shuffle_buffer: int = 256, val_datasets: list[DatasetSpec] | None = None, val_fraction: float = 0.0,
                  val_packs: int = 16, templates: str = "paper", pack: bool = True,
                  max_error_fraction: float = 0.05, cond_dropout: dict[str, float] | None = None,
@@ -234,6 +235,7 @@ class MioDataModule(L.LightningDataModule):
         self.context_length, self.batch_size, self.buffer_size = context_length, batch_size, buffer_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.backbone, self.extend_vocab = backbone, extend_vocab
+        self.location_tokens = LocationTokens.of(location_tokens)
         self.balance, self.shuffle_buffer = balance, shuffle_buffer
         self.val_datasets = [replace(d, templates=templates) for d in val_datasets or []]
         self.val_fraction, self.val_packs = val_fraction, val_packs
@@ -313,7 +315,8 @@ class MioDataModule(L.LightningDataModule):
     def _read_vocabulary(self) -> None:
         """Alone (no model connected): the backbone folder's tokenizer and table."""
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, local_files_only=True)
-        self.table = folder_table(self.backbone, self.tokenizer, extend=self.extend_vocab)
+        self.table = folder_table(self.backbone, self.tokenizer, extend=self.extend_vocab,
+                                  locations=self.location_tokens)
         if self.extend_vocab and not is_extended(self.tokenizer):  # a text-only backbone's: as the model's gets them
             extend_tokenizer(self.tokenizer, self.table)
 

@@ -33,7 +33,7 @@ from mio.train.flops import FlopCounts, peak_flops
 from mio.train.guard import Guard, GuardSettings, SkippedStep, check_finite_weights
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy, token_logsumexp
 from mio.train.sharding import FSDP2Strategy, full_state_dict
-from mio.vocab import IGNORE_INDEX, MODALITY_NAMES, VocabError, VocabTable
+from mio.vocab import IGNORE_INDEX, MODALITY_NAMES, LocationTokens, VocabError, VocabTable
 
 # How a figure adds up: over the micro-batches and steps of one rank, then over ranks.
 SUMMED = {}  # a sum over micro-batches and over ranks
@@ -117,6 +117,8 @@ class MioModule(L.LightningModule):
         backbone: local model folder: a text-only LM (with ``extend_vocab``) or the previous
             stage's output.
         extend_vocab: add mio's 12,294 tokens (6 specials, 8192 image and 4096 speech codes) to a text-only backbone first.
+        location_tokens: with ``extend_vocab``, also add box markers and location tokens after them
+            (grounding; ``{scheme: bins, size: B}`` or ``{scheme: grid, size: P}``; default none).
         attn_backend: per-sample attention isolation: ``sdpa`` (4D mask), ``flex`` or ``flash``.
         lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW with cosine decay.
         output_dir: where the stage's ``save_pretrained`` folder goes
@@ -138,10 +140,12 @@ class MioModule(L.LightningModule):
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.03,
                  min_lr_ratio: float = 0.1, output_dir: str | None = None, gradient_checkpointing: bool = False,
                  lora: LoraSettings | None = None, z_loss: float = 0.0, monitors: bool = True,
-                 guard: GuardSettings | None = None, qk_norm: bool = False) -> None:
+                 guard: GuardSettings | None = None, qk_norm: bool = False,
+                 location_tokens: LocationTokens | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lora = lora
+        self.location_tokens = LocationTokens.of(location_tokens)
         if z_loss < 0:
             raise ValueError(f"model.z_loss is a weight, at least 0 (the pretraining stages use 1e-5), got {z_loss}")
         self.z_loss, self.monitors = z_loss, monitors
@@ -189,7 +193,8 @@ class MioModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed())
             implementation = hf_attn_implementation(hp.attn_backend)
             model, tokenizer, table = load_backbone(hp.backbone, extend=hp.extend_vocab, weights=weights,
-                                                    attn_implementation=implementation)
+                                                    attn_implementation=implementation,
+                                                    locations=self.location_tokens)
             if hp.qk_norm and not has_qk_norm(model):
                 check_convertible(model.config, hp.backbone)
                 model = (with_qk_norm(model, self._calibration_batch(), implementation) if weights

@@ -2,7 +2,7 @@
 per layout, each registering its reader when imported here. To add a layout, write its module
 (a function decorated with ``register_layout(NAME, DATA_TYPE, DEFAULT_FIELDS)``) and import it below."""
 
-from mio.data.layouts import llava, mmc4, obelics, segments  # noqa: F401  (each registers its reader)
+from mio.data.layouts import grounding, llava, mmc4, obelics, segments  # noqa: F401  (each registers its reader)
 from mio.data.layouts.registry import (
                                        LAYOUTS,
                                        Item,
