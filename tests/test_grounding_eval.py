@@ -10,7 +10,7 @@ import pytest
 
 from mio.data.shards import AtomicShardWriter, StoredSample
 from mio.eval.metrics import box_iou, top_box_iou
-from mio.eval.run import Row, score_task
+from mio.eval.run import EvalAnswer, score_task
 from mio.eval.tasks import read_eval_set
 from mio.generate.decoding import DecodeResult
 from mio.generate.results import Generation
@@ -63,7 +63,7 @@ def _rows(tmp_path, samples, task):
 
 def _answer(item, segments):
     result = DecodeResult(ids=[], modes=[], stopped="stop")
-    return Row(item, Generation(item.prompt, np.zeros(0), result, segments, None, {}, 0, True))
+    return EvalAnswer(item, Generation(item.prompt, np.zeros(0), result, segments, None, {}, 0, True))
 
 
 def test_refexp_accuracy_and_phrase_recall_by_hand(tmp_path):
