@@ -110,6 +110,23 @@ def test_z_loss_is_the_mean_square_logsumexp_over_the_shifted_supervised_positio
     assert logged == pytest.approx(independent_z_loss(module.model.eval(), batch, Z), rel=1e-5)
 
 
+def test_logsumexp_from_the_cross_entropy_has_logsumexps_value_and_gradient():
+    """lse = ce + logit[target]: torch.logsumexp's value and gradient (the softmax), bf16 logits included."""
+    from mio.train.loss import token_cross_entropy, token_logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(64, 500, generator=g) * 8).to(dtype).requires_grad_()
+        targets = torch.randint(0, 500, (64,), generator=g)
+        wide = logits.float()  # the one float32 copy MioModule.token_losses makes
+        ours = token_logsumexp(wide, targets, token_cross_entropy(wide, targets))
+        (ours_grad,) = torch.autograd.grad(ours.square().sum(), logits)
+        theirs = torch.logsumexp(logits.float(), dim=-1)
+        (theirs_grad,) = torch.autograd.grad(theirs.square().sum(), logits)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-5)  # bf16: the same roundings
+
+
 @pytest.mark.slow
 def test_z_loss_weight_zero_leaves_the_loss_bitwise_unchanged(tmp_path_factory):
     """training_step's loss at weight 0 is bitwise the cross-entropy token mean it was before

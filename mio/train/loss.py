@@ -50,8 +50,9 @@ def token_logsumexp(logits: torch.Tensor, targets: torch.Tensor, token_loss: tor
     """(N,) ``logsumexp`` of each supervised position's logits (N, V), float32, from its
     cross-entropy (:func:`token_cross_entropy`): ``ce = lse - logit[target]``, so ``lse = ce +
     logit[target]``, without a second pass over the (N, V) logits; its gradient is the softmax, as
-    logsumexp's."""
-    return token_loss + logits.gather(1, targets[:, None]).squeeze(1).float()
+    logsumexp's. ``logits``: the float32 ones the loss was computed from (a lower precision would
+    round the two gradients before they cancel at the target)."""
+    return token_loss + logits.gather(1, targets[:, None]).squeeze(1)
 
 
 def step_tokens(count: torch.Tensor) -> torch.Tensor:

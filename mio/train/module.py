@@ -271,13 +271,16 @@ class MioModule(L.LightningModule):
         targets = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
         supervised = targets != IGNORE_INDEX
         wanted = supervised_targets(batch["labels"])  # (N,)
-        token_loss = token_cross_entropy(out.logits, wanted)
+        # One float32 copy of the (N, V) logits (the one the loss makes anyway): the loss and its
+        # logsumexp share it, so their gradients add up in float32 before one cast back.
+        logits = out.logits.float()
+        token_loss = token_cross_entropy(logits, wanted)
         lse = logit_max = None
         if self.z_loss > 0 and torch.is_grad_enabled():
-            lse = token_logsumexp(out.logits, wanted, token_loss)
+            lse = token_logsumexp(logits, wanted, token_loss)
         elif monitors:
             with torch.no_grad():
-                lse = token_logsumexp(out.logits, wanted, token_loss)
+                lse = token_logsumexp(logits, wanted, token_loss)
         if largest and out.logits.shape[0]:  # a shape, known on the host
             logits = out.logits.detach()
             logit_max = torch.maximum(logits.amax(), logits.amin().neg())  # no |logits| copy
