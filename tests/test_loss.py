@@ -33,6 +33,7 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, step_count: torch.Tensor
                             step_count)
 
 
+@pytest.mark.slow
 def test_the_modules_loss_equals_transformers_own(tiny_base) -> None:
     """MioModule's per-token losses (the model's own logits at the supervised positions) through
     the loss functions give transformers' own mean loss of the same rows."""
@@ -119,6 +120,7 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu")
 LOOP = ("module.py", "loss.py", "flops.py", "data.py", "guard.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guard", [False, True])
 def test_one_device_read_per_logged_step(tmp_path_factory, tmp_path, monkeypatch, guard) -> None:
     """On a GPU, every read of a device tensor by the host stalls the stream: the training loop

@@ -15,6 +15,8 @@ from mio.model.backbone import load_backbone
 from mio.train.cli import fit
 from mio.vocab import VocabTable
 
+pytestmark = pytest.mark.slow  # the tiny stages, trained in a chain
+
 STAGES = ("1_alignment.yaml", "2_interleaved.yaml", "3_speech.yaml", "4_sft.yaml")
 
 

@@ -17,6 +17,8 @@ from train_support import ROOT, ledger, shared_root, tiny_args, tiny_base
 from mio.cli import main
 from mio.train.cli import fit
 
+pytestmark = pytest.mark.slow  # each test trains a stage to refuse it
+
 CHECKPOINTED = ("--checkpoint.every_n_train_steps=1", "--trainer.callbacks+=mio.train.callbacks.SampleLedger")
 
 

@@ -16,6 +16,8 @@ from mio.cli import main
 from mio.train.checkpoint import find_last
 from mio.train.cli import fit
 
+pytestmark = pytest.mark.slow  # each test trains a stage
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):

@@ -23,6 +23,8 @@ from mio.train.cli import fit
 from mio.train.data import DATA_REPORT, MIN_ERRORS_TO_STOP, DataError, DataReport
 from mio.vocab import MODALITY_NAMES, SPEECH_CODE
 
+pytestmark = pytest.mark.slow  # each test trains a stage
+
 
 class Trained(L.Callback):
     """(optimizer steps done, DataCounts) of every micro-batch trained, as the reader made them."""

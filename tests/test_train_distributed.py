@@ -14,6 +14,8 @@ from train_support import ledger, shared_root, tiny_args
 
 from mio.train.cli import fit
 
+pytestmark = pytest.mark.slow  # two processes train each case
+
 STEPS = 6
 SAMPLES = 24  # image_text: one shard, so every row stream's share is the same in every epoch
 COMMON = ("--data.datasets=[{path: image_text}]", "--model.z_loss=1e-3", "--data.buffer_size=1", "--trainer.log_every_n_steps=1",

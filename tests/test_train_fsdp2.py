@@ -56,6 +56,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
 KILLED_WHILE_SAVING = """
 import os, runpy, signal
 from mio.train.sharding import FSDP2Strategy
+
+pytestmark = pytest.mark.slow  # two processes train each case
 real, saves = FSDP2Strategy.save_checkpoint, []
 def dies(self, checkpoint, filepath, storage_options=None):
     real(self, checkpoint, filepath, storage_options)

@@ -33,6 +33,7 @@ def root(tmp_path_factory):
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_flop_counts_match_a_flop_counter_on_one_sample(root):
     """The sizes read off the model give exactly the FLOPs torch counts for a forward and backward
     pass over one sample (eager attention computes the full s x s square, 12 = 2 x 2 x 3)."""
@@ -133,6 +134,7 @@ def batch_of(root) -> dict:
     return take(RankBatches(RankRows(mixture(root), first=0, count=2, streams=2)), 1)[0]
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_gradients(root):
     batch = batch_of(root)
     grads = []

@@ -23,6 +23,8 @@ from mio.train import checkpoint
 from mio.train.checkpoint import AtomicCheckpoint, _requeue_slurm_job, find_last, requeued
 from mio.train.cli import fit
 
+pytestmark = pytest.mark.slow  # each test trains, kills and resumes a stage
+
 STEPS = 5
 # Two row streams (batch of 2 packs), a checkpoint after every step, the sample ledger (a loss for
 # every step: logged every step).
