@@ -41,6 +41,8 @@ from mio.model.backbone import load_backbone, save_model_folder
 from mio.train.checkpoint import find_last
 from mio.train.cli import fit
 
+pytestmark = pytest.mark.slow  # two processes train each case
+
 STEPS = 8
 TOLERANCE = 1e-5  # relative to each tensor's largest value (weights) or to the loss
 SHARDED = ("--config", str(ROOT / "stages" / "tiny" / "fsdp2.yaml"))
@@ -56,8 +58,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
 KILLED_WHILE_SAVING = """
 import os, runpy, signal
 from mio.train.sharding import FSDP2Strategy
-
-pytestmark = pytest.mark.slow  # two processes train each case
 real, saves = FSDP2Strategy.save_checkpoint, []
 def dies(self, checkpoint, filepath, storage_options=None):
     real(self, checkpoint, filepath, storage_options)
