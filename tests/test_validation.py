@@ -17,6 +17,8 @@ from mio.train.cli import fit
 from mio.train.data import MioDataModule
 from mio.train.validation import hold_out
 
+pytestmark = pytest.mark.slow  # each test reads a stage's held-out packs through the data module
+
 
 def test_hold_out_takes_whole_shards_deterministically():
     shards = [f"d/s-{i:02d}.tar" for i in range(10)]
