@@ -62,8 +62,8 @@ STAGE_OVERRIDES = {"4_sft": ["--data.val_fraction=0", "--data.val_datasets=[{pat
 # hand-drawn boxes of data_recipes/samples/grounding/ (both directions), SFT trains them as refexp and
 # refexp_generation conversations, and `mio eval` scores refexp on them (accuracy at IoU >= 0.5; the
 # demo memorises them). The stage files stay as they are: these join their own datasets.
-GROUNDING_DATA = {"1_alignment": {"path": "grounding", "weight": 4},
-                  "4_sft": {"path": "grounding", "weight": 1, "format": "sft", "tasks": ["refexp", "refexp_generation"]}}
+GROUNDING_DATA = {"1_alignment": {"path": "grounding", "weight": 2},
+                  "4_sft": {"path": "grounding", "weight": 0.5, "format": "sft", "tasks": ["refexp", "refexp_generation"]}}
 GROUNDING_EVAL = EvalSettings(tasks=("refexp",), max_new_tokens=16, batch_size=8,
                               decode={"all": {"num_beams": 1, "do_sample": False}})
 
