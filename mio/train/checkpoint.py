@@ -98,7 +98,7 @@ def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a ``step=N.ckpt`` checkpoint was written at."""
     match = STEP.match(checkpoint.name)
     if match is None:
-        raise ValueError(f"{checkpoint}: not a step=N.ckpt checkpoint")
+        raise MioUserError(f"{checkpoint}: not a step=N.ckpt checkpoint")
     return int(match.group(1))
 
 

@@ -41,7 +41,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mio.log import rank_zero_info
+from mio.log import error, rank_zero_info
 from mio.train.checkpoint import AtomicCheckpoint, Interrupted, find_last, requeued, resume_command, skip_ahead_command
 from mio.train.data import MioDataModule
 from mio.train.guard import NonFiniteWeights, UnstableRun
@@ -254,13 +254,12 @@ def _fit_and_print(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             where = (f"the last checkpoint, {e.checkpoint}, holds good weights (no skipped step changed any)"
                      if e.checkpoint is not None else "the stage has no checkpoint yet")
-            print(f"[mio] error: {e}.\n[mio] {where}; resume from it past these batches with:\n"
-                  f"[mio]   {skip_ahead_command(argv, e.checkpoint, e.last_step)}\n[mio] (or lower model.lr)",
-                  file=sys.stderr, flush=True)
+            error(f"error: {e}.\n{where}; resume from it past these batches with:\n"
+                  f"  {skip_ahead_command(argv, e.checkpoint, e.last_step)}\n(or lower model.lr)")
         return UNSTABLE_EXIT
     except NonFiniteWeights as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[mio] error: {e}", file=sys.stderr, flush=True)
+            error(f"error: {e}")
         return UNSTABLE_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)

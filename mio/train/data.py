@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -19,8 +18,10 @@ from transformers import AutoTokenizer
 from mio.data.pipeline import RankBatches, RankRows
 from mio.data.reading import ERROR_REASONS, DataCounts, DatasetSpec, Mixture, ReaderSlot, error_summary
 from mio.data.shards import list_shards, read_manifest, write_json_atomic
+from mio.log import info
 from mio.templates import template_set
 from mio.train.validation import ValBatches, hold_out
+from mio.userio import MioUserError
 from mio.vocab import MODALITY_NAMES, LocationTokens, VocabTable, extend_tokenizer, folder_table, is_extended
 
 DATA_REPORT = "mio_data_report.json"
@@ -34,7 +35,7 @@ WHAT_TO_DO = {"shard_unreadable": "Make its shards readable (or re-prepare them)
               "over_context": "Raise data.context_length, or drop the long samples when preparing"}
 
 
-class DataError(ValueError):
+class DataError(MioUserError):
     """A dataset lost more than ``data.max_error_fraction`` of its samples; names dataset, reason, example."""
 
 
@@ -124,8 +125,8 @@ class DataReport:
         written to the stage's folder (and to ``folders``). Returns its path."""
         self._merge(summed)
         for d, name in enumerate(self.names):
-            print(f"[mio] data {name}: {int(self.total.read[d])} samples read, {int(self.total.tokens[d])} tokens "
-                  f"trained on; {self._summary(d)}", file=sys.stderr, flush=True)
+            info(f"data {name}: {int(self.total.read[d])} samples read, {int(self.total.tokens[d])} tokens "
+                 f"trained on; {self._summary(d)}")
         for folder in folders:
             self.write(folder)
         return self.write()
@@ -144,7 +145,7 @@ class SkipAhead:
 
     def __post_init__(self) -> None:
         if self.at_step < 0 or self.batches < 0:
-            raise ValueError(f"data.skip: at_step ({self.at_step}) and batches ({self.batches}) must be at least 0")
+            raise MioUserError(f"data.skip: at_step ({self.at_step}) and batches ({self.batches}) must be at least 0")
 
 
 @dataclass(frozen=True)
@@ -211,23 +212,23 @@ class MioDataModule(L.LightningDataModule):
                  cond_null_text: str = "", skip: SkipAhead | None = None) -> None:
         super().__init__()
         if val_datasets and val_fraction:
-            raise ValueError("give data.val_datasets or data.val_fraction, not both")
+            raise MioUserError("give data.val_datasets or data.val_fraction, not both")
         if val_packs < 1:
-            raise ValueError(f"data.val_packs must be positive, got {val_packs}")
+            raise MioUserError(f"data.val_packs must be positive, got {val_packs}")
         if not datasets:
-            raise ValueError("data.datasets is empty: a stage needs at least one prepared dataset")
+            raise MioUserError("data.datasets is empty: a stage needs at least one prepared dataset")
         if context_length < 8:
-            raise ValueError(f"data.context_length must be at least 8, got {context_length}")
+            raise MioUserError(f"data.context_length must be at least 8, got {context_length}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+            raise MioUserError(f"data.batch_size must be at least 1, got {batch_size}")
         if balance not in ("tokens", "samples"):
-            raise ValueError(f"data.balance must be 'tokens' or 'samples', got {balance!r}")
+            raise MioUserError(f"data.balance must be 'tokens' or 'samples', got {balance!r}")
         if not 0 <= max_error_fraction <= 1:
-            raise ValueError(f"data.max_error_fraction must be between 0 and 1, got {max_error_fraction}")
+            raise MioUserError(f"data.max_error_fraction must be between 0 and 1, got {max_error_fraction}")
         template_set(templates)
         for d in [*datasets, *(val_datasets or [])]:
             if d.templates not in ("paper", templates):
-                raise ValueError(f"dataset {d.path} names template set {d.templates!r}: set data.templates for the "
+                raise MioUserError(f"dataset {d.path} names template set {d.templates!r}: set data.templates for the "
                                  "whole stage instead")
         self.datasets = [replace(d, templates=templates, cond_dropout=dict(cond_dropout or {}),
                                  cond_null_text=cond_null_text) for d in datasets]
@@ -273,7 +274,7 @@ class MioDataModule(L.LightningDataModule):
         for name, manifest in self.manifests().items():
             for kind, spec in manifest.get("tokenizers", {}).items():
                 if kind in specs and specs[kind]["sha256"] != spec["sha256"]:
-                    raise ValueError(f"datasets disagree on the {kind} tokenizer: {specs[kind]['path']} vs "
+                    raise MioUserError(f"datasets disagree on the {kind} tokenizer: {specs[kind]['path']} vs "
                                      f"{spec['path']} (dataset {name}); a stage needs one tokenizer per modality")
                 specs[kind] = spec
         return specs
@@ -288,7 +289,7 @@ class MioDataModule(L.LightningDataModule):
         self.pad = math.lcm(self.pad_to_multiple_of, pad_multiple)
         length = -(-self.context_length // self.pad) * self.pad
         if max_positions is not None and length > max_positions:
-            raise ValueError(f"data.context_length {self.context_length} (padded to {length}) exceeds the backbone "
+            raise MioUserError(f"data.context_length {self.context_length} (padded to {length}) exceeds the backbone "
                              f"{self.backbone}'s max_position_embeddings {max_positions}")
         self.tokenizer, self.table = tokenizer, table
         self.report = DataReport([d.path for d in self.datasets], self.max_error_fraction, stage_dir)
@@ -302,11 +303,11 @@ class MioDataModule(L.LightningDataModule):
         merged = dict(inherited)
         for kind, spec in self.tokenizer_specs().items():
             if kind in inherited and inherited[kind].get("sha256") != spec.get("sha256"):
-                raise ValueError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the one "
+                raise MioUserError(f"the {kind} tokenizer of this stage's data ({spec['path']}) differs from the one "
                                  f"the backbone {self.backbone} was trained with ({inherited[kind].get('path')})")
             for field, size in tokenizer_vocab_sizes(kind, spec).items():
                 if getattr(table, field) != size:
-                    raise ValueError(f"vocabulary table mismatch: the {kind} tokenizer of this stage's data "
+                    raise MioUserError(f"vocabulary table mismatch: the {kind} tokenizer of this stage's data "
                                      f"({spec['path']}) needs {field} {size}, the table of the backbone "
                                      f"{self.backbone} has {getattr(table, field)}")
             merged[kind] = _embed_spec(spec)
@@ -332,7 +333,7 @@ class MioDataModule(L.LightningDataModule):
             self.dataset_folders(d)  # a glob matching nothing fails here, not in a worker
         train_shards, val_specs, val_shards = self.split()
         if val_specs and self.trainer is not None and not isinstance(self.trainer.val_check_interval, int):
-            raise ValueError("validation data is set (data.val_fraction / data.val_datasets) but "
+            raise MioUserError("validation data is set (data.val_fraction / data.val_datasets) but "
                              "trainer.val_check_interval is not a number of training batches: the training stream "
                              "has no epochs, so set e.g. trainer.val_check_interval: 500 and "
                              "trainer.check_val_every_n_epoch: null")
@@ -364,8 +365,8 @@ class MioDataModule(L.LightningDataModule):
             held.append(out)
         if whole and (self.trainer is None or self.trainer.is_global_zero):
             what = "no validation: every dataset" if not val_specs else ", ".join(whole)
-            print(f"[mio] data.val_fraction: {what} (one shard each) trains whole and is not validated; prepare "
-                  f"with a smaller shard_size to hold shards out", file=sys.stderr, flush=True)
+            info(f"data.val_fraction: {what} (one shard each) trains whole and is not validated; prepare "
+                 f"with a smaller shard_size to hold shards out")
         return train, val_specs, held
 
     def train_dataloader(self) -> RankBatches:
@@ -376,8 +377,7 @@ class MioDataModule(L.LightningDataModule):
         if self.skip is not None and self.skip.batches and step == self.skip.at_step:
             self.consumed += self.skip.batches * accumulate  # a global batch: `accumulate` micro-batches per rank
             if rank == 0:
-                print(f"[mio] data.skip: skipping global batches {step + 1}-{step + self.skip.batches} (at step {step})",
-                      file=sys.stderr, flush=True)
+                info(f"data.skip: skipping global batches {step + 1}-{step + self.skip.batches} (at step {step})")
         rows = RankRows(self.mixture, first=rank * self.batch_size, count=self.batch_size, streams=self.rows,
                         skip=self.consumed)
         return RankBatches(rows, accumulate=accumulate, num_workers=self.num_workers)
@@ -416,7 +416,7 @@ class MioDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in self._order().items():
             if state.get(key) != value:
-                raise ValueError(f"cannot resume to the sample: the checkpoint's data {key} is {state.get(key)!r}, "
+                raise MioUserError(f"cannot resume to the sample: the checkpoint's data {key} is {state.get(key)!r}, "
                                  f"this run's is {value!r} (the global batch is data.batch_size x devices x nodes)")
         self.consumed = int(state["micro_batches"])
 

@@ -29,6 +29,8 @@ from typing import Mapping
 
 import torch
 
+from mio.userio import MioUserError
+
 SKIPS_FILE = "skipped_steps.jsonl"
 
 
@@ -52,9 +54,9 @@ class GuardSettings:
 
     def __post_init__(self) -> None:
         if self.spike_factor is not None and self.spike_factor <= 1:
-            raise ValueError(f"model.guard.spike_factor must be above 1 (or null: no spike check), got {self.spike_factor}")
+            raise MioUserError(f"model.guard.spike_factor must be above 1 (or null: no spike check), got {self.spike_factor}")
         if self.spike_window < 1 or self.max_consecutive_skips < 1:
-            raise ValueError(f"model.guard.spike_window ({self.spike_window}) and max_consecutive_skips "
+            raise MioUserError(f"model.guard.spike_window ({self.spike_window}) and max_consecutive_skips "
                              f"({self.max_consecutive_skips}) must be positive")
 
 

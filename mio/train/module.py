@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from mio.log import info
 from mio.model.attention import effective_backend, hf_attn_implementation, pad_multiple
 from mio.model.backbone import load_backbone, load_tokenizer_specs, save_model_folder
 from mio.model.forward import (
@@ -33,6 +33,7 @@ from mio.train.flops import FlopCounts, peak_flops
 from mio.train.guard import Guard, GuardSettings, SkippedStep, check_finite_weights
 from mio.train.loss import micro_batch_loss, step_tokens, supervised_targets, token_cross_entropy, token_logsumexp
 from mio.train.sharding import FSDP2Strategy, full_state_dict
+from mio.userio import MioUserError
 from mio.vocab import IGNORE_INDEX, MODALITY_NAMES, LocationTokens, VocabError, VocabTable
 
 # How a figure adds up: over the micro-batches and steps of one rank, then over ranks.
@@ -147,16 +148,16 @@ class MioModule(L.LightningModule):
         self.lora = lora
         self.location_tokens = LocationTokens.of(location_tokens)
         if z_loss < 0:
-            raise ValueError(f"model.z_loss is a weight, at least 0 (the pretraining stages use 1e-5), got {z_loss}")
+            raise MioUserError(f"model.z_loss is a weight, at least 0 (the pretraining stages use 1e-5), got {z_loss}")
         self.z_loss, self.monitors = z_loss, monitors
         self.guard_settings = guard if guard is not None else GuardSettings()
         self.guard: Guard | None = None  # made in setup (it writes into the stage folder)
         if qk_norm and lora is not None:
-            raise ValueError("model.qk_norm adds norm weights that a frozen LoRA backbone would not train: convert "
+            raise MioUserError("model.qk_norm adds norm weights that a frozen LoRA backbone would not train: convert "
                              "in a full stage first (its output keeps QK-norm), then train adapters on it")
         self.data: DataLink | None = None  # what connect() got from the data module
         if lora is not None and extend_vocab:
-            raise ValueError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
+            raise MioUserError("model.lora needs a backbone that already has mio's tokens (a previous stage's "
                              "output): an adapter cannot carry a resized embedding; drop model.extend_vocab")
         # The model's structure only, on the meta device: configure_model loads the weights (into
         # shards, under FSDP2), so no process holds a copy it does not need.
@@ -223,7 +224,7 @@ class MioModule(L.LightningModule):
         if isinstance(strategy, FSDP2Strategy):
             strategy.shard_and_load(self.model, lambda: self._build(weights=True)[0])
         elif isinstance(strategy, ModelParallelStrategy):
-            raise ValueError("mio shards the model itself: use strategy class_path mio.train.sharding.FSDP2Strategy "
+            raise MioUserError("mio shards the model itself: use strategy class_path mio.train.sharding.FSDP2Strategy "
                              "(stages/cluster/fsdp2_7b.yaml), not ModelParallelStrategy")
         else:
             self.load_weights()
@@ -252,7 +253,7 @@ class MioModule(L.LightningModule):
         self.guard = Guard(self.guard_settings, self.trainer.default_root_dir, writer=self.trainer.is_global_zero)
         if self.trainer.is_global_zero:  # the trainable-parameter report (mio/model/lora.py)
             for line in parameter_report(self.model).lines():
-                print(f"[mio] {line}", file=sys.stderr, flush=True)
+                info(line)
 
     # --- training -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], aux: bool = True) -> SupervisedOutput:
@@ -373,8 +374,7 @@ class MioModule(L.LightningModule):
             keys = [row for part in gathered for row in part]
         step = self.trainer.global_step + 1
         if self.trainer.is_global_zero:
-            print(f"[mio] step {step} skipped: {reason} (loss {loss:.4g}, gradient norm {grad_norm:.4g})",
-                  file=sys.stderr, flush=True)
+            info(f"step {step} skipped: {reason} (loss {loss:.4g}, gradient norm {grad_norm:.4g})")
         self.guard.skip(SkippedStep(step, reason, loss, grad_norm, keys))  # raises after too many in a row
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -536,7 +536,7 @@ class MioModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("mio_vocab")
         if saved is not None and saved != self.table.to_dict():
-            raise ValueError(f"the checkpoint was trained with another vocabulary table than the backbone "
+            raise MioUserError(f"the checkpoint was trained with another vocabulary table than the backbone "
                              f"{self.hparams.backbone}'s: resume with the backbone the checkpoint's run started from")
         states = checkpoint.get("mio_rng") or []
         if len(states) == self.trainer.world_size:  # else (another world size) the seeds of this run stay
@@ -553,7 +553,7 @@ class MioModule(L.LightningModule):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
         steps = self.trainer.max_steps
         if steps is None or steps <= 0:
-            raise ValueError("trainer.max_steps must be set: a stage is a fixed number of optimizer steps")
+            raise MioUserError("trainer.max_steps must be set: a stage is a fixed number of optimizer steps")
         sched = get_cosine_with_min_lr_schedule_with_warmup(
             opt, num_warmup_steps=math.ceil(hp.warmup_ratio * steps), num_training_steps=steps,
             min_lr_rate=hp.min_lr_ratio)
