@@ -55,7 +55,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check mio tests
 
 test: check-env lint system-deps
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=20
 
 # The development loop: everything but the tests marked slow (at most 2 minutes).
 test-fast: check-env lint system-deps
