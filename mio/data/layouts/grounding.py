@@ -42,7 +42,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image as PILImage
 
@@ -51,11 +51,6 @@ from mio.data.formats import FORMAT_READERS, InputRow
 from mio.data.inputs import Part, SkipSample
 from mio.data.layouts.registry import RowDraft, RowFields, register_layout
 from mio.segments import Box, Text
-
-if TYPE_CHECKING:
-    from mio.data.recipe import Recipe
-
-GROUNDING_LAYOUTS = ("refcoco", "grit", "flickr30k_entities", "visual_genome")
 
 Coords = tuple[float, float, float, float]
 
@@ -112,11 +107,13 @@ def stored_frame(ref: MediaRef) -> tuple[tuple[int, int], int] | None:
 
 
 # --- drafts -----------------------------------------------------------------------------------
-def grounding_draft(recipe: Recipe, values: dict[str, Any], row: RowFields) -> RowDraft:
-    """One row of a grounding layout -> its draft: the image, then boxes (and texts), the boxes
-    normalized to the upright image."""
-    read = {"refcoco": _refcoco, "grit": _grit, "flickr30k_entities": _flickr30k, "visual_genome": _visual_genome}
-    image, items = read[recipe.layout](recipe, values, row)
+GroundingReader = Callable[[RowFields], tuple[MediaRef, list[Any]]]
+
+
+def upright_draft(read: GroundingReader, row: RowFields) -> RowDraft:
+    """One row of a grounding layout, read by its layout's ``read`` -> its draft: the image, then
+    boxes (and texts), the boxes normalized to the upright image."""
+    image, items = read(row)
     frame = stored_frame(image)
     orientation = frame[1] if frame is not None else 1
     upright = [Box(upright_box(x.coords, orientation), x.phrase) if isinstance(x, Box) else x for x in items]
@@ -145,7 +142,8 @@ def coco_instances(path: str) -> tuple[dict[int, dict[str, Any]], dict[int, dict
         raise ValueError(f"{path}: not a COCO instances.json (annotations and images): {e}") from None
 
 
-def _refcoco(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tuple[MediaRef, list[Any]]:
+def _refcoco(row: RowFields) -> tuple[MediaRef, list[Any]]:
+    recipe, values = row.recipe, row.values
     f, where = recipe.fields, row.where
     if "instances" not in f:
         raise ValueError(f"recipe {recipe.path}: layout refcoco needs fields.instances, the path of COCO's "
@@ -167,7 +165,8 @@ def _refcoco(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tuple[Me
     return image, [Box(coords, s.strip()) for s in sentences if s.strip()]
 
 
-def _grit(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tuple[MediaRef, list[Any]]:
+def _grit(row: RowFields) -> tuple[MediaRef, list[Any]]:
+    recipe, values = row.recipe, row.values
     f, where = recipe.fields, row.where
     image = as_media(lookup(values, f.get("image", "{key}.jpg"), where), "image", row.base, where, "image")
     caption = as_text(lookup(values, f.get("caption", "caption"), where), where, "caption")
@@ -197,7 +196,8 @@ def caption_items(caption: str, spans: Sequence[tuple[int, int, Coords]], where:
     return items
 
 
-def _visual_genome(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tuple[MediaRef, list[Any]]:
+def _visual_genome(row: RowFields) -> tuple[MediaRef, list[Any]]:
+    values = row.values
     where = row.where
     regions = lookup(values, "regions", where)
     image_id = values.get("id", values.get("image_id"))
@@ -217,7 +217,8 @@ def _visual_genome(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tu
 _ENTITY = re.compile(r"\[/EN#(\d+)/(\S+) ([^\]]*)\]")
 
 
-def _flickr30k(recipe: Recipe, values: dict[str, Any], row: RowFields) -> tuple[MediaRef, list[Any]]:
+def _flickr30k(row: RowFields) -> tuple[MediaRef, list[Any]]:
+    values = row.values
     where = row.where
     image = as_media(f"{values['image_id']}.jpg", "image", row.base, where, "image")
     boxes, size = flickr30k_boxes(values["annotation"], where)
@@ -287,10 +288,8 @@ def _skip(reason: str, detail: str) -> dict[str, Any]:
     raise SkipSample(reason, detail)
 
 
-def _read_grounding(row: RowFields) -> RowDraft:
-    return grounding_draft(row.recipe, row.values, row)
-
-
-for _layout in GROUNDING_LAYOUTS:  # each layout's field names are its release's own (above)
-    register_layout(_layout, "grounding", {})(_read_grounding)
+# Each layout's field names are its release's own (above), so none are registered as defaults.
+for _layout, _read in (("refcoco", _refcoco), ("grit", _grit), ("flickr30k_entities", _flickr30k),
+                       ("visual_genome", _visual_genome)):
+    register_layout(_layout, "grounding", {})(functools.partial(upright_draft, _read))
 FORMAT_READERS["flickr30k_entities"] = flickr30k_rows  # a split list, with Sentences/ and Annotations/ beside it

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mio.data.fields import MediaRef, as_media, as_text, lookup
 from mio.data.inputs import SkipSample
-from mio.segments import Text
+from mio.segments import Box, Text
 from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, VIDEO
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from mio.data.formats import InputRow
     from mio.data.recipe import Recipe
 
-Item = Text | MediaRef
+Item = Text | Box | MediaRef  # a grounding layout's drafts hold boxes too
 
 
 @dataclass
