@@ -337,7 +337,7 @@ class MioModule(L.LightningModule):
         if self.monitors or guard:
             self._norm = gradient_norm(self.model.parameters())
         if self._norm is not None:
-            norm = (self._norm.full_tensor() if isinstance(self._norm, DTensor) else self._norm).to(torch.float64)
+            norm = self._norm.full_tensor() if isinstance(self._norm, DTensor) else self._norm
             step = Figures.zeros(self.device)
             clip = self.trainer.gradient_clip_val
             step.grad_norm_sum, step.steps = norm, torch.ones_like(norm)
@@ -386,7 +386,7 @@ class MioModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif gradient_clip_val:
             with_grads = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(with_grads, gradient_clip_val, self._norm)
+            torch.nn.utils.clip_grads_with_norm_(with_grads, gradient_clip_val, self._norm.float())
 
     @torch.no_grad()
     def _figures(self, scored: Scored, batch: dict[str, torch.Tensor]) -> Figures:
@@ -582,10 +582,25 @@ class MioModule(L.LightningModule):
 
 
 def gradient_norm(parameters: Any) -> torch.Tensor | None:
-    """The 2-norm of all gradients together, before clipping (a DTensor under FSDP2, reduced over
-    the shards when read); None without gradients."""
+    """The 2-norm of all gradients together, before clipping, in float64 (a DTensor under FSDP2,
+    reduced over the shards when read); None without gradients.
+
+    Each gradient is first reduced row by row (a row: its slice along dim 0, the dim FSDP2
+    shards), and the row norms are summed in float64. torch's CPU kernel sums a float32 tensor's
+    squares in one float32 accumulator (pytorch/pytorch#169237): 1% off for a 32000 x 4096
+    gradient, 2e-4 off for the tiny model's output layer, and off by a different amount for each
+    shard layout, so 1 process and 2 would disagree. A row is short, so its norm is exact to
+    float32's precision; no float64 copy of a gradient is made."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else None
+    return torch.nn.utils.get_total_norm([row_norms(g) for g in grads]) if grads else None
+
+
+def row_norms(grad: torch.Tensor) -> torch.Tensor:
+    """(grad.shape[0],) float64: the 2-norm of each slice along dim 0 (a 0- or 1-D gradient: its
+    elements), sharded as ``grad`` is."""
+    if grad.ndim < 2:
+        return grad.to(torch.float64)
+    return torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.ndim))).to(torch.float64)
 
 
 def monitor_metrics(figures: Figures) -> dict[str, float]:
