@@ -1,12 +1,13 @@
 """Classifier-free guidance in the decoding loop, against references computed apart.
 
-- guidance 1.0 is unguided decoding: logits within 1e-6, the same tokens (also while the
-  sequence carries an unconditional row for another, guided modality);
+- guidance 1.0 is unguided decoding: logits within 1e-6, the same tokens (also for a sequence
+  whose other, guided modality never opens a block: it never runs an unconditional row);
 - with guidance above 1, the logits every media token was chosen from equal
   ``uncond + s * (cond - uncond)`` of two plain full-sequence forwards of the model (no KV cache,
   no mio decoding code) over the conditional and the unconditional sequence (the loop with and
   without its KV cache); text tokens' logits are the conditional forward's -- with text decoded
-  greedily and by beam search, whose abandoned beams the unconditional row must forget too;
+  greedily and by beam search; the unconditional row is in the batch inside guided blocks only,
+  joining each one with the unconditional prompt and every token made so far;
 - a guided greedy answer's text equals the unguided one's up to its first media block;
 - a batch of guided prompts equals the prompts run one at a time (greedy, seeded sampling);
 - the settings: guidance per media modality, beam search with guidance refused, presets.
@@ -65,12 +66,12 @@ def test_guidance_one_is_unguided_decoding():
     plain = Decoder(model, c, settings_of(), stop, keep_logits=True).run(prompt, 80)
     rows: list[int] = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
-    try:  # image and video at 1.0; speech guided, so the sequence carries its unconditional row
+    try:  # image and video at 1.0; speech guided, but no speech block opens
         one = Decoder(model, c, settings_of(image=1.0, video=1.0, speech=3.0), stop, keep_logits=True).run(
             prompt, 80, uncond_ids=uncond)
     finally:
         hook.remove()
-    assert set(rows) == {2}
+    assert set(rows) == {1}  # the unconditional row joins a guided block only: it never ran
     assert one.ids == plain.ids and one.modes == plain.modes
     assert {IMAGE, TEXT} <= set(one.modes)
     diff = max(float((a - b).abs().max()) for a, b in zip(one.logits, plain.logits))
@@ -88,12 +89,19 @@ def test_guided_logits_equal_two_plain_forwards(text_beams, sample, cache):
     scales = {IMAGE: 3.0, VIDEO: 2.0, SPEECH: 1.5}
     c = ModalityConstraint(table, max_speech_frames=4)
     prompt, uncond = prompt_ids(tok, PROMPTS[0]), prompt_ids(tok, "a")
-    r = Decoder(model, c, settings_of(text_beams, sample, **scales), model.generation_config.eos_token_id,
-                use_cache=cache, keep_logits=True).run(prompt, 160, seed=0, uncond_ids=uncond)
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        r = Decoder(model, c, settings_of(text_beams, sample, **scales), model.generation_config.eos_token_id,
+                    use_cache=cache, keep_logits=True).run(prompt, 160, seed=0, uncond_ids=uncond)
+    finally:
+        hook.remove()
     # several media blocks, of every guided mode (speech where text is sampled)
     assert {IMAGE, VIDEO} | ({SPEECH} if sample else set()) <= set(r.modes), r.modes
     if text_beams > 1:
-        assert r.beam_phases >= 2  # the unconditional row went through beam phases and forgot their beams
+        assert r.beam_phases >= 2  # beam phases in text, between guided blocks
+    else:  # forward i scores token i: the unconditional row runs inside guided blocks only
+        assert rows == [2 if mode in scales else 1 for mode in r.modes]
     cond = plain_logits(model, prompt + r.ids)  # (L, V)
     free = plain_logits(model, uncond + r.ids)
     checked = 0

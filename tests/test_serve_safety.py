@@ -31,6 +31,7 @@ from test_generate_support import ROOT, one_thread  # noqa: F401 (autouse fixtur
 from mio.generate.generator import Generator
 from mio.serve.app import ServeConfig
 from mio.serve.limits import ServeLimits
+from mio.userio import MioUserError
 
 LIMITS = ServeLimits(max_body_bytes=300_000, max_image_pixels=250 * 250, max_audio_seconds=5.0, max_n=2)
 GREEDY = {"temperature": 0}
@@ -134,6 +135,26 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(url):
         heard = client.post(url + "/v1/audio/transcriptions", data={"model": "model", "max_tokens": "3"},
                             files={"file": ("clip.wav", CLIP_BYTES)})
         assert heard.status_code == 200 and isinstance(heard.json()["text"], str)
+
+
+@pytest.mark.parametrize("error, status, code", [(MioUserError("the request must change"), 400, "invalid_request"),
+                                                 (ValueError("mio's own bug"), 500, "internal_error"),
+                                                 (FileNotFoundError("the server's own folder"), 500, "internal_error")])
+def test_what_the_request_must_fix_is_a_400_and_mios_own_failures_are_500s(generator, monkeypatch, error, status, code):
+    """Only a MioUserError blames the request: a ValueError from mio's own code, or a missing file
+    (a request names none), is the server's failure, and the server serves on."""
+    real = generator.prepare_batch
+
+    def fails(*args, **kwargs):
+        raise error
+
+    with running(generator, ServeConfig(LIMITS)) as base, httpx.Client(timeout=120) as client:
+        monkeypatch.setattr(generator, "prepare_batch", fails)
+        r = client.post(base + "/v1/chat/completions", json=chat())
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text[:300]
+        assert str(error) in r.json()["error"]["message"]
+        monkeypatch.setattr(generator, "prepare_batch", real)
+        assert client.post(base + "/v1/chat/completions", json=chat()).status_code == 200
 
 
 def test_a_full_queue_answers_503_with_retry_after(generator):

@@ -33,7 +33,8 @@ where wall-clock ratios there swung by 30% between identical runs.
   guidance 1, decoding image codes after prompts that end inside ``<image>``: the guided
   sequence's unconditional row doubles the model's batch. Target: at most 2.2.
   ``guidance_cost_text``: the same for text tokens of a guided answer (a constraint that allows
-  text only, image guidance 3 still carrying the unconditional row). Target: at most 1.1.
+  text only, image guidance 3): the unconditional row is in the batch only inside guided blocks,
+  so text costs what it costs unguided. Target: at most 1.1.
 """
 
 from __future__ import annotations

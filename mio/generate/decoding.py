@@ -36,16 +36,16 @@ out. So `mio serve` decodes requests as they come in the same loop as a batch of
 carry its own constraint and stop tokens (requests asking for different outputs), and a
 cancelled one leaves the batch at the next step.
 
-Classifier-free guidance: a sequence whose settings guide a media modality (``guidance`` != 1)
-stands on one more row, its *unconditional* row, last among its rows: the unconditional prompt
-(the conversation without its condition, or with a negative prompt) with its own KV cache row,
-fed every token the sequence makes. Inside a block of a guided modality the next token's logits
-are ``uncond + s * (cond - uncond)`` of the two rows, before the penalties, the constraint and
-the warpers; everywhere else the conditional row's logits are used as they are, so text outside
-media is decoded exactly as without guidance. Guided modes never run a beam phase (the settings
-refuse it); a beam phase in another mode keeps the unconditional row going beside the beams (fed
-the first beam's tokens), and when the phase ends that row forgets them, as the chosen beam does,
-and reads the chosen hypothesis.
+Classifier-free guidance: while a sequence whose settings guide a media modality (``guidance``
+!= 1) is inside a block of that modality, it stands on one more row, its *unconditional* row, last
+among its rows: the unconditional prompt (the conversation without its condition, or with a
+negative prompt) followed by every token the sequence has made, with its own KV cache row. There
+the next token's logits are ``uncond + s * (cond - uncond)`` of the two rows, before the
+penalties, the constraint and the warpers; everywhere else the conditional row's logits are used
+as they are, so text outside media is decoded exactly as without guidance, and at the same cost:
+the unconditional row joins the batch with the token that opens a guided block (its whole input
+in that one step, as a newcomer's prompt) and leaves with the token that closes it. Guided modes
+never run a beam phase (the settings refuse it), so a beam phase never has an unconditional row.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ def position_limit(model: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
+class PromptTooLong(MioUserError):
+    """A prompt that fills the model's positions already (a server answers it as OpenAI's
+    ``context_length_exceeded``)."""
+
+
 def bound_new_tokens(model: Any, prompt_len: int, requested: int) -> tuple[int, str | None]:
     """``requested`` capped so that prompt and answer fit the model's positions -> (limit, note).
 
@@ -103,8 +108,8 @@ def bound_new_tokens(model: Any, prompt_len: int, requested: int) -> tuple[int, 
         return requested, None
     room = limit - prompt_len
     if room < 1:
-        raise MioUserError(f"the prompt has {prompt_len} tokens and the model's positions allow {limit} "
-                         "(max_position_embeddings): shorten the prompt")
+        raise PromptTooLong(f"the prompt has {prompt_len} tokens and the model's positions allow {limit} "
+                            "(max_position_embeddings): shorten the prompt")
     return room, (f"max_new_tokens {requested} capped at {room}: the prompt has {prompt_len} tokens and the "
                   f"model's positions allow {limit} (max_position_embeddings)")
 
@@ -159,28 +164,25 @@ class _Rows:
         """(R, T) ids; masked columns hold the row's first token."""
         return self.ids[:, :self.length]
 
-    def select(self, index: list[int]) -> None:
-        """Rows become rows ``index`` (kept, reordered, repeated or dropped), cache included."""
-        if index == list(range(self.ids.shape[0])):
-            return
-        idx = torch.tensor(index, dtype=torch.long, device=self.device)
-        self.ids, self.mask, self.pos, self.filler = self.ids[idx], self.mask[idx], self.pos[idx], self.filler[idx]
-        if self.cache is not None:
-            self.cache.reorder_cache(idx)
-
-    def add(self, first: list[int]) -> None:
-        """New rows (one per sequence joining, ``first``: its first token) after the others, their
-        columns so far masked out. Their cache entries are copies of row 0's, masked out too."""
+    def select(self, index: Sequence[int | None], first: Sequence[int] = ()) -> None:
+        """Rows become rows ``index`` (kept, reordered, repeated or dropped), cache included; a
+        None is a new row, whose first token is the next of ``first``: its columns so far are
+        masked out, and its cache entries are copies of row 0's, masked out too."""
         if self.ids.shape[0] == 0:
             return  # no rows yet: the next feed starts the batch
-        n, old = len(first), self.ids.shape[0]
-        first_t = torch.tensor(first, dtype=torch.long, device=self.device)
-        self.ids = torch.cat([self.ids, first_t[:, None].expand(n, self.ids.shape[1])])
-        self.mask = torch.cat([self.mask, torch.zeros((n, self.mask.shape[1]), dtype=torch.long, device=self.device)])
-        self.pos = torch.cat([self.pos, torch.zeros(n, dtype=torch.long, device=self.device)])
-        self.filler = torch.cat([self.filler, first_t])
+        if list(index) == list(range(self.ids.shape[0])):
+            return
+        idx = torch.tensor([0 if i is None else i for i in index], dtype=torch.long, device=self.device)
+        self.ids, self.mask, self.pos, self.filler = self.ids[idx], self.mask[idx], self.pos[idx], self.filler[idx]
+        fresh = [r for r, i in enumerate(index) if i is None]
+        if fresh:
+            firsts = torch.tensor(list(first), dtype=torch.long, device=self.device)
+            self.ids[fresh] = firsts[:, None].expand(len(fresh), self.ids.shape[1])
+            self.mask[fresh] = 0
+            self.pos[fresh] = 0
+            self.filler[fresh] = firsts
         if self.cache is not None:
-            self.cache.reorder_cache(torch.tensor(list(range(old)) + [0] * n, dtype=torch.long, device=self.device))
+            self.cache.reorder_cache(idx)
 
     def forget(self, row: int, column: int) -> None:
         """Row ``row`` no longer stands on its columns from ``column`` on (an abandoned beam phase)."""
@@ -254,6 +256,7 @@ class _Sequence:
     phase: "_BeamPhase | None" = None
     uncond: list[int] | None = None  # the unconditional prompt of a guided sequence
     width: int = 1  # rows of the batch it stands on (the unconditional row, last, included)
+    uncond_row: bool = False  # its last row is the unconditional one (inside a guided block)
     started: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # leaves the batch at the next step, as it is
 
@@ -270,15 +273,43 @@ class _Sequence:
     def done(self) -> bool:
         return self.result.stopped == STOP or len(self.result.ids) >= self.limit or self.cancelled
 
+    def guided_in(self, mode: str) -> bool:
+        """A token in ``mode`` is chosen with guidance."""
+        return self.guided and self.settings[mode].guided
+
+    def next_mode(self, mode: str) -> str:
+        """The mode of its next token, its last one chosen in ``mode``."""
+        row = self.buf.rows()[0]
+        return self.constraint.mode_after(mode, int(row[-2]), int(row[-1]))
+
+    def unconditional_input(self) -> list[int]:
+        """Its unconditional row's ids: the unconditional prompt and every token made so far."""
+        assert self.uncond is not None
+        return self.uncond + self.result.ids
+
 
 @dataclass
 class _Step:
-    """What a sequence does next: the batch rows (its own, by index) its next rows continue,
-    each row's new tokens, and the column from which a row forgets its past (None: keeps it)."""
+    """What a sequence does next: the batch rows (its own, by index; None: a new row) its next
+    rows continue, each row's new tokens, and the column from which a row forgets its past (None:
+    keeps it)."""
 
-    rows: list[int]
+    rows: list[int | None]
     tokens: list[list[int]]
     forget_from: int | None = None
+
+    @staticmethod
+    def after(s: _Sequence, tokens: list[int], mode: str, forget_from: int | None = None) -> _Step:
+        """``s``'s conditional row (its first) goes on with ``tokens``, its next token to be
+        chosen in ``mode``; its unconditional row goes on with them inside a guided block, joins
+        when one opens, and leaves when it closes."""
+        if not s.guided_in(mode):
+            s.uncond_row = False
+            return _Step([0], [tokens], forget_from)
+        step = _Step([0, s.width - 1], [tokens, tokens], forget_from) if s.uncond_row else \
+            _Step([0, None], [tokens, s.unconditional_input()], forget_from)
+        s.uncond_row = True
+        return step
 
 
 class Decoder:
@@ -370,7 +401,9 @@ class Decoder:
         seq = _Sequence(TokenBuffer(prompt[None]), chosen, limit,
                         torch.Generator(device=self.device).manual_seed(int(seed)), constraint,
                         sorted({int(i) for i in (self.stop_ids if stop_ids is None else stop_ids)}),
-                        uncond=uncond, width=2 if guided else 1)
+                        uncond=uncond)
+        seq.uncond_row = seq.guided_in(constraint.state(prompt).mode)  # a prompt that opens a guided block
+        seq.width = 1 + seq.uncond_row
         seq.result.notes += [note] if note else []
         self._waiting.append(seq)
         return seq
@@ -380,7 +413,8 @@ class Decoder:
         """One step: every live sequence chooses its next token(s) from the last scores, the done
         and cancelled ones leave, the waiting ones join with their prompts, and the model runs once
         over the rows. Returns the sequences that ended in this step (done or cancelled)."""
-        index: list[int] = []
+        index: list[int | None] = []
+        first: list[int] = []  # the first token of each new row (None in ``index``)
         new: list[list[int]] = []
         forget: list[tuple[int, int]] = []
         kept: list[_Sequence] = []
@@ -402,7 +436,8 @@ class Decoder:
                 else:
                     if step.forget_from is not None:
                         forget += [(len(index) + j, step.forget_from) for j in range(len(step.rows))]
-                    index += [offset + r for r in step.rows]
+                    index += [None if r is None else offset + r for r in step.rows]
+                    first += [tokens[0] for r, tokens in zip(step.rows, step.tokens) if r is None]
                     new += step.tokens
                     s.width = len(step.rows)
                     kept.append(s)
@@ -413,16 +448,16 @@ class Decoder:
         if not kept:  # an empty batch starts afresh: no columns, no cache
             self._rows = _Rows(self.model, self.device, self.use_cache)
         else:
-            self._rows.select(index)
+            self._rows.select(index, first)
             for row, column in forget:
                 self._rows.forget(row, column)
         self._live = kept + joining
         if not self._live:
             self._logits = None
             return ended
-        # a joining sequence's rows: its prompt, and a guided one's unconditional prompt after it
-        prompts = [row for s in joining for row in [s.buf.rows()[0].tolist()] + ([s.uncond] if s.guided else [])]
-        self._rows.add([row[0] for row in prompts])
+        # a joining sequence's rows: its prompt, and (opening a guided block) its unconditional one
+        prompts = [row for s in joining for row in [s.buf.rows()[0].tolist()] + ([s.uncond] if s.uncond_row else [])]
+        self._rows.select([*range(self._rows.ids.shape[0]), *[None] * len(prompts)], [row[0] for row in prompts])
         self._logits = self._rows.feed(new + prompts)  # (R, V)
         for s in self._live:
             s.result.forward_passes += 1
@@ -439,29 +474,24 @@ class Decoder:
             if s.done:
                 return None
             s.phase = _BeamPhase(self, s, s.constraint.state(s.buf.rows()[0]), column)
-        beams = s.width - s.guided  # the unconditional row, last, takes no part in the search
-        step = s.phase.advance(logits[:beams], ids[:beams])
+        step = s.phase.advance(logits, ids)  # outside guided blocks: no unconditional row
         if step is not None:
-            if s.guided:  # it goes along with the first beam's tokens, forgotten when the phase ends
-                step.rows.append(s.width - 1)
-                step.tokens.append(step.tokens[0])
             return step
         # The phase ended: the sequence goes on with its best hypothesis.
         phase, s.phase = s.phase, None
         best = phase.best()
         s.result.beam_phases += 1
-        s.append(best, self._modes_of(s.constraint, phase.mode, phase.last, best))
+        modes = self._modes_of(s.constraint, phase.mode, phase.last, best)
+        s.append(best, modes)
         if self.keep_logits:
             s.result.logits += [None] * len(best)
         if best[-1] in s.stop_ids:
             s.result.stopped = STOP
         if s.done:
             return None
-        # It ended on a change of mode: one row goes on (and the unconditional one), its beam
-        # tokens forgotten, the chosen hypothesis run through the model.
-        if s.guided:
-            return _Step([0, s.width - 1], [best, best], forget_from=phase.column)
-        return _Step([0], [best], forget_from=phase.column)
+        # It ended on a change of mode: one row goes on, its beam tokens forgotten, the chosen
+        # hypothesis run through the model (and the unconditional row joins a guided block).
+        return _Step.after(s, best, s.next_mode(modes[-1]), forget_from=phase.column)
 
     def _lone_state(self, s: _Sequence) -> BlockState | None:
         """The constraint state of a sequence whose next token is chosen alone (one row, no beam
@@ -506,7 +536,7 @@ class Decoder:
                 s.append([token], [state.mode])
                 if state.mode == TEXT and token in s.stop_ids:
                     s.result.stopped = STOP
-                out[p] = None if s.done else _Step(list(range(s.width)), [[token]] * s.width)
+                out[p] = None if s.done else _Step.after(s, [token], s.next_mode(state.mode))
         return out
 
     def _phase_modes(self, settings: dict[str, DecodeSettings], cfg: DecodeSettings) -> set[str]:

@@ -21,8 +21,8 @@ def prompt_box(spec: str) -> Box:
         coords = tuple(float(v) for v in spec.split(","))
         return Box(coords)  # type: ignore[arg-type]
     except (ValueError, BoxError) as e:
-        raise ValueError(f"{{box:{spec}}}: a box is {{box:x1,y1,x2,y2}}, four numbers in [0, 1] with x2 >= x1 and "
-                         f"y2 >= y1 ({e})") from None
+        raise MioUserError(f"{{box:{spec}}}: a box is {{box:x1,y1,x2,y2}}, four numbers in [0, 1] with x2 >= x1 "
+                           f"and y2 >= y1 ({e})") from None
 
 
 def prompt_items(text: str, media: Sequence[MediaFile]) -> list[Text | MediaFile | Box]:

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mio.generate.decoding import STOP, position_limit
+from mio.generate.decoding import STOP, PromptTooLong, position_limit
 from mio.generate.generator import Generator
 from mio.generate.media import MediaFile
 from mio.generate.results import Generation
@@ -48,6 +48,7 @@ from mio.serve.limits import RequestError, ServeLimits, b64decode, check_image, 
 from mio.serve.page import PAGE
 from mio.serve.schemas import ChatRequest, ImageRequest, MioFields, SpeechRequest, TranscriptionRequest
 from mio.templates import PAIR_TASKS, Turn, check_conversation
+from mio.userio import MioUserError
 from mio.vocab import IMAGE, SPEECH, TEXT
 
 LOG = logging.getLogger("mio.serve")
@@ -502,15 +503,17 @@ async def _answer(work: Awaitable[Any]) -> Any:
 
 
 def _error_of(err: BaseException) -> RequestError:
-    """Any failure -> the request error it answers with: user errors (a prompt over the context, a
-    setting the preset refuses) are 400s, the queue full a 503, anything else a 500."""
+    """Any failure -> the request error it answers with: what the request must fix (a
+    ``MioUserError``: a prompt over the context, a setting the preset refuses) is a 400, the queue
+    full a 503, anything else a 500 -- mio's own ValueErrors included, and a missing file, which
+    only the server's folders can be (a request names no file)."""
     if isinstance(err, RequestError):
         return err
     if isinstance(err, Busy):
         return RequestError(503, str(err), None, "server_busy", kind="server_error")
-    if isinstance(err, (ValueError, FileNotFoundError)):
-        code = "context_length_exceeded" if "positions allow" in str(err) else "invalid_request"
-        return RequestError(400, str(err), None, code)
+    if isinstance(err, MioUserError):
+        return RequestError(400, str(err), None,
+                            "context_length_exceeded" if isinstance(err, PromptTooLong) else "invalid_request")
     return RequestError(500, f"{type(err).__name__}: {err}", None, "internal_error", kind="server_error")
 
 
