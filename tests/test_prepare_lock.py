@@ -4,6 +4,7 @@ line and resumes from where it stopped."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -38,20 +39,26 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     recipe = _input(tmp_path, 6000)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # The child's progress goes into a pipe of one page that is not read until the SIGINT is sent:
+    # its writes block after a few dozen of its 120 units (a line per unit), so however fast it
+    # runs and however late this process is scheduled, the SIGINT finds units left to do.
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     child = subprocess.Popen([sys.executable, "-m", "mio.cli", "prepare", str(recipe), "--out", str(out)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             env=env, stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
     try:
         deadline = time.time() + 120
         while len(list(out.glob(".units/*.json"))) < 3 and time.time() < deadline and child.poll() is None:
             time.sleep(0.02)
-        # Frozen mid-run (on a loaded machine it would otherwise finish its 120 units before this
-        # process is done checking the lock): the SIGINT below is then taken with most units left.
-        child.send_signal(signal.SIGSTOP)
+        child.send_signal(signal.SIGSTOP)  # frozen while this process checks the lock
         with pytest.raises(FolderLocked, match=f"being written by another `mio prepare`.*pid {child.pid}"):
             prepare(recipe, out)  # this process is another job
         child.send_signal(signal.SIGINT)
         child.send_signal(signal.SIGCONT)
-        _, err = child.communicate(timeout=60)
+        with os.fdopen(read_end, "rb") as stream:
+            err = stream.read()
+        child.wait(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
