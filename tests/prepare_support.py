@@ -3,8 +3,10 @@ same prepared output" means."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -26,3 +28,12 @@ def snapshot(out: Path) -> dict[str, str]:
     files = {p.name: file_sha256(p) for p in out.glob("*.tar")}
     files[MANIFEST] = json.dumps(json.loads((out / MANIFEST).read_text()), sort_keys=True)
     return files
+
+
+def stalling_pipe() -> tuple[int, int]:
+    """A pipe of one page (read end, write end) for a child's progress lines that the test does
+    not read until it has signalled the child: the child's writes block after a few dozen lines,
+    so however fast it runs and however late the test is scheduled, the signal finds it mid-run."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    return read_end, write_end

@@ -4,7 +4,6 @@ line and resumes from where it stopped."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from prepare_support import snapshot
+from prepare_support import snapshot, stalling_pipe
 
 from mio.data.lock import LOCK, MEMBERS, FolderLock, FolderLocked, job_id
 from mio.data.prepare import prepare
@@ -39,13 +38,11 @@ def test_second_job_refused_sigint_one_line_and_resume(tmp_path):
     recipe = _input(tmp_path, 6000)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    # The child's progress goes into a pipe of one page that is not read until the SIGINT is sent:
-    # its writes block after a few dozen of its 120 units (a line per unit), so however fast it
-    # runs and however late this process is scheduled, the SIGINT finds units left to do.
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    read_end, write_end = stalling_pipe()  # a progress line per unit: blocked after a few dozen of 120
+    # SIGINT at its default in the child: a shell's background job (`make test &`) starts with it ignored.
     child = subprocess.Popen([sys.executable, "-m", "mio.cli", "prepare", str(recipe), "--out", str(out)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=write_end)
+                             env=env, stdout=subprocess.DEVNULL, stderr=write_end,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(write_end)
     try:
         deadline = time.time() + 120

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from prepare_support import snapshot
+from prepare_support import snapshot, stalling_pipe
 
 from mio.data import units as units_module
 from mio.data.lock import LOCK
@@ -50,14 +50,17 @@ def test_killed_run_restarts_to_the_same_output(tmp_path):
     assert len(reference["shards"]) == 100 and reference["skipped"] == {"language": 1112}
 
     out = tmp_path / "killed"
+    read_end, write_end = stalling_pipe()  # a progress line per unit: blocked after a few dozen of 100
     child = subprocess.Popen([sys.executable, "-c", "import sys; from mio.data.prepare import prepare; "
-                              "prepare(sys.argv[1], sys.argv[2])", str(recipe), str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              "prepare(sys.argv[1], sys.argv[2], progress=lambda m: print(m, file=sys.stderr))",
+                              str(recipe), str(out)], stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
     deadline = time.time() + 120
     while len(list(out.glob("*.tar"))) < 5 and time.time() < deadline and child.poll() is None:
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
+    os.close(read_end)
     done = len(list(out.glob("*.tar")))
     assert 5 <= done < 100, f"the kill should land mid-run ({done} shards written)"
     assert not (out / MANIFEST).exists()
