@@ -71,11 +71,11 @@ def test_a_llama_becomes_qwen3_with_norms_at_its_own_scales(tmp_path_factory, tm
         torch.testing.assert_close(vanilla.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def tiny_family(model_type: str, folder, base) -> str:
+def tiny_family(model_type: str, folder, base, **config) -> str:
     """A tiny model of ``model_type`` over the tiny base's tokenizer, already extended by mio."""
     tok = AutoTokenizer.from_pretrained(base)
     settings = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **config)
     if model_type == "qwen3":
         settings["head_dim"] = 8
     torch.manual_seed(0)
@@ -106,3 +106,28 @@ def test_a_tiny_stage_with_qk_norm_writes_a_qwen3_folder(tmp_path_factory, tmp_p
     assert type(model).__name__ == "Qwen3ForCausalLM"
     norms = model.model.layers[1].self_attn.k_norm.weight
     assert torch.isfinite(norms).all() and not torch.equal(norms, torch.ones_like(norms))
+
+
+@pytest.mark.slow
+def test_a_mistral_becomes_qwen3_with_its_sliding_window(tmp_path_factory, tmp_path):
+    """Mistral's decoder layer is Llama's: it converts too, its window (on every layer) kept as Qwen3's."""
+    root, window = shared_root(tmp_path_factory), 16
+    mistral = tiny_family("mistral", tmp_path / "mistral", root / "base", sliding_window=window, head_dim=8)
+    module = connected(root, mistral, tmp_path)
+    model = module.model
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.sliding_window == window
+    assert set(model.config.layer_types) == {"sliding_attention"}
+    torch.manual_seed(0)
+    unconverted = MioModule(mistral, extend_vocab=True)
+    unconverted.load_weights()
+    theirs = unconverted.model.state_dict()
+    for name, tensor in model.state_dict().items():  # every weight but the norms is the Mistral's
+        if not name.endswith(("q_norm.weight", "k_norm.weight")):
+            torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0)
+    # The written folder reloads in vanilla transformers with the same logits, past the window too.
+    out = save_model_folder(model, module.tokenizer, module.table, tmp_path / "model")
+    vanilla = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert vanilla.config.sliding_window == window
+    ids = torch.randint(0, vanilla.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vanilla(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)

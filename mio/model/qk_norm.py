@@ -5,9 +5,10 @@ range with QK-norm, z-loss and dropout: a per-head RMSNorm of queries and keys b
 attention logits however the projections grow.
 
 - A family with it built in (Qwen3, OLMo 2, Gemma 3, Chameleon) keeps it: nothing to do.
-- A Llama backbone becomes the same weights in Qwen3's layout, which is Llama's plus a per-head
-  RMSNorm (over ``head_dim``, shared by the heads) of the projected queries and keys before the
-  rotary embedding. The stage's output is then a plain Qwen3 folder that vanilla transformers
+- A Llama-family backbone (Llama, Mistral: the same decoder layer) becomes the same weights in
+  Qwen3's layout, which is Llama's plus a per-head RMSNorm (over ``head_dim``, shared by the
+  heads) of the projected queries and keys before the rotary embedding; Mistral's sliding window
+  becomes Qwen3's, on every layer as Mistral has it. The stage's output is then a plain Qwen3 folder that vanilla transformers
   loads. Each norm's weight starts at the backbone's own mean per-head RMS of that layer's
   queries (keys) on a calibration batch -- the stage's first micro-batch -- so a query of typical
   size passes unchanged and the first loss stays close to the backbone's.
@@ -23,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 BUILT_IN = {"qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3", "gemma3_text", "chameleon"}
-CONVERTED = {"llama"}
+CONVERTED = {"llama", "mistral"}
 NORMS = ("q_norm", "k_norm")
 
 
@@ -39,13 +40,16 @@ def check_convertible(config: Any, backbone: str) -> None:
     kind = config.model_type
     if kind in BUILT_IN or kind in CONVERTED and not getattr(config, "mlp_bias", False):
         return
-    what = "a Llama with MLP biases (Qwen3's MLP has none)" if kind in CONVERTED else f"a {kind} backbone"
-    raise QkNormError(f"model.qk_norm: {backbone} is {what}; mio gives QK-norm to Llama backbones (as Qwen3's "
-                      f"layout) and keeps it in {', '.join(sorted(BUILT_IN))}. Drop model.qk_norm for this backbone")
+    what = f"a {kind} with MLP biases (Qwen3's MLP has none)" if kind in CONVERTED else f"a {kind} backbone"
+    raise QkNormError(f"model.qk_norm: {backbone} is {what}; mio gives QK-norm to Llama-family backbones "
+                      f"({', '.join(sorted(CONVERTED))}; as Qwen3's layout) and keeps it in "
+                      f"{', '.join(sorted(BUILT_IN))}. Drop model.qk_norm for this backbone")
 
 
 def qwen3_config(config: Any) -> Qwen3Config:
-    """Qwen3's config for the Llama ``config``: the same shapes, rotary settings and token ids."""
+    """Qwen3's config for the Llama or Mistral ``config``: the same shapes, rotary settings,
+    attention window and token ids (Mistral has no ``attention_bias``: none)."""
+    window = getattr(config, "sliding_window", None)  # Mistral's, on every layer; Llama has none
     return Qwen3Config(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -53,8 +57,9 @@ def qwen3_config(config: Any) -> Qwen3Config:
         head_dim=config.head_dim or config.hidden_size // config.num_attention_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, initializer_range=config.initializer_range,
         rms_norm_eps=config.rms_norm_eps, use_cache=False, tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=config.rope_parameters, attention_bias=config.attention_bias,
-        attention_dropout=config.attention_dropout, use_sliding_window=False, pad_token_id=config.pad_token_id,
+        rope_parameters=config.rope_parameters, attention_bias=getattr(config, "attention_bias", False),
+        attention_dropout=config.attention_dropout, use_sliding_window=window is not None, sliding_window=window,
+        max_window_layers=0, pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
 
 
