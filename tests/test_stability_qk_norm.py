@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 from train_support import shared_root, tiny_args
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig
 
 from mio.data.reading import DatasetSpec
 from mio.model.backbone import save_model_folder
-from mio.model.qk_norm import QkNormError
+from mio.model.qk_norm import QkNormError, qwen3_config
 from mio.train.cli import fit
 from mio.train.data import MioDataModule
 from mio.train.module import MioModule
@@ -28,6 +28,35 @@ def connected(root, backbone, tmp_path, extend: bool = True, **settings) -> MioM
     data.setup("fit")
     module.load_weights()
     return module
+
+
+SHAPES = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("config", [
+    LlamaConfig(**SHAPES),
+    LlamaConfig(**SHAPES, attention_bias=True, tie_word_embeddings=True, head_dim=16),
+    LlamaConfig(**SHAPES, max_position_embeddings=4096, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 512}),
+    MistralConfig(**SHAPES, head_dim=8, sliding_window=None),
+    MistralConfig(**SHAPES, head_dim=8, sliding_window=5),
+], ids=["llama", "bias_tied_head_dim", "llama3_rope", "mistral", "mistral_window"])
+def test_qwen3s_layout_without_its_norms_is_the_backbone(config):
+    """The conversion is exact but for the norms: the Qwen3 model with every q/k norm taken out
+    gives the Llama's (Mistral's) logits from the same weights -- shapes, rotary scaling, biases,
+    tied output, sliding window -- on a sequence longer than the window."""
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(config).eval()
+    converted = AutoModelForCausalLM.from_config(qwen3_config(config)).eval()
+    missing, unexpected = converted.load_state_dict(backbone.state_dict(), strict=False)
+    assert not unexpected and {k.rsplit(".", 2)[-2] for k in missing} == {"q_norm", "k_norm"}
+    for layer in converted.model.layers:
+        layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, backbone(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
