@@ -32,8 +32,9 @@ def snapshot(out: Path) -> dict[str, str]:
 
 def stalling_pipe() -> tuple[int, int]:
     """A pipe of one page (read end, write end) for a child's progress lines that the test does
-    not read until it has signalled the child: the child's writes block after a few dozen lines,
-    so however fast it runs and however late the test is scheduled, the signal finds it mid-run."""
+    not read until it has signalled the child: with 4 KiB pages (x86_64) the child's writes block
+    after a few dozen lines, so however fast it runs and however late the test is scheduled, the
+    signal finds it mid-run."""
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     return read_end, write_end

@@ -9,9 +9,11 @@ attention logits however the projections grow.
   Qwen3's layout, which is Llama's plus a per-head RMSNorm (over ``head_dim``, shared by the
   heads) of the projected queries and keys before the rotary embedding; Mistral's sliding window
   becomes Qwen3's, on every layer as Mistral has it. The stage's output is then a plain Qwen3
-  folder that vanilla transformers loads. Each norm's weight starts at the backbone's own mean per-head RMS of that layer's
-  queries (keys) on a calibration batch -- the stage's first micro-batch -- so a query of typical
-  size passes unchanged and the first loss stays close to the backbone's.
+  folder that vanilla transformers loads. Each norm's weight starts at the backbone's own mean
+  per-head RMS of that layer's queries (keys) on a calibration batch -- the stage's first
+  micro-batch -- so a query of typical size passes unchanged. What no weight keeps is each
+  token's own query and key size: a random backbone's first loss does not move, a trained one's
+  jumps (README, Long runs), hence converting at the first stage.
 - Any other family is refused, naming the ones that work.
 """
 
@@ -96,9 +98,9 @@ def head_scales(model: Any, input_ids: torch.Tensor, real: torch.Tensor) -> list
 
 @torch.no_grad()
 def with_qk_norm(model: Any, batch: dict[str, torch.Tensor], attn_implementation: str | None) -> Any:
-    """The Llama (or Mistral) ``model``'s weights in Qwen3's layout, its norms calibrated on ``batch`` (a
-    micro-batch: ``input_ids``, ``labels``, ``document_ids``). Prints the loss on the batch before
-    and after (a plain forward over its rows)."""
+    """The Llama (or Mistral) ``model``'s weights in Qwen3's layout, its norms calibrated on
+    ``batch`` (a micro-batch: ``input_ids``, ``labels``, ``document_ids``). Prints the loss on the
+    batch before and after (a plain forward over its rows)."""
     real = batch["document_ids"] >= 0  # (B, L)
     labels = batch["labels"]
     before = float(model(input_ids=batch["input_ids"], labels=labels, use_cache=False).loss)

@@ -133,8 +133,8 @@ class MioModule(L.LightningModule):
             ``train/logit_max`` and ``train/lse_mean`` (per modality too) at every log step.
         guard: which steps are kept out of the weights (mio/train/guard.py): non-finite ones by default.
         qk_norm: per-head RMSNorm of queries and keys (mio/model/qk_norm.py): a Llama or
-            Mistral backbone becomes Qwen3's layout, its norms calibrated on the stage's first micro-batch; a family
-            with it keeps it; any other is refused.
+            Mistral backbone becomes Qwen3's layout, its norms calibrated on the stage's first
+            micro-batch; a family with it keeps it; any other is refused.
     """
 
     def __init__(self, backbone: str, extend_vocab: bool = False, attn_backend: str = "sdpa", lr: float = 3e-5,
